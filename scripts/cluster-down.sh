@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stops the dev cluster started by cluster-up.sh, by the PID in DIR/escrowd.pid (SIGTERM, then
+# waits for a clean stop). Usage: scripts/cluster-down.sh [DIR]
+set -euo pipefail
+DIR="${1:-${ESCROW_DEV_DIR:-$HOME/.local/share/escrow/dev}}"
+PIDFILE="$DIR/escrowd.pid"
+[ -f "$PIDFILE" ] || { echo "no $PIDFILE: nothing to stop"; exit 0; }
+PID="$(cat "$PIDFILE")"
+if kill -0 "$PID" 2>/dev/null; then
+    kill -TERM "$PID"
+    for _ in $(seq 1 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$PID" 2>/dev/null; then echo "PID $PID did not stop in 30s; sending SIGKILL" >&2; kill -KILL "$PID"; fi
+fi
+rm -f "$PIDFILE"
+echo "stopped (data kept in $DIR)"

@@ -1,0 +1,178 @@
+//! Load generator for `escrowctl bench put`: N concurrent clients write V-byte values for a
+//! fixed time; the report gives throughput and latency percentiles. The same harness drives
+//! etcd (feature `etcd-bench`) so both are measured with one workload shape.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::client::{ClientConfig, EscrowClient};
+
+/// Most concurrent clients a benchmark may start.
+pub const BENCH_CLIENTS_MAX: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub clients: usize,
+    pub value_bytes: usize,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub target: String,
+    pub clients: usize,
+    pub value_bytes: usize,
+    pub ops: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl BenchReport {
+    pub fn line(&self) -> String {
+        format!(
+            "{:<7} clients={:<3} value={}B  {:>9.0} writes/s  p50={:.2}ms p99={:.2}ms max={:.2}ms  ops={} errors={}",
+            self.target, self.clients, self.value_bytes, self.ops_per_sec, self.p50_ms, self.p99_ms, self.max_ms, self.ops, self.errors
+        )
+    }
+}
+
+fn new_histogram() -> hdrhistogram::Histogram<u64> {
+    // 1 µs .. 60 s at 3 significant digits.
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn report(
+    target: &str,
+    spec: &BenchSpec,
+    hist: &hdrhistogram::Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+) -> BenchReport {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let seconds = elapsed.as_secs_f64();
+    BenchReport {
+        target: target.into(),
+        clients: spec.clients,
+        value_bytes: spec.value_bytes,
+        ops: hist.len(),
+        errors,
+        seconds,
+        ops_per_sec: hist.len() as f64 / seconds,
+        p50_ms: ms(hist.value_at_quantile(0.50)),
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        max_ms: ms(hist.max()),
+    }
+}
+
+fn validate(spec: &BenchSpec) -> anyhow::Result<()> {
+    if spec.clients == 0 || spec.clients > BENCH_CLIENTS_MAX {
+        anyhow::bail!("--clients must be 1 to {BENCH_CLIENTS_MAX}");
+    }
+    if spec.value_bytes == 0 || spec.value_bytes > crate::domain::VALUE_LEN_MAX {
+        anyhow::bail!(
+            "--value-size must be 1 to {} bytes",
+            crate::domain::VALUE_LEN_MAX
+        );
+    }
+    Ok(())
+}
+
+/// Runs `op(worker, seq)` from `spec.clients` tasks until the duration ends.
+async fn drive<F, Fut>(spec: &BenchSpec, op: F) -> (hdrhistogram::Histogram<u64>, u64, Duration)
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let started = Instant::now();
+    let end = started + spec.duration;
+    let mut tasks = Vec::new();
+    for worker in 0..spec.clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_histogram();
+            let mut errors = 0u64;
+            let mut seq = 0u64;
+            while Instant::now() < end {
+                let t = Instant::now();
+                if op(worker, seq).await {
+                    let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                } else {
+                    errors += 1;
+                }
+                seq += 1;
+            }
+            (hist, errors)
+        }));
+    }
+    let mut hist = new_histogram();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((h, e)) = t.await {
+            let _ = hist.add(&h);
+            errors += e;
+        }
+    }
+    (hist, errors, started.elapsed())
+}
+
+/// Benchmarks puts against the escrow cluster described by `config`.
+pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Result<BenchReport> {
+    validate(spec)?;
+    // Put the leader first so writes are not forwarded (etcd's client also finds its way).
+    let probe = EscrowClient::new(config)?;
+    let status = probe.cluster_status().await?;
+    let mut config = config.clone();
+    if let Some(leader) = status.nodes.iter().find(|n| Some(n.id) == status.leader) {
+        config.endpoints.retain(|e| *e != leader.addr);
+        config.endpoints.insert(0, leader.addr.clone());
+    }
+    let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
+        .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
+        .collect::<Result<_, _>>()?;
+    let value = vec![b'x'; spec.value_bytes];
+    let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
+        let client = clients[worker].clone();
+        let value = value.clone();
+        async move {
+            client
+                .put("bench", "kv", &format!("w{worker}-{seq}"), value)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    Ok(report("escrow", spec, &hist, errors, elapsed))
+}
+
+/// Benchmarks puts against an etcd cluster at `endpoints` (plain HTTP on loopback).
+#[cfg(feature = "etcd-bench")]
+pub async fn run_etcd(endpoints: &[String], spec: &BenchSpec) -> anyhow::Result<BenchReport> {
+    validate(spec)?;
+    let mut clients = Vec::new();
+    for _ in 0..spec.clients {
+        clients.push(etcd_client::Client::connect(endpoints, None).await?);
+    }
+    let clients = std::sync::Arc::new(tokio::sync::Mutex::new(clients));
+    let mut owned = Vec::new();
+    for c in clients.lock().await.drain(..) {
+        owned.push(std::sync::Arc::new(tokio::sync::Mutex::new(c.kv_client())));
+    }
+    let value = vec![b'x'; spec.value_bytes];
+    let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
+        let kv = owned[worker].clone();
+        let value = value.clone();
+        async move {
+            let mut kv = kv.lock().await;
+            kv.put(format!("bench/kv/w{worker}-{seq}"), value, None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    Ok(report("etcd", spec, &hist, errors, elapsed))
+}

@@ -1,0 +1,509 @@
+//! The client library behind `escrowctl` (and the tests): TLS to any of several endpoints, a
+//! bearer credential, and retries within one deadline. A request moves on to the next endpoint
+//! when one is down and follows the leader hint when a node redirects it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::node::CLIENT_MESSAGE_BYTES_MAX;
+use crate::pb;
+use crate::service::LEADER_HINT;
+
+/// Default deadline for one client operation, retries included.
+pub const REQUEST_DEADLINE_DEFAULT: Duration = Duration::from_secs(20);
+/// Deadline for asking one node its status in `cluster status`.
+pub const STATUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between rounds over all endpoints.
+const RETRY_PAUSE: Duration = Duration::from_millis(150);
+/// Endpoints a client config may list.
+pub const ENDPOINTS_MAX: usize = 16;
+
+/// `escrowctl.toml`: where the cluster is and how to authenticate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Client endpoints as host:port; any one that answers will do.
+    pub endpoints: Vec<String>,
+    /// The cluster CA certificate (PEM) the nodes' certificates are checked against.
+    pub ca: PathBuf,
+    /// File holding the bearer token (mode 0600).
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read client config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("{}", describe(.0))]
+    Rpc(#[from] Status),
+}
+
+fn describe(s: &Status) -> String {
+    let code = match s.code() {
+        Code::InvalidArgument => "invalid argument",
+        Code::ResourceExhausted => "too large",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Unauthenticated => "not authenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "refused",
+        _ => "error",
+    };
+    format!("{code}: {}", s.message())
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rpc(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Loads a config file; relative paths in it are relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let err = |reason: String| ClientError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut c: ClientConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if c.endpoints.is_empty() || c.endpoints.len() > ENDPOINTS_MAX {
+            return Err(err(format!("list 1 to {ENDPOINTS_MAX} endpoints")));
+        }
+        for e in &c.endpoints {
+            crate::config::validate_host_port(e)
+                .map_err(|r| err(format!("endpoint {e:?}: {r}")))?;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        if c.ca.is_relative() {
+            c.ca = base.join(&c.ca);
+        }
+        if c.token_file.is_relative() {
+            c.token_file = base.join(&c.token_file);
+        }
+        Ok(c)
+    }
+}
+
+/// Status of one node as `cluster status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub addr: String,
+    pub raft_addr: String,
+    pub role: String,
+    pub state: String,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub term: u64,
+    pub reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `cluster status --json` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_name: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub nodes: Vec<NodeView>,
+}
+
+pub struct EscrowClient {
+    endpoints: Vec<String>,
+    tls: ClientTlsConfig,
+    token: MetadataValue<tonic::metadata::Ascii>,
+    channels: Mutex<HashMap<String, Channel>>,
+    preferred: AtomicUsize,
+    deadline: Duration,
+}
+
+fn retryable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable => true,
+        // A transport failure before the request left surfaces as Unknown with no message
+        // from a server; treat it like an unreachable node.
+        Code::Unknown => s.message().contains("transport") || s.message().contains("connect"),
+        Code::FailedPrecondition => s.metadata().contains_key(LEADER_HINT),
+        _ => false,
+    }
+}
+
+impl EscrowClient {
+    pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        crate::node::install_crypto_provider();
+        let ca = std::fs::read(&config.ca).map_err(|e| ClientError::Config {
+            path: config.ca.clone(),
+            reason: e.to_string(),
+        })?;
+        let token = crate::auth::read_token(&config.token_file)?;
+        let token = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Config {
+                path: config.token_file.clone(),
+                reason: "token is not valid header text".into(),
+            })?;
+        Ok(Self {
+            endpoints: config.endpoints.clone(),
+            tls: ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            token,
+            channels: Mutex::new(HashMap::new()),
+            preferred: AtomicUsize::new(0),
+            deadline: REQUEST_DEADLINE_DEFAULT,
+        })
+    }
+
+    /// Sets the deadline for each operation (retries included).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().expect("lock");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .and_then(|e| e.tls_config(self.tls.clone()))
+            .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let c = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn request<T>(&self, msg: T, timeout: Duration) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert(crate::auth::AUTHORIZATION, self.token.clone());
+        r.set_timeout(timeout);
+        r
+    }
+
+    /// Runs `op` against the endpoints until one answers, a non-retryable error comes back, or
+    /// the deadline passes.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = Instant::now();
+        let n = self.endpoints.len();
+        let mut index = self.preferred.load(Ordering::Relaxed) % n;
+        let mut hinted: Option<String> = None;
+        let mut tried_in_round = 0usize;
+        loop {
+            let remaining = self.deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(Status::deadline_exceeded(format!(
+                    "no endpoint answered within {:?}",
+                    self.deadline
+                ))
+                .into());
+            }
+            let addr = hinted
+                .take()
+                .unwrap_or_else(|| self.endpoints[index].clone());
+            let result = match self.channel(&addr) {
+                Ok(channel) => op(channel, remaining).await,
+                Err(s) => Err(s),
+            };
+            match result {
+                Ok(v) => {
+                    if let Some(i) = self.endpoints.iter().position(|e| *e == addr) {
+                        self.preferred.store(i, Ordering::Relaxed);
+                    }
+                    return Ok(v);
+                }
+                Err(s) if retryable(&s) && started.elapsed() < self.deadline => {
+                    if let Some(leader) = s
+                        .metadata()
+                        .get(LEADER_HINT)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|l| *l != addr)
+                    {
+                        hinted = Some(leader.to_string());
+                        continue;
+                    }
+                    index = (index + 1) % n;
+                    tried_in_round += 1;
+                    if tried_in_round >= n {
+                        tried_in_round = 0;
+                        tokio::time::sleep(RETRY_PAUSE.min(remaining)).await;
+                    }
+                    tracing::debug!(endpoint = %addr, error = %s.message(), "retrying on another endpoint");
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+    }
+
+    pub async fn put(
+        &self,
+        tenant: &str,
+        collection: &str,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let record = pb::RecordRef {
+            tenant: tenant.into(),
+            collection: collection.into(),
+            key: key.into(),
+        };
+        self.call(|ch, t| {
+            let req = self.request(
+                pb::PutRequest {
+                    record: Some(record.clone()),
+                    value: value.clone(),
+                },
+                t,
+            );
+            async move {
+                let mut c = pb::records_client::RecordsClient::new(ch)
+                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 2);
+                Ok(c.put(req).await?.into_inner().revision)
+            }
+        })
+        .await
+    }
+
+    pub async fn get(
+        &self,
+        tenant: &str,
+        collection: &str,
+        key: &str,
+        local: bool,
+    ) -> Result<pb::GetReply, ClientError> {
+        let record = pb::RecordRef {
+            tenant: tenant.into(),
+            collection: collection.into(),
+            key: key.into(),
+        };
+        let consistency = if local {
+            pb::ReadConsistency::Local
+        } else {
+            pb::ReadConsistency::Linearizable
+        } as i32;
+        self.call(|ch, t| {
+            let req = self.request(
+                pb::GetRequest {
+                    record: Some(record.clone()),
+                    consistency,
+                },
+                t,
+            );
+            async move {
+                let mut c = pb::records_client::RecordsClient::new(ch)
+                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+                Ok(c.get(req).await?.into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<pb::DeleteReply, ClientError> {
+        let record = pb::RecordRef {
+            tenant: tenant.into(),
+            collection: collection.into(),
+            key: key.into(),
+        };
+        self.call(|ch, t| {
+            let req = self.request(
+                pb::DeleteRequest {
+                    record: Some(record.clone()),
+                },
+                t,
+            );
+            async move {
+                Ok(pb::records_client::RecordsClient::new(ch)
+                    .delete(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn init(&self) -> Result<pb::InitReply, ClientError> {
+        self.call(|ch, t| {
+            let req = self.request(pb::InitRequest {}, t);
+            async move {
+                Ok(pb::cluster_client::ClusterClient::new(ch)
+                    .init(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn add_node(
+        &self,
+        member: pb::Member,
+        learner_only: bool,
+    ) -> Result<pb::AddNodeReply, ClientError> {
+        self.call(|ch, t| {
+            let req = self.request(
+                pb::AddNodeRequest {
+                    node: Some(member.clone()),
+                    learner_only,
+                },
+                t,
+            );
+            async move {
+                Ok(pb::cluster_client::ClusterClient::new(ch)
+                    .add_node(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<pb::RemoveNodeReply, ClientError> {
+        self.call(|ch, t| {
+            let req = self.request(pb::RemoveNodeRequest { id }, t);
+            async move {
+                Ok(pb::cluster_client::ClusterClient::new(ch)
+                    .remove_node(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// One node's own status, asked directly at `addr` (no retries elsewhere).
+    pub async fn node_status_at(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<pb::NodeStatusReply, ClientError> {
+        let ch = self.channel(addr)?;
+        let req = self.request(pb::NodeStatusRequest {}, timeout);
+        let mut client = pb::cluster_client::ClusterClient::new(ch);
+        match tokio::time::timeout(timeout, client.node_status(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))
+            .into()),
+        }
+    }
+
+    /// Status of any reachable node (with retries over the endpoints).
+    pub async fn node_status(&self) -> Result<pb::NodeStatusReply, ClientError> {
+        self.call(|ch, t| {
+            let req = self.request(pb::NodeStatusRequest {}, t);
+            async move {
+                Ok(pb::cluster_client::ClusterClient::new(ch)
+                    .node_status(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Asks every member for its own view and assembles the cluster status.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        let first = self.node_status().await?;
+        let mut members = first.members.clone();
+        if members.is_empty() {
+            // Not initialized yet: report the configured endpoints.
+            members = self
+                .endpoints
+                .iter()
+                .map(|e| pb::Member {
+                    id: 0,
+                    raft_addr: String::new(),
+                    client_addr: e.clone(),
+                    voter: false,
+                })
+                .collect();
+        }
+        let probes = members.iter().map(|m| async move {
+            let r = self
+                .node_status_at(&m.client_addr, STATUS_PROBE_TIMEOUT)
+                .await;
+            (m, r)
+        });
+        let results = futures::future::join_all(probes).await;
+        let mut leader = None;
+        let mut term = 0;
+        let mut nodes = Vec::new();
+        for (m, r) in results {
+            let role = if m.voter { "voter" } else { "learner" }.to_string();
+            match r {
+                Ok(s) => {
+                    if s.term >= term {
+                        term = s.term;
+                        leader = (s.leader != 0).then_some(s.leader);
+                    }
+                    nodes.push(NodeView {
+                        id: s.id,
+                        addr: m.client_addr.clone(),
+                        raft_addr: m.raft_addr.clone(),
+                        role: if m.id == 0 {
+                            "uninitialized".into()
+                        } else {
+                            role
+                        },
+                        state: s.state,
+                        applied_index: s.applied_index,
+                        last_log_index: s.last_log_index,
+                        term: s.term,
+                        reachable: true,
+                        error: None,
+                    })
+                }
+                Err(e) => nodes.push(NodeView {
+                    id: m.id,
+                    addr: m.client_addr.clone(),
+                    raft_addr: m.raft_addr.clone(),
+                    role,
+                    state: "unknown".into(),
+                    applied_index: 0,
+                    last_log_index: 0,
+                    term: 0,
+                    reachable: false,
+                    error: Some(e.to_string()),
+                }),
+            }
+        }
+        nodes.sort_by_key(|n| n.id);
+        Ok(ClusterStatus {
+            cluster_name: first.cluster_name,
+            leader,
+            term,
+            nodes,
+        })
+    }
+}

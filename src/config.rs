@@ -1,0 +1,229 @@
+//! One validated node configuration (TOML). Every field has a doc comment and, where a sensible
+//! one exists, a default. Secrets are never inlined: the config names files holding them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{EscrowNode, NodeId};
+
+/// Bootstrap sizes `cluster init` accepts: an odd number of voters that survives 1 or 2 failures.
+pub const BOOTSTRAP_VOTERS_ALLOWED: [usize; 2] = [3, 5];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for escrowd: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// Addresses this node listens on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Client gRPC (TLS + credential): records, cluster operations.
+    pub client: SocketAddr,
+    /// Peer gRPC (mutual TLS with the cluster CA): Raft, snapshots, forwarding.
+    pub raft: SocketAddr,
+    /// HTTPS: /metrics, /healthz, /readyz.
+    pub http: SocketAddr,
+}
+
+/// Addresses other nodes and clients use to reach this node (host:port; the host must be in
+/// the node certificate's subject alternative names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Advertise {
+    pub client: String,
+    pub raft: String,
+}
+
+/// TLS files. The key file must be readable by its owner only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA certificate (PEM): peers must present a certificate it issued.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), valid for server and client authentication.
+    pub cert: PathBuf,
+    /// This node's private key (PEM, mode 0600).
+    pub key: PathBuf,
+}
+
+/// Client credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFiles {
+    /// File holding the ops bearer token (mode 0600).
+    pub ops_token_file: PathBuf,
+}
+
+/// One member of the initial cluster, as `cluster init` bootstraps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitialMember {
+    pub id: NodeId,
+    pub raft: String,
+    pub client: String,
+}
+
+/// Raft timing and log compaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout lower bound, ms (must exceed the heartbeat).
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound, ms.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind the snapshot for followers that are only a little behind.
+    pub log_entries_kept_after_snapshot: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every_entries: 20_000,
+            log_entries_kept_after_snapshot: 5_000,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// A node's whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, ≥ 1, unique in the cluster and never reused.
+    pub node_id: NodeId,
+    /// Name shared by all nodes of one cluster (shown in status and metrics).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Where this node keeps its Raft log, state machine and snapshots.
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub advertise: Advertise,
+    pub tls: TlsFiles,
+    pub auth: AuthFiles,
+    /// Members `cluster init` bootstraps; the same list on every initial node. Empty on a node
+    /// that joins later through `cluster add`.
+    #[serde(default)]
+    pub initial_members: Vec<InitialMember>,
+    #[serde(default)]
+    pub raft: RaftSettings,
+    /// Log format: "human" or "json".
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_cluster_name() -> String {
+    "escrow".into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.node_id == 0 {
+            return Err(invalid("node_id must be ≥ 1".into()));
+        }
+        crate::domain::TenantId::parse(&self.cluster_name)
+            .map_err(|e| invalid(format!("cluster_name: {e}")))?;
+        for addr in [&self.advertise.client, &self.advertise.raft] {
+            validate_host_port(addr).map_err(|r| invalid(format!("advertise {addr:?}: {r}")))?;
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return Err(invalid(
+                "raft.election_timeout_min_ms must exceed twice raft.heartbeat_ms".into(),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
+            ));
+        }
+        if r.snapshot_every_entries == 0 {
+            return Err(invalid("raft.snapshot_every_entries must be ≥ 1".into()));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for m in &self.initial_members {
+            if m.id == 0 || !ids.insert(m.id) {
+                return Err(invalid(format!(
+                    "initial_members: id {} is zero or listed twice",
+                    m.id
+                )));
+            }
+            validate_host_port(&m.raft)
+                .map_err(|r| invalid(format!("initial member {}: {r}", m.id)))?;
+            validate_host_port(&m.client)
+                .map_err(|r| invalid(format!("initial member {}: {r}", m.id)))?;
+        }
+        if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
+            return Err(invalid(
+                "initial_members must include this node's own node_id".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn self_node(&self) -> EscrowNode {
+        EscrowNode {
+            raft_addr: self.advertise.raft.clone(),
+            client_addr: self.advertise.client.clone(),
+        }
+    }
+}
+
+/// Checks `host:port` with a non-empty host and a port ≥ 1.
+pub fn validate_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port".to_string())?;
+    if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err("the host part is empty or invalid".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("port {port:?} is not a number from 1 to 65535")),
+    }
+}

@@ -1,0 +1,269 @@
+//! The embedded default: a local cluster on loopback with generated dev PKI and credentials.
+//! The same file generation serves the tests (with free ports) and `escrowd pki`.
+//!
+//! Layout of a dev dir:
+//! ```text
+//! escrowctl.toml               endpoints, CA and token for escrowctl
+//! pki/ca.pem, pki/ca.key       the dev cluster CA (key 0600)
+//! pki/node<N>.pem, .key        node certificates (SAN: 127.0.0.1, localhost)
+//! secrets/ops.token            the ops credential (0600)
+//! node<N>/escrowd.toml         node configs; node<N>/data is the node's data dir
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::client::ClientConfig;
+use crate::config::{
+    Advertise, AuthFiles, Config, InitialMember, Listen, LogFormat, RaftSettings, TlsFiles,
+};
+use crate::node::NodeHandle;
+use crate::pki::{generate_token, Ca};
+use crate::raft::network::Faults;
+
+/// First port of the dev range; node N uses `DEV_PORT_BASE + 10·N + {0: client, 1: raft, 2: http}`
+/// (7410-7412 for node 1, 7420-7422 for node 2, ...). All on 127.0.0.1.
+pub const DEV_PORT_BASE: u16 = 7400;
+/// Largest dev cluster.
+pub const DEV_NODES_MAX: usize = 5;
+/// How long `escrowd dev` waits for a leader after start.
+const DEV_LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// Ports of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct NodePorts {
+    pub client: u16,
+    pub raft: u16,
+    pub http: u16,
+}
+
+impl NodePorts {
+    pub fn dev(port_base: u16, id: u64) -> Self {
+        let base = port_base + 10 * id as u16;
+        Self {
+            client: base,
+            raft: base + 1,
+            http: base + 2,
+        }
+    }
+}
+
+/// Files written for a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterFiles {
+    pub dir: PathBuf,
+    pub node_configs: Vec<PathBuf>,
+    pub client_config: PathBuf,
+}
+
+/// The default dev dir: `$ESCROW_DEV_DIR`, else `$XDG_DATA_HOME/escrow/dev`, else
+/// `~/.local/share/escrow/dev`.
+pub fn default_dev_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ESCROW_DEV_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("escrow/dev");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/escrow/dev")
+}
+
+fn ensure_ca(dir: &Path) -> anyhow::Result<Ca> {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let (cert, key) = (pki.join("ca.pem"), pki.join("ca.key"));
+    if cert.exists() && key.exists() {
+        return Ok(Ca::load(&cert, &key)?);
+    }
+    let ca = Ca::generate()?;
+    ca.write(&cert, &key)?;
+    Ok(ca)
+}
+
+fn ensure_token(dir: &Path) -> anyhow::Result<PathBuf> {
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    let path = secrets.join("ops.token");
+    if !path.exists() {
+        crate::auth::write_secret_file(&path, generate_token().as_bytes())?;
+    }
+    Ok(path)
+}
+
+/// Writes certificates and the config of node `id` (listening on 127.0.0.1) into `dir`.
+pub fn write_node_files(
+    dir: &Path,
+    id: u64,
+    ports: NodePorts,
+    initial: &[InitialMember],
+    raft: &RaftSettings,
+) -> anyhow::Result<PathBuf> {
+    let ca = ensure_ca(dir)?;
+    let token = ensure_token(dir)?;
+    let pki = dir.join("pki");
+    let (cert, key) = (
+        pki.join(format!("node{id}.pem")),
+        pki.join(format!("node{id}.key")),
+    );
+    if !cert.exists() || !key.exists() {
+        ca.issue_to_files(
+            &format!("escrow node {id}"),
+            &["127.0.0.1".into(), "localhost".into()],
+            &cert,
+            &key,
+        )?;
+    }
+    let node_dir = dir.join(format!("node{id}"));
+    std::fs::create_dir_all(&node_dir)?;
+    let ip = "127.0.0.1";
+    let config = Config {
+        node_id: id,
+        cluster_name: "escrow-dev".into(),
+        data_dir: node_dir.join("data"),
+        listen: Listen {
+            client: format!("{ip}:{}", ports.client).parse()?,
+            raft: format!("{ip}:{}", ports.raft).parse()?,
+            http: format!("{ip}:{}", ports.http).parse()?,
+        },
+        advertise: Advertise {
+            client: format!("{ip}:{}", ports.client),
+            raft: format!("{ip}:{}", ports.raft),
+        },
+        tls: TlsFiles {
+            ca: pki.join("ca.pem"),
+            cert,
+            key,
+        },
+        auth: AuthFiles {
+            ops_token_file: token,
+        },
+        initial_members: initial.to_vec(),
+        raft: raft.clone(),
+        log_format: LogFormat::Human,
+    };
+    let path = node_dir.join("escrowd.toml");
+    config.validate(&path)?;
+    std::fs::write(&path, toml::to_string_pretty(&config)?)?;
+    Ok(path)
+}
+
+/// Writes a whole cluster's files: CA, node certificates, token, node configs, escrowctl.toml.
+/// Existing CA, certificates and token are kept, so a dev dir survives restarts.
+pub fn write_cluster_files(
+    dir: &Path,
+    ports: &[NodePorts],
+    raft: &RaftSettings,
+) -> anyhow::Result<ClusterFiles> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let initial: Vec<InitialMember> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| InitialMember {
+            id: i as u64 + 1,
+            raft: format!("127.0.0.1:{}", p.raft),
+            client: format!("127.0.0.1:{}", p.client),
+        })
+        .collect();
+    let mut node_configs = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        node_configs.push(write_node_files(&dir, i as u64 + 1, *p, &initial, raft)?);
+    }
+    let client = ClientConfig {
+        endpoints: initial.iter().map(|m| m.client.clone()).collect(),
+        ca: dir.join("pki/ca.pem"),
+        token_file: dir.join("secrets/ops.token"),
+    };
+    let client_config = dir.join("escrowctl.toml");
+    std::fs::write(&client_config, toml::to_string_pretty(&client)?)?;
+    Ok(ClusterFiles {
+        dir,
+        node_configs,
+        client_config,
+    })
+}
+
+/// Starts every node of `files` in this process.
+pub async fn start_nodes(
+    files: &ClusterFiles,
+    faults: Arc<Faults>,
+) -> anyhow::Result<Vec<NodeHandle>> {
+    let mut nodes = Vec::new();
+    for path in &files.node_configs {
+        let config = Config::load(path)?;
+        nodes.push(crate::node::start(&config, faults.clone()).await?);
+    }
+    Ok(nodes)
+}
+
+/// `escrowd dev`: prepare the dir, start the nodes, bootstrap on first start, serve until
+/// Ctrl-C, then stop cleanly.
+pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
+    if !(1..=DEV_NODES_MAX).contains(&nodes) || nodes % 2 == 0 {
+        anyhow::bail!("--nodes must be 1, 3 or 5 (an odd number up to {DEV_NODES_MAX})");
+    }
+    if port_base < 1024 || port_base > 65535 - 10 * (DEV_NODES_MAX as u16 + 1) {
+        anyhow::bail!(
+            "--port-base must be from 1024 to {}",
+            65535 - 10 * (DEV_NODES_MAX as u16 + 1)
+        );
+    }
+    let ports: Vec<NodePorts> = (1..=nodes as u64)
+        .map(|id| NodePorts::dev(port_base, id))
+        .collect();
+    let files = write_cluster_files(dir, &ports, &RaftSettings::default())?;
+    let handles = start_nodes(&files, Arc::new(Faults::default())).await?;
+    let first = &handles[0];
+    let initialized = first.raft.is_initialized().await?;
+    if !initialized {
+        let members: std::collections::BTreeMap<_, _> =
+            first.core.initial_members.iter().cloned().collect();
+        first
+            .raft
+            .initialize(members)
+            .await
+            .context("bootstrapping the dev cluster")?;
+        tracing::info!(nodes, "dev cluster bootstrapped");
+    }
+    let leader = first
+        .raft
+        .wait(Some(DEV_LEADER_WAIT))
+        .metrics(|m| m.current_leader.is_some(), "leader elected")
+        .await
+        .map(|m| m.current_leader)
+        .ok()
+        .flatten();
+    println!("escrow dev cluster is up: {nodes} node(s), leader {leader:?}");
+    println!("  data and config: {}", files.dir.display());
+    for h in &handles {
+        println!(
+            "  node {}: client https://{}  peer https://{} (mTLS)  metrics https://{}/metrics",
+            h.id, h.client_addr, h.raft_addr, h.http_addr
+        );
+    }
+    println!(
+        "  escrowctl: export ESCROWCTL_CONFIG={}",
+        files.client_config.display()
+    );
+    println!("             escrowctl cluster status");
+    println!("             escrowctl record put --tenant acme --collection orders --key o-1 --value hello");
+    println!("Ctrl-C stops the cluster; its data is kept for the next start.");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    println!("stopping…");
+    for h in handles {
+        h.shutdown().await;
+    }
+    println!("stopped; data kept in {}", files.dir.display());
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Prometheus metrics, refreshed from openraft's metrics channel.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use openraft::ServerState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::raft::{EscrowNode, NodeId};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FollowerLabel {
+    pub follower: String,
+}
+
+/// All node metrics. Gauges are set by [`Metrics::update`] on every Raft metrics change.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub term: Gauge,
+    pub leader_id: Gauge,
+    pub is_leader: Gauge,
+    pub last_log_index: Gauge,
+    pub commit_index: Gauge<u64, AtomicU64>,
+    pub applied_index: Gauge,
+    pub snapshot_index: Gauge,
+    pub purged_index: Gauge,
+    pub voters: Gauge,
+    pub replication_lag_entries: Family<FollowerLabel, Gauge>,
+    pub commit_latency_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new(node_id: NodeId) -> Self {
+        let mut registry = Registry::with_prefix_and_labels(
+            "escrow",
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(node_id.to_string()),
+            )]
+            .into_iter(),
+        );
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            term: Gauge::default(),
+            leader_id: Gauge::default(),
+            is_leader: Gauge::default(),
+            last_log_index: Gauge::default(),
+            commit_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            snapshot_index: Gauge::default(),
+            purged_index: Gauge::default(),
+            voters: Gauge::default(),
+            replication_lag_entries: Family::default(),
+            // 100 µs .. ~6.5 s
+            commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+        };
+        registry.register("raft_term", "Current Raft term", m.term.clone());
+        registry.register(
+            "raft_leader_id",
+            "Leader node id as seen by this node (0: none)",
+            m.leader_id.clone(),
+        );
+        registry.register(
+            "raft_is_leader",
+            "1 when this node is the leader",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last log entry",
+            m.last_log_index.clone(),
+        );
+        registry.register(
+            "raft_commit_index",
+            "Highest index known committed",
+            m.commit_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Highest index applied to the state machine",
+            m.applied_index.clone(),
+        );
+        registry.register(
+            "raft_snapshot_index",
+            "Index covered by the current snapshot",
+            m.snapshot_index.clone(),
+        );
+        registry.register(
+            "raft_purged_index",
+            "Highest purged log index",
+            m.purged_index.clone(),
+        );
+        registry.register(
+            "raft_voters",
+            "Voters in the current membership",
+            m.voters.clone(),
+        );
+        registry.register(
+            "raft_replication_lag_entries",
+            "Leader only: entries each follower is behind the leader's last log index",
+            m.replication_lag_entries.clone(),
+        );
+        registry.register(
+            "raft_commit_latency_seconds",
+            "Time from proposal to commit and apply, on the node that proposed",
+            m.commit_latency_seconds.clone(),
+        );
+        *m.registry.lock().expect("lock") = registry;
+        m
+    }
+
+    pub fn update(
+        &self,
+        node_id: NodeId,
+        r: &openraft::RaftMetrics<NodeId, EscrowNode>,
+        committed: u64,
+    ) {
+        let i = |v: u64| v.min(i64::MAX as u64) as i64;
+        self.term.set(i(r.current_term));
+        self.leader_id.set(i(r.current_leader.unwrap_or(0)));
+        self.is_leader
+            .set((r.state == ServerState::Leader && r.current_leader == Some(node_id)) as i64);
+        let last = r.last_log_index.unwrap_or(0);
+        self.last_log_index.set(i(last));
+        self.commit_index.set(committed);
+        self.applied_index
+            .set(i(r.last_applied.map(|l| l.index).unwrap_or(0)));
+        self.snapshot_index
+            .set(i(r.snapshot.map(|l| l.index).unwrap_or(0)));
+        self.purged_index
+            .set(i(r.purged.map(|l| l.index).unwrap_or(0)));
+        self.voters
+            .set(r.membership_config.membership().voter_ids().count() as i64);
+        self.replication_lag_entries.clear();
+        if let Some(rep) = &r.replication {
+            for (id, matched) in rep {
+                if *id == node_id {
+                    continue;
+                }
+                let m = matched.map(|l| l.index).unwrap_or(0);
+                self.replication_lag_entries
+                    .get_or_create(&FollowerLabel {
+                        follower: id.to_string(),
+                    })
+                    .set(i(last.saturating_sub(m)));
+            }
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("lock");
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

@@ -1,0 +1,249 @@
+//! Node wiring and lifecycle: a straight list of logged start-up steps, one shutdown channel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::auth::{NodeTls, TokenCheck};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pb;
+use crate::raft::network::{Faults, NetworkFactory, PeerClients, PEER_MESSAGE_BYTES_MAX};
+use crate::raft::{NodeId, Raft};
+use crate::service::client::{ClusterService, RecordsService};
+use crate::service::peer::PeerService;
+use crate::service::Core;
+use crate::store::{LogStore, StateMachineStore};
+
+/// Most entries in one AppendEntries: with values at their 1 MiB limit this stays well inside
+/// [`PEER_MESSAGE_BYTES_MAX`].
+pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 64;
+/// Largest client message, in bytes: a record value at its limit plus the envelope.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = crate::domain::VALUE_LEN_MAX + 64 * 1024;
+/// Concurrent client requests per connection.
+const CLIENT_CONCURRENCY_PER_CONNECTION: usize = 256;
+/// Time allowed for servers to drain on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running node.
+pub struct NodeHandle {
+    pub id: NodeId,
+    pub core: Arc<Core>,
+    pub raft: Raft,
+    pub log_store: LogStore,
+    pub client_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Installs rustls' ring provider as the process default (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
+    let r = &config.raft;
+    let c = openraft::Config {
+        cluster_name: config.cluster_name.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: r.log_entries_kept_after_snapshot,
+        max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
+        // A snapshot stream of a large state machine takes a while on a slow link.
+        install_snapshot_timeout: 600_000,
+        ..Default::default()
+    };
+    Ok(c.validate()?)
+}
+
+/// Starts a node from its configuration. `faults` is for in-process tests; pass
+/// `Default::default()` in production.
+pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeHandle> {
+    install_crypto_provider();
+    let id = config.node_id;
+    tracing::info!(node = id, cluster = %config.cluster_name, data_dir = %config.data_dir.display(), "starting node");
+
+    let tls = NodeTls::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let token = TokenCheck::from_file(&config.auth.ops_token_file)?;
+    tracing::info!(node = id, "tls material and credentials loaded");
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let log_store = LogStore::open(&config.data_dir.join("log"))
+        .with_context(|| format!("cannot open the raft log in {}", config.data_dir.display()))?;
+    let sm = StateMachineStore::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the state machine in {}",
+            config.data_dir.display()
+        )
+    })?;
+    let reader = sm.reader();
+    tracing::info!(node = id, applied = reader.applied_index(), "stores opened");
+
+    let peers = Arc::new(PeerClients::new(id, tls.peer_client(), faults));
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config(config)?),
+        NetworkFactory::new(peers.clone()),
+        log_store.clone(),
+        sm,
+    )
+    .await
+    .context("cannot start raft")?;
+    tracing::info!(node = id, "raft started");
+
+    let metrics = Arc::new(Metrics::new(id));
+    let core = Arc::new(Core {
+        id,
+        cluster_name: config.cluster_name.clone(),
+        raft: raft.clone(),
+        reader,
+        peers,
+        metrics,
+        initial_members: config
+            .initial_members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    crate::raft::EscrowNode {
+                        raft_addr: m.raft.clone(),
+                        client_addr: m.client.clone(),
+                    },
+                )
+            })
+            .collect(),
+    });
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for {what} on {addr}"))
+    };
+    let peer_listener = bind(config.listen.raft, "peers").await?;
+    let client_listener = bind(config.listen.client, "clients").await?;
+    let http_listener = bind(config.listen.http, "http").await?;
+    let raft_addr = peer_listener.local_addr()?;
+    let client_addr = client_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+
+    let peer_service = pb::peer_server::PeerServer::new(PeerService { core: core.clone() })
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+    let peer_server = Server::builder()
+        .tls_config(tls.peer_server())?
+        .tcp_nodelay(true)
+        .add_service(peer_service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            stop(shutdown_rx.clone()),
+        );
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = peer_server.await {
+            tracing::error!(error = %e, "peer server failed");
+        }
+    }));
+    tracing::info!(node = id, addr = %raft_addr, "peer listener (mutual TLS) up");
+
+    let check = move |req| token.check(req);
+    let records = tonic::service::interceptor::InterceptedService::new(
+        pb::records_server::RecordsServer::new(RecordsService { core: core.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        check.clone(),
+    );
+    let cluster = pb::cluster_server::ClusterServer::with_interceptor(
+        ClusterService { core: core.clone() },
+        check,
+    );
+    let client_server = Server::builder()
+        .tls_config(tls.client_server())?
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(CLIENT_CONCURRENCY_PER_CONNECTION)
+        .add_service(records)
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(client_listener),
+            stop(shutdown_rx.clone()),
+        );
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = client_server.await {
+            tracing::error!(error = %e, "client server failed");
+        }
+    }));
+    tracing::info!(node = id, addr = %client_addr, "client listener (TLS) up");
+
+    tasks.push(tokio::spawn(crate::http::serve(
+        http_listener,
+        tls.http_server()?,
+        crate::http::router(core.clone()),
+        shutdown_rx.clone(),
+    )));
+    tracing::info!(node = id, addr = %http_addr, "http listener (TLS) up");
+
+    let mut raft_metrics = raft.metrics();
+    let metrics_core = core.clone();
+    let metrics_log = log_store.clone();
+    let mut metrics_stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            {
+                let m = raft_metrics.borrow_and_update().clone();
+                metrics_core
+                    .metrics
+                    .update(id, &m, metrics_log.committed_index());
+            }
+            tokio::select! {
+                changed = raft_metrics.changed() => if changed.is_err() { return },
+                _ = metrics_stop.wait_for(|s| *s) => return,
+            }
+        }
+    }));
+
+    Ok(NodeHandle {
+        id,
+        core,
+        raft,
+        log_store,
+        client_addr,
+        raft_addr,
+        http_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+impl NodeHandle {
+    /// Stops the listeners, then Raft, and waits for the tasks so the stores are closed when
+    /// this returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown reported an error");
+        }
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        tracing::info!(node = self.id, "node stopped");
+    }
+}

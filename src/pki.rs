@@ -1,0 +1,152 @@
+//! Certificate generation for the dev cluster and for `scripts/pki.sh` (real deployments that
+//! do not have their own CA yet). Production may equally bring certificates from any CA.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::auth::write_secret_file;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the CA from {path}: {reason}")]
+    ReadCa { path: PathBuf, reason: String },
+}
+
+/// A certificate authority able to issue node certificates.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+/// Subject of every CA this code generates. A loaded CA is rebuilt from this subject and its
+/// key: certificates it issues name the same issuer and carry the key's identifier, so they
+/// chain to the original CA certificate.
+pub const CA_COMMON_NAME: &str = "escrow cluster CA";
+
+fn ca_params() -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, CA_COMMON_NAME);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+impl Ca {
+    /// A new CA with a fresh key.
+    pub fn generate() -> Result<Self, PkiError> {
+        let params = ca_params()?;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA certificate and key written by [`Ca::write`].
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
+        let err = |path: &Path, reason: String| PkiError::ReadCa {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let cert_pem = std::fs::read_to_string(cert).map_err(|e| err(cert, e.to_string()))?;
+        let key_pem = crate::auth::read_secret_file(key).map_err(|e| err(key, e.to_string()))?;
+        let key_pem = String::from_utf8(key_pem).map_err(|e| err(key, e.to_string()))?;
+        let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| err(key, e.to_string()))?;
+        if !cert_pem.contains("BEGIN CERTIFICATE") {
+            return Err(err(cert, "no PEM certificate found".into()));
+        }
+        let issuer = Issuer::new(ca_params()?, key_pair);
+        Ok(Self { issuer, cert_pem })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn write(&self, cert: &Path, key: &Path) -> Result<(), PkiError> {
+        write_public(cert, self.cert_pem.as_bytes())?;
+        write_secret_file(key, self.issuer.key().serialize_pem().as_bytes()).map_err(|source| {
+            PkiError::Write {
+                path: key.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Issues a certificate usable both as TLS server and TLS client (nodes are both), valid
+    /// for the given DNS names and IP addresses.
+    pub fn issue(&self, common_name: &str, names: &[String]) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into()?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues a certificate and writes it with its key (key mode 0600).
+    pub fn issue_to_files(
+        &self,
+        common_name: &str,
+        names: &[String],
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<(), PkiError> {
+        let (cert, key) = self.issue(common_name, names)?;
+        write_public(cert_path, cert.as_bytes())?;
+        write_secret_file(key_path, key.as_bytes()).map_err(|source| PkiError::Write {
+            path: key_path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    std::fs::write(path, contents).map_err(|source| PkiError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A fresh random credential: 32 bytes as 64 hex characters.
+pub fn generate_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

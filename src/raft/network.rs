@@ -1,0 +1,341 @@
+//! The Raft network over tonic with mutual TLS, plus request forwarding to the leader.
+//!
+//! One HTTP/2 channel per peer address, shared by replication, votes, snapshots and forwarding.
+//! [`Faults`] lets in-process tests cut links between nodes (a partition) without touching
+//! sockets; production never sets it.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use super::codec;
+use super::{EscrowNode, NodeId, Snapshot, TypeConfig, Vote};
+use crate::domain::{RecordPath, RecordVersion};
+use crate::ledger::{Command, Outcome};
+use crate::pb;
+
+/// Bytes per snapshot data frame: bounds memory on both ends of a snapshot stream.
+pub const SNAPSHOT_FRAME_BYTES: usize = 1024 * 1024;
+/// Frames buffered between the file reader and the gRPC stream.
+const SNAPSHOT_FRAMES_IN_FLIGHT: usize = 4;
+/// Largest peer message, in bytes: a batch of Raft entries with values at their size limit.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 96 * 1024 * 1024;
+/// Connection establishment timeout for peer channels.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Deadline for a forwarded client request, beyond the leader's own commit timeout.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Injected link failures between in-process nodes (tests only).
+#[derive(Default, Debug)]
+pub struct Faults {
+    blocked: RwLock<HashSet<(NodeId, NodeId)>>,
+}
+
+impl Faults {
+    /// Cuts every link between `node` and each of `others`, both directions.
+    pub fn isolate(&self, node: NodeId, others: &[NodeId]) {
+        let mut blocked = self.blocked.write().expect("lock");
+        for &o in others {
+            blocked.insert((node, o));
+            blocked.insert((o, node));
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.blocked.write().expect("lock").clear();
+    }
+
+    pub fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
+        self.blocked.read().expect("lock").contains(&(from, to))
+    }
+}
+
+/// A client request relayed from a follower to the leader over the peer channel.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    Write(Command),
+    Read(RecordPath),
+}
+
+/// The leader's answer to a [`ForwardRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Written(Outcome),
+    Read {
+        version: Option<RecordVersion>,
+        read_index: u64,
+    },
+}
+
+/// Peer channels, shared by the Raft network and the forwarding path.
+pub struct PeerClients {
+    own_id: NodeId,
+    tls: ClientTlsConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+    faults: Arc<Faults>,
+}
+
+impl PeerClients {
+    pub fn new(own_id: NodeId, tls: ClientTlsConfig, faults: Arc<Faults>) -> Self {
+        Self {
+            own_id,
+            tls,
+            channels: Mutex::new(HashMap::new()),
+            faults,
+        }
+    }
+
+    fn client(
+        &self,
+        target: NodeId,
+        addr: &str,
+    ) -> Result<pb::peer_client::PeerClient<Channel>, Unreachable> {
+        if self.faults.is_blocked(self.own_id, target) {
+            return Err(Unreachable::new(&std::io::Error::other(format!(
+                "link {} -> {target} cut by fault injection",
+                self.own_id
+            ))));
+        }
+        let mut channels = self.channels.lock().expect("lock");
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+                    .and_then(|e| e.tls_config(self.tls.clone()))
+                    .map_err(|e| Unreachable::new(&e))?
+                    .connect_timeout(PEER_CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5));
+                let c = endpoint.connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(pb::peer_client::PeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+    }
+
+    /// Relays a client request to the leader; gRPC errors pass through unchanged.
+    pub async fn forward(
+        &self,
+        leader: NodeId,
+        leader_node: &EscrowNode,
+        request: &ForwardRequest,
+    ) -> Result<ForwardReply, tonic::Status> {
+        let mut client = self
+            .client(leader, &leader_node.raft_addr)
+            .map_err(|e| tonic::Status::unavailable(format!("leader {leader} unreachable: {e}")))?;
+        let mut req = tonic::Request::new(pb::RaftMessage {
+            payload: codec::encode(request),
+        });
+        req.set_timeout(FORWARD_TIMEOUT);
+        let reply = client.forward(req).await?.into_inner();
+        codec::decode(&reply.payload)
+            .map_err(|e| tonic::Status::internal(format!("bad forward reply from leader: {e}")))
+    }
+}
+
+/// Creates per-target network clients for openraft.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    clients: Arc<PeerClients>,
+}
+
+impl NetworkFactory {
+    pub fn new(clients: Arc<PeerClients>) -> Self {
+        Self { clients }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &EscrowNode) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            addr: node.raft_addr.clone(),
+            clients: self.clients.clone(),
+        }
+    }
+}
+
+pub struct PeerNetwork {
+    target: NodeId,
+    addr: String,
+    clients: Arc<PeerClients>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, EscrowNode, RaftError<NodeId, E>>;
+
+fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, EscrowNode, E> {
+    match status.code() {
+        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+impl PeerNetwork {
+    async fn unary<Req, Resp>(
+        &mut self,
+        kind: RpcKind,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr>
+    where
+        Req: Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let mut client = self
+            .clients
+            .client(self.target, &self.addr)
+            .map_err(RPCError::Unreachable)?;
+        let mut req = tonic::Request::new(pb::RaftMessage {
+            payload: codec::encode(rpc),
+        });
+        req.set_timeout(option.hard_ttl());
+        let reply = match kind {
+            RpcKind::Append => client.append_entries(req).await,
+            RpcKind::Vote => client.vote(req).await,
+        }
+        .map_err(status_to_rpc)?
+        .into_inner();
+        let result: Result<Resp, RaftError<NodeId>> =
+            codec::decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+enum RpcKind {
+    Append,
+    Vote,
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.unary(RpcKind::Append, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.unary(RpcKind::Vote, &rpc, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let mut client = self
+            .clients
+            .client(self.target, &self.addr)
+            .map_err(StreamingError::Unreachable)?;
+        let header = pb::SnapshotHeader {
+            vote_and_meta: codec::encode(&(vote, snapshot.meta.clone())),
+            files: snapshot
+                .snapshot
+                .files
+                .iter()
+                .map(|f| pb::SnapshotFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    blake3: f.blake3.to_vec(),
+                })
+                .collect(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_FRAMES_IN_FLIGHT);
+        let dir = snapshot.snapshot.path.clone();
+        let files = snapshot.snapshot.files.clone();
+        let reader = tokio::spawn(async move {
+            let send = |frame| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(pb::SnapshotFrame { frame: Some(frame) })
+                        .await
+                        .map_err(|_| std::io::Error::other("snapshot stream closed"))
+                }
+            };
+            send(pb::snapshot_frame::Frame::Header(header)).await?;
+            stream_files(dir, files, send).await
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut req = tonic::Request::new(stream);
+        // A snapshot may be large; the per-RPC TTL is for small messages, so allow for the
+        // configured snapshot timeout instead.
+        req.set_timeout(option.hard_ttl().max(Duration::from_secs(600)));
+        let call = client.install_snapshot(req);
+        let reply = tokio::select! {
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = call => r,
+        };
+        let read_result = reader.await;
+        let reply = reply
+            .map_err(|s| StreamingError::Network(NetworkError::new(&s)))?
+            .into_inner();
+        if let Ok(Err(e)) = read_result {
+            return Err(StreamingError::Network(NetworkError::new(&e)));
+        }
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = codec::decode(&reply.payload)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+async fn stream_files<F, Fut>(
+    dir: PathBuf,
+    files: Vec<crate::store::SnapshotFileInfo>,
+    send: F,
+) -> Result<(), std::io::Error>
+where
+    F: Fn(pb::snapshot_frame::Frame) -> Fut,
+    Fut: Future<Output = Result<(), std::io::Error>>,
+{
+    for (index, info) in files.iter().enumerate() {
+        let mut file = tokio::fs::File::open(dir.join(&info.name)).await?;
+        let mut offset = 0u64;
+        loop {
+            let mut buf = vec![0u8; SNAPSHOT_FRAME_BYTES];
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            send(pb::snapshot_frame::Frame::Data(pb::SnapshotData {
+                file_index: index as u32,
+                offset,
+                data: buf,
+            }))
+            .await?;
+            offset += n as u64;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! Client-facing services: records and cluster operations. Every input is validated here, at
+//! the edge, before it becomes a command.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use super::{status, Core};
+use crate::config::{validate_host_port, BOOTSTRAP_VOTERS_ALLOWED};
+use crate::domain::{validate_node_id, validate_value, RecordPath};
+use crate::ledger::{Command, Outcome};
+use crate::pb;
+use crate::raft::{EscrowNode, NodeId};
+
+/// How long `cluster add` waits for a new learner to catch up before giving up.
+pub const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn record_path(r: Option<pb::RecordRef>) -> Result<RecordPath, Status> {
+    let r =
+        r.ok_or_else(|| Status::invalid_argument("record (tenant, collection, key) is required"))?;
+    RecordPath::parse(&r.tenant, &r.collection, &r.key).map_err(status::input)
+}
+
+fn rejected(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Rejected { reason } => Status::failed_precondition(reason),
+        other => Status::internal(format!("unexpected outcome {other:?}")),
+    }
+}
+
+pub struct RecordsService {
+    pub core: Arc<Core>,
+}
+
+#[tonic::async_trait]
+impl pb::records_server::Records for RecordsService {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutReply>, Status> {
+        let req = request.into_inner();
+        let path = record_path(req.record)?;
+        validate_value(&req.value).map_err(status::input)?;
+        match self
+            .core
+            .write(
+                Command::PutRecord {
+                    path,
+                    value: req.value,
+                },
+                true,
+            )
+            .await?
+        {
+            Outcome::Written { revision } => Ok(Response::new(pb::PutReply { revision })),
+            other => Err(rejected(other)),
+        }
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetReply>, Status> {
+        let req = request.into_inner();
+        let path = record_path(req.record)?;
+        let linearizable = req.consistency != pb::ReadConsistency::Local as i32;
+        let (version, read_index) = self.core.read(path, linearizable, true).await?;
+        Ok(Response::new(match version {
+            Some(v) => pb::GetReply {
+                found: true,
+                value: v.value,
+                revision: v.revision,
+                read_index,
+            },
+            None => pb::GetReply {
+                found: false,
+                read_index,
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteReply>, Status> {
+        let path = record_path(request.into_inner().record)?;
+        match self
+            .core
+            .write(Command::DeleteRecord { path }, true)
+            .await?
+        {
+            Outcome::Deleted { revision, existed } => {
+                Ok(Response::new(pb::DeleteReply { revision, existed }))
+            }
+            other => Err(rejected(other)),
+        }
+    }
+}
+
+pub struct ClusterService {
+    pub core: Arc<Core>,
+}
+
+fn members_of(m: &openraft::Membership<NodeId, EscrowNode>) -> Vec<pb::Member> {
+    let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+    m.nodes()
+        .map(|(id, node)| pb::Member {
+            id: *id,
+            raft_addr: node.raft_addr.clone(),
+            client_addr: node.client_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect()
+}
+
+impl ClusterService {
+    fn require_leader(&self) -> Result<(), Status> {
+        let m = self.core.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.core.id) && m.state == ServerState::Leader {
+            return Ok(());
+        }
+        Err(status::not_leader(
+            self.core.leader().as_ref().map(|(id, n)| (*id, n)),
+        ))
+    }
+
+    /// Waits until the leader has replicated to `id` at least up to `index` (the entry that
+    /// added it). openraft's own blocking add counts a learner within its lag threshold as
+    /// caught up even when nothing reached it, so the check is made here on the matched index.
+    async fn wait_caught_up(&self, id: NodeId, index: u64) -> Result<(), Status> {
+        let mut metrics = self.core.raft.metrics();
+        let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP_TIMEOUT;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err(Status::unavailable(format!(
+                        "leadership changed while node {id} was catching up; it stays a learner, retry the add to promote it"
+                    )));
+                }
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten());
+                if matched.is_some_and(|l| l.index >= index) {
+                    return Ok(());
+                }
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(status::fatal("raft stopped")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "node {id} did not catch up within {}s; it stays a learner",
+                        LEARNER_CATCH_UP_TIMEOUT.as_secs()
+                    )))
+                }
+            }
+        }
+    }
+
+    fn membership_reply(&self) -> Vec<pb::Member> {
+        let m = self.core.raft.metrics().borrow().clone();
+        members_of(m.membership_config.membership())
+    }
+
+    fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, EscrowNode>>) -> Status {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                Status::unavailable("leadership changed during the membership change; retry")
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                Status::failed_precondition(e.to_string())
+            }
+            RaftError::Fatal(e) => status::fatal(e),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn init(
+        &self,
+        _request: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitReply>, Status> {
+        let members = &self.core.initial_members;
+        if members.is_empty() {
+            return Err(Status::failed_precondition(
+                "this node's config has no initial_members; init a node that lists the initial cluster",
+            ));
+        }
+        if !BOOTSTRAP_VOTERS_ALLOWED.contains(&members.len()) {
+            return Err(Status::invalid_argument(format!(
+                "a cluster bootstraps with {BOOTSTRAP_VOTERS_ALLOWED:?} voters, the config lists {}",
+                members.len()
+            )));
+        }
+        let map: BTreeMap<NodeId, EscrowNode> = members.iter().cloned().collect();
+        match self.core.raft.initialize(map).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                return Err(Status::already_exists("the cluster is already initialized"))
+            }
+            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
+                return Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => return Err(status::fatal(e)),
+        }
+        Ok(Response::new(pb::InitReply {
+            members: members
+                .iter()
+                .map(|(id, n)| pb::Member {
+                    id: *id,
+                    raft_addr: n.raft_addr.clone(),
+                    client_addr: n.client_addr.clone(),
+                    voter: true,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusReply>, Status> {
+        let m = self.core.raft.metrics().borrow().clone();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let initialized = m.membership_config.membership().nodes().next().is_some();
+        Ok(Response::new(pb::NodeStatusReply {
+            id: self.core.id,
+            state: state.into(),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members: members_of(m.membership_config.membership()),
+            initialized,
+            cluster_name: self.core.cluster_name.clone(),
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::AddNodeReply>, Status> {
+        let req = request.into_inner();
+        let member = req.node.ok_or_else(|| {
+            Status::invalid_argument("node (id, raft_addr, client_addr) is required")
+        })?;
+        let id = validate_node_id(member.id).map_err(status::input)?;
+        for (what, addr) in [
+            ("raft_addr", &member.raft_addr),
+            ("client_addr", &member.client_addr),
+        ] {
+            validate_host_port(addr)
+                .map_err(|r| Status::invalid_argument(format!("{what} {addr:?}: {r}")))?;
+        }
+        self.require_leader()?;
+        let current = self.core.raft.metrics().borrow().membership_config.clone();
+        if current.membership().get_node(&id).is_some() {
+            return Err(Status::already_exists(format!(
+                "node {id} is already a member of this cluster"
+            )));
+        }
+        if self
+            .core
+            .reader
+            .node_ever_member(id)
+            .map_err(status::storage)?
+        {
+            return Err(Status::already_exists(format!(
+                "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
+            )));
+        }
+        let node = EscrowNode {
+            raft_addr: member.raft_addr,
+            client_addr: member.client_addr,
+        };
+        tracing::info!(node = id, "adding learner");
+        let added = self
+            .core
+            .raft
+            .add_learner(id, node, false)
+            .await
+            .map_err(Self::change_error)?;
+        self.wait_caught_up(id, added.log_id.index).await?;
+        if !req.learner_only {
+            tracing::info!(node = id, "promoting learner to voter");
+            self.core
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(Self::change_error)?;
+        }
+        Ok(Response::new(pb::AddNodeReply {
+            members: self.membership_reply(),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        let id = validate_node_id(request.into_inner().id).map_err(status::input)?;
+        self.require_leader()?;
+        let current = self.core.raft.metrics().borrow().membership_config.clone();
+        let membership = current.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        if is_voter && membership.voter_ids().count() == 1 {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        tracing::info!(node = id, voter = is_voter, "removing node");
+        self.core
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(Self::change_error)?;
+        Ok(Response::new(pb::RemoveNodeReply {
+            members: self.membership_reply(),
+        }))
+    }
+}

@@ -1,0 +1,246 @@
+//! The peer service: Raft RPCs, snapshot receiving and forwarded client requests. Reachable
+//! only through the mutual-TLS listener, so every caller holds a cluster-CA certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Core;
+use crate::pb;
+use crate::raft::codec;
+use crate::raft::network::{ForwardReply, ForwardRequest};
+use crate::raft::{Snapshot, SnapshotMeta, Vote};
+use crate::store::{SnapshotDir, SnapshotFileInfo};
+
+/// Most files a snapshot may declare: a checkpoint has a handful of SSTs plus metadata files.
+pub const SNAPSHOT_FILES_MAX: usize = 100_000;
+/// Largest declared snapshot file, in bytes.
+pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 1 << 40;
+
+pub struct PeerService {
+    pub core: Arc<Core>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, Status> {
+    codec::decode(&msg.payload).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Response<pb::RaftMessage> {
+    Response::new(pb::RaftMessage {
+        payload: codec::encode(value),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = decode(request.get_ref())?;
+        let result = self.core.raft.append_entries(rpc).await;
+        Ok(reply(&result))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = decode(request.get_ref())?;
+        let result = self.core.raft.vote(rpc).await;
+        Ok(reply(&result))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotFrame>>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let mut stream = request.into_inner();
+        let dir = self
+            .core
+            .reader
+            .incoming_snapshot_dir()
+            .map_err(|e| Status::internal(format!("cannot create snapshot dir: {e}")))?;
+        match receive_snapshot(&mut stream, &dir).await {
+            Ok((vote, meta, files)) => {
+                tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot received and verified");
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: Box::new(SnapshotDir { path: dir, files }),
+                };
+                let result = self.core.raft.install_full_snapshot(vote, snapshot).await;
+                Ok(reply(&result))
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "snapshot rejected");
+                if let Some(parent) = dir.parent() {
+                    let _ = tokio::fs::remove_dir_all(parent).await;
+                }
+                Err(status)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let forwarded: ForwardRequest = decode(request.get_ref())?;
+        let answer = match forwarded {
+            ForwardRequest::Write(command) => {
+                ForwardReply::Written(self.core.write(command, false).await?)
+            }
+            ForwardRequest::Read(path) => {
+                let (version, read_index) = self.core.read(path, true, false).await?;
+                ForwardReply::Read {
+                    version,
+                    read_index,
+                }
+            }
+        };
+        Ok(reply(&answer))
+    }
+}
+
+fn safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+struct OpenFile {
+    file: tokio::fs::File,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+async fn finish_file(
+    dir: &Path,
+    info: &SnapshotFileInfo,
+    open: Option<OpenFile>,
+) -> Result<(), Status> {
+    let (mut file, hash, written) = match open {
+        Some(o) => (o.file, o.hasher.finalize(), o.written),
+        None => (
+            tokio::fs::File::create(dir.join(&info.name))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?,
+            blake3::hash(b""),
+            0,
+        ),
+    };
+    if written != info.size {
+        return Err(Status::data_loss(format!(
+            "snapshot file {} ended at {written} bytes, declared {}",
+            info.name, info.size
+        )));
+    }
+    if hash.as_bytes() != &info.blake3 {
+        return Err(Status::data_loss(format!(
+            "snapshot file {} does not match its blake3",
+            info.name
+        )));
+    }
+    file.flush()
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    file.sync_all()
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(())
+}
+
+/// Receives a snapshot stream into `dir`, verifying order, sizes and every file's blake3.
+async fn receive_snapshot(
+    stream: &mut Streaming<pb::SnapshotFrame>,
+    dir: &PathBuf,
+) -> Result<(Vote, SnapshotMeta, Vec<SnapshotFileInfo>), Status> {
+    let first = stream
+        .next()
+        .await
+        .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+    let Some(pb::snapshot_frame::Frame::Header(header)) = first.frame else {
+        return Err(Status::invalid_argument(
+            "a snapshot stream starts with its header",
+        ));
+    };
+    let (vote, meta): (Vote, SnapshotMeta) = codec::decode(&header.vote_and_meta)
+        .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
+    if header.files.len() > SNAPSHOT_FILES_MAX {
+        return Err(Status::resource_exhausted("too many snapshot files"));
+    }
+    let mut files = Vec::with_capacity(header.files.len());
+    for f in header.files {
+        let blake3: [u8; 32] = f
+            .blake3
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("a snapshot file hash is 32 bytes"))?;
+        if !safe_file_name(&f.name) || f.size > SNAPSHOT_FILE_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "snapshot file {:?} has an unsafe name or size",
+                f.name
+            )));
+        }
+        files.push(SnapshotFileInfo {
+            name: f.name,
+            size: f.size,
+            blake3,
+        });
+    }
+    let mut current: usize = 0;
+    let mut open: Option<OpenFile> = None;
+    while let Some(frame) = stream.next().await {
+        let frame = frame?;
+        let Some(pb::snapshot_frame::Frame::Data(data)) = frame.frame else {
+            return Err(Status::invalid_argument(
+                "only data frames may follow the header",
+            ));
+        };
+        let index = data.file_index as usize;
+        if index < current || index >= files.len() {
+            return Err(Status::invalid_argument("snapshot frames out of order"));
+        }
+        while current < index {
+            finish_file(dir, &files[current], open.take()).await?;
+            current += 1;
+        }
+        let info = &files[current];
+        if open.is_none() {
+            let file = tokio::fs::File::create(dir.join(&info.name))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            open = Some(OpenFile {
+                file,
+                hasher: blake3::Hasher::new(),
+                written: 0,
+            });
+        }
+        let o = open.as_mut().expect("opened above");
+        if data.offset != o.written || o.written + data.data.len() as u64 > info.size {
+            return Err(Status::invalid_argument(format!(
+                "snapshot file {} frame at offset {} does not continue at {}",
+                info.name, data.offset, o.written
+            )));
+        }
+        o.hasher.update(&data.data);
+        o.file
+            .write_all(&data.data)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        o.written += data.data.len() as u64;
+    }
+    while current < files.len() {
+        finish_file(dir, &files[current], open.take()).await?;
+        current += 1;
+    }
+    crate::store::fsync_dir(dir).map_err(|e| Status::internal(e.to_string()))?;
+    Ok((vote, meta, files))
+}

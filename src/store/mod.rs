@@ -1,0 +1,18 @@
+//! The only module that knows RocksDB: the Raft log store, the state-machine store and
+//! snapshots. Everything above it works on domain and Raft types.
+
+mod keys;
+pub mod log;
+pub mod sm;
+
+pub use log::LogStore;
+pub use sm::{SmReader, SnapshotDir, SnapshotFileInfo, StateMachineStore};
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Fsyncs a directory so that renames and new entries in it survive a crash.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

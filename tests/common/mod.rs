@@ -1,0 +1,262 @@
+//! Shared test harness: clusters of real nodes on loopback with a test CA, either in-process
+//! (real RocksDB, real TLS, real gRPC sockets) or as `escrowd` processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use escrow::client::{ClientConfig, EscrowClient};
+use escrow::config::{Config, RaftSettings};
+use escrow::dev::{ClusterFiles, NodePorts};
+use escrow::node::NodeHandle;
+use escrow::raft::network::Faults;
+
+/// Upper bound for any "wait until" in tests: far above normal, so a failure means a bug.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn init_logs() {
+    escrow::init_tracing_with(false, "warn,openraft=off");
+}
+
+/// Picks `n` distinct free loopback ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+pub fn node_ports(n: usize) -> Vec<NodePorts> {
+    let p = free_ports(3 * n);
+    (0..n)
+        .map(|i| NodePorts {
+            client: p[3 * i],
+            raft: p[3 * i + 1],
+            http: p[3 * i + 2],
+        })
+        .collect()
+}
+
+/// Raft timing for tests: the defaults, which hold up on a loaded 2-core machine.
+pub fn test_raft() -> RaftSettings {
+    RaftSettings::default()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after [`WAIT`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if started.elapsed() > WAIT {
+            panic!("timed out after {WAIT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An in-process cluster: every node has its own RocksDB, TLS listeners and sockets.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub files: ClusterFiles,
+    pub nodes: Vec<Option<NodeHandle>>,
+    pub faults: Arc<Faults>,
+}
+
+impl TestCluster {
+    /// Writes files for `n` nodes and starts them (not yet initialized).
+    pub async fn start(n: usize, raft: RaftSettings) -> Self {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let files = escrow::dev::write_cluster_files(dir.path(), &node_ports(n), &raft).unwrap();
+        let faults = Arc::new(Faults::default());
+        let nodes = escrow::dev::start_nodes(&files, faults.clone())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Some)
+            .collect();
+        Self {
+            dir,
+            files,
+            nodes,
+            faults,
+        }
+    }
+
+    /// Starts `n` nodes and bootstraps them through the client API, then waits for a leader.
+    pub async fn started_and_initialized(n: usize, raft: RaftSettings) -> Self {
+        let c = Self::start(n, raft).await;
+        c.client().init().await.unwrap();
+        c.wait_leader().await;
+        c
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::load(&self.files.client_config).unwrap()
+    }
+
+    pub fn client(&self) -> EscrowClient {
+        EscrowClient::new(&self.client_config()).unwrap()
+    }
+
+    /// A client that only knows node `i` (0-based).
+    pub fn client_for(&self, i: usize) -> EscrowClient {
+        let mut c = self.client_config();
+        c.endpoints = vec![c.endpoints[i].clone()];
+        EscrowClient::new(&c).unwrap()
+    }
+
+    pub fn node(&self, i: usize) -> &NodeHandle {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// Waits until a running node reports a leader that all running nodes agree on.
+    pub async fn wait_leader(&self) -> u64 {
+        wait_for("an agreed leader", || async {
+            let leaders: Vec<Option<u64>> = self
+                .nodes
+                .iter()
+                .flatten()
+                .map(|n| n.raft.metrics().borrow().current_leader)
+                .collect();
+            let first = leaders.first().copied().flatten()?;
+            leaders.iter().all(|l| *l == Some(first)).then_some(first)
+        })
+        .await
+    }
+
+    /// Index (0-based) of the node with id `id`.
+    pub fn index_of(&self, id: u64) -> usize {
+        (id - 1) as usize
+    }
+
+    /// Waits until every running node applied at least `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        wait_for(&format!("all nodes applied {index}"), || async {
+            self.nodes
+                .iter()
+                .flatten()
+                .all(|n| n.core.reader.applied_index() >= index)
+                .then_some(())
+        })
+        .await
+    }
+
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    pub async fn restart_node(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        let config = Config::load(&self.files.node_configs[i]).unwrap();
+        self.nodes[i] = Some(
+            escrow::node::start(&config, self.faults.clone())
+                .await
+                .unwrap(),
+        );
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i).await;
+        }
+    }
+}
+
+/// A cluster of `escrowd run` processes.
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub files: ClusterFiles,
+    pub children: Vec<Option<Child>>,
+}
+
+pub fn escrowd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_escrowd"))
+}
+
+pub fn escrowctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_escrowctl"))
+}
+
+fn spawn_node(config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(escrowd_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,openraft=error")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn escrowd")
+}
+
+impl ProcessCluster {
+    pub fn start(n: usize, raft: RaftSettings) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let files = escrow::dev::write_cluster_files(dir.path(), &node_ports(n), &raft).unwrap();
+        let children = files
+            .node_configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Some(spawn_node(
+                    c,
+                    &dir.path().join(format!("node{}.log", i + 1)),
+                ))
+            })
+            .collect();
+        Self {
+            dir,
+            files,
+            children,
+        }
+    }
+
+    pub fn client(&self) -> EscrowClient {
+        EscrowClient::new(&ClientConfig::load(&self.files.client_config).unwrap()).unwrap()
+    }
+
+    /// SIGKILL: no clean shutdown, no flush.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.children[i].is_none());
+        let log = self.dir.path().join(format!("node{}.restarted.log", i + 1));
+        self.children[i] = Some(spawn_node(&self.files.node_configs[i], &log));
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! A 3-node cluster in-process over real TLS sockets: replication, restart, bad input, quorum
+//! loss, and the cluster operations' rules.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use escrow::domain::{KEY_LEN_MAX, VALUE_LEN_MAX};
+use tonic::Code;
+
+// Goal: a write through any node is readable from every node, and survives a restart of all
+// nodes; every acknowledged write is still there with its value.
+//
+// Steps:
+// 1. Start and bootstrap 3 nodes.
+// 2. Write 60 records, 20 through each node (followers forward to the leader).
+// 3. Read every record from every node's local applied state once all caught up.
+// 4. Stop all nodes, start them again, read every record linearizably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t20_writes_through_any_node_are_readable_everywhere_and_survive_restart() {
+    let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let mut acked: BTreeMap<String, (Vec<u8>, u64)> = BTreeMap::new();
+    for node in 0..3 {
+        let client = cluster.client_for(node);
+        for i in 0..20 {
+            let key = format!("n{node}-k{i}");
+            let value = format!("value of {key}").into_bytes();
+            let revision = client
+                .put("acme", "orders", &key, value.clone())
+                .await
+                .unwrap();
+            acked.insert(key, (value, revision));
+        }
+    }
+    let max_revision = acked.values().map(|(_, r)| *r).max().unwrap();
+    cluster.wait_applied(max_revision).await;
+    for node in 0..3 {
+        let client = cluster.client_for(node);
+        for (key, (value, revision)) in &acked {
+            let got = client.get("acme", "orders", key, true).await.unwrap();
+            assert!(got.found, "node {node} lacks {key}");
+            assert_eq!(
+                &got.value, value,
+                "node {node} has a different value for {key}"
+            );
+            assert_eq!(got.revision, *revision);
+        }
+    }
+
+    for i in 0..3 {
+        cluster.stop_node(i).await;
+    }
+    for i in 0..3 {
+        cluster.restart_node(i).await;
+    }
+    cluster.wait_leader().await;
+    let client = cluster.client();
+    let mut lost = 0;
+    for (key, (value, _)) in &acked {
+        let got = client.get("acme", "orders", key, false).await.unwrap();
+        if !got.found || &got.value != value {
+            lost += 1;
+        }
+    }
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} acknowledged writes lost across a full restart",
+        acked.len()
+    );
+    cluster.shutdown().await;
+}
+
+// Goal: bad input gets a clear error with the right code, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t21_bad_input_is_refused_and_changes_nothing() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    client
+        .put("acme", "orders", "seed", b"x".to_vec())
+        .await
+        .unwrap();
+    let applied_before = cluster.node(0).core.reader.applied_index();
+
+    let cases: Vec<(&str, String, String, Vec<u8>, Code, &str)> = vec![
+        (
+            "empty key",
+            "acme".into(),
+            "".into(),
+            b"v".to_vec(),
+            Code::InvalidArgument,
+            "key is empty",
+        ),
+        (
+            "oversized key",
+            "acme".into(),
+            "k".repeat(KEY_LEN_MAX + 1),
+            b"v".to_vec(),
+            Code::ResourceExhausted,
+            "key is",
+        ),
+        (
+            "empty value",
+            "acme".into(),
+            "k".into(),
+            Vec::new(),
+            Code::InvalidArgument,
+            "value is empty",
+        ),
+        (
+            "oversized value",
+            "acme".into(),
+            "k".into(),
+            vec![0; VALUE_LEN_MAX + 1],
+            Code::ResourceExhausted,
+            "value is",
+        ),
+        (
+            "bad tenant",
+            "Acme!".into(),
+            "k".into(),
+            b"v".to_vec(),
+            Code::InvalidArgument,
+            "tenant id",
+        ),
+        (
+            "empty tenant",
+            "".into(),
+            "k".into(),
+            b"v".to_vec(),
+            Code::InvalidArgument,
+            "tenant id is empty",
+        ),
+    ];
+    for (what, tenant, key, value, code, message) in cases {
+        let err = client
+            .put(&tenant, "orders", &key, value)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(code), "{what}: {err}");
+        assert!(
+            err.to_string().contains(message),
+            "{what}: message {err:?} lacks {message:?}"
+        );
+    }
+    let err = client
+        .get("acme", "Bad Collection", "k", false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+
+    // A request without its record is malformed.
+    let cfg = cluster.client_config();
+    let token = escrow::auth::read_token(&cfg.token_file).unwrap();
+    let ca = std::fs::read(&cfg.ca).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cfg.endpoints[0]))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = escrow::pb::records_client::RecordsClient::new(channel);
+    let mut req = tonic::Request::new(escrow::pb::PutRequest {
+        record: None,
+        value: b"v".to_vec(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = raw.put(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..3 {
+        assert_eq!(
+            cluster.node(i).core.reader.applied_index(),
+            applied_before,
+            "a refused request changed node {i}'s state"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+// Goal: without a quorum, a write fails within its deadline instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t22_write_without_quorum_fails_within_deadline() {
+    let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let leader = cluster.wait_leader().await;
+    let survivor = cluster.index_of(leader);
+    for i in 0..3 {
+        if i != survivor {
+            cluster.stop_node(i).await;
+        }
+    }
+    let deadline = Duration::from_secs(3);
+    let client = cluster.client_for(survivor).with_deadline(deadline);
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        deadline + Duration::from_secs(10),
+        client.put("acme", "orders", "k", b"v".to_vec()),
+    )
+    .await
+    .expect("the write hung past its deadline");
+    let err = result.expect_err("a write without quorum must not be acknowledged");
+    assert!(
+        matches!(
+            err.code(),
+            Some(Code::DeadlineExceeded) | Some(Code::Unavailable) | Some(Code::Cancelled)
+        ),
+        "unexpected error {err}"
+    );
+    eprintln!(
+        "no-quorum write failed after {:?}: {err}",
+        started.elapsed()
+    );
+    cluster.shutdown().await;
+}
+
+// Goal: `cluster status` reports the leader and every node with role, applied index and
+// reachability; an unreachable node is reported as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t23_cluster_status_reports_every_node() {
+    let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let leader = cluster.wait_leader().await;
+    let revision = cluster
+        .client()
+        .put("acme", "orders", "k", b"v".to_vec())
+        .await
+        .unwrap();
+    cluster.wait_applied(revision).await;
+    let status = cluster.client().cluster_status().await.unwrap();
+    assert_eq!(status.leader, Some(leader));
+    assert_eq!(status.nodes.len(), 3);
+    for n in &status.nodes {
+        assert!(n.reachable);
+        assert_eq!(n.role, "voter");
+        assert!(n.applied_index >= revision);
+    }
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.stop_node(cluster.index_of(follower)).await;
+    let status = cluster.client().cluster_status().await.unwrap();
+    let down = status.nodes.iter().find(|n| n.id == follower).unwrap();
+    assert!(!down.reachable);
+    // Init on an initialized cluster is refused.
+    let err = cluster.client().init().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");
+    cluster.shutdown().await;
+}

@@ -1,0 +1,222 @@
+//! The command-line contract: `escrowctl … --json` prints exactly one JSON document, exit code
+//! 0 on success, non-zero with a one-line reason on stderr; `escrowd dev` starts a cluster that
+//! keeps its data across a restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn escrowctl(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(escrowctl_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run escrowctl")
+}
+
+// Goal: the documented CLI contract holds for status, put, get, delete and bad input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t70_escrowctl_json_contract_and_exit_codes() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let cfg = cluster.files.client_config.clone();
+    let leader = cluster.wait_leader().await;
+
+    let out = escrowctl(&cfg, &["cluster", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["leader"], leader);
+    let nodes = doc["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        for field in ["id", "addr", "role", "applied_index", "reachable"] {
+            assert!(!n[field].is_null(), "node lacks {field}: {n}");
+        }
+        assert_eq!(n["role"], "voter");
+    }
+
+    let rec = ["--tenant", "acme", "--collection", "orders", "--key", "o-1"];
+    let out = escrowctl(
+        &cfg,
+        &[
+            &["record", "put"][..],
+            &rec,
+            &["--value", "hello", "--json"],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let put: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let revision = put["revision"].as_u64().unwrap();
+    assert!(revision > 0);
+
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &rec, &["--json"]].concat());
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["found"], true);
+    assert_eq!(got["value"], "hello");
+    assert_eq!(got["revision"], revision);
+
+    let out = escrowctl(
+        &cfg,
+        &[&["record", "delete"][..], &rec, &["--json"]].concat(),
+    );
+    let del: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(del["existed"], true);
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &rec, &["--json"]].concat());
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["found"], false);
+
+    // Bad input: non-zero exit, one line on stderr naming the problem, nothing on stdout.
+    let out = escrowctl(
+        &cfg,
+        &[
+            "record",
+            "put",
+            "--tenant",
+            "Bad Tenant",
+            "--collection",
+            "c",
+            "--key",
+            "k",
+            "--value",
+            "v",
+            "--json",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
+    assert!(stderr.contains("tenant id"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    // A missing config is a clear one-line error.
+    let out = escrowctl(
+        std::path::Path::new("/nonexistent/escrowctl.toml"),
+        &["cluster", "status"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/escrowctl.toml"));
+    cluster.shutdown().await;
+}
+
+fn free_port_base() -> u16 {
+    // A base whose 3 nodes' ports (base+10 .. base+32) are all free right now.
+    loop {
+        let p = free_ports(1)[0];
+        let base = p - p % 100;
+        if base < 2000 || base > 60000 {
+            continue;
+        }
+        let ok = (1..=3u16).all(|n| {
+            (0..3u16).all(|k| std::net::TcpListener::bind(("127.0.0.1", base + 10 * n + k)).is_ok())
+        });
+        if ok {
+            return base;
+        }
+    }
+}
+
+fn start_dev(dir: &std::path::Path, base: u16) -> (std::process::Child, Vec<String>) {
+    let mut child = Command::new(escrowd_bin())
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--port-base",
+            &base.to_string(),
+            "--dir",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("escrowd dev exited early: {lines:?}");
+        }
+        let done = line.contains("Ctrl-C stops");
+        lines.push(line.trim_end().to_string());
+        if done {
+            break;
+        }
+    }
+    // Keep draining so later output never hits a closed pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    (child, lines)
+}
+
+fn sigterm(child: &mut std::process::Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "escrowd dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// Goal: `escrowd dev` starts a working 3-node cluster, prints how to reach it, stops cleanly
+// and resumes its data on the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_escrowd_dev_starts_stops_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base();
+    let (mut child, lines) = start_dev(dir.path(), base);
+    assert!(
+        lines.iter().any(|l| l.contains("escrow dev cluster is up")),
+        "{lines:?}"
+    );
+    let cfg = dir.path().canonicalize().unwrap().join("escrowctl.toml");
+    assert!(lines.iter().any(|l| l.contains("ESCROWCTL_CONFIG")));
+
+    let rec = [
+        "--tenant",
+        "acme",
+        "--collection",
+        "orders",
+        "--key",
+        "dev-1",
+    ];
+    let out = escrowctl(
+        &cfg,
+        &[&["record", "put"][..], &rec, &["--value", "kept", "--json"]].concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sigterm(&mut child);
+
+    let (mut child, _) = start_dev(dir.path(), base);
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &rec, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["value"], "kept");
+    sigterm(&mut child);
+}
