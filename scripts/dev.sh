@@ -7,5 +7,5 @@ ensure_prereqs
 cd "$ROOT"
 log "building escrowd and escrowctl"
 cargo build --bins --quiet
-log "escrowctl is at $BIN/escrowctl"
+log "escrowctl is at $BIN/escrowctl (export PATH=\"$BIN:\$PATH\")"
 exec "$BIN/escrowd" dev "$@"

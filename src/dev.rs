@@ -205,7 +205,7 @@ pub async fn start_nodes(
 /// `escrowd dev`: prepare the dir, start the nodes, bootstrap on first start, serve until
 /// Ctrl-C, then stop cleanly.
 pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
-    if !(1..=DEV_NODES_MAX).contains(&nodes) || nodes % 2 == 0 {
+    if !(1..=DEV_NODES_MAX).contains(&nodes) || nodes.is_multiple_of(2) {
         anyhow::bail!("--nodes must be 1, 3 or 5 (an odd number up to {DEV_NODES_MAX})");
     }
     if port_base < 1024 || port_base > 65535 - 10 * (DEV_NODES_MAX as u16 + 1) {

@@ -111,7 +111,7 @@ async fn t12_group_commit_acknowledges_every_append() {
         t.await.unwrap();
     }
     let syncs = log.wal_syncs() - before;
-    assert!(syncs >= 1 && syncs <= 200, "syncs = {syncs}");
+    assert!((1..=200).contains(&syncs), "syncs = {syncs}");
     let mut reader = log.clone();
     assert_eq!(
         reader.try_get_log_entries(1..=200).await.unwrap().len(),

@@ -73,6 +73,9 @@ async fn t20_writes_through_any_node_are_readable_everywhere_and_survive_restart
     cluster.shutdown().await;
 }
 
+/// A put that must be refused: what, tenant, key, value, code, message part.
+type BadPut = (&'static str, String, String, Vec<u8>, Code, &'static str);
+
 // Goal: bad input gets a clear error with the right code, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t21_bad_input_is_refused_and_changes_nothing() {
@@ -84,7 +87,8 @@ async fn t21_bad_input_is_refused_and_changes_nothing() {
         .unwrap();
     let applied_before = cluster.node(0).core.reader.applied_index();
 
-    let cases: Vec<(&str, String, String, Vec<u8>, Code, &str)> = vec![
+    // (what, tenant, key, value, expected code, expected message part)
+    let cases: Vec<BadPut> = vec![
         (
             "empty key",
             "acme".into(),

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// A write the cluster acknowledged: key and value.
+type Acked = (String, Vec<u8>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t60_leader_sigkill_under_load_loses_no_acknowledged_write() {
     init_logs();
@@ -31,7 +34,7 @@ async fn t60_leader_sigkill_under_load_loses_no_acknowledged_write() {
     .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut writers = Vec::new();
     for w in 0..8 {

@@ -117,7 +117,7 @@ fn free_port_base() -> u16 {
     loop {
         let p = free_ports(1)[0];
         let base = p - p % 100;
-        if base < 2000 || base > 60000 {
+        if !(2000..=60000).contains(&base) {
             continue;
         }
         let ok = (1..=3u16).all(|n| {

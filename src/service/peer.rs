@@ -1,7 +1,7 @@
 //! The peer service: Raft RPCs, snapshot receiving and forwarded client requests. Reachable
 //! only through the mutual-TLS listener, so every caller holds a cluster-CA certificate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
@@ -160,7 +160,7 @@ async fn finish_file(
 /// Receives a snapshot stream into `dir`, verifying order, sizes and every file's blake3.
 async fn receive_snapshot(
     stream: &mut Streaming<pb::SnapshotFrame>,
-    dir: &PathBuf,
+    dir: &Path,
 ) -> Result<(Vote, SnapshotMeta, Vec<SnapshotFileInfo>), Status> {
     let first = stream
         .next()

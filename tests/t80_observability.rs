@@ -1,0 +1,118 @@
+//! Observability over HTTPS: `/metrics` in Prometheus text format with the Raft figures ops
+//! watch, `/healthz`, `/readyz`; plaintext HTTP to the same port is refused.
+//!
+//! Steps:
+//! 1. Start and bootstrap 3 nodes; write some records.
+//! 2. GET /metrics on the leader over TLS (trusting the cluster CA): term, leader, commit and
+//!    applied index, per-follower replication lag and the commit latency histogram are there,
+//!    with values that match the cluster's state.
+//! 3. /healthz and /readyz answer 200 on a follower.
+//! 4. A plaintext request gets no HTTP answer.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn https_get(ca_pem: &[u8], addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// The value of the first sample of `name` (any labels) in a Prometheus text body.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t80_metrics_health_and_readiness_over_tls() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let mut last = 0;
+    for i in 0..20 {
+        last = client
+            .put("acme", "orders", &format!("k{i}"), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    let leader = cluster.wait_leader().await;
+    let ca = std::fs::read(cluster.files.dir.join("pki/ca.pem")).unwrap();
+    let leader_node = cluster.node(cluster.index_of(leader));
+
+    let body = wait_for("leader metrics to show the writes", || async {
+        let (status, body) = https_get(&ca, leader_node.http_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        (sample(&body, "escrow_raft_applied_index")? >= last as f64
+            && sample(&body, "escrow_raft_commit_index")? >= last as f64)
+            .then_some(body)
+    })
+    .await;
+    assert_eq!(sample(&body, "escrow_raft_leader_id"), Some(leader as f64));
+    assert_eq!(sample(&body, "escrow_raft_is_leader"), Some(1.0));
+    assert!(sample(&body, "escrow_raft_term").unwrap() >= 1.0);
+    assert_eq!(sample(&body, "escrow_raft_voters"), Some(3.0));
+    let lag_lines = body
+        .lines()
+        .filter(|l| l.starts_with("escrow_raft_replication_lag_entries{"))
+        .count();
+    assert_eq!(lag_lines, 2, "one lag series per follower:\n{body}");
+    // Every put on the leader was proposed there, so the histogram counted at least 20.
+    assert!(sample(&body, "escrow_raft_commit_latency_seconds_count").unwrap() >= 20.0);
+    assert!(body.contains("escrow_raft_commit_latency_seconds_bucket{"));
+
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let follower_node = cluster.node(cluster.index_of(follower));
+    let (status, body) = https_get(&ca, follower_node.http_addr, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = https_get(&ca, follower_node.http_addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
+    assert_eq!(sample(&body, "escrow_raft_is_leader"), Some(0.0));
+
+    // Plaintext HTTP to the TLS port gets no HTTP response.
+    let mut tcp = tokio::net::TcpStream::connect(follower_node.http_addr)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    cluster.shutdown().await;
+}
