@@ -183,6 +183,7 @@ impl RecordPath {
 pub struct RecordVersion {
     /// The commit index of the write that produced this version.
     pub revision: u64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
 

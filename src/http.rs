@@ -77,6 +77,7 @@ pub async fn serve(
                 }
             },
         };
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };

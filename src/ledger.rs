@@ -13,8 +13,28 @@ use crate::domain::{validate_value, RecordPath, RecordVersion};
 /// removed, so that old log entries keep decoding (the log encoding carries a format version).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    PutRecord { path: RecordPath, value: Vec<u8> },
-    DeleteRecord { path: RecordPath },
+    PutRecord {
+        path: RecordPath,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    DeleteRecord {
+        path: RecordPath,
+    },
+    /// Concurrent client commands carried by one log entry (one fsync for all of them),
+    /// applied in order; each gets its own outcome. Batches do not nest.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Bytes this command adds to a batch, for bounding entry sizes.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Command::PutRecord { path, value } => value.len() + path.key.as_str().len() + 128,
+            Command::DeleteRecord { path } => path.key.as_str().len() + 128,
+            Command::Batch(cmds) => cmds.iter().map(Command::size_hint).sum(),
+        }
+    }
 }
 
 /// The result of applying one log entry, returned to the client that proposed it.
@@ -34,6 +54,8 @@ pub enum Outcome {
     Rejected {
         reason: String,
     },
+    /// The outcomes of a [`Command::Batch`], in order.
+    Batch(Vec<Outcome>),
 }
 
 /// A change for the store to write, in the same batch as the new last-applied index.
@@ -54,7 +76,9 @@ pub trait LedgerView {
     fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, Self::Error>;
 }
 
-/// Applies one command at log index `index`.
+/// Applies one command at log index `index`. A [`Command::Batch`] is unrolled by the caller,
+/// which applies each inner command in order so later ones see earlier ones' effects; a batch
+/// reaching this function is nested and is rejected.
 pub fn apply<V: LedgerView>(
     view: &V,
     index: u64,
@@ -84,6 +108,12 @@ pub fn apply<V: LedgerView>(
                 Outcome::Written { revision: index },
             ))
         }
+        Command::Batch(_) => Ok((
+            Vec::new(),
+            Outcome::Rejected {
+                reason: "batches do not nest".into(),
+            },
+        )),
         Command::DeleteRecord { path } => {
             let existed = view.record(path)?.is_some();
             let mutations = if existed {

@@ -8,7 +8,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::auth::{NodeTls, TokenCheck};
@@ -43,6 +42,14 @@ pub struct NodeHandle {
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Accepted connections with Nagle off: small gRPC replies must not wait for the peer's delayed
+/// ACK (a 40 ms stall per reply otherwise), and keepalive on to notice dead peers.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)))
 }
 
 /// Installs rustls' ring provider as the process default (idempotent).
@@ -104,7 +111,9 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     tracing::info!(node = id, "raft started");
 
     let metrics = Arc::new(Metrics::new(id));
+    let proposer = crate::service::Proposer::start(raft.clone());
     let core = Arc::new(Core {
+        proposer,
         id,
         cluster_name: config.cluster_name.clone(),
         raft: raft.clone(),
@@ -151,10 +160,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .tls_config(tls.peer_server())?
         .tcp_nodelay(true)
         .add_service(peer_service)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(peer_listener),
-            stop(shutdown_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(peer_listener), stop(shutdown_rx.clone()));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = peer_server.await {
             tracing::error!(error = %e, "peer server failed");
@@ -179,10 +185,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .concurrency_limit_per_connection(CLIENT_CONCURRENCY_PER_CONNECTION)
         .add_service(records)
         .add_service(cluster)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(client_listener),
-            stop(shutdown_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(client_listener), stop(shutdown_rx.clone()));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = client_server.await {
             tracing::error!(error = %e, "client server failed");

@@ -217,3 +217,69 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
         assert_eq!(r.value, format!("value-k{i}").into_bytes());
     }
 }
+
+// Goal: commands batched into one entry apply in order, see each other's effects, get one
+// outcome each, and share the entry's index as revision.
+#[tokio::test]
+async fn t15_batched_commands_apply_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
+    let batch = Command::Batch(vec![
+        Command::PutRecord {
+            path: path("a"),
+            value: b"1".to_vec(),
+        },
+        Command::DeleteRecord { path: path("a") },
+        Command::PutRecord {
+            path: path("b"),
+            value: b"2".to_vec(),
+        },
+        Command::DeleteRecord {
+            path: path("missing"),
+        },
+        Command::PutRecord {
+            path: path("c"),
+            value: Vec::new(),
+        },
+        Command::Batch(Vec::new()),
+    ]);
+    let outcomes = sm
+        .apply([Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Normal(batch),
+        }])
+        .await
+        .unwrap();
+    let Outcome::Batch(inner) = &outcomes[0] else {
+        panic!("expected batch outcome: {outcomes:?}")
+    };
+    assert_eq!(inner[0], Outcome::Written { revision: 1 });
+    assert_eq!(
+        inner[1],
+        Outcome::Deleted {
+            revision: 1,
+            existed: true
+        }
+    );
+    assert_eq!(inner[2], Outcome::Written { revision: 1 });
+    assert_eq!(
+        inner[3],
+        Outcome::Deleted {
+            revision: 1,
+            existed: false
+        }
+    );
+    assert!(
+        matches!(inner[4], Outcome::Rejected { .. }),
+        "empty value is rejected"
+    );
+    assert!(
+        matches!(inner[5], Outcome::Rejected { .. }),
+        "nested batch is rejected"
+    );
+    let reader = sm.reader();
+    assert!(reader.get_record(&path("a")).unwrap().is_none());
+    assert_eq!(reader.get_record(&path("b")).unwrap().unwrap().value, b"2");
+    assert!(reader.get_record(&path("c")).unwrap().is_none());
+}

@@ -101,6 +101,43 @@ async fn t60_leader_sigkill_under_load_loses_no_acknowledged_write() {
             lost.push(key.clone());
         }
     }
+    // The killed node's state machine (no WAL of its own) must be rebuilt from its Raft log
+    // and the leader: read every acknowledged write from its local applied state.
+    let restarted_addr =
+        escrow::config::Config::load(&cluster.files.node_configs[(old_leader - 1) as usize])
+            .unwrap()
+            .advertise
+            .client;
+    let mut local_cfg = escrow::client::ClientConfig::load(&cluster.files.client_config).unwrap();
+    local_cfg.endpoints = vec![restarted_addr.clone()];
+    let local = escrow::client::EscrowClient::new(&local_cfg).unwrap();
+    let target = wait_for("the killed node to come back", || async {
+        reader
+            .node_status_at(&survivors[0], Duration::from_secs(2))
+            .await
+            .ok()
+            .map(|s| s.applied_index)
+    })
+    .await;
+    wait_for("the killed node to catch up", || async {
+        local
+            .node_status_at(&restarted_addr, Duration::from_secs(2))
+            .await
+            .ok()
+            .filter(|s| s.applied_index >= target)
+    })
+    .await;
+    let mut lost_on_restarted = 0;
+    for (key, value) in &acked {
+        let got = local.get("acme", "orders", key, true).await.unwrap();
+        if !got.found || got.value != *value {
+            lost_on_restarted += 1;
+        }
+    }
+    assert_eq!(
+        lost_on_restarted, 0,
+        "the restarted node misses acknowledged writes"
+    );
     eprintln!(
         "killed leader {old_leader}, new leader {new_leader}; acknowledged {} writes ({before_kill} before the kill), {} failed or unacknowledged, {} lost",
         acked.len(),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
 use crate::domain::{InputError, RecordPath, RecordVersion};
@@ -27,6 +28,126 @@ pub const WRITE_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Metadata key naming the leader's client address when a request is redirected.
 pub const LEADER_HINT: &str = "x-escrow-leader";
+/// Commands one log entry carries at most.
+pub const BATCH_COMMANDS_MAX: usize = 1024;
+/// Bytes of commands one log entry carries at most (a single larger command goes alone). With
+/// `node::RAFT_PAYLOAD_ENTRIES_MAX` entries per AppendEntries this keeps replication messages
+/// under `raft::network::PEER_MESSAGE_BYTES_MAX`.
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Batches proposed to Raft and not yet committed. While they are in flight, new commands queue
+/// and form the next batch, so one fsync carries many writes under load.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
+/// Commands waiting to be batched; beyond it writers wait (within their deadline).
+const PROPOSAL_QUEUE_DEPTH: usize = 16 * 1024;
+
+/// What became of a proposed command.
+enum Proposed {
+    Done(Outcome),
+    /// This node is not the leader; the caller forwards the command itself.
+    NotLeader(Option<NodeId>, Option<EscrowNode>),
+    Failed(Status),
+}
+
+type Proposal = (Command, oneshot::Sender<Proposed>);
+
+/// Groups concurrent client commands into one Raft entry each round.
+///
+/// openraft 0.9 appends one entry per `client_write` and waits for that append's fsync before
+/// taking the next, so unbatched writes commit one fsync round trip at a time. Batching here
+/// makes the Raft log carry one entry (one fsync per replica) for every group of writes that
+/// arrived while the previous group was being committed.
+pub struct Proposer {
+    tx: mpsc::Sender<Proposal>,
+}
+
+impl Proposer {
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE_DEPTH);
+        tokio::spawn(run_proposer(raft, rx));
+        Self { tx }
+    }
+}
+
+async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    let mut carry: Option<Proposal> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Wait for a free slot before draining, so the queue fills while batches commit.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut commands = Vec::new();
+        let mut waiters = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some((command, waiter)) = next.take() {
+            // A writer that gave up (deadline) is not proposed at all.
+            if !waiter.is_closed() {
+                let size = command.size_hint();
+                if !commands.is_empty() && bytes + size > BATCH_BYTES_MAX {
+                    carry = Some((command, waiter));
+                    break;
+                }
+                bytes += size;
+                commands.push(command);
+                waiters.push(waiter);
+            }
+            if commands.len() < BATCH_COMMANDS_MAX {
+                next = rx.try_recv().ok();
+            }
+        }
+        if commands.is_empty() {
+            continue;
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let command = if commands.len() == 1 {
+                commands.pop().expect("one command")
+            } else {
+                Command::Batch(commands)
+            };
+            let answers: Vec<Proposed> = match raft.client_write(command).await {
+                Ok(resp) => match resp.data {
+                    Outcome::Batch(outcomes) if outcomes.len() == waiters.len() => {
+                        outcomes.into_iter().map(Proposed::Done).collect()
+                    }
+                    outcome if waiters.len() == 1 => vec![Proposed::Done(outcome)],
+                    _ => waiters
+                        .iter()
+                        .map(|_| {
+                            Proposed::Failed(Status::internal(
+                                "batch outcome does not match its commands",
+                            ))
+                        })
+                        .collect(),
+                },
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => waiters
+                    .iter()
+                    .map(|_| Proposed::NotLeader(f.leader_id, f.leader_node.clone()))
+                    .collect(),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => waiters
+                    .iter()
+                    .map(|_| Proposed::Failed(Status::failed_precondition(e.to_string())))
+                    .collect(),
+                Err(RaftError::Fatal(e)) => waiters
+                    .iter()
+                    .map(|_| Proposed::Failed(status::fatal(&e)))
+                    .collect(),
+            };
+            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                let _ = waiter.send(answer);
+            }
+        });
+    }
+}
 
 /// Everything a request handler needs: the Raft handle, the applied state and the peers.
 pub struct Core {
@@ -37,6 +158,7 @@ pub struct Core {
     pub peers: Arc<PeerClients>,
     pub metrics: Arc<Metrics>,
     pub initial_members: Vec<(NodeId, EscrowNode)>,
+    pub proposer: Proposer,
 }
 
 pub mod status {
@@ -87,24 +209,30 @@ impl Core {
     /// Proposes `command`; on a follower, relays it to the leader (one hop at most).
     pub async fn write(&self, command: Command, may_forward: bool) -> Result<Outcome, Status> {
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            WRITE_COMMIT_TIMEOUT,
-            self.raft.client_write(command.clone()),
-        )
-        .await;
-        match result {
+        let (tx, rx) = oneshot::channel();
+        let proposed = async {
+            let stopped = || status::fatal("the proposer has stopped");
+            self.proposer
+                .tx
+                .send((command.clone(), tx))
+                .await
+                .map_err(|_| stopped())?;
+            rx.await.map_err(|_| stopped())
+        };
+        match tokio::time::timeout(WRITE_COMMIT_TIMEOUT, proposed).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "the write was not committed within {}s (is a quorum of nodes reachable?); its outcome is unknown",
                 WRITE_COMMIT_TIMEOUT.as_secs()
             ))),
-            Ok(Ok(resp)) => {
+            Ok(Err(status)) | Ok(Ok(Proposed::Failed(status))) => Err(status),
+            Ok(Ok(Proposed::Done(outcome))) => {
                 self.metrics
                     .commit_latency_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok(resp.data)
+                Ok(outcome)
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                match (may_forward, f.leader_id, f.leader_node) {
+            Ok(Ok(Proposed::NotLeader(leader_id, leader_node))) => {
+                match (may_forward, leader_id, leader_node) {
                     (true, Some(id), Some(node)) if id != self.id => {
                         match self.peers.forward(id, &node, &ForwardRequest::Write(command)).await? {
                             ForwardReply::Written(o) => Ok(o),
@@ -119,10 +247,6 @@ impl Core {
                     _ => Err(status::no_leader()),
                 }
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(Status::failed_precondition(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(status::fatal(e)),
         }
     }
 

@@ -86,9 +86,13 @@ impl LogStore {
         // operators see sync counts; their cost is a few atomic increments per write.
         opts.enable_statistics();
         opts.set_max_total_wal_size(256 * 1024 * 1024);
-        let cfs = [CF_ENTRIES, CF_META]
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        // Entries are small and purged after each snapshot: compressing them is wasted CPU.
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let cfs = [CF_ENTRIES, CF_META].into_iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(rocksdb::DBCompressionType::None);
+            ColumnFamilyDescriptor::new(name, cf)
+        });
         let db =
             DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StorageIOError::write_logs(&e))?;
         let db = Arc::new(db);

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{fsync_dir, keys};
 use crate::domain::{RecordPath, RecordVersion};
-use crate::ledger::{self, LedgerView, Mutation, Outcome};
+use crate::ledger::{self, Command, LedgerView, Mutation, Outcome};
 use crate::raft::codec;
 use crate::raft::{
     Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -124,7 +124,19 @@ pub fn hash_dir(dir: &Path) -> std::io::Result<Vec<SnapshotFileInfo>> {
 fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     DB::open(&opts, path)
+}
+
+/// State-machine writes skip RocksDB's WAL: the Raft log is the write-ahead log. After a crash
+/// the state machine is at its last memtable flush (its last-applied index is in the same
+/// batches, so it is consistent) and Raft re-applies the rest from the log. The log is only
+/// purged up to a snapshot, and a snapshot's checkpoint flushes the memtable first, so the
+/// entries to re-apply are always still there.
+fn sm_write_options() -> rocksdb::WriteOptions {
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.disable_wal(true);
+    wo
 }
 
 fn read_applied(db: &DB) -> Result<(Option<LogId>, StoredMembership), StorageError> {
@@ -304,77 +316,103 @@ impl StateMachineStore {
             shared: self.shared.clone(),
         }
     }
+}
 
-    fn remove_old_snapshots(&self, keep: &Path) {
-        let snaps_dir = self.shared.root.join(SNAPSHOTS_DIR);
-        let Ok(entries) = std::fs::read_dir(&snaps_dir) else {
-            return;
-        };
-        let mut complete: Vec<(u64, PathBuf)> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                let seq = name
-                    .strip_prefix("snap-")?
-                    .rsplit('-')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some((seq, e.path()))
-            })
-            .collect();
-        complete.sort();
-        let excess = complete.len().saturating_sub(SNAPSHOTS_KEPT);
-        for (_, path) in complete.into_iter().take(excess) {
-            if keep.starts_with(&path) {
-                continue;
-            }
-            let _ = std::fs::remove_dir_all(path);
+/// A checkpoint taken, not yet hashed and published.
+struct PendingSnapshot {
+    tmp: PathBuf,
+    seq: u64,
+    meta: SnapshotMeta,
+}
+
+type PublishedSnapshot = (SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>);
+
+/// Takes a RocksDB checkpoint of `db` (a memtable flush plus hard links: fast) describing
+/// exactly `last_log_id` and `membership`.
+fn take_checkpoint(
+    shared: &SmShared,
+    db: &DB,
+    last_log_id: Option<LogId>,
+    membership: StoredMembership,
+    snapshot_id: Option<String>,
+) -> Result<PendingSnapshot, StorageError> {
+    let seq = shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+    let tmp = shared.root.join(SNAPSHOTS_DIR).join(format!("tmp-{seq}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(snap_err)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(snap_err)?;
+    Checkpoint::new(db)
+        .and_then(|c| c.create_checkpoint(tmp.join(SNAPSHOT_DB_DIR)))
+        .map_err(snap_err)?;
+    let index = last_log_id.map(|l| l.index).unwrap_or(0);
+    let term = last_log_id.map(|l| l.leader_id.term).unwrap_or(0);
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership: membership,
+        snapshot_id: snapshot_id.unwrap_or_else(|| format!("{term}-{index}-{seq}")),
+    };
+    Ok(PendingSnapshot { tmp, seq, meta })
+}
+
+/// Hashes a checkpoint's files, writes its meta, publishes it as the current snapshot and
+/// drops the oldest ones. Reads every file once: run it off the async workers.
+fn publish_snapshot(
+    shared: &SmShared,
+    pending: PendingSnapshot,
+) -> Result<PublishedSnapshot, StorageError> {
+    let PendingSnapshot { tmp, seq, meta } = pending;
+    let files = hash_dir(&tmp.join(SNAPSHOT_DB_DIR)).map_err(snap_err)?;
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        files: files.clone(),
+    };
+    write_file_synced(&tmp.join(SNAPSHOT_META_FILE), &codec::encode(&stored)).map_err(snap_err)?;
+    let snaps_dir = shared.root.join(SNAPSHOTS_DIR);
+    let final_dir = snaps_dir.join(format!("snap-{seq}"));
+    std::fs::rename(&tmp, &final_dir).map_err(snap_err)?;
+    fsync_dir(&snaps_dir).map_err(snap_err)?;
+    let db_path = final_dir.join(SNAPSHOT_DB_DIR);
+    {
+        let mut current = shared.current_snapshot.lock().expect("lock");
+        // Snapshots may finish out of order; never replace a newer one.
+        if current
+            .as_ref()
+            .is_none_or(|(m, _, _)| m.last_log_id <= meta.last_log_id)
+        {
+            *current = Some((meta.clone(), db_path.clone(), files.clone()));
         }
     }
+    remove_old_snapshots(shared, &final_dir);
+    Ok((meta, db_path, files))
+}
 
-    /// Checkpoints `db` into a new snapshot directory with `meta`, hashes its files and makes it
-    /// the current snapshot.
-    fn checkpoint_as_snapshot(
-        &self,
-        db: &DB,
-        last_log_id: Option<LogId>,
-        membership: StoredMembership,
-        snapshot_id: Option<String>,
-    ) -> Result<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>), StorageError> {
-        let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snaps_dir = self.shared.root.join(SNAPSHOTS_DIR);
-        let tmp = snaps_dir.join(format!("tmp-{seq}"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(snap_err)?;
+fn remove_old_snapshots(shared: &SmShared, keep: &Path) {
+    let snaps_dir = shared.root.join(SNAPSHOTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&snaps_dir) else {
+        return;
+    };
+    let current = shared
+        .current_snapshot
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map(|(_, p, _)| p.clone());
+    let mut complete: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let seq = name.strip_prefix("snap-")?.parse().ok()?;
+            Some((seq, e.path()))
+        })
+        .collect();
+    complete.sort();
+    let excess = complete.len().saturating_sub(SNAPSHOTS_KEPT);
+    for (_, path) in complete.into_iter().take(excess) {
+        if keep.starts_with(&path) || current.as_ref().is_some_and(|c| c.starts_with(&path)) {
+            continue;
         }
-        std::fs::create_dir_all(&tmp).map_err(snap_err)?;
-        let db_dir = tmp.join(SNAPSHOT_DB_DIR);
-        Checkpoint::new(db)
-            .and_then(|c| c.create_checkpoint(&db_dir))
-            .map_err(snap_err)?;
-        let files = hash_dir(&db_dir).map_err(snap_err)?;
-        let index = last_log_id.map(|l| l.index).unwrap_or(0);
-        let term = last_log_id.map(|l| l.leader_id.term).unwrap_or(0);
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership: membership,
-            snapshot_id: snapshot_id.unwrap_or_else(|| format!("{term}-{index}-{seq}")),
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            files: files.clone(),
-        };
-        write_file_synced(&tmp.join(SNAPSHOT_META_FILE), &codec::encode(&stored))
-            .map_err(snap_err)?;
-        let final_dir = snaps_dir.join(format!("snap-{seq}"));
-        std::fs::rename(&tmp, &final_dir).map_err(snap_err)?;
-        fsync_dir(&snaps_dir).map_err(snap_err)?;
-        let db_path = final_dir.join(SNAPSHOT_DB_DIR);
-        *self.shared.current_snapshot.lock().expect("lock") =
-            Some((meta.clone(), db_path.clone(), files.clone()));
-        self.remove_old_snapshots(&final_dir);
-        Ok((meta, db_path, files))
+        let _ = std::fs::remove_dir_all(path);
     }
 }
 
@@ -400,15 +438,52 @@ impl LedgerView for BatchView<'_> {
     }
 }
 
+/// Applies one command through the ledger and stages its mutations in `batch`, recording them
+/// in `pending` so that later commands of the same apply call read them.
+fn apply_command(
+    db: &DB,
+    batch: &mut WriteBatch,
+    pending: &mut HashMap<Vec<u8>, Option<RecordVersion>>,
+    index: u64,
+    command: &Command,
+) -> Result<Outcome, StorageError> {
+    let view = BatchView { db, pending };
+    let (mutations, outcome) = ledger::apply(&view, index, command)?;
+    for m in mutations {
+        match m {
+            Mutation::PutRecord { path, version } => {
+                let key = keys::record(&path);
+                batch.put(&key, codec::encode(&version));
+                pending.insert(key, Some(version));
+            }
+            Mutation::DeleteRecord { path } => {
+                let key = keys::record(&path);
+                batch.delete(&key);
+                pending.insert(key, None);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
 /// Builds a snapshot from a checkpoint taken when the builder was created, so the checkpoint
-/// and the meta describe exactly the same applied state.
+/// and the meta describe exactly the same applied state. Hashing runs on a blocking thread.
 pub struct SnapshotBuilder {
-    prepared: Result<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>), StorageError>,
+    shared: Arc<SmShared>,
+    pending: Option<Result<PendingSnapshot, StorageError>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, path, files) = self.prepared.clone()?;
+        let pending = self
+            .pending
+            .take()
+            .unwrap_or_else(|| Err(snap_err("snapshot builder used twice")))?;
+        let shared = self.shared.clone();
+        let (meta, path, files) =
+            tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
+                .await
+                .map_err(snap_err)??;
         tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -451,27 +526,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Nothing,
-                EntryPayload::Normal(command) => {
-                    let view = BatchView {
-                        db: &db,
-                        pending: &pending,
-                    };
-                    let (mutations, outcome) = ledger::apply(&view, entry.log_id.index, command)?;
-                    for m in mutations {
-                        match m {
-                            Mutation::PutRecord { path, version } => {
-                                let key = keys::record(&path);
-                                batch.put(&key, codec::encode(&version));
-                                pending.insert(key, Some(version));
-                            }
-                            Mutation::DeleteRecord { path } => {
-                                let key = keys::record(&path);
-                                batch.delete(&key);
-                                pending.insert(key, None);
-                            }
-                        }
+                EntryPayload::Normal(Command::Batch(commands)) => {
+                    let mut outcomes = Vec::with_capacity(commands.len());
+                    for command in commands {
+                        outcomes.push(apply_command(
+                            &db,
+                            &mut batch,
+                            &mut pending,
+                            entry.log_id.index,
+                            command,
+                        )?);
                     }
-                    outcome
+                    Outcome::Batch(outcomes)
+                }
+                EntryPayload::Normal(command) => {
+                    apply_command(&db, &mut batch, &mut pending, entry.log_id.index, command)?
                 }
                 EntryPayload::Membership(m) => {
                     for (id, _) in m.nodes() {
@@ -486,7 +555,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             outcomes.push(outcome);
         }
         batch.put(keys::APPLIED, codec::encode(&last_applied));
-        db.write(batch)
+        db.write_opt(batch, &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);
@@ -498,7 +567,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let db = self.shared.db();
         let (applied, membership) = self.shared.applied.lock().expect("lock").clone();
         SnapshotBuilder {
-            prepared: self.checkpoint_as_snapshot(&db, applied, membership, None),
+            shared: self.shared.clone(),
+            pending: Some(take_checkpoint(
+                &self.shared,
+                &db,
+                applied,
+                membership,
+                None,
+            )),
         }
     }
 
@@ -578,7 +654,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         // Keep the installed state as this node's current snapshot, so it can serve it on.
-        self.checkpoint_as_snapshot(&db, applied, membership, Some(meta.snapshot_id.clone()))?;
+        let pending = take_checkpoint(
+            &self.shared,
+            &db,
+            applied,
+            membership,
+            Some(meta.snapshot_id.clone()),
+        )?;
+        publish_snapshot(&self.shared, pending)?;
         tracing::info!(snapshot_id = %meta.snapshot_id, generation = new_generation, "snapshot installed");
         Ok(())
     }
