@@ -28,6 +28,8 @@ pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 64;
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = crate::domain::VALUE_LEN_MAX + 64 * 1024;
 /// Concurrent client requests per connection.
 const CLIENT_CONCURRENCY_PER_CONNECTION: usize = 256;
+/// Shortest interval between two refreshes of the Prometheus gauges.
+const METRICS_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 /// Time allowed for servers to drain on shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -212,6 +214,12 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
                 metrics_core
                     .metrics
                     .update(id, &m, metrics_log.committed_index());
+            }
+            // Raft metrics change on every append; refreshing gauges at most every
+            // METRICS_REFRESH_INTERVAL keeps that work off the write path.
+            tokio::select! {
+                _ = tokio::time::sleep(METRICS_REFRESH_INTERVAL) => {}
+                _ = metrics_stop.wait_for(|s| *s) => return,
             }
             tokio::select! {
                 changed = raft_metrics.changed() => if changed.is_err() { return },
