@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
-/// Longest accepted token file, in bytes; a token is a short random string.
-pub const TOKEN_FILE_BYTES_MAX: u64 = 4096;
+/// Largest secret file (private key, token) read, in bytes; real ones are a few KiB at most.
+pub const SECRET_FILE_BYTES_MAX: u64 = 256 * 1024;
 /// Shortest accepted token, in bytes, so a weak credential cannot be configured by accident.
 pub const TOKEN_LEN_MIN: usize = 24;
 /// Metadata key carrying the client credential.
@@ -56,7 +56,7 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, AuthError> {
             mode,
         });
     }
-    if meta.len() > TOKEN_FILE_BYTES_MAX * 64 {
+    if meta.len() > SECRET_FILE_BYTES_MAX {
         return Err(AuthError::Invalid {
             path: path.to_path_buf(),
             reason: format!("{} bytes is too large for a secret", meta.len()),

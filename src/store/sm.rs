@@ -209,23 +209,6 @@ impl SmReader {
         std::fs::create_dir_all(dir.join(SNAPSHOT_DB_DIR))?;
         Ok(dir.join(SNAPSHOT_DB_DIR))
     }
-
-    /// Test hook: overwrite a stored record value under the state machine, bypassing Raft, to
-    /// simulate on-disk corruption of one replica.
-    pub fn corrupt_record_for_test(
-        &self,
-        path: &RecordPath,
-        value: &[u8],
-    ) -> Result<(), StorageError> {
-        let version = RecordVersion {
-            revision: 0,
-            value: value.to_vec(),
-        };
-        self.shared
-            .db()
-            .put(keys::record(path), codec::encode(&version))
-            .map_err(sm_err)
-    }
 }
 
 fn get_record(db: &DB, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
