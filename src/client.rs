@@ -188,7 +188,12 @@ impl EscrowClient {
             .and_then(|e| e.tls_config(self.tls.clone()))
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A node that vanished without a reset (power loss, partition) is noticed within
+            // seconds instead of holding requests until their deadline.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
         let c = endpoint.connect_lazy();
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -248,6 +253,8 @@ impl EscrowClient {
                         continue;
                     }
                     index = (index + 1) % n;
+                    // Start later calls at the next endpoint, not at the one that just failed.
+                    self.preferred.store(index, Ordering::Relaxed);
                     tried_in_round += 1;
                     if tried_in_round >= n {
                         tried_in_round = 0;

@@ -21,9 +21,21 @@ use crate::service::peer::PeerService;
 use crate::service::Core;
 use crate::store::{LogStore, StateMachineStore};
 
-/// Most entries in one AppendEntries: with values at their 1 MiB limit this stays well inside
-/// [`PEER_MESSAGE_BYTES_MAX`].
-pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 64;
+/// Most entries in one AppendEntries. Each entry is a batch of up to `BATCH_BYTES_MAX` (or one
+/// command at the value limit), so an AppendEntries stays under ~5 MiB: openraft 0.9 gives each
+/// one only `heartbeat_interval` to complete, so it must stay small (raise `raft.heartbeat_ms`
+/// on slow links).
+pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 4;
+
+/// The largest single Raft entry the node can build: a batch, or one command at the limits.
+const ENTRY_BYTES_MAX: usize = if crate::service::BATCH_BYTES_MAX > crate::domain::VALUE_LEN_MAX {
+    crate::service::BATCH_BYTES_MAX
+} else {
+    crate::domain::VALUE_LEN_MAX
+} + 64 * 1024;
+const _: () =
+    assert!(RAFT_PAYLOAD_ENTRIES_MAX as usize * ENTRY_BYTES_MAX <= PEER_MESSAGE_BYTES_MAX);
+const _: () = assert!(PEER_MESSAGE_BYTES_MAX as u64 <= crate::raft::codec::DECODE_LEN_MAX);
 /// Largest client message, in bytes: a record value at its limit plus the envelope.
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = crate::domain::VALUE_LEN_MAX + 64 * 1024;
 /// Concurrent client requests per connection.

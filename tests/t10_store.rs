@@ -111,7 +111,9 @@ async fn t12_group_commit_acknowledges_every_append() {
         t.await.unwrap();
     }
     let syncs = log.wal_syncs() - before;
-    assert!((1..=200).contains(&syncs), "syncs = {syncs}");
+    // 200 concurrent appends must share fsyncs: one each would mean no group commit.
+    assert!((1..200).contains(&syncs), "syncs = {syncs}");
+    eprintln!("200 concurrent appends acknowledged with {syncs} WAL fsyncs");
     let mut reader = log.clone();
     assert_eq!(
         reader.try_get_log_entries(1..=200).await.unwrap().len(),

@@ -73,7 +73,17 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
     })
     .await;
     let m = new_node.raft.metrics().borrow().clone();
+    // Node 4 saw too few entries to build a snapshot of its own (it snapshots every 50), so
+    // its snapshot is the leader's, received over the stream.
+    let leader_snapshot = leader_node.raft.metrics().borrow().snapshot;
     assert!(m.snapshot.is_some(), "node 4 installed no snapshot");
+    assert!(
+        m.snapshot.map(|s| s.index) <= leader_snapshot.map(|s| s.index),
+        "node 4's snapshot {:?} is not the leader's {:?}",
+        m.snapshot,
+        leader_snapshot
+    );
+    assert!(m.snapshot.map(|s| s.index).unwrap_or(0) >= 100);
     let first = new_node.log_store.first_index().unwrap();
     assert!(
         first.is_none_or(|f| f > 1),

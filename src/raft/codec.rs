@@ -9,9 +9,10 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// Bumped whenever an encoded type changes shape; decoders refuse versions they do not know.
 pub const FORMAT_VERSION: u8 = 1;
-/// Largest payload this codec will decode, in bytes: bounds memory on hostile input. Raft
-/// batches stay well below it (see `RAFT_PAYLOAD_ENTRIES_MAX` in node.rs).
-pub const DECODE_LEN_MAX: u64 = 64 * 1024 * 1024;
+/// Largest payload this codec encodes or decodes, in bytes: bounds memory on hostile input.
+/// It is at least the largest peer message (checked at compile time in node.rs), so nothing the
+/// node builds can exceed it.
+pub const DECODE_LEN_MAX: u64 = 128 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -69,9 +69,17 @@ impl pb::peer_server::Peer for PeerService {
                 tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot received and verified");
                 let snapshot = Snapshot {
                     meta,
-                    snapshot: Box::new(SnapshotDir { path: dir, files }),
+                    snapshot: Box::new(SnapshotDir {
+                        path: dir.clone(),
+                        files,
+                    }),
                 };
                 let result = self.core.raft.install_full_snapshot(vote, snapshot).await;
+                // A stale snapshot is dropped by openraft without an error; an installed one
+                // has been moved away. Either way nothing of the transfer may stay behind.
+                if let Some(incoming) = dir.parent() {
+                    let _ = tokio::fs::remove_dir_all(incoming).await;
+                }
                 Ok(reply(&result))
             }
             Err(status) => {
@@ -177,7 +185,14 @@ async fn receive_snapshot(
         return Err(Status::resource_exhausted("too many snapshot files"));
     }
     let mut files = Vec::with_capacity(header.files.len());
+    let mut names = std::collections::HashSet::new();
     for f in header.files {
+        if !names.insert(f.name.clone()) {
+            return Err(Status::invalid_argument(format!(
+                "snapshot file {:?} is listed twice",
+                f.name
+            )));
+        }
         let blake3: [u8; 32] = f
             .blake3
             .as_slice()

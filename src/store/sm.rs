@@ -595,8 +595,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             std::fs::create_dir_all(&target).map_err(snap_err)?;
             for entry in std::fs::read_dir(&snapshot.path).map_err(snap_err)? {
                 let entry = entry.map_err(snap_err)?;
-                std::fs::copy(entry.path(), target.join(entry.file_name())).map_err(snap_err)?;
+                let copy = target.join(entry.file_name());
+                std::fs::copy(entry.path(), &copy).map_err(snap_err)?;
+                std::fs::File::open(&copy)
+                    .and_then(|f| f.sync_all())
+                    .map_err(snap_err)?;
             }
+            fsync_dir(&target).map_err(snap_err)?;
         }
         fsync_dir(&sm_dir).map_err(snap_err)?;
         let db = open_sm_db(&target).map_err(snap_err)?;
@@ -644,7 +649,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             membership,
             Some(meta.snapshot_id.clone()),
         )?;
-        publish_snapshot(&self.shared, pending)?;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
+            .await
+            .map_err(snap_err)??;
         tracing::info!(snapshot_id = %meta.snapshot_id, generation = new_generation, "snapshot installed");
         Ok(())
     }
