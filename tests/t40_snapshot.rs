@@ -137,3 +137,129 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
     new_node.shutdown().await;
     cluster.shutdown().await;
 }
+
+// Goal: a snapshot stream that does not verify is refused before anything is installed, and
+// leaves nothing behind: wrong bytes (blake3 mismatch), a gap in the data, a duplicate or
+// unsafe file name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t41_corrupt_snapshot_streams_are_refused() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let revision = cluster
+        .client()
+        .put("acme", "orders", "k", b"v".to_vec())
+        .await
+        .unwrap();
+    cluster.wait_applied(revision).await;
+    let dir = &cluster.files.dir;
+    let target = cluster.node(0);
+    let applied_before = target.core.reader.applied_index();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(dir.join("pki/ca.pem")).unwrap(),
+        ))
+        .identity(Identity::from_pem(
+            std::fs::read(dir.join("pki/node2.pem")).unwrap(),
+            std::fs::read(dir.join("pki/node2.key")).unwrap(),
+        ));
+    let channel = Endpoint::from_shared(format!("https://{}", target.raft_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut peer = pb::peer_client::PeerClient::new(channel);
+    let meta = escrow::raft::SnapshotMeta {
+        last_log_id: Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(99, 2),
+            10_000,
+        )),
+        last_membership: Default::default(),
+        snapshot_id: "forged".into(),
+    };
+    let header = |files: Vec<(&str, &[u8])>| pb::SnapshotFrame {
+        frame: Some(pb::snapshot_frame::Frame::Header(pb::SnapshotHeader {
+            vote_and_meta: escrow::raft::codec::encode(&(
+                openraft::Vote::new_committed(99, 2),
+                meta.clone(),
+            )),
+            files: files
+                .into_iter()
+                .map(|(name, content)| pb::SnapshotFile {
+                    name: name.into(),
+                    size: content.len() as u64,
+                    blake3: blake3::hash(content).as_bytes().to_vec(),
+                })
+                .collect(),
+        })),
+    };
+    let data = |index: u32, offset: u64, bytes: &[u8]| pb::SnapshotFrame {
+        frame: Some(pb::snapshot_frame::Frame::Data(pb::SnapshotData {
+            file_index: index,
+            offset,
+            data: bytes.to_vec(),
+        })),
+    };
+    let cases = vec![
+        (
+            "flipped byte",
+            vec![header(vec![("CURRENT", b"abc")]), data(0, 0, b"abd")],
+            Code::DataLoss,
+        ),
+        (
+            "gap in data",
+            vec![
+                header(vec![("CURRENT", b"abcdef")]),
+                data(0, 0, b"abc"),
+                data(0, 4, b"ef"),
+            ],
+            Code::InvalidArgument,
+        ),
+        (
+            "truncated",
+            vec![header(vec![("CURRENT", b"abcdef")]), data(0, 0, b"abc")],
+            Code::DataLoss,
+        ),
+        (
+            "duplicate name",
+            vec![header(vec![("CURRENT", b"a"), ("CURRENT", b"b")])],
+            Code::InvalidArgument,
+        ),
+        (
+            "unsafe name",
+            vec![header(vec![("../escape", b"a")])],
+            Code::InvalidArgument,
+        ),
+        ("no header", vec![data(0, 0, b"abc")], Code::InvalidArgument),
+    ];
+    for (what, frames, code) in cases {
+        let err = peer
+            .install_snapshot(tokio_stream::iter(frames))
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+    }
+    assert_eq!(
+        target.core.reader.applied_index(),
+        applied_before,
+        "a refused snapshot changed the state"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(target_data_dir(&cluster, 0).join("snapshots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("incoming-"))
+        .collect();
+    assert!(leftovers.is_empty(), "refused transfers left {leftovers:?}");
+    assert!(
+        !dir.join("node1/escape").exists() && !dir.join("node1/data/snapshots/escape").exists()
+    );
+    cluster.shutdown().await;
+}
+
+fn target_data_dir(cluster: &TestCluster, i: usize) -> std::path::PathBuf {
+    escrow::config::Config::load(&cluster.files.node_configs[i])
+        .unwrap()
+        .data_dir
+}

@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -280,8 +279,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                         .map_err(|_| std::io::Error::other("snapshot stream closed"))
                 }
             };
+            // Open every file before sending anything: a newer snapshot may prune this one
+            // while it streams, and an open file stays readable after it is unlinked.
+            let mut opened = Vec::with_capacity(files.len());
+            for info in &files {
+                opened.push(tokio::fs::File::open(dir.join(&info.name)).await?);
+            }
             send(pb::snapshot_frame::Frame::Header(header)).await?;
-            stream_files(dir, files, send).await
+            stream_files(opened, send).await
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut req = tonic::Request::new(stream);
@@ -309,17 +314,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 }
 
-async fn stream_files<F, Fut>(
-    dir: PathBuf,
-    files: Vec<crate::store::SnapshotFileInfo>,
-    send: F,
-) -> Result<(), std::io::Error>
+async fn stream_files<F, Fut>(files: Vec<tokio::fs::File>, send: F) -> Result<(), std::io::Error>
 where
     F: Fn(pb::snapshot_frame::Frame) -> Fut,
     Fut: Future<Output = Result<(), std::io::Error>>,
 {
-    for (index, info) in files.iter().enumerate() {
-        let mut file = tokio::fs::File::open(dir.join(&info.name)).await?;
+    for (index, mut file) in files.into_iter().enumerate() {
         let mut offset = 0u64;
         loop {
             let mut buf = vec![0u8; SNAPSHOT_FRAME_BYTES];
