@@ -109,6 +109,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             config.data_dir.display()
         )
     })?;
+    sm.reconcile_with_log(log_store.last_index()?);
     let reader = sm.reader();
     tracing::info!(node = id, applied = reader.applied_index(), "stores opened");
 

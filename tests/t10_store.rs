@@ -285,3 +285,78 @@ async fn t15_batched_commands_apply_in_order() {
     assert_eq!(reader.get_record(&path("b")).unwrap().unwrap().value, b"2");
     assert!(reader.get_record(&path("c")).unwrap().is_none());
 }
+
+// Goal: a node that died between switching to an installed snapshot and republishing it has a
+// state machine ahead of both its log and its newest snapshot; at start that stale snapshot is
+// dropped (Raft then rebuilds one that connects to the log). A normal restart keeps it.
+#[tokio::test]
+async fn t16_interrupted_snapshot_install_drops_the_stale_snapshot() {
+    use openraft::RaftSnapshotBuilder;
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
+    leader
+        .apply(
+            (1..=20)
+                .map(|i| put_entry(1, i, &format!("k{i}")))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let snap20 = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
+    follower
+        .apply(
+            (1..=5)
+                .map(|i| put_entry(1, i, &format!("k{i}")))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    follower
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let meta = snap20.meta.clone();
+    follower
+        .install_snapshot(&meta, snap20.snapshot)
+        .await
+        .unwrap();
+    drop(follower);
+    // Simulate the crash window: the republished snapshot of the installed state is missing.
+    let snaps = follower_dir.path().join("snapshots");
+    for e in std::fs::read_dir(&snaps).unwrap() {
+        let p = e.unwrap().path();
+        let meta_bytes = std::fs::read(p.join("meta")).unwrap();
+        if meta_bytes
+            .windows(meta.snapshot_id.len())
+            .any(|w| w == meta.snapshot_id.as_bytes())
+        {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+    }
+    let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
+    assert_eq!(follower.reader().applied_index(), 20);
+    let stale = follower
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("the index-5 snapshot");
+    assert_eq!(stale.meta.last_log_id.map(|l| l.index), Some(5));
+    // Its log ends at 5 (it had only 5 entries): ahead of the log, so the snapshot goes.
+    assert!(follower.reconcile_with_log(5));
+    assert!(follower.get_current_snapshot().await.unwrap().is_none());
+
+    // A normal restart (log at or beyond the applied index) keeps its snapshot.
+    drop(leader);
+    let leader = StateMachineStore::open(leader_dir.path()).unwrap();
+    assert!(!leader.reconcile_with_log(20));
+}

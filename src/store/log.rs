@@ -170,6 +170,16 @@ impl LogStore {
         }
     }
 
+    /// The last index in the log, purged or not (0 when empty).
+    pub fn last_index(&self) -> Result<u64, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        Ok(self
+            .last_entry_log_id()?
+            .or(last_purged)
+            .map(|l| l.index)
+            .unwrap_or(0))
+    }
+
     /// The first index still present in the log, for tests and status.
     pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
         let mut iter = self

@@ -294,6 +294,32 @@ impl StateMachineStore {
         })
     }
 
+    /// Called at start with the Raft log's last index, before Raft opens. If the state machine
+    /// is ahead of the log (a snapshot install switched generations and the node died before
+    /// it republished that state as its snapshot), the newest snapshot on disk is behind the
+    /// state and would not connect to the log once Raft purges up to the applied index. It is
+    /// dropped, so Raft rebuilds a snapshot from the state machine. Returns whether it dropped.
+    pub fn reconcile_with_log(&self, log_last_index: u64) -> bool {
+        let applied = self.shared.applied_index.load(Ordering::Acquire);
+        let mut current = self.shared.current_snapshot.lock().expect("lock");
+        let snapshot_index = current
+            .as_ref()
+            .and_then(|(m, _, _)| m.last_log_id)
+            .map(|l| l.index)
+            .unwrap_or(0);
+        if log_last_index < applied && snapshot_index < applied && current.is_some() {
+            tracing::warn!(
+                applied,
+                log_last_index,
+                snapshot_index,
+                "state machine is ahead of the log and its snapshot (interrupted snapshot install); rebuilding the snapshot"
+            );
+            *current = None;
+            return true;
+        }
+        false
+    }
+
     pub fn reader(&self) -> SmReader {
         SmReader {
             shared: self.shared.clone(),
