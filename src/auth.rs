@@ -22,10 +22,10 @@ pub const AUTHORIZATION: &str = "authorization";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "secret file {path} has mode {mode:o}: it must not be readable by group or others (run: chmod 600 {path})"
@@ -36,18 +36,18 @@ pub enum AuthError {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, AuthError> {
-    std::fs::read(path).map_err(|source| AuthError::Read {
+    std::fs::read(path).map_err(|cause| AuthError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
 /// Reads a secret file after checking that only its owner can read it.
 pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, AuthError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|source| AuthError::Read {
+    let meta = std::fs::metadata(path).map_err(|cause| AuthError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {

@@ -42,6 +42,8 @@ pub struct ClientConfig {
 pub enum ClientError {
     #[error("cannot read client config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("cannot read the cluster CA {path} named in the client config: {reason}")]
+    Ca { path: PathBuf, reason: String },
     #[error("{0}")]
     Auth(#[from] crate::auth::AuthError),
     #[error("{}", describe(.0))]
@@ -148,7 +150,7 @@ fn retryable(s: &Status) -> bool {
 impl EscrowClient {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
         crate::node::install_crypto_provider();
-        let ca = std::fs::read(&config.ca).map_err(|e| ClientError::Config {
+        let ca = std::fs::read(&config.ca).map_err(|e| ClientError::Ca {
             path: config.ca.clone(),
             reason: e.to_string(),
         })?;

@@ -13,15 +13,15 @@ pub const BOOTSTRAP_VOTERS_ALLOWED: [usize; 2] = [3, 5];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("config {path} is not valid TOML for escrowd: {source}")]
+    #[error("config {path} is not valid for escrowd: {}", .cause.message())]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        cause: Box<toml::de::Error>,
     },
     #[error("config {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -146,13 +146,13 @@ fn default_cluster_name() -> String {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         })?;
         config.validate(path)?;
         Ok(config)

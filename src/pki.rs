@@ -15,10 +15,10 @@ use crate::auth::write_secret_file;
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot read the CA from {path}: {reason}")]
     ReadCa { path: PathBuf, reason: String },
@@ -84,10 +84,10 @@ impl Ca {
 
     pub fn write(&self, cert: &Path, key: &Path) -> Result<(), PkiError> {
         write_public(cert, self.cert_pem.as_bytes())?;
-        write_secret_file(key, self.issuer.key().serialize_pem().as_bytes()).map_err(|source| {
+        write_secret_file(key, self.issuer.key().serialize_pem().as_bytes()).map_err(|cause| {
             PkiError::Write {
                 path: key.to_path_buf(),
-                source,
+                cause,
             }
         })
     }
@@ -129,17 +129,17 @@ impl Ca {
     ) -> Result<(), PkiError> {
         let (cert, key) = self.issue(common_name, names)?;
         write_public(cert_path, cert.as_bytes())?;
-        write_secret_file(key_path, key.as_bytes()).map_err(|source| PkiError::Write {
+        write_secret_file(key_path, key.as_bytes()).map_err(|cause| PkiError::Write {
             path: key_path.to_path_buf(),
-            source,
+            cause,
         })
     }
 }
 
 fn write_public(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    std::fs::write(path, contents).map_err(|source| PkiError::Write {
+    std::fs::write(path, contents).map_err(|cause| PkiError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
