@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Write benchmark, escrow vs etcd 3.4, in one run with one harness (`escrowctl bench put`):
-# a 3-node escrow dev cluster and a 3-node etcd cluster on 127.0.0.1, 1 KiB values at 1, 16
-# and 64 concurrent clients. Prints both and the ratio, then stops everything it started (by
-# PID). Figures, not a pass/fail test.
+# a 3-node escrow dev cluster and two 3-node etcd clusters (plaintext as Debian ships it, and
+# with TLS/mTLS like escrow) on 127.0.0.1, 1 KiB values at 1, 16 and 64 concurrent clients.
+# Prints all three and the ratios, then stops everything it started (by PID). Figures, not a
+# pass/fail test.
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN]   (default 10)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs
@@ -11,6 +12,7 @@ SECONDS_PER_RUN="${1:-10}"
 VALUE=1024
 CLIENTS="1 16 64"
 ETCD_PORT=23790
+ETCD_TLS_PORT=23890
 ESCROW_PORT_BASE=17400
 
 command -v etcd >/dev/null 2>&1 || apt_install etcd-server
@@ -28,23 +30,46 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "starting etcd $(etcd --version | head -1 | awk '{print $3}') x3 on 127.0.0.1:$((ETCD_PORT+1))-$((ETCD_PORT+3))"
-INITIAL=""
-for i in 1 2 3; do INITIAL+="e$i=http://127.0.0.1:$((ETCD_PORT+10+i)),"; done
-INITIAL="${INITIAL%,}"
-ETCD_ENDPOINTS=""
-for i in 1 2 3; do
-    etcd --name "e$i" --data-dir "$WORK/etcd$i" \
-        --listen-client-urls "http://127.0.0.1:$((ETCD_PORT+i))" \
-        --advertise-client-urls "http://127.0.0.1:$((ETCD_PORT+i))" \
-        --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT+10+i))" \
-        --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT+10+i))" \
-        --initial-cluster "$INITIAL" --initial-cluster-state new \
-        --initial-cluster-token escrow-bench >"$WORK/etcd$i.log" 2>&1 &
-    PIDS+=($!)
-    ETCD_ENDPOINTS+="http://127.0.0.1:$((ETCD_PORT+i)),"
-done
-ETCD_ENDPOINTS="${ETCD_ENDPOINTS%,}"
+# start_etcd NAME BASE_PORT SCHEME: a 3-node etcd cluster on 127.0.0.1 with client ports
+# BASE+1..3 and peer ports BASE+11..13. Sets ENDPOINTS; records the PIDs in PIDS (so it must
+# not run in a subshell).
+start_etcd() {
+    local name="$1" base="$2" scheme="$3"; shift 3
+    local initial="" endpoints="" i
+    for i in 1 2 3; do initial+="$name$i=$scheme://127.0.0.1:$((base+10+i)),"; done
+    for i in 1 2 3; do
+        local tls=()
+        if [ "$scheme" = https ]; then
+            # Server-only TLS on the client port (escrow's clients use a token, not a
+            # certificate: etcd would demand one whenever --trusted-ca-file is set), mTLS
+            # between peers as escrow's nodes have.
+            tls=(--cert-file "$PKI/node$i.pem" --key-file "$PKI/node$i.key"
+                 --peer-cert-file "$PKI/node$i.pem" --peer-key-file "$PKI/node$i.key"
+                 --peer-trusted-ca-file "$PKI/ca.pem" --peer-client-cert-auth)
+        fi
+        etcd --name "$name$i" --data-dir "$WORK/$name$i" \
+            --listen-client-urls "$scheme://127.0.0.1:$((base+i))" \
+            --advertise-client-urls "$scheme://127.0.0.1:$((base+i))" \
+            --listen-peer-urls "$scheme://127.0.0.1:$((base+10+i))" \
+            --initial-advertise-peer-urls "$scheme://127.0.0.1:$((base+10+i))" \
+            --initial-cluster "${initial%,}" --initial-cluster-state new \
+            --initial-cluster-token "escrow-bench-$name" "${tls[@]}" >"$WORK/$name$i.log" 2>&1 &
+        PIDS+=($!)
+        endpoints+="$scheme://127.0.0.1:$((base+i)),"
+    done
+    ENDPOINTS="${endpoints%,}"
+}
+
+# Certificates for the TLS etcd cluster (server + client use, as escrow's nodes have).
+PKI="$WORK/etcd-pki"
+"$BIN/escrowd" pki --out "$PKI" --node 1=127.0.0.1,localhost --node 2=127.0.0.1,localhost \
+    --node 3=127.0.0.1,localhost >/dev/null
+
+log "starting etcd $(etcd --version | head -1 | awk '{print $3}') x3 plaintext on 127.0.0.1:$((ETCD_PORT+1))-$((ETCD_PORT+3)) and x3 with TLS/mTLS on :$((ETCD_TLS_PORT+1))-$((ETCD_TLS_PORT+3))"
+start_etcd e "$ETCD_PORT" http
+ETCD_ENDPOINTS="$ENDPOINTS"
+start_etcd t "$ETCD_TLS_PORT" https
+ETCD_TLS_ENDPOINTS="$ENDPOINTS"
 
 log "starting escrow dev cluster x3 on 127.0.0.1:$((ESCROW_PORT_BASE+10))-$((ESCROW_PORT_BASE+32))"
 RUST_LOG=warn "$BIN/escrowd" dev --dir "$WORK/escrow" --port-base "$ESCROW_PORT_BASE" >"$WORK/escrow.log" 2>&1 &
@@ -53,7 +78,8 @@ CTL=("$BIN/escrowctl" --config "$WORK/escrow/escrowctl.toml")
 
 for _ in $(seq 1 300); do
     if grep -q "Ctrl-C stops" "$WORK/escrow.log" 2>/dev/null \
-        && curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true; then
+        && curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true \
+        && curl -sf --cacert "$PKI/ca.pem" "https://127.0.0.1:$((ETCD_TLS_PORT+1))/health" | grep -q true; then
         break
     fi
     sleep 0.2
@@ -63,15 +89,20 @@ curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "et
 
 echo
 echo "value ${VALUE} B, ${SECONDS_PER_RUN} s per run, 3 nodes each on loopback, $(nproc) cores"
-printf '%-8s | %-32s | %-32s | %s\n' clients "escrow writes/s (p50/p99 ms)" "etcd writes/s (p50/p99 ms)" "escrow/etcd"
+echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
+printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
-    e=$("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
-    d=$("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --etcd "$ETCD_ENDPOINTS" --json)
-    python3 - "$c" "$e" "$d" <<'PY'
+    run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
+    e=$("${run[@]}")
+    d=$("${run[@]}" --etcd "$ETCD_ENDPOINTS")
+    t=$("${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")
+    python3 - "$c" "$e" "$d" "$t" <<'PY'
 import json, sys
-c, e, d = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-f = lambda r: f"{r['ops_per_sec']:>8.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f}, max {r['max_ms']:.0f})"
-ratio = e['ops_per_sec'] / d['ops_per_sec'] if d['ops_per_sec'] else float('inf')
-print(f"{c:<8} | {f(e):<32} | {f(d):<32} | {ratio:.2f}x  (errors {e['errors']}/{d['errors']})")
+c = sys.argv[1]
+e, d, t = (json.loads(a) for a in sys.argv[2:5])
+f = lambda r: f"{r['ops_per_sec']:>7.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f}, {r['max_ms']:.0f})"
+ratio = lambda a, b: a['ops_per_sec'] / b['ops_per_sec'] if b['ops_per_sec'] else float('inf')
+errors = f"errors {e['errors']}/{d['errors']}/{t['errors']}"
+print(f"{c:<7} | {f(e):<30} | {f(d):<30} | {f(t):<30} | {ratio(e, d):.2f}x, {ratio(e, t):.2f}x  ({errors})")
 PY
 done

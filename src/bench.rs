@@ -149,13 +149,28 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
     Ok(report("escrow", spec, &hist, errors, elapsed))
 }
 
-/// Benchmarks puts against an etcd cluster at `endpoints` (plain HTTP on loopback).
+/// Benchmarks puts against an etcd cluster at `endpoints`: plain HTTP, or TLS (`https://`
+/// endpoints) verified against the CA in `ca_pem`.
 #[cfg(feature = "etcd-bench")]
-pub async fn run_etcd(endpoints: &[String], spec: &BenchSpec) -> anyhow::Result<BenchReport> {
+pub async fn run_etcd(
+    endpoints: &[String],
+    ca_pem: Option<Vec<u8>>,
+    spec: &BenchSpec,
+) -> anyhow::Result<BenchReport> {
     validate(spec)?;
+    let options = ca_pem.map(|pem| {
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)),
+        )
+    });
+    let target = if options.is_some() {
+        "etcd+tls"
+    } else {
+        "etcd"
+    };
     let mut clients = Vec::new();
     for _ in 0..spec.clients {
-        clients.push(etcd_client::Client::connect(endpoints, None).await?);
+        clients.push(etcd_client::Client::connect(endpoints, options.clone()).await?);
     }
     let clients = std::sync::Arc::new(tokio::sync::Mutex::new(clients));
     let mut owned = Vec::new();
@@ -174,5 +189,5 @@ pub async fn run_etcd(endpoints: &[String], spec: &BenchSpec) -> anyhow::Result<
         }
     })
     .await;
-    Ok(report("etcd", spec, &hist, errors, elapsed))
+    Ok(report(target, spec, &hist, errors, elapsed))
 }

@@ -120,6 +120,9 @@ enum BenchCmd {
         /// Drive an etcd cluster at these endpoints instead (needs the etcd-bench feature).
         #[arg(long, value_delimiter = ',')]
         etcd: Vec<String>,
+        /// CA certificate for etcd endpoints served over TLS (https://).
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
     },
 }
 
@@ -323,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             value_size,
             seconds,
             etcd,
+            etcd_ca,
         }) => {
             let spec = escrow::bench::BenchSpec {
                 clients: *clients,
@@ -332,7 +336,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = if etcd.is_empty() {
                 escrow::bench::run_escrow(&config, &spec).await?
             } else {
-                run_etcd(etcd, &spec).await?
+                let ca = match etcd_ca {
+                    Some(path) => Some(
+                        std::fs::read(path)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+                    ),
+                    None => None,
+                };
+                run_etcd(etcd, ca, &spec).await?
             };
             print(cli.json, serde_json::to_value(&report)?, report.line());
         }
@@ -343,14 +354,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(feature = "etcd-bench")]
 async fn run_etcd(
     endpoints: &[String],
+    ca: Option<Vec<u8>>,
     spec: &escrow::bench::BenchSpec,
 ) -> anyhow::Result<escrow::bench::BenchReport> {
-    escrow::bench::run_etcd(endpoints, spec).await
+    escrow::bench::run_etcd(endpoints, ca, spec).await
 }
 
 #[cfg(not(feature = "etcd-bench"))]
 async fn run_etcd(
     _: &[String],
+    _: Option<Vec<u8>>,
     _: &escrow::bench::BenchSpec,
 ) -> anyhow::Result<escrow::bench::BenchReport> {
     anyhow::bail!("this escrowctl was built without the etcd-bench feature (scripts/bench-vs-etcd.sh builds it)")
