@@ -172,17 +172,13 @@ pub async fn run_etcd(
     for _ in 0..spec.clients {
         clients.push(etcd_client::Client::connect(endpoints, options.clone()).await?);
     }
-    let clients = std::sync::Arc::new(tokio::sync::Mutex::new(clients));
-    let mut owned = Vec::new();
-    for c in clients.lock().await.drain(..) {
-        owned.push(std::sync::Arc::new(tokio::sync::Mutex::new(c.kv_client())));
-    }
+    // One connection per worker; a KvClient clone shares it, so each call takes its own.
+    let kvs: Vec<etcd_client::KvClient> = clients.into_iter().map(|c| c.kv_client()).collect();
     let value = vec![b'x'; spec.value_bytes];
     let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
-        let kv = owned[worker].clone();
+        let mut kv = kvs[worker].clone();
         let value = value.clone();
         async move {
-            let mut kv = kv.lock().await;
             kv.put(format!("bench/kv/w{worker}-{seq}"), value, None)
                 .await
                 .is_ok()

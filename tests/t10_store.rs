@@ -38,6 +38,11 @@ fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, 1), index)
 }
 
+/// Puts of `k{i}` = `value-k{i}` at indexes `range`, term 1.
+fn puts(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    range.map(|i| put_entry(1, i, &format!("k{i}"))).collect()
+}
+
 fn put_entry(term: u64, index: u64, key: &str) -> Entry {
     Entry {
         log_id: log_id(term, index),
@@ -129,9 +134,7 @@ async fn t13_reopen_keeps_log_vote_and_state() {
     {
         let mut log = LogStore::open(&dir.path().join("log")).unwrap();
         let mut sm = StateMachineStore::open(dir.path()).unwrap();
-        let entries: Vec<Entry> = (1..=50)
-            .map(|i| put_entry(1, i, &format!("k{i}")))
-            .collect();
+        let entries: Vec<Entry> = puts(1..=50);
         log.blocking_append(entries.clone()).await.unwrap();
         log.save_vote(&Vote::new(1, 1)).await.unwrap();
         let outcomes = sm.apply(entries).await.unwrap();
@@ -184,9 +187,7 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
     let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
-    let entries: Vec<Entry> = (1..=20)
-        .map(|i| put_entry(1, i, &format!("k{i}")))
-        .collect();
+    let entries: Vec<Entry> = puts(1..=20);
     leader.apply(entries).await.unwrap();
     let snapshot = {
         use openraft::RaftSnapshotBuilder;
@@ -295,14 +296,7 @@ async fn t16_interrupted_snapshot_install_drops_the_stale_snapshot() {
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
     let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
-    leader
-        .apply(
-            (1..=20)
-                .map(|i| put_entry(1, i, &format!("k{i}")))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    leader.apply(puts(1..=20)).await.unwrap();
     let snap20 = leader
         .get_snapshot_builder()
         .await
@@ -311,14 +305,7 @@ async fn t16_interrupted_snapshot_install_drops_the_stale_snapshot() {
         .unwrap();
 
     let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
-    follower
-        .apply(
-            (1..=5)
-                .map(|i| put_entry(1, i, &format!("k{i}")))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    follower.apply(puts(1..=5)).await.unwrap();
     follower
         .get_snapshot_builder()
         .await

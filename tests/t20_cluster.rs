@@ -236,12 +236,7 @@ async fn t22_write_without_quorum_fails_within_deadline() {
 async fn t23_cluster_status_reports_every_node() {
     let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
     let leader = cluster.wait_leader().await;
-    let revision = cluster
-        .client()
-        .put("acme", "orders", "k", b"v".to_vec())
-        .await
-        .unwrap();
-    cluster.wait_applied(revision).await;
+    let revision = cluster.put_and_wait("k").await;
     let status = cluster.client().cluster_status().await.unwrap();
     assert_eq!(status.leader, Some(leader));
     assert_eq!(status.nodes.len(), 3);
@@ -283,13 +278,7 @@ async fn t24_large_values_reach_a_lagging_follower() {
     cluster.wait_applied(last).await;
     let node = cluster.node(fi);
     for i in 0..12u8 {
-        let path = escrow::domain::RecordPath::parse("acme", "blobs", &format!("big-{i}")).unwrap();
-        let got = node
-            .core
-            .reader
-            .get_record(&path)
-            .unwrap()
-            .expect("replicated");
+        let got = local_record(node, "blobs", &format!("big-{i}")).expect("replicated");
         assert_eq!(got.value.len(), VALUE_LEN_MAX);
         assert!(
             got.value.iter().all(|b| *b == i),

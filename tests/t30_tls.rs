@@ -149,11 +149,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t31_node_with_foreign_ca_cannot_join() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    cluster
-        .client()
-        .put("acme", "orders", "k", b"v".to_vec())
-        .await
-        .unwrap();
+    cluster.put_and_wait("k").await;
 
     // The rogue node lives in its own dir with its own CA (and a copy of the token, to show
     // the certificate alone keeps it out).

@@ -90,13 +90,7 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
         "node 4 received entry 1 by replication, not snapshot"
     );
     for i in 0..300 {
-        let path = escrow::domain::RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap();
-        let r = new_node
-            .core
-            .reader
-            .get_record(&path)
-            .unwrap()
-            .expect("record on node 4");
+        let r = local_record(&new_node, "orders", &format!("k{i}")).expect("record on node 4");
         assert_eq!(r.value, format!("v{i}").into_bytes());
     }
 
@@ -145,12 +139,7 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
 async fn t41_corrupt_snapshot_streams_are_refused() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let revision = cluster
-        .client()
-        .put("acme", "orders", "k", b"v".to_vec())
-        .await
-        .unwrap();
-    cluster.wait_applied(revision).await;
+    cluster.put_and_wait("k").await;
     let dir = &cluster.files.dir;
     let target = cluster.node(0);
     let applied_before = target.core.reader.applied_index();

@@ -21,7 +21,7 @@ type Acked = (String, Vec<u8>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t60_leader_sigkill_under_load_loses_no_acknowledged_write() {
-    kill_leader_under_load(test_raft()).await;
+    kill_leader_under_load(test_raft(), false).await;
 }
 
 // Goal: the same, with snapshots every 50 entries and no log kept behind them, so the killed
@@ -29,15 +29,20 @@ async fn t60_leader_sigkill_under_load_loses_no_acknowledged_write() {
 // WAL of its own): what it lost must come back from its snapshot and the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t61_leader_sigkill_after_log_purges_loses_no_acknowledged_write() {
-    kill_leader_under_load(escrow::config::RaftSettings {
-        snapshot_every_entries: 50,
-        log_entries_kept_after_snapshot: 0,
-        ..test_raft()
-    })
+    kill_leader_under_load(
+        escrow::config::RaftSettings {
+            snapshot_every_entries: 50,
+            log_entries_kept_after_snapshot: 0,
+            ..test_raft()
+        },
+        true,
+    )
     .await;
 }
 
-async fn kill_leader_under_load(raft: escrow::config::RaftSettings) {
+/// `expect_purge`: wait until the leader has purged its log before killing it, so the restart
+/// really starts from a purged log.
+async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge: bool) {
     init_logs();
     let mut cluster = ProcessCluster::start(3, raft);
     let client = cluster.client();
@@ -77,6 +82,23 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings) {
         (acked.lock().unwrap().len() >= 200).then_some(())
     })
     .await;
+    if expect_purge {
+        let leader_addr =
+            escrow::config::Config::load(&cluster.files.node_configs[(old_leader - 1) as usize])
+                .unwrap()
+                .advertise
+                .client;
+        let purged = wait_for("the leader to purge its log", || async {
+            client
+                .node_status_at(&leader_addr, Duration::from_secs(2))
+                .await
+                .ok()
+                .filter(|s| s.purged_index > 0)
+                .map(|s| s.purged_index)
+        })
+        .await;
+        eprintln!("leader {old_leader} purged its log up to {purged} before the kill");
+    }
     let before_kill = acked.lock().unwrap().len();
     cluster.kill((old_leader - 1) as usize);
 

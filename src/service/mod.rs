@@ -41,6 +41,7 @@ const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
 const PROPOSAL_QUEUE_DEPTH: usize = 16 * 1024;
 
 /// What became of a proposed command.
+#[derive(Clone)]
 enum Proposed {
     Done(Outcome),
     /// This node is not the leader; the caller forwards the command itself.
@@ -114,33 +115,26 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             } else {
                 Command::Batch(commands)
             };
-            let answers: Vec<Proposed> = match raft.client_write(command).await {
+            // Either one outcome per waiter, or one failure that every waiter shares.
+            let answered: Result<Vec<Outcome>, Proposed> = match raft.client_write(command).await {
                 Ok(resp) => match resp.data {
-                    Outcome::Batch(outcomes) if outcomes.len() == waiters.len() => {
-                        outcomes.into_iter().map(Proposed::Done).collect()
-                    }
-                    outcome if waiters.len() == 1 => vec![Proposed::Done(outcome)],
-                    _ => waiters
-                        .iter()
-                        .map(|_| {
-                            Proposed::Failed(Status::internal(
-                                "batch outcome does not match its commands",
-                            ))
-                        })
-                        .collect(),
+                    Outcome::Batch(outcomes) if outcomes.len() == waiters.len() => Ok(outcomes),
+                    outcome if waiters.len() == 1 => Ok(vec![outcome]),
+                    _ => Err(Proposed::Failed(Status::internal(
+                        "batch outcome does not match its commands",
+                    ))),
                 },
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => waiters
-                    .iter()
-                    .map(|_| Proposed::NotLeader(f.leader_id, f.leader_node.clone()))
-                    .collect(),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => waiters
-                    .iter()
-                    .map(|_| Proposed::Failed(Status::failed_precondition(e.to_string())))
-                    .collect(),
-                Err(RaftError::Fatal(e)) => waiters
-                    .iter()
-                    .map(|_| Proposed::Failed(status::fatal(&e)))
-                    .collect(),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(Proposed::NotLeader(f.leader_id, f.leader_node))
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    Err(Proposed::Failed(Status::failed_precondition(e.to_string())))
+                }
+                Err(RaftError::Fatal(e)) => Err(Proposed::Failed(status::fatal(&e))),
+            };
+            let answers: Vec<Proposed> = match answered {
+                Ok(outcomes) => outcomes.into_iter().map(Proposed::Done).collect(),
+                Err(shared) => vec![shared; waiters.len()],
             };
             for (waiter, answer) in waiters.into_iter().zip(answers) {
                 let _ = waiter.send(answer);

@@ -64,7 +64,7 @@ impl pb::peer_server::Peer for PeerService {
             .reader
             .incoming_snapshot_dir()
             .map_err(|e| Status::internal(format!("cannot create snapshot dir: {e}")))?;
-        match receive_snapshot(&mut stream, &dir).await {
+        let answer = match receive_snapshot(&mut stream, &dir).await {
             Ok((vote, meta, files)) => {
                 tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot received and verified");
                 let snapshot = Snapshot {
@@ -75,21 +75,19 @@ impl pb::peer_server::Peer for PeerService {
                     }),
                 };
                 let result = self.core.raft.install_full_snapshot(vote, snapshot).await;
-                // A stale snapshot is dropped by openraft without an error; an installed one
-                // has been moved away. Either way nothing of the transfer may stay behind.
-                if let Some(incoming) = dir.parent() {
-                    let _ = tokio::fs::remove_dir_all(incoming).await;
-                }
                 Ok(reply(&result))
             }
             Err(status) => {
                 tracing::warn!(error = %status.message(), "snapshot rejected");
-                if let Some(parent) = dir.parent() {
-                    let _ = tokio::fs::remove_dir_all(parent).await;
-                }
                 Err(status)
             }
+        };
+        // Refused, dropped as stale by openraft (without an error), or installed (its files
+        // moved away): in every case nothing of the transfer may stay behind.
+        if let Some(incoming) = dir.parent() {
+            let _ = tokio::fs::remove_dir_all(incoming).await;
         }
+        answer
     }
 
     async fn forward(

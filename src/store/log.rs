@@ -87,7 +87,6 @@ impl LogStore {
         opts.enable_statistics();
         opts.set_max_total_wal_size(256 * 1024 * 1024);
         // Entries are small and purged after each snapshot: compressing them is wasted CPU.
-        opts.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = [CF_ENTRIES, CF_META].into_iter().map(|name| {
             let mut cf = Options::default();
             cf.set_compression_type(rocksdb::DBCompressionType::None);
@@ -170,14 +169,18 @@ impl LogStore {
         }
     }
 
+    /// The purge marker and the last log id (the last entry, else the purge marker).
+    fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: self.last_entry_log_id()?.or(last_purged),
+        })
+    }
+
     /// The last index in the log, purged or not (0 when empty).
     pub fn last_index(&self) -> Result<u64, StorageError> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        Ok(self
-            .last_entry_log_id()?
-            .or(last_purged)
-            .map(|l| l.index)
-            .unwrap_or(0))
+        Ok(self.log_state()?.last_log_id.map(|l| l.index).unwrap_or(0))
     }
 
     /// The first index still present in the log, for tests and status.
@@ -266,12 +269,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        let last = self.last_entry_log_id()?.or(last_purged);
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        self.log_state()
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -364,6 +364,16 @@ fn take_checkpoint(
     Ok(PendingSnapshot { tmp, seq, meta })
 }
 
+/// [`publish_snapshot`] on a blocking thread: it reads every file of the checkpoint.
+async fn publish_snapshot_blocking(
+    shared: Arc<SmShared>,
+    pending: PendingSnapshot,
+) -> Result<PublishedSnapshot, StorageError> {
+    tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
+        .await
+        .map_err(snap_err)?
+}
+
 /// Hashes a checkpoint's files, writes its meta, publishes it as the current snapshot and
 /// drops the oldest ones. Reads every file once: run it off the async workers.
 fn publish_snapshot(
@@ -488,11 +498,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .pending
             .take()
             .unwrap_or_else(|| Err(snap_err("snapshot builder used twice")))?;
-        let shared = self.shared.clone();
-        let (meta, path, files) =
-            tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
-                .await
-                .map_err(snap_err)??;
+        let (meta, path, files) = publish_snapshot_blocking(self.shared.clone(), pending).await?;
         tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -675,10 +681,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             membership,
             Some(meta.snapshot_id.clone()),
         )?;
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
-            .await
-            .map_err(snap_err)??;
+        publish_snapshot_blocking(self.shared.clone(), pending).await?;
         tracing::info!(snapshot_id = %meta.snapshot_id, generation = new_generation, "snapshot installed");
         Ok(())
     }

@@ -14,6 +14,16 @@ use escrow::dev::{ClusterFiles, NodePorts};
 use escrow::node::NodeHandle;
 use escrow::raft::network::Faults;
 
+/// The record `acme/<collection>/<key>` as `node` has applied it (a local read, no Raft).
+pub fn local_record(
+    node: &NodeHandle,
+    collection: &str,
+    key: &str,
+) -> Option<escrow::domain::RecordVersion> {
+    let path = escrow::domain::RecordPath::parse("acme", collection, key).unwrap();
+    node.core.reader.get_record(&path).unwrap()
+}
+
 /// Upper bound for any "wait until" in tests: far above normal, so a failure means a bug.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -135,6 +145,18 @@ impl TestCluster {
             leaders.iter().all(|l| *l == Some(first)).then_some(first)
         })
         .await
+    }
+
+    /// Writes `acme/orders/key` = "v" through any node and waits until every running node
+    /// applied it; returns its revision.
+    pub async fn put_and_wait(&self, key: &str) -> u64 {
+        let revision = self
+            .client()
+            .put("acme", "orders", key, b"v".to_vec())
+            .await
+            .unwrap();
+        self.wait_applied(revision).await;
+        revision
     }
 
     /// Index (0-based) of the node with id `id`.
