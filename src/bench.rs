@@ -120,6 +120,9 @@ where
     (hist, errors, started.elapsed())
 }
 
+/// The tenant the escrow benchmark writes into (registered if missing).
+pub const BENCH_TENANT: &str = "bench";
+
 /// Benchmarks puts against the escrow cluster described by `config`.
 pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Result<BenchReport> {
     validate(spec)?;
@@ -131,6 +134,14 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
         config.endpoints.retain(|e| *e != leader.addr);
         config.endpoints.insert(0, leader.addr.clone());
     }
+    match probe
+        .tenant(crate::client::TenantOp::Add, BENCH_TENANT)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
     let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
         .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
         .collect::<Result<_, _>>()?;
@@ -140,7 +151,7 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
         let value = value.clone();
         async move {
             client
-                .put("bench", "kv", &format!("w{worker}-{seq}"), value)
+                .put(BENCH_TENANT, "kv", &format!("w{worker}-{seq}"), value)
                 .await
                 .is_ok()
         }

@@ -127,6 +127,31 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeView>,
 }
 
+/// Tenant operations (ops role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantOp {
+    Add,
+    Suspend,
+    Resume,
+    Show,
+}
+
+pub fn record_ref(tenant: &str, collection: &str, key: &str) -> pb::RecordRef {
+    pb::RecordRef {
+        tenant: tenant.into(),
+        collection: collection.into(),
+        key: key.into(),
+    }
+}
+
+fn consistency(local: bool) -> i32 {
+    if local {
+        pb::ReadConsistency::Local as i32
+    } else {
+        pb::ReadConsistency::Linearizable as i32
+    }
+}
+
 pub struct EscrowClient {
     endpoints: Vec<String>,
     tls: ClientTlsConfig,
@@ -305,21 +330,27 @@ impl EscrowClient {
         key: &str,
         local: bool,
     ) -> Result<pb::GetReply, ClientError> {
-        let record = pb::RecordRef {
-            tenant: tenant.into(),
-            collection: collection.into(),
-            key: key.into(),
-        };
-        let consistency = if local {
-            pb::ReadConsistency::Local
-        } else {
-            pb::ReadConsistency::Linearizable
-        } as i32;
+        self.get_at(record_ref(tenant, collection, key), local, 0, 0)
+            .await
+    }
+
+    /// Reads a record as it is now (`revision` and `as_of_ms` 0), at a revision, or as of a
+    /// time.
+    pub async fn get_at(
+        &self,
+        record: pb::RecordRef,
+        local: bool,
+        revision: u64,
+        as_of_ms: u64,
+    ) -> Result<pb::GetReply, ClientError> {
+        let consistency = consistency(local);
         self.call(|ch, t| {
             let req = self.request(
                 pb::GetRequest {
                     record: Some(record.clone()),
                     consistency,
+                    revision,
+                    as_of_ms,
                 },
                 t,
             );
@@ -327,6 +358,118 @@ impl EscrowClient {
                 let mut c = pb::records_client::RecordsClient::new(ch)
                     .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
                 Ok(c.get(req).await?.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// One page of a record's history, newest first; `before` is the (revision, position) of
+    /// the previous page's last version (`None` for the first page).
+    pub async fn history(
+        &self,
+        record: pb::RecordRef,
+        local: bool,
+        before: Option<(u64, u32)>,
+        limit: u32,
+    ) -> Result<pb::HistoryReply, ClientError> {
+        let (before_revision, before_position) = before.unwrap_or((0, 0));
+        let consistency = consistency(local);
+        self.call(|ch, t| {
+            let req = self.request(
+                pb::HistoryRequest {
+                    record: Some(record.clone()),
+                    consistency,
+                    before_revision,
+                    before_position,
+                    limit,
+                },
+                t,
+            );
+            async move {
+                let mut c = pb::records_client::RecordsClient::new(ch)
+                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+                Ok(c.history(req).await?.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Sends one batch of changes from a source stream. Safe to retry: changes the cluster
+    /// already applied are acknowledged without being applied again.
+    pub async fn ingest(
+        &self,
+        tenant: &str,
+        source: &str,
+        changes: Vec<pb::Change>,
+    ) -> Result<pb::IngestReply, ClientError> {
+        let request = pb::IngestRequest {
+            tenant: tenant.into(),
+            source: source.into(),
+            changes,
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                let mut c = pb::records_client::RecordsClient::new(ch)
+                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+                Ok(c.ingest(req).await?.into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn source_position(
+        &self,
+        tenant: &str,
+        source: &str,
+    ) -> Result<pb::SourcePositionReply, ClientError> {
+        let request = pb::SourcePositionRequest {
+            tenant: tenant.into(),
+            source: source.into(),
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                Ok(pb::records_client::RecordsClient::new(ch)
+                    .source_position(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// A tenant operation: "add", "suspend", "resume" or "show".
+    pub async fn tenant(&self, op: TenantOp, tenant: &str) -> Result<pb::Tenant, ClientError> {
+        let request = pb::TenantRequest {
+            tenant: tenant.into(),
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                let mut c = pb::tenants_client::TenantsClient::new(ch);
+                let reply = match op {
+                    TenantOp::Add => c.add(req).await,
+                    TenantOp::Suspend => c.suspend(req).await,
+                    TenantOp::Resume => c.resume(req).await,
+                    TenantOp::Show => c.show(req).await,
+                };
+                Ok(reply?.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Every tenant and the vendor namespace, with freshness.
+    pub async fn tenants(&self, local: bool) -> Result<pb::ListTenantsReply, ClientError> {
+        let consistency = consistency(local);
+        self.call(|ch, t| {
+            let req = self.request(pb::ListTenantsRequest { consistency }, t);
+            async move {
+                Ok(pb::tenants_client::TenantsClient::new(ch)
+                    .list(req)
+                    .await?
+                    .into_inner())
             }
         })
         .await

@@ -105,6 +105,24 @@ impl Default for RaftSettings {
     }
 }
 
+/// Mirroring: how the node judges freshness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorSettings {
+    /// A namespace whose source has been silent longer than this (seconds) is flagged stale,
+    /// in status and metrics, with a warning in the log: a vendor that silently stops
+    /// mirroring is the classic escrow failure.
+    pub stale_after_s: u64,
+}
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        Self {
+            stale_after_s: 3600,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -135,6 +153,8 @@ pub struct Config {
     pub initial_members: Vec<InitialMember>,
     #[serde(default)]
     pub raft: RaftSettings,
+    #[serde(default)]
+    pub mirror: MirrorSettings,
     /// Log format: "human" or "json".
     #[serde(default)]
     pub log_format: LogFormat,
@@ -184,6 +204,9 @@ impl Config {
         }
         if r.snapshot_every_entries == 0 {
             return Err(invalid("raft.snapshot_every_entries must be ≥ 1".into()));
+        }
+        if self.mirror.stale_after_s == 0 {
+            return Err(invalid("mirror.stale_after_s must be ≥ 1".into()));
         }
         let mut ids = std::collections::BTreeSet::new();
         for m in &self.initial_members {

@@ -145,6 +145,7 @@ pub fn write_node_files(
         },
         initial_members: initial.to_vec(),
         raft: raft.clone(),
+        mirror: Default::default(),
         log_format: LogFormat::Human,
     };
     let path = node_dir.join("escrowd.toml");

@@ -93,6 +93,15 @@ impl TenantId {
         Ok(Self(value.to_string()))
     }
 
+    /// The shared namespace of the vendor's own software: always present, never registered.
+    pub fn vendor() -> Self {
+        Self(VENDOR_NAMESPACE.to_string())
+    }
+
+    pub fn is_vendor(&self) -> bool {
+        self.0 == VENDOR_NAMESPACE
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -178,13 +187,163 @@ impl RecordPath {
     }
 }
 
-/// A stored record version as the ledger sees it.
+/// A stored record version as the ledger sees it. Every change is one version; a delete is a
+/// tombstone version (`value: None`) so history shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordVersion {
     /// The commit index of the write that produced this version.
     pub revision: u64,
+    /// The leader's time when the change was committed (ms since the Unix epoch), made
+    /// monotonic by the state machine.
+    pub time_ms: u64,
+    /// The value, or `None` for a delete.
     #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl RecordVersion {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+/// Longest source stream id, in bytes.
+pub const SOURCE_ID_LEN_MAX: usize = 128;
+/// Changes one ingest batch carries at most.
+pub const INGEST_CHANGES_MAX: usize = 4096;
+/// Bytes of keys and values one ingest batch carries at most. One value at the record limit
+/// always fits.
+pub const INGEST_BYTES_MAX: usize = 2 * VALUE_LEN_MAX;
+
+/// The lifecycle of a tenant as far as mirroring is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TenantState {
+    /// The vendor mirrors into it.
+    Active,
+    /// Writes are refused; everything held stays readable.
+    Suspended,
+}
+
+impl TenantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantState::Active => "active",
+            TenantState::Suspended => "suspended",
+        }
+    }
+}
+
+/// A registered tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub id: TenantId,
+    pub state: TenantState,
+    /// Commit index and leader time of the registration.
+    pub created_index: u64,
+    pub created_ms: u64,
+}
+
+/// Figures kept per namespace (a tenant or `vendor`), updated by every apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceStats {
+    /// Live (not deleted) records and the bytes of their values.
+    pub records: u64,
+    pub record_bytes: u64,
+    /// Versions ever written, tombstones included.
+    pub versions: u64,
+    /// The newest source time any mirrored change carried (0: none yet).
+    pub last_source_ms: u64,
+    /// The leader time of the last committed change (0: none yet).
+    pub last_commit_ms: u64,
+    /// How far the last committed batch was behind its source: commit time - source time.
+    pub last_lag_ms: u64,
+}
+
+/// A source stream's position: the highest source sequence the cluster has applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub last_seq: u64,
+    pub last_source_ms: u64,
+    /// The commit index of the batch that moved the position last.
+    pub revision: u64,
+}
+
+/// One stream of changes from the vendor side (one agent feed). Validated like a slug, plus
+/// '_', '.' and ':' inside.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourceId(String);
+
+impl SourceId {
+    pub fn parse(value: &str) -> Result<Self, InputError> {
+        validate_slug("source id", value, SOURCE_ID_LEN_MAX, b"_.:")?;
+        Ok(Self(value.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One mirrored change of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub collection: Collection,
+    pub key: RecordKey,
+    /// The new value, or `None` for a delete.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    /// The position of this change in its source stream; strictly increasing within a stream.
+    pub seq: u64,
+    /// When the change happened at the source (ms since the Unix epoch).
+    pub source_ms: u64,
+}
+
+/// Checks an ingest batch's shape: non-empty, within limits, values valid and sequences
+/// strictly increasing.
+pub fn validate_changes(changes: &[Change]) -> Result<(), InputError> {
+    if changes.is_empty() {
+        return Err(InputError::Empty { field: "changes" });
+    }
+    if changes.len() > INGEST_CHANGES_MAX {
+        return Err(InputError::TooLarge {
+            field: "changes (count)",
+            len: changes.len(),
+            max: INGEST_CHANGES_MAX,
+        });
+    }
+    let bytes: usize = changes
+        .iter()
+        .map(|c| c.key.as_str().len() + c.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    if bytes > INGEST_BYTES_MAX {
+        return Err(InputError::TooLarge {
+            field: "changes (bytes)",
+            len: bytes,
+            max: INGEST_BYTES_MAX,
+        });
+    }
+    let mut previous = None;
+    for c in changes {
+        if let Some(v) = &c.value {
+            validate_value(v)?;
+        }
+        if c.seq == 0 {
+            return Err(InputError::Invalid {
+                field: "source sequence",
+                value: "0".into(),
+                reason: "sequences start at 1",
+            });
+        }
+        if previous.is_some_and(|p| c.seq <= p) {
+            return Err(InputError::Invalid {
+                field: "source sequence",
+                value: c.seq.to_string(),
+                reason: "sequences must strictly increase within a batch",
+            });
+        }
+        previous = Some(c.seq);
+    }
+    Ok(())
 }
 
 /// Node ids are never reused; 0 means "none" in wire formats, so real ids start at 1.

@@ -1,13 +1,20 @@
 //! The replicated state machine's logic: `apply(command) -> (mutations, outcome)`.
 //!
-//! Deterministic and IO-free: no clock, no randomness, no RocksDB. The store feeds it a read
-//! view and writes the returned mutations together with the last-applied index in one atomic
-//! batch. Business rejections are returned as [`Outcome::Rejected`] values, identical on every
-//! replica; they never panic and never fail the apply.
+//! Deterministic and IO-free: no clock, no randomness, no RocksDB. Time comes from the leader,
+//! stamped into [`Command::Timed`], and the store makes it monotonic before it reaches here. The
+//! store feeds `apply` a read view and writes the returned mutations together with the
+//! last-applied index in one atomic batch. Business rejections (unknown tenant, suspended
+//! tenant, invalid input) are returned as [`Outcome::Rejected`] values, identical on every
+//! replica; they never panic, never fail the apply, and change nothing.
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{validate_value, RecordPath, RecordVersion};
+use crate::domain::{
+    validate_changes, validate_value, Change, NamespaceStats, RecordPath, RecordVersion, SourceId,
+    SourcePosition, TenantId, TenantInfo, TenantState,
+};
 
 /// A command carried by the Raft log. Variants are only ever appended, never reordered or
 /// removed, so that old log entries keep decoding (the log encoding carries a format version).
@@ -24,6 +31,29 @@ pub enum Command {
     /// Concurrent client commands carried by one log entry (one fsync for all of them),
     /// applied in order; each gets its own outcome. Batches do not nest.
     Batch(Vec<Command>),
+    /// Like `Batch`, stamped with the proposing leader's clock (ms since the Unix epoch). The
+    /// store applies `max(at_ms, previous time)` so time never runs backwards across leaders.
+    Timed {
+        at_ms: u64,
+        commands: Vec<Command>,
+    },
+    /// Registers a tenant; its records, artifacts and figures live under its id only.
+    AddTenant {
+        tenant: TenantId,
+    },
+    /// Suspends a tenant (writes refused, data kept) or makes it active again.
+    SetTenantState {
+        tenant: TenantId,
+        state: TenantState,
+    },
+    /// A batch of mirrored changes from one source stream. Changes at or below the stream's
+    /// applied position are acknowledged without being applied again, so an agent that retries
+    /// (after a crash or a leader change) neither loses nor duplicates a change.
+    Ingest {
+        tenant: TenantId,
+        source: SourceId,
+        changes: Vec<Change>,
+    },
 }
 
 impl Command {
@@ -32,7 +62,14 @@ impl Command {
         match self {
             Command::PutRecord { path, value } => value.len() + path.key.as_str().len() + 128,
             Command::DeleteRecord { path } => path.key.as_str().len() + 128,
-            Command::Batch(cmds) => cmds.iter().map(Command::size_hint).sum(),
+            Command::Batch(cmds) | Command::Timed { commands: cmds, .. } => {
+                cmds.iter().map(Command::size_hint).sum()
+            }
+            Command::AddTenant { .. } | Command::SetTenantState { .. } => 128,
+            Command::Ingest { changes, .. } => changes
+                .iter()
+                .map(|c| c.key.as_str().len() + c.value.as_ref().map_or(0, Vec::len) + 128)
+                .sum(),
         }
     }
 }
@@ -52,36 +89,194 @@ pub enum Outcome {
     },
     /// A business rejection: the entry was applied as a no-op on every replica.
     Rejected {
+        kind: Rejection,
         reason: String,
     },
-    /// The outcomes of a [`Command::Batch`], in order.
+    /// The outcomes of a [`Command::Batch`] or [`Command::Timed`], in order.
     Batch(Vec<Outcome>),
+    /// A tenant after the command.
+    Tenant(TenantInfo),
+    /// An ingest batch: `applied` changes were new, `duplicates` had been applied before.
+    /// `revision` is the commit index that holds the batch's changes (the earlier one when
+    /// everything was a duplicate); `position` is the stream's applied position now.
+    Ingested {
+        revision: u64,
+        applied: u64,
+        duplicates: u64,
+        position: u64,
+    },
+}
+
+/// Why a command was refused, so the edge can pick the right status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The command's content is invalid (re-checked in the state machine).
+    Invalid,
+    /// It names a tenant that does not exist.
+    UnknownTenant,
+    /// It would create something that exists already.
+    AlreadyExists,
+    /// The current state does not allow it (a suspended tenant, a nested batch).
+    Refused,
 }
 
 /// A change for the store to write, in the same batch as the new last-applied index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
+    /// A new version of a record: becomes the latest and joins the record's history.
     PutRecord {
         path: RecordPath,
         version: RecordVersion,
     },
-    DeleteRecord {
-        path: RecordPath,
+    PutTenant(TenantInfo),
+    PutStats {
+        namespace: TenantId,
+        stats: NamespaceStats,
+    },
+    PutSource {
+        tenant: TenantId,
+        source: SourceId,
+        position: SourcePosition,
     },
 }
 
 /// What `apply` may read of the current state.
 pub trait LedgerView {
     type Error;
+    /// The latest version of a record, tombstones included.
     fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, Self::Error>;
+    fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, Self::Error>;
+    fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, Self::Error>;
+    fn source(&self, tenant: &TenantId, source: &SourceId) -> Result<SourcePosition, Self::Error>;
 }
 
-/// Applies one command at log index `index`. A [`Command::Batch`] is unrolled by the caller,
-/// which applies each inner command in order so later ones see earlier ones' effects; a batch
+/// Where and when a command is applied.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    /// The log index of the entry carrying the command.
+    pub index: u64,
+    /// The leader's time for the entry (monotonic), ms since the Unix epoch.
+    pub time_ms: u64,
+}
+
+fn reject(kind: Rejection, reason: impl Into<String>) -> (Vec<Mutation>, Outcome) {
+    (
+        Vec::new(),
+        Outcome::Rejected {
+            kind,
+            reason: reason.into(),
+        },
+    )
+}
+
+/// Whether writes into `namespace` are allowed: the vendor namespace always, a tenant only when
+/// registered and active.
+fn writable<V: LedgerView>(
+    view: &V,
+    namespace: &TenantId,
+) -> Result<Result<(), (Rejection, String)>, V::Error> {
+    if namespace.is_vendor() {
+        return Ok(Ok(()));
+    }
+    Ok(match view.tenant(namespace)? {
+        None => Err((
+            Rejection::UnknownTenant,
+            format!(
+                "unknown tenant {:?} (register it with `escrowctl tenant add {}`)",
+                namespace.as_str(),
+                namespace.as_str()
+            ),
+        )),
+        Some(t) if t.state == TenantState::Suspended => Err((
+            Rejection::Refused,
+            format!(
+                "tenant {:?} is suspended; writes are refused",
+                namespace.as_str()
+            ),
+        )),
+        Some(_) => Ok(()),
+    })
+}
+
+/// Record changes within one command: reads see the command's own earlier writes, and the
+/// namespace figures are updated as versions are added.
+struct RecordWriter<'v, V: LedgerView> {
+    view: &'v V,
+    stamp: Stamp,
+    stats: NamespaceStats,
+    latest: HashMap<RecordPath, Option<RecordVersion>>,
+    mutations: Vec<Mutation>,
+}
+
+impl<'v, V: LedgerView> RecordWriter<'v, V> {
+    fn new(view: &'v V, namespace: &TenantId, stamp: Stamp) -> Result<Self, V::Error> {
+        Ok(Self {
+            view,
+            stamp,
+            stats: view.stats(namespace)?,
+            latest: HashMap::new(),
+            mutations: Vec::new(),
+        })
+    }
+
+    fn latest(&mut self, path: &RecordPath) -> Result<Option<RecordVersion>, V::Error> {
+        if let Some(v) = self.latest.get(path) {
+            return Ok(v.clone());
+        }
+        let v = self.view.record(path)?;
+        self.latest.insert(path.clone(), v.clone());
+        Ok(v)
+    }
+
+    /// Adds a version; a delete of a record that is absent (or already deleted) adds nothing
+    /// and returns false.
+    fn change(&mut self, path: &RecordPath, value: Option<Vec<u8>>) -> Result<bool, V::Error> {
+        let previous = self.latest(path)?;
+        let live_len = previous
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+            .map(|v| v.len() as u64);
+        if value.is_none() && live_len.is_none() {
+            return Ok(false);
+        }
+        if let Some(len) = live_len {
+            self.stats.records -= 1;
+            self.stats.record_bytes -= len;
+        }
+        if let Some(v) = &value {
+            self.stats.records += 1;
+            self.stats.record_bytes += v.len() as u64;
+        }
+        self.stats.versions += 1;
+        self.stats.last_commit_ms = self.stamp.time_ms;
+        let version = RecordVersion {
+            revision: self.stamp.index,
+            time_ms: self.stamp.time_ms,
+            value,
+        };
+        self.latest.insert(path.clone(), Some(version.clone()));
+        self.mutations.push(Mutation::PutRecord {
+            path: path.clone(),
+            version,
+        });
+        Ok(true)
+    }
+
+    fn finish(mut self, namespace: &TenantId) -> Vec<Mutation> {
+        self.mutations.push(Mutation::PutStats {
+            namespace: namespace.clone(),
+            stats: self.stats,
+        });
+        self.mutations
+    }
+}
+
+/// Applies one command. [`Command::Batch`] and [`Command::Timed`] are unrolled by the store,
+/// which applies each inner command in order so later ones see earlier ones' effects; one
 /// reaching this function is nested and is rejected.
 pub fn apply<V: LedgerView>(
     view: &V,
-    index: u64,
+    stamp: Stamp,
     command: &Command,
 ) -> Result<(Vec<Mutation>, Outcome), V::Error> {
     match command {
@@ -89,43 +284,141 @@ pub fn apply<V: LedgerView>(
             // Inputs were validated at the edge; re-checking here keeps a bad entry (an old
             // binary, a bug) from ever reaching the store, with the same answer everywhere.
             if let Err(e) = validate_value(value) {
-                return Ok((
-                    Vec::new(),
-                    Outcome::Rejected {
-                        reason: e.to_string(),
-                    },
-                ));
+                return Ok(reject(Rejection::Invalid, e.to_string()));
             }
-            let version = RecordVersion {
-                revision: index,
-                value: value.clone(),
-            };
+            if let Err((kind, reason)) = writable(view, &path.tenant)? {
+                return Ok(reject(kind, reason));
+            }
+            let mut w = RecordWriter::new(view, &path.tenant, stamp)?;
+            w.change(path, Some(value.clone()))?;
             Ok((
-                vec![Mutation::PutRecord {
-                    path: path.clone(),
-                    version,
-                }],
-                Outcome::Written { revision: index },
+                w.finish(&path.tenant),
+                Outcome::Written {
+                    revision: stamp.index,
+                },
             ))
         }
-        Command::Batch(_) => Ok((
-            Vec::new(),
-            Outcome::Rejected {
-                reason: "batches do not nest".into(),
-            },
-        )),
         Command::DeleteRecord { path } => {
-            let existed = view.record(path)?.is_some();
+            if let Err((kind, reason)) = writable(view, &path.tenant)? {
+                return Ok(reject(kind, reason));
+            }
+            let mut w = RecordWriter::new(view, &path.tenant, stamp)?;
+            let existed = w.change(path, None)?;
             let mutations = if existed {
-                vec![Mutation::DeleteRecord { path: path.clone() }]
+                w.finish(&path.tenant)
             } else {
                 Vec::new()
             };
             Ok((
                 mutations,
                 Outcome::Deleted {
-                    revision: index,
+                    revision: stamp.index,
                     existed,
+                },
+            ))
+        }
+        Command::Batch(_) | Command::Timed { .. } => {
+            Ok(reject(Rejection::Refused, "batches do not nest"))
+        }
+        Command::AddTenant { tenant } => {
+            if tenant.is_vendor() {
+                return Ok(reject(
+                    Rejection::Invalid,
+                    format!(
+                        "{:?} is the shared vendor namespace, not a tenant",
+                        tenant.as_str()
+                    ),
+                ));
+            }
+            if view.tenant(tenant)?.is_some() {
+                return Ok(reject(
+                    Rejection::AlreadyExists,
+                    format!("tenant {:?} already exists", tenant.as_str()),
+                ));
+            }
+            let info = TenantInfo {
+                id: tenant.clone(),
+                state: TenantState::Active,
+                created_index: stamp.index,
+                created_ms: stamp.time_ms,
+            };
+            Ok((
+                vec![Mutation::PutTenant(info.clone())],
+                Outcome::Tenant(info),
+            ))
+        }
+        Command::SetTenantState { tenant, state } => match view.tenant(tenant)? {
+            None => Ok(reject(
+                Rejection::UnknownTenant,
+                format!("unknown tenant {:?}", tenant.as_str()),
+            )),
+            Some(mut info) => {
+                info.state = *state;
+                Ok((
+                    vec![Mutation::PutTenant(info.clone())],
+                    Outcome::Tenant(info),
+                ))
+            }
+        },
+        Command::Ingest {
+            tenant,
+            source,
+            changes,
+        } => {
+            if let Err(e) = validate_changes(changes) {
+                return Ok(reject(Rejection::Invalid, e.to_string()));
+            }
+            if let Err((kind, reason)) = writable(view, tenant)? {
+                return Ok(reject(kind, reason));
+            }
+            let mut position = view.source(tenant, source)?;
+            let mut w = RecordWriter::new(view, tenant, stamp)?;
+            let (mut applied, mut duplicates) = (0u64, 0u64);
+            let mut newest_source_ms = 0;
+            for c in changes {
+                if c.seq <= position.last_seq {
+                    duplicates += 1;
+                    continue;
+                }
+                let path = RecordPath {
+                    tenant: tenant.clone(),
+                    collection: c.collection.clone(),
+                    key: c.key.clone(),
+                };
+                w.change(&path, c.value.clone())?;
+                position.last_seq = c.seq;
+                newest_source_ms = newest_source_ms.max(c.source_ms);
+                applied += 1;
+            }
+            if applied == 0 {
+                return Ok((
+                    Vec::new(),
+                    Outcome::Ingested {
+                        revision: position.revision,
+                        applied,
+                        duplicates,
+                        position: position.last_seq,
+                    },
+                ));
+            }
+            position.revision = stamp.index;
+            position.last_source_ms = position.last_source_ms.max(newest_source_ms);
+            w.stats.last_source_ms = w.stats.last_source_ms.max(newest_source_ms);
+            w.stats.last_commit_ms = stamp.time_ms;
+            w.stats.last_lag_ms = stamp.time_ms.saturating_sub(newest_source_ms);
+            let mut mutations = w.finish(tenant);
+            mutations.push(Mutation::PutSource {
+                tenant: tenant.clone(),
+                source: source.clone(),
+                position: position.clone(),
+            });
+            Ok((
+                mutations,
+                Outcome::Ingested {
+                    revision: stamp.index,
+                    applied,
+                    duplicates,
+                    position: position.last_seq,
                 },
             ))
         }
@@ -135,14 +428,67 @@ pub fn apply<V: LedgerView>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Collection, RecordKey};
     use std::collections::HashMap;
 
-    struct MapView(HashMap<RecordPath, RecordVersion>);
+    /// An in-memory view that applies mutations, so tests can chain commands.
+    #[derive(Default)]
+    struct MapView {
+        records: HashMap<RecordPath, RecordVersion>,
+        tenants: HashMap<TenantId, TenantInfo>,
+        stats: HashMap<TenantId, NamespaceStats>,
+        sources: HashMap<(TenantId, SourceId), SourcePosition>,
+    }
 
     impl LedgerView for MapView {
         type Error = std::convert::Infallible;
         fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, Self::Error> {
-            Ok(self.0.get(path).cloned())
+            Ok(self.records.get(path).cloned())
+        }
+        fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, Self::Error> {
+            Ok(self.tenants.get(id).cloned())
+        }
+        fn stats(&self, ns: &TenantId) -> Result<NamespaceStats, Self::Error> {
+            Ok(self.stats.get(ns).cloned().unwrap_or_default())
+        }
+        fn source(&self, t: &TenantId, s: &SourceId) -> Result<SourcePosition, Self::Error> {
+            Ok(self
+                .sources
+                .get(&(t.clone(), s.clone()))
+                .cloned()
+                .unwrap_or_default())
+        }
+    }
+
+    impl MapView {
+        fn run(&mut self, index: u64, command: &Command) -> (usize, Outcome) {
+            let stamp = Stamp {
+                index,
+                time_ms: 1_000 * index,
+            };
+            let (mutations, outcome) = apply(self, stamp, command).unwrap();
+            let n = mutations.len();
+            for m in mutations {
+                match m {
+                    Mutation::PutRecord { path, version } => {
+                        self.records.insert(path, version);
+                    }
+                    Mutation::PutTenant(t) => {
+                        self.tenants.insert(t.id.clone(), t);
+                    }
+                    Mutation::PutStats { namespace, stats } => {
+                        self.stats.insert(namespace, stats);
+                    }
+                    Mutation::PutSource {
+                        tenant,
+                        source,
+                        position,
+                    } => {
+                        self.sources.insert((tenant, source), position);
+                    }
+                }
+            }
+            (n, outcome)
         }
     }
 
@@ -150,29 +496,56 @@ mod tests {
         RecordPath::parse("acme", "orders", key).unwrap()
     }
 
-    // Goal: a put stamps the commit index as revision; a delete reports whether the record
-    // existed; an invalid value is rejected as a value, not an error.
-    #[test]
-    fn apply_is_deterministic_and_rejects_by_value() {
-        let mut view = MapView(HashMap::new());
-        let (m, o) = apply(
-            &view,
-            7,
-            &Command::PutRecord {
-                path: path("a"),
-                value: b"v".to_vec(),
-            },
-        )
-        .unwrap();
-        assert_eq!(o, Outcome::Written { revision: 7 });
-        let Mutation::PutRecord { version, .. } = &m[0] else {
-            panic!("expected a put")
-        };
-        assert_eq!(version.revision, 7);
-        view.0.insert(path("a"), version.clone());
+    fn acme() -> TenantId {
+        TenantId::parse("acme").unwrap()
+    }
 
-        let (m, o) = apply(&view, 8, &Command::DeleteRecord { path: path("a") }).unwrap();
-        assert_eq!(m.len(), 1);
+    fn change(key: &str, value: Option<&str>, seq: u64) -> Change {
+        Change {
+            collection: Collection::parse("orders").unwrap(),
+            key: RecordKey::parse(key).unwrap(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            seq,
+            source_ms: 500 * seq,
+        }
+    }
+
+    // Goal: writes need a registered, active tenant; a put stamps index and time; a delete
+    // leaves a tombstone and reports whether the record existed; an invalid value is rejected
+    // as a value, not an error, and changes nothing.
+    #[test]
+    fn records_need_an_active_tenant_and_keep_tombstones() {
+        let mut view = MapView::default();
+        let put = |k: &str, v: &str| Command::PutRecord {
+            path: path(k),
+            value: v.as_bytes().to_vec(),
+        };
+        let (n, o) = view.run(1, &put("a", "v"));
+        assert_eq!(n, 0);
+        assert!(matches!(o, Outcome::Rejected { reason, .. } if reason.contains("unknown tenant")));
+
+        let (_, o) = view.run(2, &Command::AddTenant { tenant: acme() });
+        assert!(matches!(o, Outcome::Tenant(_)));
+        let (_, o) = view.run(3, &Command::AddTenant { tenant: acme() });
+        assert!(matches!(o, Outcome::Rejected { reason, .. } if reason.contains("already exists")));
+        let (_, o) = view.run(
+            4,
+            &Command::AddTenant {
+                tenant: TenantId::vendor(),
+            },
+        );
+        assert!(matches!(o, Outcome::Rejected { .. }));
+
+        assert_eq!(
+            view.run(7, &put("a", "v")).1,
+            Outcome::Written { revision: 7 }
+        );
+        let v = view.records[&path("a")].clone();
+        assert_eq!((v.revision, v.time_ms), (7, 7_000));
+        assert_eq!(view.stats[&acme()].records, 1);
+
+        let (n, o) = view.run(8, &Command::DeleteRecord { path: path("a") });
+        assert!(n > 0);
         assert_eq!(
             o,
             Outcome::Deleted {
@@ -180,8 +553,11 @@ mod tests {
                 existed: true
             }
         );
-        let (m, o) = apply(&view, 9, &Command::DeleteRecord { path: path("b") }).unwrap();
-        assert!(m.is_empty());
+        assert!(view.records[&path("a")].is_tombstone());
+        assert_eq!(view.stats[&acme()].records, 0);
+        assert_eq!(view.stats[&acme()].versions, 2);
+        let (n, o) = view.run(9, &Command::DeleteRecord { path: path("a") });
+        assert_eq!(n, 0);
         assert_eq!(
             o,
             Outcome::Deleted {
@@ -190,16 +566,95 @@ mod tests {
             }
         );
 
-        let (m, o) = apply(
-            &view,
-            10,
-            &Command::PutRecord {
-                path: path("c"),
-                value: Vec::new(),
-            },
-        )
-        .unwrap();
-        assert!(m.is_empty());
+        let (n, o) = view.run(10, &put("c", ""));
+        assert_eq!(n, 0);
         assert!(matches!(o, Outcome::Rejected { .. }));
+
+        view.run(
+            11,
+            &Command::SetTenantState {
+                tenant: acme(),
+                state: TenantState::Suspended,
+            },
+        );
+        let (n, o) = view.run(12, &put("d", "v"));
+        assert_eq!(n, 0);
+        assert!(matches!(o, Outcome::Rejected { reason, .. } if reason.contains("suspended")));
+    }
+
+    // Goal: an ingest batch applied twice (an agent retrying) applies each change once; an
+    // overlapping batch applies only the new tail; a bad batch changes nothing.
+    #[test]
+    fn ingest_is_idempotent_per_source_position() {
+        let mut view = MapView::default();
+        view.run(1, &Command::AddTenant { tenant: acme() });
+        let source = SourceId::parse("crm").unwrap();
+        let batch = |changes: Vec<Change>| Command::Ingest {
+            tenant: acme(),
+            source: source.clone(),
+            changes,
+        };
+        let first = batch(vec![
+            change("a", Some("1"), 1),
+            change("a", Some("2"), 2),
+            change("b", Some("x"), 3),
+        ]);
+        let (_, o) = view.run(5, &first);
+        assert_eq!(
+            o,
+            Outcome::Ingested {
+                revision: 5,
+                applied: 3,
+                duplicates: 0,
+                position: 3
+            }
+        );
+        assert_eq!(view.stats[&acme()].versions, 3);
+        assert_eq!(view.stats[&acme()].last_source_ms, 1_500);
+        assert_eq!(view.stats[&acme()].last_lag_ms, 5_000 - 1_500);
+
+        let (n, o) = view.run(6, &first);
+        assert_eq!(n, 0, "a retried batch writes nothing");
+        assert_eq!(
+            o,
+            Outcome::Ingested {
+                revision: 5,
+                applied: 0,
+                duplicates: 3,
+                position: 3
+            }
+        );
+
+        let (_, o) = view.run(
+            7,
+            &batch(vec![change("b", Some("y"), 3), change("b", None, 4)]),
+        );
+        assert_eq!(
+            o,
+            Outcome::Ingested {
+                revision: 7,
+                applied: 1,
+                duplicates: 1,
+                position: 4
+            }
+        );
+        assert!(view.records[&path("b")].is_tombstone());
+        assert_eq!(view.stats[&acme()].records, 1);
+
+        for bad in [
+            batch(vec![change("c", Some("1"), 9), change("c", Some("2"), 9)]),
+            batch(vec![change("c", Some(""), 10)]),
+            batch(Vec::new()),
+            Command::Ingest {
+                tenant: TenantId::parse("nobody").unwrap(),
+                source: source.clone(),
+                changes: vec![change("c", Some("1"), 10)],
+            },
+        ] {
+            let (n, o) = view.run(8, &bad);
+            assert_eq!(n, 0);
+            assert!(matches!(o, Outcome::Rejected { .. }), "{o:?}");
+        }
+        assert_eq!(view.sources[&(acme(), source)].last_seq, 4);
     }
 }

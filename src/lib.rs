@@ -13,6 +13,7 @@ pub mod domain;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod mirror;
 pub mod node;
 pub mod pki;
 pub mod raft;

@@ -18,6 +18,7 @@ use crate::raft::network::{Faults, NetworkFactory, PeerClients, PEER_MESSAGE_BYT
 use crate::raft::{NodeId, Raft};
 use crate::service::client::{ClusterService, RecordsService};
 use crate::service::peer::PeerService;
+use crate::service::tenants::TenantsService;
 use crate::service::Core;
 use crate::store::{LogStore, StateMachineStore};
 
@@ -28,16 +29,34 @@ use crate::store::{LogStore, StateMachineStore};
 pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 4;
 
 /// The largest single Raft entry the node can build: a batch, or one command at the limits.
-const ENTRY_BYTES_MAX: usize = if crate::service::BATCH_BYTES_MAX > crate::domain::VALUE_LEN_MAX {
-    crate::service::BATCH_BYTES_MAX
-} else {
-    crate::domain::VALUE_LEN_MAX
-} + 64 * 1024;
+const ENTRY_BYTES_MAX: usize = max(
+    crate::service::BATCH_BYTES_MAX,
+    max(
+        crate::domain::VALUE_LEN_MAX,
+        crate::domain::INGEST_BYTES_MAX,
+    ),
+) + ENVELOPE_BYTES_MAX;
+/// Encoding overhead of the largest command around its keys and values (names, sequences and
+/// lengths of up to `INGEST_CHANGES_MAX` changes).
+const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;
+const _: () = assert!(crate::domain::INGEST_CHANGES_MAX * 128 <= ENVELOPE_BYTES_MAX);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 const _: () =
     assert!(RAFT_PAYLOAD_ENTRIES_MAX as usize * ENTRY_BYTES_MAX <= PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(PEER_MESSAGE_BYTES_MAX as u64 <= crate::raft::codec::DECODE_LEN_MAX);
-/// Largest client message, in bytes: a record value at its limit plus the envelope.
-pub const CLIENT_MESSAGE_BYTES_MAX: usize = crate::domain::VALUE_LEN_MAX + 64 * 1024;
+/// Largest client message, in bytes: an ingest batch (or a record value) at its limit plus the
+/// envelope.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = max(
+    crate::domain::VALUE_LEN_MAX,
+    crate::domain::INGEST_BYTES_MAX,
+) + ENVELOPE_BYTES_MAX;
 /// Concurrent client requests per connection.
 const CLIENT_CONCURRENCY_PER_CONNECTION: usize = 256;
 /// Shortest interval between two refreshes of the Prometheus gauges.
@@ -131,6 +150,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         proposer,
         id,
         cluster_name: config.cluster_name.clone(),
+        mirror: config.mirror.clone(),
         raft: raft.clone(),
         reader,
         peers,
@@ -190,6 +210,10 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
+    let tenants = pb::tenants_server::TenantsServer::with_interceptor(
+        TenantsService { core: core.clone() },
+        check.clone(),
+    );
     let cluster = pb::cluster_server::ClusterServer::with_interceptor(
         ClusterService { core: core.clone() },
         check,
@@ -199,6 +223,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(CLIENT_CONCURRENCY_PER_CONNECTION)
         .add_service(records)
+        .add_service(tenants)
         .add_service(cluster)
         .serve_with_incoming_shutdown(incoming(client_listener), stop(shutdown_rx.clone()));
     tasks.push(tokio::spawn(async move {

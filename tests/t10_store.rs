@@ -10,7 +10,7 @@ use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::StoreBuilder;
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
-use escrow::domain::RecordPath;
+use escrow::domain::{RecordPath, TenantId};
 use escrow::ledger::{Command, Outcome};
 use escrow::raft::{Entry, LogId, StorageError, TypeConfig, Vote};
 use escrow::store::{LogStore, StateMachineStore};
@@ -38,9 +38,31 @@ fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, 1), index)
 }
 
-/// Puts of `k{i}` = `value-k{i}` at indexes `range`, term 1.
+/// Puts of `k{i}` = `value-k{i}` at indexes `range`, term 1; index 1 registers the tenant
+/// the puts write into instead.
 fn puts(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
-    range.map(|i| put_entry(1, i, &format!("k{i}"))).collect()
+    range
+        .map(|i| {
+            if i == 1 {
+                Entry {
+                    log_id: log_id(1, 1),
+                    payload: EntryPayload::Normal(Command::AddTenant {
+                        tenant: TenantId::parse("acme").unwrap(),
+                    }),
+                }
+            } else {
+                put_entry(1, i, &format!("k{i}"))
+            }
+        })
+        .collect()
+}
+
+/// The live value of a record, if any (tombstones read as absent).
+fn live(reader: &escrow::store::SmReader, key: &str) -> Option<Vec<u8>> {
+    reader
+        .get_record(&RecordPath::parse("acme", "orders", key).unwrap())
+        .unwrap()
+        .and_then(|v| v.value)
 }
 
 fn put_entry(term: u64, index: u64, key: &str) -> Entry {
@@ -167,12 +189,19 @@ async fn t13_reopen_keeps_log_vote_and_state() {
         .get_record(&RecordPath::parse("acme", "orders", "k8").unwrap())
         .unwrap()
         .expect("k8 present");
-    assert_eq!(k8.value, b"value-k8");
+    assert_eq!(k8.value.as_deref(), Some(&b"value-k8"[..]));
     assert_eq!(k8.revision, 8);
-    assert!(reader
-        .get_record(&RecordPath::parse("acme", "orders", "k7").unwrap())
-        .unwrap()
-        .is_none());
+    assert_eq!(live(&reader, "k7"), None, "k7 was deleted");
+    let k7 = reader
+        .record_history(
+            &RecordPath::parse("acme", "orders", "k7").unwrap(),
+            None,
+            10,
+            1 << 20,
+        )
+        .unwrap();
+    assert_eq!(k7.len(), 2, "the put and its tombstone are both in history");
+    assert!(k7[0].1.is_tombstone());
     // Tenants are separate keyspaces: the same collection and key under another tenant is empty.
     assert!(reader
         .get_record(&RecordPath::parse("acme-corp", "orders", "k8").unwrap())
@@ -212,12 +241,12 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     let follower = StateMachineStore::open(follower_dir.path()).unwrap();
     let reader = follower.reader();
     assert_eq!(reader.applied_index(), 20);
-    for i in 1..=20 {
-        let r = reader
-            .get_record(&RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap())
-            .unwrap()
-            .expect("record from snapshot");
-        assert_eq!(r.value, format!("value-k{i}").into_bytes());
+    for i in 2..=20 {
+        assert_eq!(
+            live(&reader, &format!("k{i}")),
+            Some(format!("value-k{i}").into_bytes()),
+            "k{i} from the snapshot"
+        );
     }
 }
 
@@ -229,6 +258,9 @@ async fn t15_batched_commands_apply_in_order() {
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
     let batch = Command::Batch(vec![
+        Command::AddTenant {
+            tenant: TenantId::parse("acme").unwrap(),
+        },
         Command::PutRecord {
             path: path("a"),
             value: b"1".to_vec(),
@@ -257,6 +289,8 @@ async fn t15_batched_commands_apply_in_order() {
     let Outcome::Batch(inner) = &outcomes[0] else {
         panic!("expected batch outcome: {outcomes:?}")
     };
+    assert!(matches!(inner[0], Outcome::Tenant(_)));
+    let inner = &inner[1..];
     assert_eq!(inner[0], Outcome::Written { revision: 1 });
     assert_eq!(
         inner[1],
@@ -282,8 +316,8 @@ async fn t15_batched_commands_apply_in_order() {
         "nested batch is rejected"
     );
     let reader = sm.reader();
-    assert!(reader.get_record(&path("a")).unwrap().is_none());
-    assert_eq!(reader.get_record(&path("b")).unwrap().unwrap().value, b"2");
+    assert_eq!(live(&reader, "a"), None);
+    assert_eq!(live(&reader, "b"), Some(b"2".to_vec()));
     assert!(reader.get_record(&path("c")).unwrap().is_none());
 }
 

@@ -278,10 +278,10 @@ async fn t24_large_values_reach_a_lagging_follower() {
     cluster.wait_applied(last).await;
     let node = cluster.node(fi);
     for i in 0..12u8 {
-        let got = local_record(node, "blobs", &format!("big-{i}")).expect("replicated");
-        assert_eq!(got.value.len(), VALUE_LEN_MAX);
+        let (_, got) = local_record(node, "blobs", &format!("big-{i}")).expect("replicated");
+        assert_eq!(got.len(), VALUE_LEN_MAX);
         assert!(
-            got.value.iter().all(|b| *b == i),
+            got.iter().all(|b| *b == i),
             "big-{i} corrupted on the follower"
         );
     }

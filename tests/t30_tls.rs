@@ -106,7 +106,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
             collection: "c".into(),
             key: "k".into(),
         }),
-        consistency: 0,
+        ..Default::default()
     };
     let err = records.get(get()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);

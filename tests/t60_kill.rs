@@ -54,6 +54,7 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
         client.cluster_status().await.ok().and_then(|s| s.leader)
     })
     .await;
+    add_tenant(&client, TENANT).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();

@@ -198,10 +198,22 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
         "--key",
         "dev-1",
     ];
-    let out = escrowctl(
-        &cfg,
-        &[&["record", "put"][..], &rec, &["--value", "kept", "--json"]].concat(),
+    let put = [&["record", "put"][..], &rec, &["--value", "kept", "--json"]].concat();
+    // A tenant must be registered before anything is written into it.
+    let out = escrowctl(&cfg, &put);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown tenant"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let out = escrowctl(&cfg, &["tenant", "add", "acme", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let tenant: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tenant["state"], "active");
+    let out = escrowctl(&cfg, &put);
     assert!(
         out.status.success(),
         "{}",

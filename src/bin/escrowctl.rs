@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use escrow::client::{ClientConfig, EscrowClient};
+use escrow::client::{record_ref, ClientConfig, EscrowClient, TenantOp};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -36,6 +36,17 @@ enum Cmd {
     /// Records of a tenant collection.
     #[command(subcommand)]
     Record(RecordCmd),
+    /// Tenants (ops): register, suspend, resume, show, list.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Freshness of every tenant and the vendor namespace.
+    Status {
+        /// Serve from the answering node's applied state (may be stale).
+        #[arg(long)]
+        local: bool,
+    },
+    /// The mirror agent: keeps the escrow current from the vendor side.
+    Mirror(MirrorArgs),
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -89,10 +100,17 @@ enum RecordCmd {
         #[arg(long)]
         file: Option<PathBuf>,
     },
-    /// Read a record (linearizable unless --local).
+    /// Read a record (linearizable unless --local): the latest version, the one at a
+    /// revision, or the one as of a time.
     Get {
         #[command(flatten)]
         record: RecordRef,
+        /// The version at this revision (the newest at or below it).
+        #[arg(long, conflicts_with = "as_of")]
+        revision: Option<u64>,
+        /// The version as of this time (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+        #[arg(long)]
+        as_of: Option<String>,
         /// Serve from the answering node's applied state (may be stale).
         #[arg(long)]
         local: bool,
@@ -100,11 +118,71 @@ enum RecordCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Delete a record.
+    /// Delete a record (a tombstone version; history is kept).
     Delete {
         #[command(flatten)]
         record: RecordRef,
     },
+    /// A record's versions, newest first, deletes included.
+    History {
+        #[command(flatten)]
+        record: RecordRef,
+        /// At most this many versions.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only versions older than this revision (for paging).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+        /// Serve from the answering node's applied state (may be stale).
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Register a tenant (a slug: lowercase letters, digits, '-').
+    Add { tenant: String },
+    /// Every tenant with its state and freshness.
+    List,
+    /// One tenant with its state and freshness.
+    Show { tenant: String },
+    /// Refuse writes into a tenant; everything held stays readable.
+    Suspend { tenant: String },
+    /// Accept writes into a suspended tenant again.
+    Resume { tenant: String },
+}
+
+#[derive(Args)]
+struct MirrorArgs {
+    /// Follow a feed of change events (one JSON object per line; "-" for stdin).
+    #[arg(long, requires = "tenant", conflicts_with = "dir")]
+    records: Option<PathBuf>,
+    /// The tenant the record feed belongs to.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Mirror a directory tree as artifacts.
+    #[arg(long, requires = "namespace")]
+    dir: Option<PathBuf>,
+    /// The namespace (a tenant or "vendor") for --dir.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Name of this source stream (sequences are counted per tenant and source).
+    #[arg(long, default_value = "records")]
+    source: String,
+    /// Where the agent checkpoints its position. Default: under $XDG_STATE_HOME (or
+    /// ~/.local/state)/escrow/.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Read to the end (or do one pass) and exit instead of following.
+    #[arg(long)]
+    once: bool,
+    /// Changes per batch.
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// No progress display.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -277,20 +355,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("written at revision {revision}"),
             );
         }
-        Cmd::Record(RecordCmd::Get { record, local, out }) => {
+        Cmd::Record(RecordCmd::Get {
+            record,
+            local,
+            out,
+            revision,
+            as_of,
+        }) => {
+            let as_of_ms = match as_of {
+                Some(t) => parse_time(t)?,
+                None => 0,
+            };
             let r = client
-                .get(&record.tenant, &record.collection, &record.key, *local)
+                .get_at(
+                    record_ref(&record.tenant, &record.collection, &record.key),
+                    *local,
+                    revision.unwrap_or(0),
+                    as_of_ms,
+                )
                 .await?;
             if !r.found {
                 if cli.json {
-                    println!("{}", json!({ "found": false, "read_index": r.read_index }));
+                    println!(
+                        "{}",
+                        json!({ "found": false, "deleted": r.deleted, "revision": r.revision, "read_index": r.read_index })
+                    );
                     return Ok(());
                 }
                 anyhow::bail!(
-                    "not found: {}/{}/{}",
+                    "not found: {}/{}/{}{}",
                     record.tenant,
                     record.collection,
-                    record.key
+                    record.key,
+                    if r.deleted {
+                        format!(" (deleted at revision {})", r.revision)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if let Some(path) = out {
@@ -300,7 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let value = String::from_utf8(r.value.clone()).ok();
                 println!(
                     "{}",
-                    json!({ "found": true, "revision": r.revision, "read_index": r.read_index, "size": r.value.len(), "value": value })
+                    json!({ "found": true, "revision": r.revision, "time": format_ms(r.time_ms), "time_ms": r.time_ms, "read_index": r.read_index, "size": r.value.len(), "value": value })
                 );
             } else if out.is_none() {
                 use std::io::Write;
@@ -321,6 +422,117 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             );
         }
+        Cmd::Record(RecordCmd::History {
+            record,
+            limit,
+            before,
+            local,
+        }) => {
+            let r = client
+                .history(
+                    record_ref(&record.tenant, &record.collection, &record.key),
+                    *local,
+                    (*before != 0).then_some((*before, 0)),
+                    *limit,
+                )
+                .await?;
+            let versions: Vec<_> = r
+                .versions
+                .iter()
+                .map(|v| {
+                    json!({
+                        "revision": v.revision,
+                        "time": format_ms(v.time_ms),
+                        "time_ms": v.time_ms,
+                        "deleted": v.deleted,
+                        "size": v.value.len(),
+                        "value": (!v.deleted).then(|| String::from_utf8(v.value.clone()).ok()).flatten(),
+                    })
+                })
+                .collect();
+            let human = r
+                .versions
+                .iter()
+                .map(|v| {
+                    format!(
+                        "revision {:<10} {}  {}",
+                        v.revision,
+                        format_ms(v.time_ms),
+                        if v.deleted {
+                            "deleted".to_string()
+                        } else {
+                            format!("{} bytes", v.value.len())
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(
+                cli.json,
+                json!({ "versions": versions, "read_index": r.read_index }),
+                if human.is_empty() {
+                    "no versions".into()
+                } else {
+                    human
+                },
+            );
+        }
+        Cmd::Tenant(TenantCmd::List) => {
+            let r = client.tenants(false).await?;
+            let docs: Vec<_> = r.tenants.iter().map(tenant_json).collect();
+            let human = r
+                .tenants
+                .iter()
+                .chain(r.vendor.iter())
+                .map(tenant_line)
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(
+                cli.json,
+                json!({ "tenants": docs, "read_index": r.read_index }),
+                human,
+            );
+        }
+        Cmd::Tenant(cmd) => {
+            let (op, tenant) = match cmd {
+                TenantCmd::Add { tenant } => (TenantOp::Add, tenant),
+                TenantCmd::Show { tenant } => (TenantOp::Show, tenant),
+                TenantCmd::Suspend { tenant } => (TenantOp::Suspend, tenant),
+                TenantCmd::Resume { tenant } => (TenantOp::Resume, tenant),
+                TenantCmd::List => unreachable!("handled above"),
+            };
+            let t = client.tenant(op, tenant).await?;
+            print(cli.json, tenant_json(&t), tenant_line(&t));
+        }
+        Cmd::Status { local } => {
+            let r = client.tenants(*local).await?;
+            let all: Vec<&escrow::pb::Tenant> = r.tenants.iter().chain(r.vendor.iter()).collect();
+            let stale: Vec<&str> = all
+                .iter()
+                .filter(|t| t.state != "suspended" && t.freshness.as_ref().is_some_and(|f| f.stale))
+                .map(|t| t.id.as_str())
+                .collect();
+            let doc = json!({
+                "namespaces": all.iter().map(|t| tenant_json(t)).collect::<Vec<_>>(),
+                "stale": stale,
+                "stale_after_s": r.stale_after_s,
+                "read_index": r.read_index,
+            });
+            let mut human = all
+                .iter()
+                .map(|t| tenant_line(t))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !stale.is_empty() {
+                human.push_str(&format!(
+                    "\nWARNING: silent for more than {}s: {}",
+                    r.stale_after_s,
+                    stale.join(", ")
+                ));
+            }
+            print(cli.json, doc, human);
+        }
+        Cmd::Mirror(args) => mirror(&client, args, cli.json).await?,
         Cmd::Bench(BenchCmd::Put {
             clients,
             value_size,
@@ -348,6 +560,143 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.json, serde_json::to_value(&report)?, report.line());
         }
     }
+    Ok(())
+}
+
+/// RFC 3339 text to ms since the Unix epoch.
+fn parse_time(text: &str) -> anyhow::Result<u64> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            anyhow::anyhow!("--as-of {text:?} is not RFC 3339 (e.g. 2026-11-22T10:00:00Z): {e}")
+        })?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| anyhow::anyhow!("--as-of {text:?} is before 1970"))
+}
+
+/// ms since the Unix epoch as RFC 3339 text ("never" for 0).
+fn format_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn tenant_json(t: &escrow::pb::Tenant) -> serde_json::Value {
+    let f = t.freshness.unwrap_or_default();
+    json!({
+        "id": t.id,
+        "state": t.state,
+        "created_index": t.created_index,
+        "records": f.records,
+        "record_bytes": f.record_bytes,
+        "versions": f.versions,
+        "last_source": format_ms(f.last_source_ms),
+        "last_source_ms": f.last_source_ms,
+        "last_commit": format_ms(f.last_commit_ms),
+        "last_commit_ms": f.last_commit_ms,
+        "lag_ms": f.lag_ms,
+        "silent_ms": f.silent_ms,
+        "stale": f.stale,
+    })
+}
+
+fn tenant_line(t: &escrow::pb::Tenant) -> String {
+    let f = t.freshness.unwrap_or_default();
+    format!(
+        "{:<20} {:<9} records {:<8} bytes {:<12} last source {}  lag {} ms{}",
+        t.id,
+        t.state,
+        f.records,
+        f.record_bytes,
+        format_ms(f.last_source_ms),
+        f.lag_ms,
+        if f.stale { "  STALE" } else { "" }
+    )
+}
+
+/// The default state file of a feed: one per tenant and source.
+fn default_state_file(tenant: &str, source: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("escrow")
+        .join(format!("mirror-records-{tenant}-{source}.json"))
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl escrow::mirror::records::Progress for Bar {
+    fn update(&self, r: &escrow::mirror::records::FeedReport) {
+        self.0.set_message(format!(
+            "{} lines, {} applied, {} duplicates, position {}",
+            r.lines, r.applied, r.duplicates, r.position
+        ));
+        self.0.tick();
+    }
+}
+
+async fn mirror(client: &EscrowClient, args: &MirrorArgs, json_out: bool) -> anyhow::Result<()> {
+    use escrow::mirror::records::{run_feed, FeedOptions, Progress};
+    use std::io::IsTerminal;
+    if args.dir.is_some() {
+        anyhow::bail!("mirroring a directory (--dir) is not built yet; --records is");
+    }
+    let Some(feed) = &args.records else {
+        anyhow::bail!("give --records FILE|- --tenant T (or --dir DIR --namespace NS)");
+    };
+    let tenant = args.tenant.clone().unwrap_or_default();
+    escrow::domain::TenantId::parse(&tenant)?;
+    escrow::domain::SourceId::parse(&args.source)?;
+    let options = FeedOptions {
+        feed: (feed.as_os_str() != "-").then(|| feed.clone()),
+        state_file: args
+            .state
+            .clone()
+            .unwrap_or_else(|| default_state_file(&tenant, &args.source)),
+        tenant,
+        source: args.source.clone(),
+        once: args.once,
+        batch_changes: args.batch,
+    };
+    let show_bar = !args.quiet && !json_out && std::io::stderr().is_terminal();
+    let bar: Box<dyn Progress> = if show_bar {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(Duration::from_millis(200));
+        Box::new(Bar(pb))
+    } else {
+        Box::new(())
+    };
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let report = run_feed(client, &options, bar.as_ref(), stop).await?;
+    drop(bar);
+    print(
+        json_out,
+        serde_json::to_value(&report)?,
+        format!(
+            "{} lines read, {} changes applied, {} duplicates skipped, position {}",
+            report.lines, report.applied, report.duplicates, report.position
+        ),
+    );
     Ok(())
 }
 

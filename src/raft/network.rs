@@ -23,7 +23,6 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::codec;
 use super::{EscrowNode, NodeId, Snapshot, TypeConfig, Vote};
-use crate::domain::{RecordPath, RecordVersion};
 use crate::ledger::{Command, Outcome};
 use crate::pb;
 
@@ -68,17 +67,16 @@ impl Faults {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardRequest {
     Write(Command),
-    Read(RecordPath),
+    /// "Confirm leadership with a quorum and tell me your applied index": a follower then
+    /// serves a linearizable read once it has applied up to that index.
+    ReadIndex,
 }
 
 /// The leader's answer to a [`ForwardRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardReply {
     Written(Outcome),
-    Read {
-        version: Option<RecordVersion>,
-        read_index: u64,
-    },
+    ReadIndex(u64),
 }
 
 /// Peer channels, shared by the Raft network and the forwarding path.

@@ -11,11 +11,23 @@ use tonic::{Request, Response, Status};
 
 use super::{status, Core};
 use crate::config::{validate_host_port, BOOTSTRAP_VOTERS_ALLOWED};
-use crate::domain::{validate_node_id, validate_value, RecordPath};
+use crate::domain::{
+    validate_changes, validate_node_id, validate_value, Change, Collection, RecordKey, RecordPath,
+    RecordVersion, SourceId, TenantId, INGEST_CHANGES_MAX,
+};
 use crate::ledger::{Command, Outcome};
 use crate::pb;
 use crate::raft::{EscrowNode, NodeId};
+use crate::store::RecordAt;
 
+/// Versions one history page returns at most.
+pub const HISTORY_PAGE_MAX: usize = 1000;
+/// Value bytes one history page returns at most (beyond its first version), so a page fits
+/// in one client message.
+pub const HISTORY_PAGE_BYTES_MAX: usize = 2 * 1024 * 1024;
+const _: () = assert!(
+    HISTORY_PAGE_BYTES_MAX + HISTORY_PAGE_MAX * 64 <= crate::node::CLIENT_MESSAGE_BYTES_MAX
+);
 /// How long `cluster add` waits for a new learner to catch up before giving up.
 pub const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -25,10 +37,59 @@ fn record_path(r: Option<pb::RecordRef>) -> Result<RecordPath, Status> {
     RecordPath::parse(&r.tenant, &r.collection, &r.key).map_err(status::input)
 }
 
-fn rejected(outcome: Outcome) -> Status {
-    match outcome {
-        Outcome::Rejected { reason } => Status::failed_precondition(reason),
-        other => Status::internal(format!("unexpected outcome {other:?}")),
+fn tenant_and_source(tenant: &str, source: &str) -> Result<(TenantId, SourceId), Status> {
+    Ok((
+        TenantId::parse(tenant).map_err(status::input)?,
+        SourceId::parse(source).map_err(status::input)?,
+    ))
+}
+
+/// Converts wire changes into domain changes, naming the first bad one by position.
+fn changes(raw: Vec<pb::Change>) -> Result<Vec<Change>, Status> {
+    if raw.len() > INGEST_CHANGES_MAX {
+        return Err(Status::resource_exhausted(format!(
+            "{} changes in one batch, over the limit of {INGEST_CHANGES_MAX}",
+            raw.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        let at = |e: crate::domain::InputError| {
+            let s = status::input(e);
+            Status::new(
+                s.code(),
+                format!("change {i} (seq {}): {}", c.seq, s.message()),
+            )
+        };
+        let value = match (c.delete, c.value.is_empty()) {
+            (true, true) => None,
+            (true, false) => {
+                return Err(Status::invalid_argument(format!(
+                    "change {i} (seq {}): a delete carries no value",
+                    c.seq
+                )))
+            }
+            (false, _) => Some(c.value.clone()),
+        };
+        out.push(Change {
+            collection: Collection::parse(&c.collection).map_err(at)?,
+            key: RecordKey::parse(&c.key).map_err(at)?,
+            value,
+            seq: c.seq,
+            source_ms: c.source_ms,
+        });
+    }
+    validate_changes(&out).map_err(status::input)?;
+    Ok(out)
+}
+
+fn version_reply(position: u32, v: RecordVersion) -> pb::RecordVersion {
+    pb::RecordVersion {
+        position,
+        revision: v.revision,
+        time_ms: v.time_ms,
+        deleted: v.value.is_none(),
+        value: v.value.unwrap_or_default(),
     }
 }
 
@@ -57,7 +118,7 @@ impl pb::records_server::Records for RecordsService {
             .await?
         {
             Outcome::Written { revision } => Ok(Response::new(pb::PutReply { revision })),
-            other => Err(rejected(other)),
+            other => Err(status::rejected(other)),
         }
     }
 
@@ -67,15 +128,36 @@ impl pb::records_server::Records for RecordsService {
     ) -> Result<Response<pb::GetReply>, Status> {
         let req = request.into_inner();
         let path = record_path(req.record)?;
+        let at = match (req.revision, req.as_of_ms) {
+            (0, 0) => None,
+            (r, 0) => Some(RecordAt::Revision(r)),
+            (0, t) => Some(RecordAt::Time(t)),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give either a revision or an as-of time, not both",
+                ))
+            }
+        };
         let linearizable = req.consistency != pb::ReadConsistency::Local as i32;
-        let (version, read_index) = self.core.read(path, linearizable, true).await?;
+        let read_index = self.core.read_barrier(linearizable, true).await?;
+        let reader = &self.core.reader;
+        let version = match at {
+            None => reader.get_record(&path),
+            Some(at) => reader.get_record_at(&path, at),
+        }
+        .map_err(status::storage)?;
         Ok(Response::new(match version {
-            Some(v) => pb::GetReply {
-                found: true,
-                value: v.value,
-                revision: v.revision,
-                read_index,
-            },
+            Some(v) => {
+                let v = version_reply(0, v);
+                pb::GetReply {
+                    found: !v.deleted,
+                    value: v.value,
+                    revision: v.revision,
+                    read_index,
+                    deleted: v.deleted,
+                    time_ms: v.time_ms,
+                }
+            }
             None => pb::GetReply {
                 found: false,
                 read_index,
@@ -97,8 +179,86 @@ impl pb::records_server::Records for RecordsService {
             Outcome::Deleted { revision, existed } => {
                 Ok(Response::new(pb::DeleteReply { revision, existed }))
             }
-            other => Err(rejected(other)),
+            other => Err(status::rejected(other)),
         }
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryReply>, Status> {
+        let req = request.into_inner();
+        let path = record_path(req.record)?;
+        let limit = match req.limit as usize {
+            0 => HISTORY_PAGE_MAX,
+            n => n.min(HISTORY_PAGE_MAX),
+        };
+        let linearizable = req.consistency != pb::ReadConsistency::Local as i32;
+        let read_index = self.core.read_barrier(linearizable, true).await?;
+        let versions = self
+            .core
+            .reader
+            .record_history(
+                &path,
+                (req.before_revision != 0).then_some((req.before_revision, req.before_position)),
+                limit,
+                HISTORY_PAGE_BYTES_MAX,
+            )
+            .map_err(status::storage)?;
+        Ok(Response::new(pb::HistoryReply {
+            versions: versions
+                .into_iter()
+                .map(|(position, v)| version_reply(position, v))
+                .collect(),
+            read_index,
+        }))
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestReply>, Status> {
+        let req = request.into_inner();
+        let (tenant, source) = tenant_and_source(&req.tenant, &req.source)?;
+        let changes = changes(req.changes)?;
+        let command = Command::Ingest {
+            tenant,
+            source,
+            changes,
+        };
+        match self.core.write(command, true).await? {
+            Outcome::Ingested {
+                revision,
+                applied,
+                duplicates,
+                position,
+            } => Ok(Response::new(pb::IngestReply {
+                revision,
+                applied,
+                duplicates,
+                position,
+            })),
+            other => Err(status::rejected(other)),
+        }
+    }
+
+    async fn source_position(
+        &self,
+        request: Request<pb::SourcePositionRequest>,
+    ) -> Result<Response<pb::SourcePositionReply>, Status> {
+        let req = request.into_inner();
+        let (tenant, source) = tenant_and_source(&req.tenant, &req.source)?;
+        self.core.read_barrier(true, true).await?;
+        let p = self
+            .core
+            .reader
+            .source_position(&tenant, &source)
+            .map_err(status::storage)?;
+        Ok(Response::new(pb::SourcePositionReply {
+            position: p.last_seq,
+            last_source_ms: p.last_source_ms,
+            revision: p.revision,
+        }))
     }
 }
 

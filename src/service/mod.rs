@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod peer;
+pub mod tenants;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,16 +111,16 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         let raft = raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let command = if commands.len() == 1 {
-                commands.pop().expect("one command")
-            } else {
-                Command::Batch(commands)
+            // The leader stamps its clock here (the state machine itself has no clock); a
+            // proposal on a node that is not the leader fails and is forwarded unstamped.
+            let command = Command::Timed {
+                at_ms: now_ms(),
+                commands,
             };
             // Either one outcome per waiter, or one failure that every waiter shares.
             let answered: Result<Vec<Outcome>, Proposed> = match raft.client_write(command).await {
                 Ok(resp) => match resp.data {
                     Outcome::Batch(outcomes) if outcomes.len() == waiters.len() => Ok(outcomes),
-                    outcome if waiters.len() == 1 => Ok(vec![outcome]),
                     _ => Err(Proposed::Failed(Status::internal(
                         "batch outcome does not match its commands",
                     ))),
@@ -143,10 +144,19 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
     }
 }
 
+/// The wall clock in ms since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Everything a request handler needs: the Raft handle, the applied state and the peers.
 pub struct Core {
     pub id: NodeId,
     pub cluster_name: String,
+    pub mirror: crate::config::MirrorSettings,
     pub raft: Raft,
     pub reader: SmReader,
     pub peers: Arc<PeerClients>,
@@ -164,6 +174,20 @@ pub mod status {
             Status::resource_exhausted(e.to_string())
         } else {
             Status::invalid_argument(e.to_string())
+        }
+    }
+
+    /// A business rejection from the state machine, or an outcome the handler did not expect.
+    pub fn rejected(outcome: Outcome) -> Status {
+        use crate::ledger::Rejection;
+        match outcome {
+            Outcome::Rejected { kind, reason } => match kind {
+                Rejection::Invalid => Status::invalid_argument(reason),
+                Rejection::UnknownTenant => Status::not_found(reason),
+                Rejection::AlreadyExists => Status::already_exists(reason),
+                Rejection::Refused => Status::failed_precondition(reason),
+            },
+            other => Status::internal(format!("unexpected outcome {other:?}")),
         }
     }
 
@@ -230,7 +254,7 @@ impl Core {
                     (true, Some(id), Some(node)) if id != self.id => {
                         match self.peers.forward(id, &node, &ForwardRequest::Write(command)).await? {
                             ForwardReply::Written(o) => Ok(o),
-                            ForwardReply::Read { .. } => {
+                            ForwardReply::ReadIndex(_) => {
                                 Err(Status::internal("leader answered a write with a read"))
                             }
                         }
@@ -244,55 +268,71 @@ impl Core {
         }
     }
 
-    /// Reads a record. Linearizable reads are confirmed by the leader with a quorum
-    /// (ReadIndex); local reads come from this node's applied state.
+    /// Makes the following local reads linearizable and returns the index they are served at.
+    ///
+    /// On the leader: ReadIndex (`ensure_linearizable`, confirmed with a quorum). On a
+    /// follower: asks the leader for its read index (one hop), then waits until this node has
+    /// applied up to it. With `linearizable` false, the node's applied index as is.
+    pub async fn read_barrier(&self, linearizable: bool, may_forward: bool) -> Result<u64, Status> {
+        if !linearizable {
+            return Ok(self.reader.applied_index());
+        }
+        let confirmed =
+            tokio::time::timeout(READ_CONFIRM_TIMEOUT, self.raft.ensure_linearizable()).await;
+        let leader_index = match confirmed {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "leadership could not be confirmed with a quorum within {}s",
+                    READ_CONFIRM_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Ok(_)) => return Ok(self.reader.applied_index()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                match (may_forward, f.leader_id, f.leader_node) {
+                    (true, Some(id), Some(node)) if id != self.id => {
+                        match self
+                            .peers
+                            .forward(id, &node, &ForwardRequest::ReadIndex)
+                            .await?
+                        {
+                            ForwardReply::ReadIndex(index) => index,
+                            ForwardReply::Written(_) => {
+                                return Err(Status::internal("leader answered a read with a write"))
+                            }
+                        }
+                    }
+                    (false, _, _) => {
+                        return Err(Status::unavailable(
+                            "leadership moved while the request was forwarded; retry",
+                        ))
+                    }
+                    _ => return Err(status::no_leader()),
+                }
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                return Err(Status::unavailable(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => return Err(status::fatal(e)),
+        };
+        self.raft
+            .wait(Some(READ_CONFIRM_TIMEOUT))
+            .applied_index_at_least(Some(leader_index), "linearizable read")
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "this node did not catch up with the leader's read index {leader_index}: {e}"
+                ))
+            })?;
+        Ok(self.reader.applied_index())
+    }
+
+    /// Reads the latest version of a record (see [`Core::read_barrier`] for consistency).
     pub async fn read(
         &self,
         path: RecordPath,
         linearizable: bool,
-        may_forward: bool,
     ) -> Result<(Option<RecordVersion>, u64), Status> {
-        if linearizable {
-            let confirmed =
-                tokio::time::timeout(READ_CONFIRM_TIMEOUT, self.raft.ensure_linearizable()).await;
-            match confirmed {
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "leadership could not be confirmed with a quorum within {}s",
-                        READ_CONFIRM_TIMEOUT.as_secs()
-                    )))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                    return match (may_forward, f.leader_id, f.leader_node) {
-                        (true, Some(id), Some(node)) if id != self.id => {
-                            match self
-                                .peers
-                                .forward(id, &node, &ForwardRequest::Read(path))
-                                .await?
-                            {
-                                ForwardReply::Read {
-                                    version,
-                                    read_index,
-                                } => Ok((version, read_index)),
-                                ForwardReply::Written(_) => {
-                                    Err(Status::internal("leader answered a read with a write"))
-                                }
-                            }
-                        }
-                        (false, _, _) => Err(Status::unavailable(
-                            "leadership moved while the request was forwarded; retry",
-                        )),
-                        _ => Err(status::no_leader()),
-                    };
-                }
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                    return Err(Status::unavailable(e.to_string()))
-                }
-                Ok(Err(RaftError::Fatal(e))) => return Err(status::fatal(e)),
-            }
-        }
-        let read_index = self.reader.applied_index();
+        let read_index = self.read_barrier(linearizable, true).await?;
         let version = self.reader.get_record(&path).map_err(status::storage)?;
         Ok((version, read_index))
     }

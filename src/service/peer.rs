@@ -99,12 +99,8 @@ impl pb::peer_server::Peer for PeerService {
             ForwardRequest::Write(command) => {
                 ForwardReply::Written(self.core.write(command, false).await?)
             }
-            ForwardRequest::Read(path) => {
-                let (version, read_index) = self.core.read(path, true, false).await?;
-                ForwardReply::Read {
-                    version,
-                    read_index,
-                }
+            ForwardRequest::ReadIndex => {
+                ForwardReply::ReadIndex(self.core.read_barrier(true, false).await?)
             }
         };
         Ok(reply(&answer))

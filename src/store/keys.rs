@@ -4,17 +4,30 @@
 //! - `0x00 "applied"`            → last applied log id
 //! - `0x00 "membership"`         → last applied membership
 //! - `'n' id(u64 BE)`            → a node id that was ever a member (ids are never reused)
-//! - `'r' tenant 0x00 collection 0x00 key` → latest record version
+//! - `0x00 "clock"`              → the leader time of the last timed entry (u64 ms)
+//! - `'n' id(u64 BE)`            → a node id that was ever a member (ids are never reused)
+//! - `'r' tenant 0x00 collection 0x00 key` → latest record version (tombstones included)
+//! - `'h' tenant 0x00 collection 0x00 key 0x00 index(u64 BE) position(u32 BE)` → one version of
+//!   the record's history, oldest first; `position` orders changes within one log entry
+//! - `'t' tenant`                → tenant registration
+//! - `'s' namespace`             → namespace figures (records, bytes, freshness)
+//! - `'q' tenant 0x00 source`    → a source stream's applied position
 //!
-//! Tenant and collection are validated slugs without NUL, so the separators are unambiguous and
-//! every key of one tenant shares the prefix `'r' tenant 0x00`.
+//! Tenant, collection and source are validated slugs and keys have no control characters, so
+//! the NUL separators are unambiguous and every key of one tenant shares the prefix
+//! `'r' tenant 0x00` (resp. `'h' tenant 0x00`).
 
-use crate::domain::RecordPath;
+use crate::domain::{RecordPath, SourceId, TenantId};
 
 pub const APPLIED: &[u8] = b"\x00applied";
 pub const MEMBERSHIP: &[u8] = b"\x00membership";
+pub const CLOCK: &[u8] = b"\x00clock";
 const NODE_PREFIX: u8 = b'n';
 const RECORD_PREFIX: u8 = b'r';
+const HISTORY_PREFIX: u8 = b'h';
+pub const TENANT_PREFIX: u8 = b't';
+pub const STATS_PREFIX: u8 = b's';
+const SOURCE_PREFIX: u8 = b'q';
 
 pub fn node(id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
@@ -23,18 +36,74 @@ pub fn node(id: u64) -> Vec<u8> {
     k
 }
 
-pub fn record(path: &RecordPath) -> Vec<u8> {
+fn path_key(prefix: u8, path: &RecordPath, extra: usize) -> Vec<u8> {
     let t = path.tenant.as_str().as_bytes();
     let c = path.collection.as_str().as_bytes();
     let k = path.key.as_str().as_bytes();
-    let mut out = Vec::with_capacity(3 + t.len() + c.len() + k.len());
-    out.push(RECORD_PREFIX);
+    let mut out = Vec::with_capacity(3 + t.len() + c.len() + k.len() + extra);
+    out.push(prefix);
     out.extend_from_slice(t);
     out.push(0);
     out.extend_from_slice(c);
     out.push(0);
     out.extend_from_slice(k);
     out
+}
+
+pub fn record(path: &RecordPath) -> Vec<u8> {
+    path_key(RECORD_PREFIX, path, 0)
+}
+
+/// The prefix under which all of one record's history lies.
+pub fn history_prefix(path: &RecordPath) -> Vec<u8> {
+    let mut out = path_key(HISTORY_PREFIX, path, 13);
+    out.push(0);
+    out
+}
+
+pub fn history(path: &RecordPath, index: u64, position: u32) -> Vec<u8> {
+    let mut out = history_prefix(path);
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(&position.to_be_bytes());
+    out
+}
+
+/// The position within its log entry a history key holds, if the key is long enough.
+pub fn history_position(key: &[u8]) -> Option<u32> {
+    let n = key.len().checked_sub(4)?;
+    Some(u32::from_be_bytes(key[n..].try_into().ok()?))
+}
+
+pub fn tenant(id: &TenantId) -> Vec<u8> {
+    let mut out = vec![TENANT_PREFIX];
+    out.extend_from_slice(id.as_str().as_bytes());
+    out
+}
+
+pub fn stats(namespace: &TenantId) -> Vec<u8> {
+    let mut out = vec![STATS_PREFIX];
+    out.extend_from_slice(namespace.as_str().as_bytes());
+    out
+}
+
+pub fn source(tenant: &TenantId, source: &SourceId) -> Vec<u8> {
+    let mut out = vec![SOURCE_PREFIX];
+    out.extend_from_slice(tenant.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(source.as_str().as_bytes());
+    out
+}
+
+/// The smallest key greater than every key starting with `prefix` (for iterator bounds).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
 }
 
 #[cfg(test)]
@@ -49,5 +118,19 @@ mod tests {
         let prefix_a = b"racme\x00";
         assert!(a.starts_with(prefix_a));
         assert!(!b.starts_with(prefix_a));
+    }
+
+    // Goal: a record's history keys sort by revision and never fall under another record's
+    // history prefix.
+    #[test]
+    fn history_keys_sort_by_revision_and_stay_under_their_record() {
+        let p = RecordPath::parse("acme", "c", "k").unwrap();
+        let longer = RecordPath::parse("acme", "c", "k2").unwrap();
+        assert!(history(&p, 2, 0) < history(&p, 2, 1));
+        assert!(history(&p, 2, 9) < history(&p, 10, 0));
+        assert!(history(&p, 300, 0).starts_with(&history_prefix(&p)));
+        assert!(!history(&longer, 1, 0).starts_with(&history_prefix(&p)));
+        assert!(prefix_end(&history_prefix(&p)) > history(&p, u64::MAX, u32::MAX));
+        assert_eq!(history_position(&history(&p, 77, 3)), Some(3));
     }
 }

@@ -27,8 +27,10 @@ use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::{fsync_dir, keys};
-use crate::domain::{RecordPath, RecordVersion};
-use crate::ledger::{self, Command, LedgerView, Mutation, Outcome};
+use crate::domain::{
+    NamespaceStats, RecordPath, RecordVersion, SourceId, SourcePosition, TenantId, TenantInfo,
+};
+use crate::ledger::{self, Command, LedgerView, Mutation, Outcome, Stamp};
 use crate::raft::codec;
 use crate::raft::{
     Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -50,6 +52,15 @@ pub struct SnapshotFileInfo {
     pub name: String,
     pub size: u64,
     pub blake3: [u8; 32],
+}
+
+/// Which past version of a record to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordAt {
+    /// The newest version at or below this revision.
+    Revision(u64),
+    /// The newest version committed at or before this time (ms since the Unix epoch).
+    Time(u64),
 }
 
 /// A snapshot's data: a directory holding a RocksDB checkpoint of the state machine.
@@ -176,8 +187,126 @@ pub struct SmReader {
 }
 
 impl SmReader {
+    /// The latest version of a record, tombstones included.
     pub fn get_record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
-        get_record(&self.shared.db(), path)
+        get_decoded(&self.shared.db(), &keys::record(path))
+    }
+
+    /// The record as it was at `revision` (the newest version at or below it), or as it was at
+    /// time `as_of_ms` (the newest version committed at or before it).
+    pub fn get_record_at(
+        &self,
+        path: &RecordPath,
+        at: RecordAt,
+    ) -> Result<Option<RecordVersion>, StorageError> {
+        let db = self.shared.db();
+        let prefix = keys::history_prefix(path);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(prefix.clone());
+        let upper = match at {
+            RecordAt::Revision(r) => keys::history(path, r, u32::MAX),
+            RecordAt::Time(_) => keys::prefix_end(&prefix),
+        };
+        let mut it = db.raw_iterator_opt(opts);
+        it.seek_for_prev(&upper);
+        while it.valid() {
+            let (Some(key), Some(value)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let version: RecordVersion = codec::decode(value).map_err(sm_err)?;
+            let fits = match at {
+                RecordAt::Revision(r) => version.revision <= r,
+                RecordAt::Time(t) => version.time_ms <= t,
+            };
+            if fits {
+                return Ok(Some(version));
+            }
+            it.prev();
+        }
+        it.status().map_err(sm_err)?;
+        Ok(None)
+    }
+
+    /// A record's versions, newest first, each with its position within its log entry,
+    /// strictly before `before` = (revision, position) in history order (`None`: from the
+    /// newest): at most `limit` of them and, beyond the first, at most `bytes_max` bytes of
+    /// values.
+    pub fn record_history(
+        &self,
+        path: &RecordPath,
+        before: Option<(u64, u32)>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(u32, RecordVersion)>, StorageError> {
+        let db = self.shared.db();
+        let prefix = keys::history_prefix(path);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(prefix.clone());
+        let upper = match before {
+            None => keys::prefix_end(&prefix),
+            Some((revision, position)) => keys::history(path, revision, position),
+        };
+        opts.set_iterate_upper_bound(upper);
+        let mut it = db.raw_iterator_opt(opts);
+        it.seek_to_last();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while it.valid() && out.len() < limit {
+            if let (Some(key), Some(value)) = (it.key(), it.value()) {
+                let position =
+                    keys::history_position(key).ok_or_else(|| sm_err("malformed history key"))?;
+                let version: RecordVersion = codec::decode(value).map_err(sm_err)?;
+                bytes += version.value.as_ref().map_or(0, Vec::len);
+                if !out.is_empty() && bytes > bytes_max {
+                    break;
+                }
+                out.push((position, version));
+            }
+            it.prev();
+        }
+        it.status().map_err(sm_err)?;
+        Ok(out)
+    }
+
+    pub fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
+        get_decoded(&self.shared.db(), &keys::tenant(id))
+    }
+
+    /// Every registered tenant, in id order.
+    pub fn tenants(&self) -> Result<Vec<TenantInfo>, StorageError> {
+        let db = self.shared.db();
+        let prefix = [keys::TENANT_PREFIX];
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(prefix.to_vec());
+        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut it = db.raw_iterator_opt(opts);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while it.valid() {
+            if let Some(value) = it.value() {
+                out.push(codec::decode(value).map_err(sm_err)?);
+            }
+            it.next();
+        }
+        it.status().map_err(sm_err)?;
+        Ok(out)
+    }
+
+    /// A namespace's figures (zero when nothing was written yet).
+    pub fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, StorageError> {
+        Ok(get_decoded(&self.shared.db(), &keys::stats(namespace))?.unwrap_or_default())
+    }
+
+    /// A source stream's applied position (zero when it never sent anything).
+    pub fn source_position(
+        &self,
+        tenant: &TenantId,
+        source: &SourceId,
+    ) -> Result<SourcePosition, StorageError> {
+        Ok(get_decoded(&self.shared.db(), &keys::source(tenant, source))?.unwrap_or_default())
     }
 
     /// The last applied log index (0 before anything was applied).
@@ -211,8 +340,11 @@ impl SmReader {
     }
 }
 
-fn get_record(db: &DB, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
-    match db.get_pinned(keys::record(path)).map_err(sm_err)? {
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    match db.get_pinned(key).map_err(sm_err)? {
         None => Ok(None),
         Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(sm_err)?)),
     }
@@ -441,48 +573,106 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Reads through the pending batch first, so commands in one `apply` call see each other.
+/// Encoded values staged in the current apply batch (None: deleted), read before the database
+/// so that commands in one `apply` call see each other.
+type Pending = HashMap<Vec<u8>, Option<Vec<u8>>>;
+
 struct BatchView<'a> {
     db: &'a DB,
-    pending: &'a HashMap<Vec<u8>, Option<RecordVersion>>,
+    pending: &'a Pending,
+}
+
+impl BatchView<'_> {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        if let Some(v) = self.pending.get(key) {
+            return v
+                .as_deref()
+                .map(|b| codec::decode(b).map_err(sm_err))
+                .transpose();
+        }
+        get_decoded(self.db, key)
+    }
 }
 
 impl LedgerView for BatchView<'_> {
     type Error = StorageError;
     fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
-        if let Some(v) = self.pending.get(&keys::record(path)) {
-            return Ok(v.clone());
-        }
-        get_record(self.db, path)
+        self.get(&keys::record(path))
+    }
+    fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
+        self.get(&keys::tenant(id))
+    }
+    fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, StorageError> {
+        Ok(self.get(&keys::stats(namespace))?.unwrap_or_default())
+    }
+    fn source(&self, tenant: &TenantId, source: &SourceId) -> Result<SourcePosition, StorageError> {
+        Ok(self.get(&keys::source(tenant, source))?.unwrap_or_default())
     }
 }
 
-/// Applies one command through the ledger and stages its mutations in `batch`, recording them
-/// in `pending` so that later commands of the same apply call read them.
+/// Everything one `apply` call stages: the write batch, the overlay later commands read, and
+/// the position counter that orders record versions within one log entry.
+struct Staged {
+    batch: WriteBatch,
+    pending: Pending,
+    position: u32,
+}
+
+impl Staged {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put(&key, &value);
+        self.pending.insert(key, Some(value));
+    }
+}
+
+/// Applies one command through the ledger and stages its mutations.
 fn apply_command(
     db: &DB,
-    batch: &mut WriteBatch,
-    pending: &mut HashMap<Vec<u8>, Option<RecordVersion>>,
-    index: u64,
+    staged: &mut Staged,
+    stamp: Stamp,
     command: &Command,
 ) -> Result<Outcome, StorageError> {
-    let view = BatchView { db, pending };
-    let (mutations, outcome) = ledger::apply(&view, index, command)?;
+    let view = BatchView {
+        db,
+        pending: &staged.pending,
+    };
+    let (mutations, outcome) = ledger::apply(&view, stamp, command)?;
     for m in mutations {
         match m {
             Mutation::PutRecord { path, version } => {
-                let key = keys::record(&path);
-                batch.put(&key, codec::encode(&version));
-                pending.insert(key, Some(version));
+                let encoded = codec::encode(&version);
+                staged
+                    .batch
+                    .put(keys::history(&path, stamp.index, staged.position), &encoded);
+                staged.position += 1;
+                staged.put(keys::record(&path), encoded);
             }
-            Mutation::DeleteRecord { path } => {
-                let key = keys::record(&path);
-                batch.delete(&key);
-                pending.insert(key, None);
+            Mutation::PutTenant(info) => staged.put(keys::tenant(&info.id), codec::encode(&info)),
+            Mutation::PutStats { namespace, stats } => {
+                staged.put(keys::stats(&namespace), codec::encode(&stats))
             }
+            Mutation::PutSource {
+                tenant,
+                source,
+                position,
+            } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
         }
     }
     Ok(outcome)
+}
+
+/// Applies a list of commands in order, each seeing the previous ones' effects.
+fn apply_commands(
+    db: &DB,
+    staged: &mut Staged,
+    stamp: Stamp,
+    commands: &[Command],
+) -> Result<Outcome, StorageError> {
+    let mut outcomes = Vec::with_capacity(commands.len());
+    for command in commands {
+        outcomes.push(apply_command(db, staged, stamp, command)?);
+    }
+    Ok(Outcome::Batch(outcomes))
 }
 
 /// Builds a snapshot from a checkpoint taken when the builder was created, so the checkpoint
@@ -520,8 +710,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let db = self.shared.db();
-        let mut batch = WriteBatch::default();
-        let mut pending: HashMap<Vec<u8>, Option<RecordVersion>> = HashMap::new();
+        let mut staged = Staged {
+            batch: WriteBatch::default(),
+            pending: HashMap::new(),
+            position: 0,
+        };
+        let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);
+        let clock_before = clock;
         let mut outcomes = Vec::new();
         let (mut last_applied, mut membership) = self.shared.applied.lock().expect("lock").clone();
         for entry in entries {
@@ -539,38 +734,54 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     .into());
                 }
             }
+            staged.position = 0;
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Nothing,
+                EntryPayload::Normal(Command::Timed { at_ms, commands }) => {
+                    // The leader's clock, made monotonic: a new leader whose clock is behind
+                    // never stamps a change earlier than one already committed.
+                    clock = clock.max(*at_ms);
+                    let stamp = Stamp {
+                        index: entry.log_id.index,
+                        time_ms: clock,
+                    };
+                    apply_commands(&db, &mut staged, stamp, commands)?
+                }
                 EntryPayload::Normal(Command::Batch(commands)) => {
-                    let mut outcomes = Vec::with_capacity(commands.len());
-                    for command in commands {
-                        outcomes.push(apply_command(
-                            &db,
-                            &mut batch,
-                            &mut pending,
-                            entry.log_id.index,
-                            command,
-                        )?);
-                    }
-                    Outcome::Batch(outcomes)
+                    let stamp = Stamp {
+                        index: entry.log_id.index,
+                        time_ms: clock,
+                    };
+                    apply_commands(&db, &mut staged, stamp, commands)?
                 }
                 EntryPayload::Normal(command) => {
-                    apply_command(&db, &mut batch, &mut pending, entry.log_id.index, command)?
+                    let stamp = Stamp {
+                        index: entry.log_id.index,
+                        time_ms: clock,
+                    };
+                    apply_command(&db, &mut staged, stamp, command)?
                 }
                 EntryPayload::Membership(m) => {
                     for (id, _) in m.nodes() {
-                        batch.put(keys::node(*id), []);
+                        staged.batch.put(keys::node(*id), []);
                     }
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    batch.put(keys::MEMBERSHIP, codec::encode(&membership));
+                    staged
+                        .batch
+                        .put(keys::MEMBERSHIP, codec::encode(&membership));
                     Outcome::Nothing
                 }
             };
             last_applied = Some(entry.log_id);
             outcomes.push(outcome);
         }
-        batch.put(keys::APPLIED, codec::encode(&last_applied));
-        db.write_opt(batch, &sm_write_options())
+        if clock != clock_before {
+            staged.batch.put(keys::CLOCK, codec::encode(&clock));
+        }
+        staged
+            .batch
+            .put(keys::APPLIED, codec::encode(&last_applied));
+        db.write_opt(staged.batch, &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);

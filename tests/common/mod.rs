@@ -14,14 +14,23 @@ use escrow::dev::{ClusterFiles, NodePorts};
 use escrow::node::NodeHandle;
 use escrow::raft::network::Faults;
 
-/// The record `acme/<collection>/<key>` as `node` has applied it (a local read, no Raft).
-pub fn local_record(
-    node: &NodeHandle,
-    collection: &str,
-    key: &str,
-) -> Option<escrow::domain::RecordVersion> {
+/// The live record `acme/<collection>/<key>` as `node` has applied it (a local read, no
+/// Raft): its revision and value, `None` if absent or deleted.
+pub fn local_record(node: &NodeHandle, collection: &str, key: &str) -> Option<(u64, Vec<u8>)> {
     let path = escrow::domain::RecordPath::parse("acme", collection, key).unwrap();
-    node.core.reader.get_record(&path).unwrap()
+    let v = node.core.reader.get_record(&path).unwrap()?;
+    Some((v.revision, v.value?))
+}
+
+/// The tenant the test clusters register at start.
+pub const TENANT: &str = "acme";
+
+/// Registers a tenant (it must not exist yet).
+pub async fn add_tenant(client: &EscrowClient, tenant: &str) {
+    client
+        .tenant(escrow::client::TenantOp::Add, tenant)
+        .await
+        .unwrap_or_else(|e| panic!("add tenant {tenant}: {e}"));
 }
 
 /// Upper bound for any "wait until" in tests: far above normal, so a failure means a bug.
@@ -105,11 +114,13 @@ impl TestCluster {
         }
     }
 
-    /// Starts `n` nodes and bootstraps them through the client API, then waits for a leader.
+    /// Starts `n` nodes and bootstraps them through the client API, waits for a leader, and
+    /// registers the tenant [`TENANT`] that most tests write into.
     pub async fn started_and_initialized(n: usize, raft: RaftSettings) -> Self {
         let c = Self::start(n, raft).await;
         c.client().init().await.unwrap();
         c.wait_leader().await;
+        add_tenant(&c.client(), TENANT).await;
         c
     }
 
