@@ -19,6 +19,7 @@ pub mod pki;
 pub mod raft;
 pub mod service;
 pub mod store;
+pub mod workers;
 
 /// Generated protobuf and gRPC types; used only at the edge (`service`, `raft::network`,
 /// `client`).

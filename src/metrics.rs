@@ -17,6 +17,92 @@ pub struct FollowerLabel {
     pub follower: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    pub namespace: String,
+}
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+
+/// Per-namespace mirror figures (a tenant or `vendor`), refreshed by the freshness worker.
+#[derive(Default)]
+pub struct NamespaceMetrics {
+    pub records: Family<NamespaceLabel, Gauge>,
+    pub record_bytes: Family<NamespaceLabel, Gauge>,
+    pub versions: Family<NamespaceLabel, Gauge>,
+    pub last_source_timestamp_seconds: Family<NamespaceLabel, F64Gauge>,
+    pub last_commit_timestamp_seconds: Family<NamespaceLabel, F64Gauge>,
+    pub lag_seconds: Family<NamespaceLabel, F64Gauge>,
+    pub silent_seconds: Family<NamespaceLabel, F64Gauge>,
+    pub stale: Family<NamespaceLabel, Gauge>,
+}
+
+impl NamespaceMetrics {
+    /// Sets one namespace's gauges from its freshness report.
+    pub fn set(&self, namespace: &str, f: &crate::pb::Freshness) {
+        let l = NamespaceLabel {
+            namespace: namespace.to_string(),
+        };
+        let i = |v: u64| v.min(i64::MAX as u64) as i64;
+        let s = |ms: u64| ms as f64 / 1000.0;
+        self.records.get_or_create(&l).set(i(f.records));
+        self.record_bytes.get_or_create(&l).set(i(f.record_bytes));
+        self.versions.get_or_create(&l).set(i(f.versions));
+        self.last_source_timestamp_seconds
+            .get_or_create(&l)
+            .set(s(f.last_source_ms));
+        self.last_commit_timestamp_seconds
+            .get_or_create(&l)
+            .set(s(f.last_commit_ms));
+        self.lag_seconds.get_or_create(&l).set(s(f.lag_ms));
+        self.silent_seconds.get_or_create(&l).set(s(f.silent_ms));
+        self.stale.get_or_create(&l).set(f.stale as i64);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "namespace_records",
+            "Live records held per namespace",
+            self.records.clone(),
+        );
+        registry.register(
+            "namespace_record_bytes",
+            "Bytes of live record values per namespace",
+            self.record_bytes.clone(),
+        );
+        registry.register(
+            "namespace_versions",
+            "Record versions ever written per namespace (tombstones included)",
+            self.versions.clone(),
+        );
+        registry.register(
+            "namespace_last_source_timestamp_seconds",
+            "Newest source time a mirrored change carried (0: never)",
+            self.last_source_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "namespace_last_commit_timestamp_seconds",
+            "Leader time of the last committed change (0: never)",
+            self.last_commit_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "namespace_lag_seconds",
+            "Commit time minus source time of the last mirrored batch",
+            self.lag_seconds.clone(),
+        );
+        registry.register(
+            "namespace_silent_seconds",
+            "How long the namespace's source has been silent",
+            self.silent_seconds.clone(),
+        );
+        registry.register(
+            "namespace_stale",
+            "1 when the source has been silent past mirror.stale_after_s (or never mirrored)",
+            self.stale.clone(),
+        );
+    }
+}
+
 /// All node metrics. Gauges are set by [`Metrics::update`] on every Raft metrics change.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -31,6 +117,7 @@ pub struct Metrics {
     pub voters: Gauge,
     pub replication_lag_entries: Family<FollowerLabel, Gauge>,
     pub commit_latency_seconds: Histogram,
+    pub namespaces: NamespaceMetrics,
 }
 
 impl Metrics {
@@ -57,7 +144,9 @@ impl Metrics {
             replication_lag_entries: Family::default(),
             // 100 µs .. ~6.5 s
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            namespaces: NamespaceMetrics::default(),
         };
+        m.namespaces.register(&mut registry);
         registry.register("raft_term", "Current Raft term", m.term.clone());
         registry.register(
             "raft_leader_id",

@@ -265,6 +265,11 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             }
         }
     }));
+    tasks.push(tokio::spawn(crate::workers::freshness::run(
+        core.clone(),
+        shutdown_rx.clone(),
+    )));
+    tracing::info!(node = id, "freshness watch started");
 
     Ok(NodeHandle {
         id,

@@ -103,6 +103,28 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
     assert_eq!(sample(&body, "escrow_raft_is_leader"), Some(0.0));
 
+    // Freshness per namespace, on a follower too: the 20 records, written just now, so fresh;
+    // the vendor namespace never received anything, so it is stale.
+    let acme = |name: &str, body: &str| {
+        body.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("namespace=\"acme\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let body = wait_for("namespace metrics on a follower", || async {
+        let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
+        (acme("escrow_namespace_records", &body)? == 20.0).then_some(body)
+    })
+    .await;
+    assert_eq!(acme("escrow_namespace_record_bytes", &body), Some(20.0));
+    assert_eq!(acme("escrow_namespace_stale", &body), Some(0.0));
+    assert!(
+        body.contains("escrow_namespace_stale{node=\"") && body.contains("namespace=\"vendor\"} 1"),
+        "{body}"
+    );
+    assert!(acme("escrow_namespace_last_commit_timestamp_seconds", &body).unwrap() > 1.7e9);
+    assert!(body.contains("namespace=\"vendor\""), "{body}");
+
     // Plaintext HTTP to the TLS port gets no HTTP response.
     let mut tcp = tokio::net::TcpStream::connect(follower_node.http_addr)
         .await

@@ -1,0 +1,4 @@
+//! Background workers: each does one bounded unit of work per step and stops with the node's
+//! shutdown channel.
+
+pub mod freshness;
