@@ -13,6 +13,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::domain::Digest;
 use crate::node::CLIENT_MESSAGE_BYTES_MAX;
 use crate::pb;
 use crate::service::LEADER_HINT;
@@ -432,6 +433,188 @@ impl EscrowClient {
             async move {
                 Ok(pb::records_client::RecordsClient::new(ch)
                     .source_position(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Which of these chunks are not yet durable on a majority of voters.
+    pub async fn missing_chunks(&self, hashes: &[Digest]) -> Result<Vec<Digest>, ClientError> {
+        let request = pb::ChunkList {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        };
+        let reply = self
+            .call(|ch, t| {
+                let req = self.request(request.clone(), t);
+                async move {
+                    Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                        .missing_chunks(req)
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        reply
+            .hashes
+            .iter()
+            .map(|h| {
+                <Digest>::try_from(h.as_slice()).map_err(|_| {
+                    ClientError::Rpc(Status::internal("the node answered a malformed hash"))
+                })
+            })
+            .collect()
+    }
+
+    /// Stores one chunk; durable on a majority of voters when this returns.
+    pub async fn put_chunk(&self, hash: &Digest, data: Vec<u8>) -> Result<(), ClientError> {
+        let request = pb::ChunkData {
+            hash: hash.to_vec(),
+            data,
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                pb::artifacts_client::ArtifactsClient::new(ch)
+                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                    .put_chunk(req)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Commits an artifact version whose chunks are all stored.
+    pub async fn commit_artifact(
+        &self,
+        namespace: &str,
+        name: &str,
+        manifest: pb::Manifest,
+    ) -> Result<pb::ArtifactVersion, ClientError> {
+        let request = pb::CommitRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            manifest: Some(manifest),
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                    .commit(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn delete_artifact(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<pb::ArtifactVersion, ClientError> {
+        let request = pb::ArtifactRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                    .delete(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// An artifact version with its manifest (version 0: the latest).
+    pub async fn artifact(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u64,
+    ) -> Result<pb::ArtifactVersion, ClientError> {
+        let request = pb::ArtifactRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            version,
+            consistency: consistency(false),
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                    .get(req)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Every artifact of a namespace (latest versions, no chunk lists), all pages.
+    pub async fn list_artifacts(
+        &self,
+        namespace: &str,
+        include_deleted: bool,
+    ) -> Result<Vec<pb::ArtifactVersion>, ClientError> {
+        let mut out: Vec<pb::ArtifactVersion> = Vec::new();
+        loop {
+            let request = pb::ListArtifactsRequest {
+                namespace: namespace.into(),
+                after: out.last().map(|a| a.name.clone()).unwrap_or_default(),
+                limit: 0,
+                consistency: consistency(false),
+                include_deleted,
+            };
+            let page = self
+                .call(|ch, t| {
+                    let req = self.request(request.clone(), t);
+                    async move {
+                        Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                            .list(req)
+                            .await?
+                            .into_inner())
+                    }
+                })
+                .await?;
+            out.extend(page.artifacts);
+            if !page.truncated {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Chunk `index` of an artifact version (the caller verifies it).
+    pub async fn read_chunk(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u64,
+        index: u32,
+    ) -> Result<pb::ChunkData, ClientError> {
+        let request = pb::ReadChunkRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            version,
+            index,
+        };
+        self.call(|ch, t| {
+            let req = self.request(request.clone(), t);
+            async move {
+                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
+                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                    .read_chunk(req)
                     .await?
                     .into_inner())
             }

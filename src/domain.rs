@@ -257,6 +257,9 @@ pub struct NamespaceStats {
     pub last_commit_ms: u64,
     /// How far the last committed batch was behind its source: commit time - source time.
     pub last_lag_ms: u64,
+    /// Live (not deleted) artifacts and the bytes of their latest versions.
+    pub artifacts: u64,
+    pub artifact_bytes: u64,
 }
 
 /// A source stream's position: the highest source sequence the cluster has applied.
@@ -346,6 +349,141 @@ pub fn validate_changes(changes: &[Change]) -> Result<(), InputError> {
     Ok(())
 }
 
+/// A blake3 digest: the address of a chunk, the hash of a whole artifact.
+pub type Digest = [u8; 32];
+
+/// Content-defined chunking sizes (fastcdc 2020). A change of N bytes in a file re-sends about
+/// N plus one average chunk on each side.
+pub const CHUNK_MIN_BYTES: u32 = 128 * 1024;
+pub const CHUNK_AVG_BYTES: u32 = 512 * 1024;
+pub const CHUNK_MAX_BYTES: u32 = 2 * 1024 * 1024;
+/// Chunks one artifact version lists at most: bounds the manifest (a Raft entry) to well under
+/// 1 MiB; at the average chunk size that is 8 GiB per artifact.
+pub const ARTIFACT_CHUNKS_MAX: usize = 16 * 1024;
+/// Longest artifact name, in bytes.
+pub const ARTIFACT_NAME_LEN_MAX: usize = 1024;
+
+/// An artifact's name inside its namespace: a relative path of '/'-separated components, each
+/// non-empty, not "." or "..", without control characters or backslashes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ArtifactName(String);
+
+impl ArtifactName {
+    pub fn parse(value: &str) -> Result<Self, InputError> {
+        let field = "artifact name";
+        if value.is_empty() {
+            return Err(InputError::Empty { field });
+        }
+        if value.len() > ARTIFACT_NAME_LEN_MAX {
+            return Err(InputError::TooLarge {
+                field,
+                len: value.len(),
+                max: ARTIFACT_NAME_LEN_MAX,
+            });
+        }
+        let invalid = |reason| InputError::Invalid {
+            field,
+            value: value.chars().take(80).collect(),
+            reason,
+        };
+        if value.chars().any(|c| c.is_control() || c == '\\') {
+            return Err(invalid(
+                "control characters and backslashes are not allowed",
+            ));
+        }
+        if value.starts_with('/') {
+            return Err(invalid("must be relative (no leading '/')"));
+        }
+        if value
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(invalid(
+                "path components must be non-empty and not '.' or '..'",
+            ));
+        }
+        Ok(Self(value.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One chunk of an artifact: its blake3 address and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: Digest,
+    pub size: u32,
+}
+
+/// What an artifact version holds: its chunks in order, its size and whole-file blake3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub size: u64,
+    pub blake3: Digest,
+    pub chunks: Vec<ChunkRef>,
+    /// When the content changed at the source (ms since the Unix epoch; 0: unknown).
+    pub source_ms: u64,
+}
+
+impl Manifest {
+    /// Checks the manifest's shape: chunk count and sizes within limits, sizes adding up.
+    pub fn validate(&self) -> Result<(), InputError> {
+        if self.chunks.len() > ARTIFACT_CHUNKS_MAX {
+            return Err(InputError::TooLarge {
+                field: "manifest (chunks)",
+                len: self.chunks.len(),
+                max: ARTIFACT_CHUNKS_MAX,
+            });
+        }
+        let mut total = 0u64;
+        for c in &self.chunks {
+            if c.size == 0 || c.size > CHUNK_MAX_BYTES {
+                return Err(InputError::Invalid {
+                    field: "chunk size",
+                    value: c.size.to_string(),
+                    reason: "chunks are 1 byte to CHUNK_MAX_BYTES (2 MiB)",
+                });
+            }
+            total += u64::from(c.size);
+        }
+        if total != self.size {
+            return Err(InputError::Invalid {
+                field: "manifest size",
+                value: self.size.to_string(),
+                reason: "does not equal the sum of its chunk sizes",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One version of an artifact. Versions count from 1 per (namespace, name); a delete is a
+/// tombstone version (`manifest: None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactVersion {
+    pub version: u64,
+    /// Commit index and leader time of the version.
+    pub revision: u64,
+    pub time_ms: u64,
+    pub manifest: Option<Manifest>,
+}
+
+/// Hex text of a digest.
+pub fn hex(digest: &Digest) -> String {
+    blake3::Hash::from_bytes(*digest).to_hex().to_string()
+}
+
+/// Parses a digest from 32 raw bytes (wire form).
+pub fn digest_from_bytes(field: &'static str, bytes: &[u8]) -> Result<Digest, InputError> {
+    bytes.try_into().map_err(|_| InputError::Invalid {
+        field,
+        value: format!("{} bytes", bytes.len()),
+        reason: "a blake3 digest is 32 bytes",
+    })
+}
+
 /// Node ids are never reused; 0 means "none" in wire formats, so real ids start at 1.
 pub fn validate_node_id(id: u64) -> Result<u64, InputError> {
     if id == 0 {
@@ -385,6 +523,48 @@ mod tests {
         ] {
             assert!(TenantId::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    // Goal: artifact names stay relative paths that cannot climb out of their namespace.
+    #[test]
+    fn artifact_names_are_confined_relative_paths() {
+        assert!(ArtifactName::parse("releases/v1.2/app.tar.gz").is_ok());
+        assert!(ArtifactName::parse("a b/ü.txt").is_ok());
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/./b",
+            "a/",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(ArtifactName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let m = Manifest {
+            size: 3,
+            blake3: [0; 32],
+            chunks: vec![
+                ChunkRef {
+                    hash: [1; 32],
+                    size: 2,
+                },
+                ChunkRef {
+                    hash: [2; 32],
+                    size: 1,
+                },
+            ],
+            source_ms: 0,
+        };
+        assert!(m.validate().is_ok());
+        assert!(Manifest {
+            size: 4,
+            ..m.clone()
+        }
+        .validate()
+        .is_err());
     }
 
     // Goal: keys and values have named limits and clear errors.

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    validate_changes, validate_value, Change, NamespaceStats, RecordPath, RecordVersion, SourceId,
-    SourcePosition, TenantId, TenantInfo, TenantState,
+    validate_changes, validate_value, ArtifactName, ArtifactVersion, Change, Manifest,
+    NamespaceStats, RecordPath, RecordVersion, SourceId, SourcePosition, TenantId, TenantInfo,
+    TenantState,
 };
 
 /// A command carried by the Raft log. Variants are only ever appended, never reordered or
@@ -54,6 +55,19 @@ pub enum Command {
         source: SourceId,
         changes: Vec<Change>,
     },
+    /// Commits an artifact version. Proposed only once every chunk is durable on a majority
+    /// and the manifest was verified against them. Content equal to the latest version's adds
+    /// no version.
+    PutArtifact {
+        namespace: TenantId,
+        name: ArtifactName,
+        manifest: Manifest,
+    },
+    /// Adds a tombstone version to an artifact; earlier versions stay readable.
+    DeleteArtifact {
+        namespace: TenantId,
+        name: ArtifactName,
+    },
 }
 
 impl Command {
@@ -70,6 +84,10 @@ impl Command {
                 .iter()
                 .map(|c| c.key.as_str().len() + c.value.as_ref().map_or(0, Vec::len) + 128)
                 .sum(),
+            Command::PutArtifact { name, manifest, .. } => {
+                name.as_str().len() + manifest.chunks.len() * 48 + 256
+            }
+            Command::DeleteArtifact { name, .. } => name.as_str().len() + 128,
         }
     }
 }
@@ -105,6 +123,13 @@ pub enum Outcome {
         duplicates: u64,
         position: u64,
     },
+    /// An artifact's version after a put or delete; `changed` is false when the content
+    /// equalled the latest version (put) or the artifact was absent already (delete).
+    Artifact {
+        version: u64,
+        revision: u64,
+        changed: bool,
+    },
 }
 
 /// Why a command was refused, so the edge can pick the right status code.
@@ -138,6 +163,12 @@ pub enum Mutation {
         source: SourceId,
         position: SourcePosition,
     },
+    /// A new artifact version: becomes the latest; its chunks become referenced.
+    PutArtifact {
+        namespace: TenantId,
+        name: ArtifactName,
+        version: ArtifactVersion,
+    },
 }
 
 /// What `apply` may read of the current state.
@@ -148,6 +179,12 @@ pub trait LedgerView {
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, Self::Error>;
     fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, Self::Error>;
     fn source(&self, tenant: &TenantId, source: &SourceId) -> Result<SourcePosition, Self::Error>;
+    /// The latest version of an artifact, tombstones included.
+    fn artifact(
+        &self,
+        namespace: &TenantId,
+        name: &ArtifactName,
+    ) -> Result<Option<ArtifactVersion>, Self::Error>;
 }
 
 /// Where and when a command is applied.
@@ -422,7 +459,91 @@ pub fn apply<V: LedgerView>(
                 },
             ))
         }
+        Command::PutArtifact {
+            namespace,
+            name,
+            manifest,
+        } => {
+            if let Err(e) = manifest.validate() {
+                return Ok(reject(Rejection::Invalid, e.to_string()));
+            }
+            if let Err((kind, reason)) = writable(view, namespace)? {
+                return Ok(reject(kind, reason));
+            }
+            put_artifact(view, stamp, namespace, name, Some(manifest.clone()))
+        }
+        Command::DeleteArtifact { namespace, name } => {
+            if let Err((kind, reason)) = writable(view, namespace)? {
+                return Ok(reject(kind, reason));
+            }
+            put_artifact(view, stamp, namespace, name, None)
+        }
     }
+}
+
+/// Adds an artifact version (a tombstone for `None`) unless it would not change anything.
+fn put_artifact<V: LedgerView>(
+    view: &V,
+    stamp: Stamp,
+    namespace: &TenantId,
+    name: &ArtifactName,
+    manifest: Option<Manifest>,
+) -> Result<(Vec<Mutation>, Outcome), V::Error> {
+    let latest = view.artifact(namespace, name)?;
+    let live = latest.as_ref().and_then(|v| v.manifest.as_ref());
+    let same = match (live, &manifest) {
+        (Some(old), Some(new)) => old.blake3 == new.blake3 && old.size == new.size,
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        let (version, revision) = latest.map_or((0, 0), |v| (v.version, v.revision));
+        return Ok((
+            Vec::new(),
+            Outcome::Artifact {
+                version,
+                revision,
+                changed: false,
+            },
+        ));
+    }
+    let mut stats = view.stats(namespace)?;
+    if let Some(old) = live {
+        stats.artifacts -= 1;
+        stats.artifact_bytes -= old.size;
+    }
+    if let Some(new) = &manifest {
+        stats.artifacts += 1;
+        stats.artifact_bytes += new.size;
+        stats.last_source_ms = stats.last_source_ms.max(new.source_ms);
+        stats.last_lag_ms = stamp.time_ms.saturating_sub(new.source_ms);
+    }
+    stats.last_commit_ms = stamp.time_ms;
+    let version = ArtifactVersion {
+        version: latest.map_or(0, |v| v.version) + 1,
+        revision: stamp.index,
+        time_ms: stamp.time_ms,
+        manifest,
+    };
+    let outcome = Outcome::Artifact {
+        version: version.version,
+        revision: stamp.index,
+        changed: true,
+    };
+    Ok((
+        vec![
+            Mutation::PutArtifact {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                version,
+            },
+            Mutation::PutStats {
+                namespace: namespace.clone(),
+                stats,
+            },
+        ],
+        outcome,
+    ))
 }
 
 #[cfg(test)]
@@ -438,6 +559,7 @@ mod tests {
         tenants: HashMap<TenantId, TenantInfo>,
         stats: HashMap<TenantId, NamespaceStats>,
         sources: HashMap<(TenantId, SourceId), SourcePosition>,
+        artifacts: HashMap<(TenantId, ArtifactName), ArtifactVersion>,
     }
 
     impl LedgerView for MapView {
@@ -457,6 +579,13 @@ mod tests {
                 .get(&(t.clone(), s.clone()))
                 .cloned()
                 .unwrap_or_default())
+        }
+        fn artifact(
+            &self,
+            ns: &TenantId,
+            name: &ArtifactName,
+        ) -> Result<Option<ArtifactVersion>, Self::Error> {
+            Ok(self.artifacts.get(&(ns.clone(), name.clone())).cloned())
         }
     }
 
@@ -485,6 +614,13 @@ mod tests {
                         position,
                     } => {
                         self.sources.insert((tenant, source), position);
+                    }
+                    Mutation::PutArtifact {
+                        namespace,
+                        name,
+                        version,
+                    } => {
+                        self.artifacts.insert((namespace, name), version);
                     }
                 }
             }
@@ -580,6 +716,87 @@ mod tests {
         let (n, o) = view.run(12, &put("d", "v"));
         assert_eq!(n, 0);
         assert!(matches!(o, Outcome::Rejected { reason, .. } if reason.contains("suspended")));
+    }
+
+    // Goal: artifact versions count up per name; unchanged content adds no version; a delete
+    // is a tombstone; the namespace figures follow.
+    #[test]
+    fn artifact_versions_count_up_and_skip_unchanged_content() {
+        use crate::domain::ChunkRef;
+        let mut view = MapView::default();
+        let ns = TenantId::vendor();
+        let name = ArtifactName::parse("app/app.bin").unwrap();
+        let manifest = |b: u8, size: u32| Manifest {
+            size: u64::from(size),
+            blake3: [b; 32],
+            chunks: vec![ChunkRef {
+                hash: [b; 32],
+                size,
+            }],
+            source_ms: 0,
+        };
+        let put = |m| Command::PutArtifact {
+            namespace: ns.clone(),
+            name: name.clone(),
+            manifest: m,
+        };
+        let (_, o) = view.run(3, &put(manifest(1, 10)));
+        assert_eq!(
+            o,
+            Outcome::Artifact {
+                version: 1,
+                revision: 3,
+                changed: true
+            }
+        );
+        let (n, o) = view.run(4, &put(manifest(1, 10)));
+        assert_eq!(n, 0);
+        assert_eq!(
+            o,
+            Outcome::Artifact {
+                version: 1,
+                revision: 3,
+                changed: false
+            }
+        );
+        let (_, o) = view.run(5, &put(manifest(2, 20)));
+        assert_eq!(
+            o,
+            Outcome::Artifact {
+                version: 2,
+                revision: 5,
+                changed: true
+            }
+        );
+        assert_eq!(view.stats[&ns].artifact_bytes, 20);
+        let del = Command::DeleteArtifact {
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        let (_, o) = view.run(6, &del);
+        assert_eq!(
+            o,
+            Outcome::Artifact {
+                version: 3,
+                revision: 6,
+                changed: true
+            }
+        );
+        assert_eq!(
+            (view.stats[&ns].artifacts, view.stats[&ns].artifact_bytes),
+            (0, 0)
+        );
+        let (n, _) = view.run(7, &del);
+        assert_eq!(n, 0, "deleting a deleted artifact adds nothing");
+        let mut bad = manifest(3, 10);
+        bad.size = 11;
+        assert!(matches!(view.run(8, &put(bad)).1, Outcome::Rejected { .. }));
+        let other = Command::PutArtifact {
+            namespace: TenantId::parse("nobody").unwrap(),
+            name: name.clone(),
+            manifest: manifest(4, 10),
+        };
+        assert!(matches!(view.run(9, &other).1, Outcome::Rejected { .. }));
     }
 
     // Goal: an ingest batch applied twice (an agent retrying) applies each change once; an

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod chunks;
 pub mod client;
 pub mod config;
 pub mod dev;

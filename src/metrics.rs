@@ -118,6 +118,8 @@ pub struct Metrics {
     pub replication_lag_entries: Family<FollowerLabel, Gauge>,
     pub commit_latency_seconds: Histogram,
     pub namespaces: NamespaceMetrics,
+    pub chunks_missing: Gauge,
+    pub chunks_corrupt_found: Gauge,
 }
 
 impl Metrics {
@@ -145,7 +147,19 @@ impl Metrics {
             // 100 µs .. ~6.5 s
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             namespaces: NamespaceMetrics::default(),
+            chunks_missing: Gauge::default(),
+            chunks_corrupt_found: Gauge::default(),
         };
+        registry.register(
+            "chunks_missing",
+            "Referenced chunks this node does not hold yet (after the last sync pass)",
+            m.chunks_missing.clone(),
+        );
+        registry.register(
+            "chunks_corrupt_found",
+            "Chunk copies found corrupt and quarantined since start",
+            m.chunks_corrupt_found.clone(),
+        );
         m.namespaces.register(&mut registry);
         registry.register("raft_term", "Current Raft term", m.term.clone());
         registry.register(

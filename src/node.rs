@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::raft::network::{Faults, NetworkFactory, PeerClients, PEER_MESSAGE_BYTES_MAX};
 use crate::raft::{NodeId, Raft};
+use crate::service::artifacts::ArtifactsService;
 use crate::service::client::{ClusterService, RecordsService};
 use crate::service::peer::PeerService;
 use crate::service::tenants::TenantsService;
@@ -40,6 +41,10 @@ const ENTRY_BYTES_MAX: usize = max(
 /// lengths of up to `INGEST_CHANGES_MAX` changes).
 const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;
 const _: () = assert!(crate::domain::INGEST_CHANGES_MAX * 128 <= ENVELOPE_BYTES_MAX);
+// A manifest at its chunk limit (32-byte hash + size + framing per chunk) fits an entry, and a
+// chunk at its size limit fits a client message.
+const _: () = assert!(crate::domain::ARTIFACT_CHUNKS_MAX * 48 <= ENTRY_BYTES_MAX);
+const _: () = assert!(crate::domain::CHUNK_MAX_BYTES as usize + 4096 <= CLIENT_MESSAGE_BYTES_MAX);
 
 const fn max(a: usize, b: usize) -> usize {
     if a > b {
@@ -130,6 +135,14 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     })?;
     sm.reconcile_with_log(log_store.last_index()?);
     let reader = sm.reader();
+    let chunks = Arc::new(
+        crate::chunks::ChunkStore::open(&config.data_dir.join("chunks")).with_context(|| {
+            format!(
+                "cannot open the chunk store in {}",
+                config.data_dir.display()
+            )
+        })?,
+    );
     tracing::info!(node = id, applied = reader.applied_index(), "stores opened");
 
     let peers = Arc::new(PeerClients::new(id, tls.peer_client(), faults));
@@ -153,6 +166,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         mirror: config.mirror.clone(),
         raft: raft.clone(),
         reader,
+        chunks,
         peers,
         metrics,
         initial_members: config
@@ -210,6 +224,12 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
+    let artifacts = tonic::service::interceptor::InterceptedService::new(
+        pb::artifacts_server::ArtifactsServer::new(ArtifactsService { core: core.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        check.clone(),
+    );
     let tenants = pb::tenants_server::TenantsServer::with_interceptor(
         TenantsService { core: core.clone() },
         check.clone(),
@@ -223,6 +243,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(CLIENT_CONCURRENCY_PER_CONNECTION)
         .add_service(records)
+        .add_service(artifacts)
         .add_service(tenants)
         .add_service(cluster)
         .serve_with_incoming_shutdown(incoming(client_listener), stop(shutdown_rx.clone()));
@@ -270,6 +291,11 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         shutdown_rx.clone(),
     )));
     tracing::info!(node = id, "freshness watch started");
+    tasks.push(tokio::spawn(crate::workers::chunks::run(
+        core.clone(),
+        shutdown_rx.clone(),
+    )));
+    tracing::info!(node = id, "chunk sync started");
 
     Ok(NodeHandle {
         id,

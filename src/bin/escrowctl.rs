@@ -36,6 +36,9 @@ enum Cmd {
     /// Records of a tenant collection.
     #[command(subcommand)]
     Record(RecordCmd),
+    /// Artifacts: versioned files in a namespace (a tenant or "vendor").
+    #[command(subcommand)]
+    Artifact(ArtifactCmd),
     /// Tenants (ops): register, suspend, resume, show, list.
     #[command(subcommand)]
     Tenant(TenantCmd),
@@ -137,6 +140,35 @@ enum RecordCmd {
         #[arg(long)]
         local: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCmd {
+    /// Upload a file as a new version (only chunks the cluster lacks are sent).
+    Put {
+        namespace: String,
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Download a version (default: the latest), verified chunk by chunk and as a whole.
+    Get {
+        namespace: String,
+        name: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A namespace's artifacts with their latest versions.
+    List {
+        namespace: String,
+        /// Include artifacts whose latest version is a delete.
+        #[arg(long)]
+        deleted: bool,
+    },
+    /// Add a delete (tombstone) version; earlier versions stay readable.
+    Delete { namespace: String, name: String },
 }
 
 #[derive(Subcommand)]
@@ -533,6 +565,100 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.json, doc, human);
         }
         Cmd::Mirror(args) => mirror(&client, args, cli.json).await?,
+        Cmd::Artifact(ArtifactCmd::Put {
+            namespace,
+            name,
+            file,
+        }) => {
+            let r = escrow::mirror::artifacts::upload_file(&client, namespace, name, file).await?;
+            print(
+                cli.json,
+                serde_json::to_value(&r)?,
+                format!(
+                    "{namespace}/{name} version {}{}: {} bytes, {} of {} chunks sent ({} bytes)",
+                    r.version,
+                    if r.changed { "" } else { " (unchanged)" },
+                    r.size,
+                    r.chunks_sent,
+                    r.chunks,
+                    r.bytes_sent
+                ),
+            );
+        }
+        Cmd::Artifact(ArtifactCmd::Get {
+            namespace,
+            name,
+            version,
+            out,
+        }) => {
+            let r = escrow::mirror::artifacts::download_file(
+                &client,
+                namespace,
+                name,
+                version.unwrap_or(0),
+                out,
+            )
+            .await?;
+            print(
+                cli.json,
+                serde_json::to_value(&r)?,
+                format!(
+                    "{namespace}/{name} version {} → {} ({} bytes, blake3 {} verified)",
+                    r.version,
+                    out.display(),
+                    r.size,
+                    r.blake3
+                ),
+            );
+        }
+        Cmd::Artifact(ArtifactCmd::List { namespace, deleted }) => {
+            let list = client.list_artifacts(namespace, *deleted).await?;
+            let docs: Vec<_> = list
+                .iter()
+                .map(|a| {
+                    let m = a.manifest.clone().unwrap_or_default();
+                    json!({
+                        "name": a.name,
+                        "version": a.version,
+                        "revision": a.revision,
+                        "time": format_ms(a.time_ms),
+                        "deleted": a.deleted,
+                        "size": m.size,
+                        "blake3": if a.deleted { String::new() } else { hex_of(&m.blake3) },
+                    })
+                })
+                .collect();
+            let human = list
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{:<50} v{:<5} {:>14} {}",
+                        a.name,
+                        a.version,
+                        if a.deleted {
+                            "deleted".to_string()
+                        } else {
+                            format!("{} B", a.manifest.as_ref().map_or(0, |m| m.size))
+                        },
+                        format_ms(a.time_ms)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(
+                cli.json,
+                json!({ "namespace": namespace, "artifacts": docs }),
+                human,
+            );
+        }
+        Cmd::Artifact(ArtifactCmd::Delete { namespace, name }) => {
+            let r = client.delete_artifact(namespace, name).await?;
+            print(
+                cli.json,
+                json!({ "version": r.version, "changed": r.changed }),
+                format!("{namespace}/{name} deleted as version {}", r.version),
+            );
+        }
         Cmd::Bench(BenchCmd::Put {
             clients,
             value_size,
@@ -651,8 +777,8 @@ impl escrow::mirror::records::Progress for Bar {
 async fn mirror(client: &EscrowClient, args: &MirrorArgs, json_out: bool) -> anyhow::Result<()> {
     use escrow::mirror::records::{run_feed, FeedOptions, Progress};
     use std::io::IsTerminal;
-    if args.dir.is_some() {
-        anyhow::bail!("mirroring a directory (--dir) is not built yet; --records is");
+    if let Some(dir) = &args.dir {
+        return mirror_dir(client, args, dir, json_out).await;
     }
     let Some(feed) = &args.records else {
         anyhow::bail!("give --records FILE|- --tenant T (or --dir DIR --namespace NS)");
@@ -679,15 +805,7 @@ async fn mirror(client: &EscrowClient, args: &MirrorArgs, json_out: bool) -> any
     } else {
         Box::new(())
     };
-    let stop = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    let report = run_feed(client, &options, bar.as_ref(), stop).await?;
+    let report = run_feed(client, &options, bar.as_ref(), stop_signal()).await?;
     drop(bar);
     print(
         json_out,
@@ -697,6 +815,116 @@ async fn mirror(client: &EscrowClient, args: &MirrorArgs, json_out: bool) -> any
             report.lines, report.applied, report.duplicates, report.position
         ),
     );
+    Ok(())
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    <[u8; 32]>::try_from(bytes)
+        .map(|d| escrow::domain::hex(&d))
+        .unwrap_or_default()
+}
+
+struct DirBar(indicatif::ProgressBar);
+
+impl escrow::mirror::dir::DirProgress for DirBar {
+    fn pass_started(&self, _files: u64, bytes: u64) {
+        self.0.set_length(bytes);
+        self.0.set_position(0);
+    }
+    fn file_done(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+impl Drop for DirBar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+async fn stop_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn mirror_dir(
+    client: &EscrowClient,
+    args: &MirrorArgs,
+    dir: &std::path::Path,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use escrow::mirror::dir::{run_dir, DirOptions, DirProgress};
+    use std::io::IsTerminal;
+    let namespace = args.namespace.clone().unwrap_or_default();
+    escrow::domain::TenantId::parse(&namespace)?;
+    let root = std::fs::canonicalize(dir)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?;
+    let state_file = args.state.clone().unwrap_or_else(|| {
+        let key = blake3::hash(root.to_string_lossy().as_bytes()).to_hex();
+        default_state_file(&namespace, &format!("dir-{}", &key[..16]))
+    });
+    let options = DirOptions {
+        root,
+        namespace,
+        state_file,
+        once: args.once,
+        rescan: escrow::mirror::dir::RESCAN_DEFAULT,
+    };
+    let show_bar = !args.quiet && !json_out && std::io::stderr().is_terminal();
+    let bar: Box<dyn DirProgress> = if show_bar {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {wide_bar} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Box::new(DirBar(pb))
+    } else {
+        Box::new(())
+    };
+    let report = run_dir(client, &options, bar.as_ref(), stop_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    drop(bar);
+    for s in &report.skipped {
+        if !json_out {
+            eprintln!("skipped {}: {}", s.path, s.reason);
+        }
+    }
+    print(
+        json_out,
+        serde_json::to_value(&report)?,
+        format!(
+            "{} files ({} bytes): {} new versions, {} unchanged, {} deleted; sent {} chunks ({} bytes); {} skipped, {} failed",
+            report.files,
+            report.bytes,
+            report.uploaded,
+            report.unchanged,
+            report.deleted,
+            report.chunks_sent,
+            report.bytes_sent,
+            report.skipped.len(),
+            report.failed.len()
+        ),
+    );
+    if let Some(f) = report.failed.first() {
+        anyhow::bail!(
+            "{} files could not be mirrored; first: {}: {}",
+            report.failed.len(),
+            f.path,
+            f.reason
+        );
+    }
     Ok(())
 }
 

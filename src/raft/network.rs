@@ -32,6 +32,8 @@ pub const SNAPSHOT_FRAME_BYTES: usize = 1024 * 1024;
 const SNAPSHOT_FRAMES_IN_FLIGHT: usize = 4;
 /// Largest peer message, in bytes: a batch of Raft entries with values at their size limit.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 96 * 1024 * 1024;
+/// Deadline of one chunk RPC between nodes (a chunk is at most 2 MiB).
+const CHUNK_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connection establishment timeout for peer channels.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline for a forwarded client request, beyond the leader's own commit timeout.
@@ -127,6 +129,68 @@ impl PeerClients {
         Ok(pb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+    }
+
+    /// Which of `hashes` the peer stores.
+    pub async fn has_chunks(
+        &self,
+        target: NodeId,
+        addr: &str,
+        hashes: &[crate::domain::Digest],
+    ) -> Result<Vec<bool>, tonic::Status> {
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| tonic::Status::unavailable(format!("node {target} unreachable: {e}")))?;
+        let mut req = tonic::Request::new(pb::ChunkList {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        });
+        req.set_timeout(CHUNK_RPC_TIMEOUT);
+        let present = client.has_chunks(req).await?.into_inner().present;
+        if present.len() != hashes.len() {
+            return Err(tonic::Status::internal(format!(
+                "node {target} answered {} presence flags for {} chunks",
+                present.len(),
+                hashes.len()
+            )));
+        }
+        Ok(present)
+    }
+
+    /// Stores a chunk on the peer (it verifies and fsyncs before answering).
+    pub async fn put_chunk(
+        &self,
+        target: NodeId,
+        addr: &str,
+        hash: &crate::domain::Digest,
+        data: Vec<u8>,
+    ) -> Result<(), tonic::Status> {
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| tonic::Status::unavailable(format!("node {target} unreachable: {e}")))?;
+        let mut req = tonic::Request::new(pb::ChunkData {
+            hash: hash.to_vec(),
+            data,
+        });
+        req.set_timeout(CHUNK_RPC_TIMEOUT);
+        client.put_chunk(req).await?;
+        Ok(())
+    }
+
+    /// Fetches a chunk from the peer; the caller verifies it.
+    pub async fn get_chunk(
+        &self,
+        target: NodeId,
+        addr: &str,
+        hash: &crate::domain::Digest,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| tonic::Status::unavailable(format!("node {target} unreachable: {e}")))?;
+        let mut req = tonic::Request::new(pb::ChunkId {
+            hash: hash.to_vec(),
+        });
+        req.set_timeout(CHUNK_RPC_TIMEOUT);
+        Ok(client.get_chunk(req).await?.into_inner().data)
     }
 
     /// Relays a client request to the leader; gRPC errors pass through unchanged.

@@ -4,6 +4,7 @@
 //! RESOURCE_EXHAUSTED, no leader / lost leadership → UNAVAILABLE, no quorum within the commit
 //! timeout → DEADLINE_EXCEEDED, a business rejection → FAILED_PRECONDITION.
 
+pub mod artifacts;
 pub mod client;
 pub mod peer;
 pub mod tenants;
@@ -159,6 +160,7 @@ pub struct Core {
     pub mirror: crate::config::MirrorSettings,
     pub raft: Raft,
     pub reader: SmReader,
+    pub chunks: Arc<crate::chunks::ChunkStore>,
     pub peers: Arc<PeerClients>,
     pub metrics: Arc<Metrics>,
     pub initial_members: Vec<(NodeId, EscrowNode)>,

@@ -105,6 +105,42 @@ impl pb::peer_server::Peer for PeerService {
         };
         Ok(reply(&answer))
     }
+
+    async fn has_chunks(
+        &self,
+        request: Request<pb::ChunkList>,
+    ) -> Result<Response<pb::ChunkPresence>, Status> {
+        let hashes = super::artifacts::digests(&request.into_inner().hashes)?;
+        let chunks = self.core.chunks.clone();
+        let present = tokio::task::spawn_blocking(move || {
+            hashes.iter().map(|h| chunks.has(h)).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ChunkPresence { present }))
+    }
+
+    async fn put_chunk(
+        &self,
+        request: Request<pb::ChunkData>,
+    ) -> Result<Response<pb::ChunkAck>, Status> {
+        let req = request.into_inner();
+        let hash = super::artifacts::digest(&req.hash)?;
+        self.core.store_chunk(hash, req.data).await?;
+        Ok(Response::new(pb::ChunkAck {}))
+    }
+
+    async fn get_chunk(
+        &self,
+        request: Request<pb::ChunkId>,
+    ) -> Result<Response<pb::ChunkData>, Status> {
+        let hash = super::artifacts::digest(&request.into_inner().hash)?;
+        let data = self.core.local_chunk(hash).await?;
+        Ok(Response::new(pb::ChunkData {
+            hash: hash.to_vec(),
+            data,
+        }))
+    }
 }
 
 fn safe_file_name(name: &str) -> bool {

@@ -12,12 +12,15 @@
 //! - `'t' tenant`                → tenant registration
 //! - `'s' namespace`             → namespace figures (records, bytes, freshness)
 //! - `'q' tenant 0x00 source`    → a source stream's applied position
+//! - `'A' namespace 0x00 name`   → an artifact's latest version
+//! - `'a' namespace 0x00 name 0x00 version(u64 BE)` → one artifact version (its manifest)
+//! - `'c' blake3(32)`            → a chunk referenced by some artifact version (its size)
 //!
 //! Tenant, collection and source are validated slugs and keys have no control characters, so
 //! the NUL separators are unambiguous and every key of one tenant shares the prefix
 //! `'r' tenant 0x00` (resp. `'h' tenant 0x00`).
 
-use crate::domain::{RecordPath, SourceId, TenantId};
+use crate::domain::{ArtifactName, Digest, RecordPath, SourceId, TenantId};
 
 pub const APPLIED: &[u8] = b"\x00applied";
 pub const MEMBERSHIP: &[u8] = b"\x00membership";
@@ -28,6 +31,9 @@ const HISTORY_PREFIX: u8 = b'h';
 pub const TENANT_PREFIX: u8 = b't';
 pub const STATS_PREFIX: u8 = b's';
 const SOURCE_PREFIX: u8 = b'q';
+const ARTIFACT_LATEST_PREFIX: u8 = b'A';
+const ARTIFACT_VERSION_PREFIX: u8 = b'a';
+pub const CHUNK_PREFIX: u8 = b'c';
 
 pub fn node(id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
@@ -91,6 +97,37 @@ pub fn source(tenant: &TenantId, source: &SourceId) -> Vec<u8> {
     out.extend_from_slice(tenant.as_str().as_bytes());
     out.push(0);
     out.extend_from_slice(source.as_str().as_bytes());
+    out
+}
+
+/// The prefix of every artifact's latest-version key in a namespace.
+pub fn artifacts_prefix(namespace: &TenantId) -> Vec<u8> {
+    let mut out = vec![ARTIFACT_LATEST_PREFIX];
+    out.extend_from_slice(namespace.as_str().as_bytes());
+    out.push(0);
+    out
+}
+
+pub fn artifact_latest(namespace: &TenantId, name: &ArtifactName) -> Vec<u8> {
+    let mut out = artifacts_prefix(namespace);
+    out.extend_from_slice(name.as_str().as_bytes());
+    out
+}
+
+pub fn artifact_version(namespace: &TenantId, name: &ArtifactName, version: u64) -> Vec<u8> {
+    let mut out = vec![ARTIFACT_VERSION_PREFIX];
+    out.extend_from_slice(namespace.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+pub fn chunk(hash: &Digest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(33);
+    out.push(CHUNK_PREFIX);
+    out.extend_from_slice(hash);
     out
 }
 

@@ -17,6 +17,6 @@ use std::io;
 use std::path::Path;
 
 /// Fsyncs a directory so that renames and new entries in it survive a crash.
-pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

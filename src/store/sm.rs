@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{fsync_dir, keys};
 use crate::domain::{
-    NamespaceStats, RecordPath, RecordVersion, SourceId, SourcePosition, TenantId, TenantInfo,
+    ArtifactName, ArtifactVersion, ChunkRef, Digest, NamespaceStats, RecordPath, RecordVersion,
+    SourceId, SourcePosition, TenantId, TenantInfo,
 };
 use crate::ledger::{self, Command, LedgerView, Mutation, Outcome, Stamp};
 use crate::raft::codec;
@@ -269,6 +270,106 @@ impl SmReader {
         }
         it.status().map_err(sm_err)?;
         Ok(out)
+    }
+
+    /// An artifact's latest version (`version` 0) or a given one; tombstones included.
+    pub fn artifact(
+        &self,
+        namespace: &TenantId,
+        name: &ArtifactName,
+        version: u64,
+    ) -> Result<Option<ArtifactVersion>, StorageError> {
+        let key = if version == 0 {
+            keys::artifact_latest(namespace, name)
+        } else {
+            keys::artifact_version(namespace, name, version)
+        };
+        get_decoded(&self.shared.db(), &key)
+    }
+
+    /// A namespace's artifacts (latest versions, tombstones included) in name order, after
+    /// `after` (exclusive), at most `limit`.
+    pub fn artifacts(
+        &self,
+        namespace: &TenantId,
+        after: Option<&ArtifactName>,
+        limit: usize,
+    ) -> Result<Vec<(ArtifactName, ArtifactVersion)>, StorageError> {
+        let db = self.shared.db();
+        let prefix = keys::artifacts_prefix(namespace);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut it = db.raw_iterator_opt(opts);
+        match after {
+            Some(name) => {
+                let mut start = keys::artifact_latest(namespace, name);
+                start.push(0);
+                it.seek(&start);
+            }
+            None => it.seek(&prefix),
+        }
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            if let (Some(key), Some(value)) = (it.key(), it.value()) {
+                let name = std::str::from_utf8(&key[prefix.len()..])
+                    .ok()
+                    .and_then(|n| ArtifactName::parse(n).ok())
+                    .ok_or_else(|| sm_err("malformed artifact key"))?;
+                out.push((name, codec::decode(value).map_err(sm_err)?));
+            }
+            it.next();
+        }
+        it.status().map_err(sm_err)?;
+        Ok(out)
+    }
+
+    /// Chunks referenced by any artifact version, in hash order after `after`, at most `limit`.
+    pub fn referenced_chunks(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ChunkRef>, StorageError> {
+        let db = self.shared.db();
+        let prefix = [keys::CHUNK_PREFIX];
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
+        let mut it = db.raw_iterator_opt(opts);
+        match after {
+            Some(h) => {
+                let mut start = keys::chunk(h);
+                start.push(0);
+                it.seek(&start);
+            }
+            None => it.seek(prefix),
+        }
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            if let (Some(key), Some(value)) = (it.key(), it.value()) {
+                let hash: Digest = key[1..]
+                    .try_into()
+                    .map_err(|_| sm_err("malformed chunk key"))?;
+                let size: [u8; 4] = value
+                    .try_into()
+                    .map_err(|_| sm_err("malformed chunk size"))?;
+                out.push(ChunkRef {
+                    hash,
+                    size: u32::from_be_bytes(size),
+                });
+            }
+            it.next();
+        }
+        it.status().map_err(sm_err)?;
+        Ok(out)
+    }
+
+    /// Whether any artifact version references this chunk.
+    pub fn chunk_referenced(&self, hash: &Digest) -> Result<bool, StorageError> {
+        Ok(self
+            .shared
+            .db()
+            .get_pinned(keys::chunk(hash))
+            .map_err(sm_err)?
+            .is_some())
     }
 
     pub fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
@@ -608,6 +709,13 @@ impl LedgerView for BatchView<'_> {
     fn source(&self, tenant: &TenantId, source: &SourceId) -> Result<SourcePosition, StorageError> {
         Ok(self.get(&keys::source(tenant, source))?.unwrap_or_default())
     }
+    fn artifact(
+        &self,
+        namespace: &TenantId,
+        name: &ArtifactName,
+    ) -> Result<Option<ArtifactVersion>, StorageError> {
+        self.get(&keys::artifact_latest(namespace, name))
+    }
 }
 
 /// Everything one `apply` call stages: the write batch, the overlay later commands read, and
@@ -656,6 +764,23 @@ fn apply_command(
                 source,
                 position,
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
+            Mutation::PutArtifact {
+                namespace,
+                name,
+                version,
+            } => {
+                if let Some(m) = &version.manifest {
+                    for c in &m.chunks {
+                        staged.batch.put(keys::chunk(&c.hash), c.size.to_be_bytes());
+                    }
+                }
+                let encoded = codec::encode(&version);
+                staged.batch.put(
+                    keys::artifact_version(&namespace, &name, version.version),
+                    &encoded,
+                );
+                staged.put(keys::artifact_latest(&namespace, &name), encoded);
+            }
         }
     }
     Ok(outcome)

@@ -1,4 +1,5 @@
 //! Background workers: each does one bounded unit of work per step and stops with the node's
 //! shutdown channel.
 
+pub mod chunks;
 pub mod freshness;

@@ -40,15 +40,32 @@ pub fn init_logs() {
     escrow::init_tracing_with(false, "warn,openraft=off");
 }
 
-/// Picks `n` distinct free loopback ports.
+/// Ports tests listen on: below Linux's ephemeral range (32768+), so an outgoing connection
+/// (whose source port the kernel takes from that range) can never grab a port between the
+/// check here and the node binding it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// Picks `n` distinct free loopback ports. Each test binary starts at a random point of
+/// [`TEST_PORTS`] and walks forward, so parallel tests and binaries do not pick the same ones.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() as u16).wrapping_mul(7919) % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = TEST_PORTS.start + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    out
 }
 
 pub fn node_ports(n: usize) -> Vec<NodePorts> {

@@ -1,0 +1,240 @@
+//! The content-addressed chunk store on each node: bulk bytes live here, outside the Raft log
+//! and outside snapshots.
+//!
+//! Layout under the node's data dir:
+//! ```text
+//! chunks/ab/<64 hex>      a chunk, named by its blake3 (first byte as a fan-out directory)
+//! chunks/tmp/             chunks being written (removed at start)
+//! chunks/quarantine/      copies that failed verification, kept for inspection
+//! ```
+//! Writes are verify → write tmp → fsync → rename → fsync dir, so a chunk file that exists is
+//! complete and was correct when written. Every read re-hashes the bytes: a copy that no
+//! longer matches its address is moved to quarantine and never returned.
+//!
+//! All functions block on disk IO; async callers run them on the blocking pool.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::domain::{hex, Digest, CHUNK_MAX_BYTES};
+
+const TMP_DIR: &str = "tmp";
+const QUARANTINE_DIR: &str = "quarantine";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {hash}: the bytes hash to {found}, not to their address")]
+    Mismatch { hash: String, found: String },
+    #[error("chunk {hash} is {len} bytes, over the limit of {CHUNK_MAX_BYTES}")]
+    TooLarge { hash: String, len: usize },
+    #[error("chunk {0} is not stored on this node")]
+    Missing(String),
+    #[error("chunk store IO on {path}: {cause}")]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ChunkError + '_ {
+    move |cause| ChunkError::Io {
+        path: path.to_path_buf(),
+        cause,
+    }
+}
+
+/// One node's chunk files.
+pub struct ChunkStore {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+    /// Corrupt copies found (on read or scrub) since start.
+    pub corrupt_found: AtomicU64,
+}
+
+impl ChunkStore {
+    /// Opens (or creates) the store under `root`, clearing writes a crash interrupted.
+    pub fn open(root: &Path) -> Result<Self, ChunkError> {
+        let tmp = root.join(TMP_DIR);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let quarantine = root.join(QUARANTINE_DIR);
+        std::fs::create_dir_all(&quarantine).map_err(io(&quarantine))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            tmp_seq: AtomicU64::new(0),
+            corrupt_found: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, hash: &Digest) -> PathBuf {
+        let h = hex(hash);
+        self.root.join(&h[..2]).join(h)
+    }
+
+    /// Whether a copy of the chunk is stored (not verified: see [`ChunkStore::get`]).
+    pub fn has(&self, hash: &Digest) -> bool {
+        self.path(hash).is_file()
+    }
+
+    /// Stores a chunk after checking its bytes against its address. Returns false when a copy
+    /// was already there (nothing written).
+    pub fn put(&self, hash: &Digest, bytes: &[u8]) -> Result<bool, ChunkError> {
+        if bytes.len() > CHUNK_MAX_BYTES as usize {
+            return Err(ChunkError::TooLarge {
+                hash: hex(hash),
+                len: bytes.len(),
+            });
+        }
+        let found = blake3::hash(bytes);
+        if found.as_bytes() != hash {
+            return Err(ChunkError::Mismatch {
+                hash: hex(hash),
+                found: found.to_hex().to_string(),
+            });
+        }
+        let path = self.path(hash);
+        if path.is_file() {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("chunk paths have a parent");
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}", &hex(hash)[..16]));
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        crate::store::fsync_dir(dir).map_err(io(dir))?;
+        Ok(true)
+    }
+
+    /// Reads a chunk and verifies it. A copy that does not match its address is quarantined
+    /// and reported as [`ChunkError::Mismatch`]; its bytes are never returned.
+    pub fn get(&self, hash: &Digest) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path(hash);
+        let mut bytes = Vec::new();
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                f.take(u64::from(CHUNK_MAX_BYTES) + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(io(&path))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ChunkError::Missing(hex(hash)))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let found = blake3::hash(&bytes);
+        if found.as_bytes() != hash {
+            self.quarantine(hash)?;
+            return Err(ChunkError::Mismatch {
+                hash: hex(hash),
+                found: found.to_hex().to_string(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Moves a bad copy out of the way so it is neither served nor counted as present.
+    pub fn quarantine(&self, hash: &Digest) -> Result<(), ChunkError> {
+        let path = self.path(hash);
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let to = self
+            .root
+            .join(QUARANTINE_DIR)
+            .join(format!("{}-{n}", hex(hash)));
+        self.corrupt_found.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(chunk = %hex(hash), "corrupt chunk copy quarantined");
+        match std::fs::rename(&path, &to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Removes a chunk (garbage collection of unreferenced chunks).
+    pub fn remove(&self, hash: &Digest) -> Result<(), ChunkError> {
+        let path = self.path(hash);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Every stored chunk with its file's modification time, for garbage collection.
+    pub fn list(&self) -> Result<Vec<(Digest, std::time::SystemTime)>, ChunkError> {
+        let mut out = Vec::new();
+        for fan in std::fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let fan = fan.map_err(io(&self.root))?.path();
+            let name = fan.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.len() != 2 || !fan.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&fan).map_err(io(&fan))? {
+                let entry = entry.map_err(io(&fan))?;
+                let Some(hash) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| blake3::Hash::from_hex(n).ok())
+                else {
+                    continue;
+                };
+                let modified = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_err(io(&entry.path()))?;
+                out.push((*hash.as_bytes(), modified));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The file of a chunk (for tests that damage a copy on purpose).
+    pub fn file_of(&self, hash: &Digest) -> PathBuf {
+        self.path(hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: bytes that do not match their address are refused on write; a copy damaged on disk
+    // is quarantined on read and its bytes are never returned.
+    #[test]
+    fn chunks_are_verified_on_write_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let bytes = b"hello chunk".to_vec();
+        let hash = *blake3::hash(&bytes).as_bytes();
+        assert!(matches!(
+            store.put(&[7; 32], &bytes),
+            Err(ChunkError::Mismatch { .. })
+        ));
+        assert!(!store.has(&[7; 32]));
+        assert!(store.put(&hash, &bytes).unwrap());
+        assert!(
+            !store.put(&hash, &bytes).unwrap(),
+            "second put writes nothing"
+        );
+        assert_eq!(store.get(&hash).unwrap(), bytes);
+
+        let mut damaged = bytes.clone();
+        damaged[0] ^= 1;
+        std::fs::write(store.file_of(&hash), &damaged).unwrap();
+        assert!(matches!(store.get(&hash), Err(ChunkError::Mismatch { .. })));
+        assert!(!store.has(&hash), "the bad copy is out of the way");
+        assert!(matches!(store.get(&hash), Err(ChunkError::Missing(_))));
+        assert_eq!(store.corrupt_found.load(Ordering::Relaxed), 1);
+        assert_eq!(store.list().unwrap().len(), 0);
+    }
+}

@@ -1,0 +1,388 @@
+//! `escrowctl mirror --dir DIR --namespace NS`: keeps a namespace equal to a directory tree.
+//!
+//! Each pass walks the tree without following symlinks, uploads new or changed files as new
+//! artifact versions (only chunks the cluster lacks travel), and turns files that disappeared
+//! into tombstone versions; escrowed history is never deleted. Artifact names are the files'
+//! paths relative to the root, '/'-separated; a name that does not validate, a symlink (which
+//! might point outside the tree or into a loop) and anything that is not a regular file are
+//! skipped and reported, never followed. A local state file caches (size, mtime, blake3) per
+//! file so unchanged files are not re-read; losing it costs only re-hashing.
+//!
+//! Without `--once` the agent watches the tree (notify) and runs a pass shortly after changes,
+//! plus a full rescan every `rescan` as a safety net for missed events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::artifacts::upload_file;
+use crate::client::EscrowClient;
+use crate::domain::ArtifactName;
+
+/// Files uploaded at once.
+pub const FILES_IN_FLIGHT: usize = 8;
+/// Quiet time after a file-system event before a pass starts (changes come in bursts).
+pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(500);
+/// Default interval of the full rescan in follow mode.
+pub const RESCAN_DEFAULT: Duration = Duration::from_secs(600);
+/// Uploads between two saves of the state file.
+const STATE_SAVE_EVERY: usize = 64;
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Seen {
+    size: u64,
+    mtime_ns: i128,
+    blake3: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DirState {
+    version: u32,
+    namespace: String,
+    root: PathBuf,
+    files: BTreeMap<String, Seen>,
+}
+
+impl DirState {
+    fn load(path: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice::<DirState>(&bytes)
+            .ok()
+            .filter(|s| s.version == STATE_VERSION)
+    }
+
+    fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).expect("state serialises"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        crate::store::fsync_dir(dir)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DirOptions {
+    pub root: PathBuf,
+    pub namespace: String,
+    pub state_file: PathBuf,
+    pub once: bool,
+    pub rescan: Duration,
+}
+
+/// A path the agent did not mirror, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What a pass (or all passes of a run) did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirReport {
+    pub namespace: String,
+    pub passes: u64,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files that became a new version.
+    pub uploaded: u64,
+    pub unchanged: u64,
+    /// Files gone from the tree, escrowed as tombstones.
+    pub deleted: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    pub skipped: Vec<Skipped>,
+    /// Files that could not be mirrored in the last pass (retried on the next).
+    pub failed: Vec<Skipped>,
+}
+
+/// Progress callbacks.
+pub trait DirProgress: Sync {
+    fn pass_started(&self, _files: u64, _bytes: u64) {}
+    fn file_done(&self, _bytes: u64) {}
+}
+
+impl DirProgress for () {}
+
+struct Entry {
+    name: ArtifactName,
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Why a symlink is not followed, in the words an operator needs.
+fn describe_symlink(root: &Path, path: &Path) -> String {
+    match std::fs::canonicalize(path) {
+        Err(e) if e.raw_os_error() == Some(40) => "a symlink loop (not followed)".into(),
+        Err(_) => "a dangling symlink (not followed)".into(),
+        Ok(target) if !target.starts_with(root) => format!(
+            "a symlink to {} outside the tree (not followed)",
+            target.display()
+        ),
+        Ok(_) => "a symlink (symlinks are not followed; mirror the file it points to)".into(),
+    }
+}
+
+/// Walks the tree (no symlinks followed), returning regular files and what was skipped.
+fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if dir != root => {
+                skipped.push(Skipped {
+                    path: dir.display().to_string(),
+                    reason: format!("cannot read the directory: {e}"),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let shown = rel.display().to_string();
+            if meta.file_type().is_symlink() {
+                skipped.push(Skipped {
+                    path: shown,
+                    reason: describe_symlink(root, &path),
+                });
+            } else if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() {
+                let name = rel
+                    .to_str()
+                    .ok_or_else(|| "the name is not UTF-8".to_string())
+                    .and_then(|n| ArtifactName::parse(n).map_err(|e| e.to_string()));
+                match name {
+                    Ok(name) => files.push(Entry {
+                        name,
+                        path,
+                        size: meta.len(),
+                        mtime_ns: mtime_ns(&meta),
+                    }),
+                    Err(reason) => skipped.push(Skipped {
+                        path: shown,
+                        reason,
+                    }),
+                }
+            } else {
+                skipped.push(Skipped {
+                    path: shown,
+                    reason: "not a regular file or directory".into(),
+                });
+            }
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((files, skipped))
+}
+
+/// One pass: upload what changed, tombstone what disappeared.
+pub async fn pass(
+    client: &EscrowClient,
+    options: &DirOptions,
+    progress: &dyn DirProgress,
+) -> Result<DirReport, String> {
+    let root = std::fs::canonicalize(&options.root)
+        .map_err(|e| format!("cannot open {}: {e}", options.root.display()))?;
+    if !root.is_dir() {
+        return Err(format!("{} is not a directory", root.display()));
+    }
+    let mut state = DirState::load(&options.state_file)
+        .filter(|s| s.namespace == options.namespace && s.root == root)
+        .unwrap_or_else(|| DirState {
+            version: STATE_VERSION,
+            namespace: options.namespace.clone(),
+            root: root.clone(),
+            files: BTreeMap::new(),
+        });
+    let walk_root = root.clone();
+    let (files, skipped) = tokio::task::spawn_blocking(move || walk(&walk_root))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot walk {}: {e}", root.display()))?;
+    let escrowed: HashMap<String, String> = client
+        .list_artifacts(&options.namespace, false)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|a| {
+            let m = a.manifest?;
+            Some((a.name, hex::encode(m.blake3)))
+        })
+        .collect();
+    let mut report = DirReport {
+        namespace: options.namespace.clone(),
+        passes: 1,
+        files: files.len() as u64,
+        bytes: files.iter().map(|f| f.size).sum(),
+        skipped,
+        ..Default::default()
+    };
+    progress.pass_started(report.files, report.bytes);
+
+    // Files whose size and mtime match the cache and whose hash the escrow already holds need
+    // not even be read.
+    let (unchanged, changed): (Vec<&Entry>, Vec<&Entry>) = files.iter().partition(|f| {
+        state.files.get(f.name.as_str()).is_some_and(|seen| {
+            seen.size == f.size
+                && seen.mtime_ns == f.mtime_ns
+                && escrowed.get(f.name.as_str()) == Some(&seen.blake3)
+        })
+    });
+    report.unchanged = unchanged.len() as u64;
+    for f in &unchanged {
+        progress.file_done(f.size);
+    }
+    let mut uploads = stream::iter(changed)
+        .map(|f| async move {
+            let result = upload_file(client, &options.namespace, f.name.as_str(), &f.path).await;
+            (f, result)
+        })
+        .buffer_unordered(FILES_IN_FLIGHT);
+    let mut since_save = 0;
+    while let Some((f, result)) = uploads.next().await {
+        progress.file_done(f.size);
+        match result {
+            Ok(r) => {
+                if r.changed {
+                    report.uploaded += 1;
+                } else {
+                    report.unchanged += 1;
+                }
+                report.chunks_sent += r.chunks_sent as u64;
+                report.bytes_sent += r.bytes_sent;
+                state.files.insert(
+                    f.name.as_str().to_string(),
+                    Seen {
+                        size: f.size,
+                        mtime_ns: f.mtime_ns,
+                        blake3: r.blake3,
+                    },
+                );
+                since_save += 1;
+                if since_save >= STATE_SAVE_EVERY {
+                    since_save = 0;
+                    let _ = state.save(&options.state_file);
+                }
+            }
+            Err(e) => report.failed.push(Skipped {
+                path: f.name.as_str().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    drop(uploads);
+
+    // Files gone from the tree become tombstones (earlier versions stay escrowed). A path that
+    // was skipped this pass is not "gone".
+    let present: std::collections::HashSet<&str> = files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(report.skipped.iter().map(|s| s.path.as_str()))
+        .collect();
+    for name in escrowed.keys() {
+        if !present.contains(name.as_str()) {
+            match client.delete_artifact(&options.namespace, name).await {
+                Ok(_) => {
+                    report.deleted += 1;
+                    state.files.remove(name);
+                }
+                Err(e) => report.failed.push(Skipped {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+    }
+    state
+        .save(&options.state_file)
+        .map_err(|e| format!("cannot save {}: {e}", options.state_file.display()))?;
+    Ok(report)
+}
+
+/// Runs passes until `once` is done or `stop` resolves. Returns the last pass's report with
+/// the pass count of the run.
+pub async fn run_dir(
+    client: &EscrowClient,
+    options: &DirOptions,
+    progress: &dyn DirProgress,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<DirReport, String> {
+    let mut report = pass(client, options, progress).await?;
+    if options.once {
+        return Ok(report);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event| {
+        let _ = tx.send(event);
+    })
+    .map_err(|e| format!("cannot watch {}: {e}", options.root.display()))?;
+    use notify::Watcher;
+    watcher
+        .watch(&options.root, notify::RecursiveMode::Recursive)
+        .map_err(|e| format!("cannot watch {}: {e}", options.root.display()))?;
+    tokio::pin!(stop);
+    let mut passes = report.passes;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(report),
+            event = rx.recv() => {
+                if event.is_none() {
+                    return Err("the file watcher stopped".into());
+                }
+                // Let a burst of changes settle, then take it in one pass.
+                loop {
+                    tokio::select! {
+                        more = rx.recv() => if more.is_none() { break },
+                        _ = tokio::time::sleep(EVENT_DEBOUNCE) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep(options.rescan) => {}
+        }
+        match pass(client, options, progress).await {
+            Ok(r) => {
+                passes += 1;
+                report = DirReport { passes, ..r };
+                if !report.failed.is_empty() {
+                    tracing::warn!(
+                        failed = report.failed.len(),
+                        "some files were not mirrored; retrying on the next pass"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "mirror pass failed; retrying on the next"),
+        }
+    }
+}
+
+/// Hex of a wire digest (used to compare with the listing).
+mod hex {
+    pub fn encode(bytes: Vec<u8>) -> String {
+        match <[u8; 32]>::try_from(bytes.as_slice()) {
+            Ok(d) => crate::domain::hex(&d),
+            Err(_) => String::new(),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Chunk sync: makes this node hold every chunk its committed artifact versions reference
+//! (a new node, a lagging follower, a node that installed a snapshot), fetching each missing
+//! one from a peer and verifying it; and collects chunks no version references once they are
+//! older than the grace period (an upload that never committed).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::stream::{self, StreamExt};
+use tokio::sync::watch;
+
+use crate::domain::Digest;
+use crate::service::Core;
+
+/// Pause between checks of the applied index.
+pub const CHUNK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// A full pass runs at least this often even when nothing new was applied (a peer that was
+/// unreachable may be back).
+pub const CHUNK_SYNC_FULL_PASS: Duration = Duration::from_secs(30);
+/// Referenced chunks read from the state machine per step.
+const SYNC_PAGE: usize = 1024;
+/// Chunks fetched from peers at once.
+const FETCHES_IN_FLIGHT: usize = 4;
+/// How often unreferenced chunks are looked for.
+pub const CHUNK_GC_INTERVAL: Duration = Duration::from_secs(600);
+/// An unreferenced chunk younger than this is kept: it may belong to an upload whose manifest
+/// has not committed yet.
+pub const CHUNK_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Runs until shutdown.
+pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    let mut synced_at_index = 0u64;
+    let mut last_full = tokio::time::Instant::now();
+    let mut last_gc = tokio::time::Instant::now();
+    loop {
+        let applied = core.reader.applied_index();
+        if applied != synced_at_index || last_full.elapsed() >= CHUNK_SYNC_FULL_PASS {
+            match sync_pass(&core).await {
+                Ok(missing) => {
+                    core.metrics.chunks_missing.set(missing as i64);
+                    if missing == 0 {
+                        synced_at_index = applied;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "chunk sync pass failed"),
+            }
+            last_full = tokio::time::Instant::now();
+        }
+        if last_gc.elapsed() >= CHUNK_GC_INTERVAL {
+            if let Err(e) = gc_pass(&core).await {
+                tracing::warn!(error = %e, "chunk garbage collection failed");
+            }
+            last_gc = tokio::time::Instant::now();
+        }
+        core.metrics.chunks_corrupt_found.set(
+            core.chunks
+                .corrupt_found
+                .load(std::sync::atomic::Ordering::Relaxed) as i64,
+        );
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(CHUNK_SYNC_INTERVAL) => {}
+        }
+    }
+}
+
+/// One pass over every referenced chunk; returns how many are still missing here.
+pub async fn sync_pass(core: &Arc<Core>) -> Result<usize, String> {
+    let mut after: Option<Digest> = None;
+    let mut missing_after = 0usize;
+    loop {
+        let page = core
+            .reader
+            .referenced_chunks(after.as_ref(), SYNC_PAGE)
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last() else {
+            return Ok(missing_after);
+        };
+        after = Some(last.hash);
+        let chunks = core.chunks.clone();
+        let hashes: Vec<Digest> = page.iter().map(|c| c.hash).collect();
+        let missing: Vec<Digest> = tokio::task::spawn_blocking(move || {
+            hashes.into_iter().filter(|h| !chunks.has(h)).collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let results: Vec<bool> = stream::iter(missing)
+            .map(|hash| async move {
+                match core.chunk_anywhere(hash).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::debug!(chunk = %crate::domain::hex(&hash), error = %e.message(), "chunk not fetched yet");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(FETCHES_IN_FLIGHT)
+            .collect()
+            .await;
+        let fetched = results.iter().filter(|ok| **ok).count();
+        missing_after += results.len() - fetched;
+        if fetched > 0 {
+            tracing::info!(fetched, "fetched missing chunks from peers");
+        }
+        if page.len() < SYNC_PAGE {
+            return Ok(missing_after);
+        }
+    }
+}
+
+/// Removes chunks no version references that are older than [`CHUNK_GC_GRACE`].
+async fn gc_pass(core: &Arc<Core>) -> Result<(), String> {
+    let chunks = core.chunks.clone();
+    let reader = core.reader.clone();
+    let removed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for (hash, modified) in chunks.list().map_err(|e| e.to_string())? {
+            let old = now
+                .duration_since(modified)
+                .is_ok_and(|age| age >= CHUNK_GC_GRACE);
+            if old && !reader.chunk_referenced(&hash).map_err(|e| e.to_string())? {
+                chunks.remove(&hash).map_err(|e| e.to_string())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if removed > 0 {
+        tracing::info!(removed, "unreferenced chunks collected");
+    }
+    Ok(())
+}
