@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mirror benchmark: escrow vs `rsync -a` (into three local directories, then `sync`) vs
-# `restic backup`, on one reproducible tree: 8 x 100 MiB + 2,000 x 32 KiB files of
+# `restic backup`, on one reproducible tree: 8 x 100 MiB + 2,000 x 112 KiB files (1 GiB) of
 # pseudo-random data (AES-CTR keystream from a fixed seed) in nested folders.
 #
 # For each tool: a first mirror of the tree, then a second after changing 1 MiB in the
@@ -17,7 +17,7 @@ PORT_BASE=17500
 BIG_FILES=8
 BIG_MIB=100
 SMALL_FILES=2000
-SMALL_KIB=32
+SMALL_KIB=112
 
 command -v rsync >/dev/null 2>&1 || apt_install rsync
 command -v restic >/dev/null 2>&1 || apt_install restic
@@ -34,9 +34,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# stream SEED BYTES: reproducible pseudo-random bytes.
+# stream SEED BYTES: reproducible pseudo-random bytes. (openssl ends on SIGPIPE when head has
+# enough, which pipefail would otherwise count as a failure.)
 stream() {
-    openssl enc -aes-256-ctr -nosalt -pass "pass:$1" -pbkdf2 -iter 1 </dev/zero 2>/dev/null | head -c "$2"
+    { openssl enc -aes-256-ctr -nosalt -pass "pass:$1" -pbkdf2 -iter 1 </dev/zero 2>/dev/null || true; } | head -c "$2"
 }
 
 TREE="$WORK/tree"
@@ -84,7 +85,7 @@ t=$(now)
 for i in 1 2 3; do rsync -a --stats "$TREE/" "$WORK/rsync$i/" >"$WORK/rsync1-$i.txt"; done
 sync
 RSYNC1_S=$(since "$t")
-RSYNC1_SENT=$(( $(grep -h 'Literal data' "$WORK"/rsync1-*.txt | tr -d ',' | awk '{s += $3} END {print s}') ))
+RSYNC1_SENT=$(grep -h 'Literal data' "$WORK"/rsync1-*.txt | tr -d ',' | awk '{s += $3} END {printf "%.0f", s}')
 
 log "restic backup (first)"
 export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$WORK/restic"
@@ -108,7 +109,7 @@ t=$(now)
 for i in 1 2 3; do rsync -a --stats "$TREE/" "$WORK/rsync$i/" >"$WORK/rsync2-$i.txt"; done
 sync
 RSYNC2_S=$(since "$t")
-RSYNC2_SENT=$(( $(grep -h 'Literal data' "$WORK"/rsync2-*.txt | tr -d ',' | awk '{s += $3} END {print s}') ))
+RSYNC2_SENT=$(grep -h 'Literal data' "$WORK"/rsync2-*.txt | tr -d ',' | awk '{s += $3} END {printf "%.0f", s}')
 
 t=$(now)
 restic backup --json --quiet "$TREE" >"$WORK/restic2.json"
