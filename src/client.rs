@@ -107,6 +107,9 @@ impl ClientConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeView {
     pub id: u64,
+    /// The node's ed25519 identity public key (hex), which signs attestations.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub identity_key: String,
     pub addr: String,
     pub raft_addr: String,
     pub role: String,
@@ -735,6 +738,49 @@ impl EscrowClient {
         .await
     }
 
+    /// A per-node integrity question asked directly at `addr` (no retries elsewhere).
+    pub async fn integrity_at<T, F, Fut>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        op: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnOnce(pb::integrity_client::IntegrityClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let ch = self.channel(addr)?;
+        let client = pb::integrity_client::IntegrityClient::new(ch)
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 8);
+        match tokio::time::timeout(timeout, op(client)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))
+            .into()),
+        }
+    }
+
+    /// Builds an authenticated request (for [`EscrowClient::integrity_at`] callers).
+    pub fn authed<T>(&self, msg: T, timeout: Duration) -> Request<T> {
+        self.request(msg, timeout)
+    }
+
+    /// Proposes a checkpoint (every replica records all roots at its index).
+    pub async fn checkpoint(&self) -> Result<u64, ClientError> {
+        self.call(|ch, t| {
+            let req = self.request(pb::CheckpointRequest {}, t);
+            async move {
+                Ok(pb::integrity_client::IntegrityClient::new(ch)
+                    .checkpoint(req)
+                    .await?
+                    .into_inner()
+                    .index)
+            }
+        })
+        .await
+    }
+
     /// One node's own status, asked directly at `addr` (no retries elsewhere).
     pub async fn node_status_at(
         &self,
@@ -803,6 +849,7 @@ impl EscrowClient {
                         leader = (s.leader != 0).then_some(s.leader);
                     }
                     nodes.push(NodeView {
+                        identity_key: s.identity_key.clone(),
                         id: s.id,
                         addr: m.client_addr.clone(),
                         raft_addr: m.raft_addr.clone(),
@@ -820,6 +867,7 @@ impl EscrowClient {
                     })
                 }
                 Err(e) => nodes.push(NodeView {
+                    identity_key: String::new(),
                     id: m.id,
                     addr: m.client_addr.clone(),
                     raft_addr: m.raft_addr.clone(),

@@ -123,6 +123,25 @@ impl Default for MirrorSettings {
     }
 }
 
+/// Integrity: the background scrubber.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegritySettings {
+    /// How fast the scrubber re-reads stored chunks, MB/s (it shares the disk with serving).
+    pub scrub_mb_per_s: u64,
+    /// Pause between two scrub rounds over every stored chunk, seconds.
+    pub scrub_pause_s: u64,
+}
+
+impl Default for IntegritySettings {
+    fn default() -> Self {
+        Self {
+            scrub_mb_per_s: 16,
+            scrub_pause_s: 600,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -155,6 +174,8 @@ pub struct Config {
     pub raft: RaftSettings,
     #[serde(default)]
     pub mirror: MirrorSettings,
+    #[serde(default)]
+    pub integrity: IntegritySettings,
     /// Log format: "human" or "json".
     #[serde(default)]
     pub log_format: LogFormat,
@@ -204,6 +225,9 @@ impl Config {
         }
         if r.snapshot_every_entries == 0 {
             return Err(invalid("raft.snapshot_every_entries must be ≥ 1".into()));
+        }
+        if self.integrity.scrub_mb_per_s == 0 {
+            return Err(invalid("integrity.scrub_mb_per_s must be ≥ 1".into()));
         }
         if self.mirror.stale_after_s == 0 {
             return Err(invalid("mirror.stale_after_s must be ≥ 1".into()));

@@ -146,6 +146,7 @@ pub fn write_node_files(
         initial_members: initial.to_vec(),
         raft: raft.clone(),
         mirror: Default::default(),
+        integrity: Default::default(),
         log_format: LogFormat::Human,
     };
     let path = node_dir.join("escrowd.toml");

@@ -196,6 +196,8 @@ pub struct RecordVersion {
     /// The leader's time when the change was committed (ms since the Unix epoch), made
     /// monotonic by the state machine.
     pub time_ms: u64,
+    /// The source sequence of the mirrored change that wrote this version (0: a direct write).
+    pub seq: u64,
     /// The value, or `None` for a delete.
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
@@ -468,6 +470,26 @@ pub struct ArtifactVersion {
     pub revision: u64,
     pub time_ms: u64,
     pub manifest: Option<Manifest>,
+}
+
+/// One namespace's Merkle root as the state machine maintains it (see `integrity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceRoot {
+    pub root: Digest,
+    /// Live records and artifacts (leaves).
+    pub leaves: u64,
+}
+
+/// Every namespace's root at one log index, recorded by a checkpoint entry: identical on every
+/// replica, so nodes can be compared (and can sign) at exactly the same point.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub index: u64,
+    /// The leader time stamped on the checkpoint entry.
+    pub time_ms: u64,
+    /// Namespaces with at least one leaf, in name order.
+    pub roots: Vec<(String, NamespaceRoot)>,
+    pub cluster_root: Digest,
 }
 
 /// Hex text of a digest.

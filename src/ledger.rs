@@ -68,6 +68,8 @@ pub enum Command {
         namespace: TenantId,
         name: ArtifactName,
     },
+    /// Records every namespace's Merkle root at this entry's index (for verify and attest).
+    Checkpoint,
 }
 
 impl Command {
@@ -88,6 +90,7 @@ impl Command {
                 name.as_str().len() + manifest.chunks.len() * 48 + 256
             }
             Command::DeleteArtifact { name, .. } => name.as_str().len() + 128,
+            Command::Checkpoint => 64,
         }
     }
 }
@@ -130,6 +133,10 @@ pub enum Outcome {
         revision: u64,
         changed: bool,
     },
+    /// Roots were recorded at this index.
+    Checkpoint {
+        index: u64,
+    },
 }
 
 /// Why a command was refused, so the edge can pick the right status code.
@@ -169,6 +176,8 @@ pub enum Mutation {
         name: ArtifactName,
         version: ArtifactVersion,
     },
+    /// Record all roots as they are after the preceding changes.
+    Checkpoint,
 }
 
 /// What `apply` may read of the current state.
@@ -267,7 +276,12 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
 
     /// Adds a version; a delete of a record that is absent (or already deleted) adds nothing
     /// and returns false.
-    fn change(&mut self, path: &RecordPath, value: Option<Vec<u8>>) -> Result<bool, V::Error> {
+    fn change(
+        &mut self,
+        path: &RecordPath,
+        value: Option<Vec<u8>>,
+        seq: u64,
+    ) -> Result<bool, V::Error> {
         let previous = self.latest(path)?;
         let live_len = previous
             .as_ref()
@@ -289,6 +303,7 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
         let version = RecordVersion {
             revision: self.stamp.index,
             time_ms: self.stamp.time_ms,
+            seq,
             value,
         };
         self.latest.insert(path.clone(), Some(version.clone()));
@@ -327,7 +342,7 @@ pub fn apply<V: LedgerView>(
                 return Ok(reject(kind, reason));
             }
             let mut w = RecordWriter::new(view, &path.tenant, stamp)?;
-            w.change(path, Some(value.clone()))?;
+            w.change(path, Some(value.clone()), 0)?;
             Ok((
                 w.finish(&path.tenant),
                 Outcome::Written {
@@ -340,7 +355,7 @@ pub fn apply<V: LedgerView>(
                 return Ok(reject(kind, reason));
             }
             let mut w = RecordWriter::new(view, &path.tenant, stamp)?;
-            let existed = w.change(path, None)?;
+            let existed = w.change(path, None, 0)?;
             let mutations = if existed {
                 w.finish(&path.tenant)
             } else {
@@ -422,7 +437,7 @@ pub fn apply<V: LedgerView>(
                     collection: c.collection.clone(),
                     key: c.key.clone(),
                 };
-                w.change(&path, c.value.clone())?;
+                w.change(&path, c.value.clone(), c.seq)?;
                 position.last_seq = c.seq;
                 newest_source_ms = newest_source_ms.max(c.source_ms);
                 applied += 1;
@@ -478,6 +493,10 @@ pub fn apply<V: LedgerView>(
             }
             put_artifact(view, stamp, namespace, name, None)
         }
+        Command::Checkpoint => Ok((
+            vec![Mutation::Checkpoint],
+            Outcome::Checkpoint { index: stamp.index },
+        )),
     }
 }
 
@@ -622,6 +641,7 @@ mod tests {
                     } => {
                         self.artifacts.insert((namespace, name), version);
                     }
+                    Mutation::Checkpoint => {}
                 }
             }
             (n, outcome)

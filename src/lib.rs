@@ -4,6 +4,7 @@
 //! `domain`, `ledger` (pure) → `raft` (types, codec, network) → `store` (RocksDB) →
 //! `service`, `http`, `metrics` → `node` → `dev`, `client`, binaries.
 
+pub mod attest;
 pub mod auth;
 pub mod bench;
 pub mod chunks;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod http;
+pub mod integrity;
 pub mod ledger;
 pub mod metrics;
 pub mod mirror;
@@ -20,6 +22,7 @@ pub mod pki;
 pub mod raft;
 pub mod service;
 pub mod store;
+pub mod verify;
 pub mod workers;
 
 /// Generated protobuf and gRPC types; used only at the edge (`service`, `raft::network`,

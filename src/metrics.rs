@@ -120,6 +120,8 @@ pub struct Metrics {
     pub namespaces: NamespaceMetrics,
     pub chunks_missing: Gauge,
     pub chunks_corrupt_found: Gauge,
+    pub chunks_repaired: Gauge,
+    pub scrub_rounds: Gauge,
 }
 
 impl Metrics {
@@ -149,7 +151,19 @@ impl Metrics {
             namespaces: NamespaceMetrics::default(),
             chunks_missing: Gauge::default(),
             chunks_corrupt_found: Gauge::default(),
+            chunks_repaired: Gauge::default(),
+            scrub_rounds: Gauge::default(),
         };
+        registry.register(
+            "chunks_repaired",
+            "Corrupt chunk copies the scrubber replaced with a verified copy from a peer",
+            m.chunks_repaired.clone(),
+        );
+        registry.register(
+            "scrub_rounds",
+            "Scrub rounds over every stored chunk completed since start",
+            m.scrub_rounds.clone(),
+        );
         registry.register(
             "chunks_missing",
             "Referenced chunks this node does not hold yet (after the last sync pass)",

@@ -18,6 +18,7 @@ use crate::raft::network::{Faults, NetworkFactory, PeerClients, PEER_MESSAGE_BYT
 use crate::raft::{NodeId, Raft};
 use crate::service::artifacts::ArtifactsService;
 use crate::service::client::{ClusterService, RecordsService};
+use crate::service::integrity::IntegrityService;
 use crate::service::peer::PeerService;
 use crate::service::tenants::TenantsService;
 use crate::service::Core;
@@ -135,6 +136,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     })?;
     sm.reconcile_with_log(log_store.last_index()?);
     let reader = sm.reader();
+    let identity = crate::attest::load_or_create_identity(&config.data_dir)?;
     let chunks = Arc::new(
         crate::chunks::ChunkStore::open(&config.data_dir.join("chunks")).with_context(|| {
             format!(
@@ -167,6 +169,9 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         raft: raft.clone(),
         reader,
         chunks,
+        identity,
+        scrub_kick: tokio::sync::Notify::new(),
+        integrity: config.integrity.clone(),
         peers,
         metrics,
         initial_members: config
@@ -230,6 +235,10 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
+    let integrity = pb::integrity_server::IntegrityServer::with_interceptor(
+        IntegrityService { core: core.clone() },
+        check.clone(),
+    );
     let tenants = pb::tenants_server::TenantsServer::with_interceptor(
         TenantsService { core: core.clone() },
         check.clone(),
@@ -245,6 +254,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .add_service(records)
         .add_service(artifacts)
         .add_service(tenants)
+        .add_service(integrity)
         .add_service(cluster)
         .serve_with_incoming_shutdown(incoming(client_listener), stop(shutdown_rx.clone()));
     tasks.push(tokio::spawn(async move {
@@ -296,6 +306,15 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         shutdown_rx.clone(),
     )));
     tracing::info!(node = id, "chunk sync started");
+    tasks.push(tokio::spawn(crate::workers::scrub::run(
+        core.clone(),
+        shutdown_rx.clone(),
+    )));
+    tracing::info!(
+        node = id,
+        mb_per_s = config.integrity.scrub_mb_per_s,
+        "scrubber started"
+    );
 
     Ok(NodeHandle {
         id,

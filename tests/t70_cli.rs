@@ -113,20 +113,8 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
 }
 
 fn free_port_base() -> u16 {
-    // A base whose 3 nodes' ports (base+10 .. base+32) are all free right now.
-    loop {
-        let p = free_ports(1)[0];
-        let base = p - p % 100;
-        if !(2000..=60000).contains(&base) {
-            continue;
-        }
-        let ok = (1..=3u16).all(|n| {
-            (0..3u16).all(|k| std::net::TcpListener::bind(("127.0.0.1", base + 10 * n + k)).is_ok())
-        });
-        if ok {
-            return base;
-        }
-    }
+    // `escrowd dev` puts node N at base+10N .. base+10N+2 (N = 1..3).
+    free_port_block(33)
 }
 
 fn start_dev(dir: &std::path::Path, base: u16) -> (std::process::Child, Vec<String>) {
@@ -142,7 +130,7 @@ fn start_dev(dir: &std::path::Path, base: u16) -> (std::process::Child, Vec<Stri
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("stderr.log")).unwrap())
         .spawn()
         .unwrap();
     let mut lines = Vec::new();
@@ -150,7 +138,9 @@ fn start_dev(dir: &std::path::Path, base: u16) -> (std::process::Child, Vec<Stri
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("escrowd dev exited early: {lines:?}");
+            let stderr =
+                std::fs::read_to_string(dir.with_extension("stderr.log")).unwrap_or_default();
+            panic!("escrowd dev exited early: {lines:?}\n{stderr}");
         }
         let done = line.contains("Ctrl-C stops");
         lines.push(line.trim_end().to_string());

@@ -50,6 +50,28 @@ enum Cmd {
     },
     /// The mirror agent: keeps the escrow current from the vendor side.
     Mirror(MirrorArgs),
+    /// Compare every replica's Merkle roots at a common checkpoint (exit 1 on any
+    /// disagreement or an unreachable node).
+    Verify {
+        /// Only this tenant (or "vendor").
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Also make every node re-hash its stored records and chunks.
+        #[arg(long)]
+        deep: bool,
+        /// Compare the escrow with the source instead: a directory (as mirrored with --dir)
+        /// or a record feed file (as mirrored with --records); needs --tenant.
+        #[arg(long, requires = "tenant")]
+        against_source: Option<PathBuf>,
+    },
+    /// A signed attestation of the roots (every node signs), or check one offline.
+    Attest {
+        #[command(subcommand)]
+        cmd: Option<AttestCmd>,
+        /// Only this tenant's root.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -172,6 +194,19 @@ enum ArtifactCmd {
 }
 
 #[derive(Subcommand)]
+enum AttestCmd {
+    /// Check an attestation offline against trusted keys (no cluster needed).
+    Verify {
+        file: PathBuf,
+        /// Trusted keys, as `escrowctl attest keys` prints them.
+        #[arg(long)]
+        keys: PathBuf,
+    },
+    /// Print the nodes' public keys as a trusted-keys file.
+    Keys,
+}
+
+#[derive(Subcommand)]
 enum TenantCmd {
     /// Register a tenant (a slug: lowercase letters, digits, '-').
     Add { tenant: String },
@@ -281,6 +316,32 @@ fn print(json: bool, doc: serde_json::Value, human: String) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Attest {
+        cmd: Some(AttestCmd::Verify { file, keys }),
+        ..
+    } = &cli.command
+    {
+        // Offline: no cluster, no client config.
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let doc: escrow::attest::Attestation = serde_json::from_slice(&read(file)?)
+            .map_err(|e| anyhow::anyhow!("{} is not an attestation: {e}", file.display()))?;
+        let trusted: escrow::attest::TrustedKeys = serde_json::from_slice(&read(keys)?)
+            .map_err(|e| anyhow::anyhow!("{} is not a trusted-keys file: {e}", keys.display()))?;
+        escrow::attest::verify(&doc, &trusted)?;
+        print(
+            cli.json,
+            json!({ "valid": true, "index": doc.statement.index, "signatures": doc.signatures.len(), "cluster_root": doc.statement.cluster_root }),
+            format!(
+                "valid: {} signatures over cluster {} at index {}",
+                doc.signatures.len(),
+                doc.statement.cluster,
+                doc.statement.index
+            ),
+        );
+        return Ok(());
+    }
     let config = client_config(&cli)?;
     let client = EscrowClient::new(&config)?.with_deadline(Duration::from_secs(cli.timeout.max(1)));
     match &cli.command {
@@ -565,6 +626,111 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.json, doc, human);
         }
         Cmd::Mirror(args) => mirror(&client, args, cli.json).await?,
+        Cmd::Verify {
+            tenant,
+            against_source: Some(source),
+            ..
+        } => {
+            let tenant = tenant.clone().unwrap_or_default();
+            escrow::domain::TenantId::parse(&tenant)?;
+            let (tenant_for, source_path) = (tenant.clone(), source.clone());
+            let (source_root, source_leaves) = tokio::task::spawn_blocking(move || {
+                if source_path.is_dir() {
+                    escrow::verify::source_root_of_dir(&tenant_for, &source_path)
+                } else {
+                    escrow::verify::source_root_of_feed(&tenant_for, &source_path)
+                }
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let report = escrow::verify::verify(&client, Some(&tenant), false).await?;
+            let empty = escrow::domain::hex(&escrow::integrity::namespace_root(
+                &tenant,
+                &Default::default(),
+            ));
+            let escrow_root = report.roots.get(&tenant).cloned().unwrap_or(empty);
+            let source_root = escrow::domain::hex(&source_root);
+            let equal = source_root == escrow_root && report.ok;
+            print(
+                cli.json,
+                json!({ "tenant": tenant, "index": report.index, "source_root": source_root, "source_leaves": source_leaves, "escrow_root": escrow_root, "equal": equal, "replicas_agree": report.ok }),
+                format!(
+                    "{tenant}: source root {source_root} ({source_leaves} objects), escrow root {escrow_root} at index {}: {}",
+                    report.index,
+                    if equal { "EQUAL" } else { "DIFFERENT" }
+                ),
+            );
+            if !equal {
+                anyhow::bail!(
+                    "the escrow of {tenant} does not equal the source{}",
+                    if report.ok {
+                        ""
+                    } else {
+                        " (and the replicas disagree)"
+                    }
+                );
+            }
+        }
+        Cmd::Verify { tenant, deep, .. } => {
+            let report = escrow::verify::verify(&client, tenant.as_deref(), *deep).await?;
+            let mut human = format!(
+                "checkpoint {}: {} nodes checked, {} namespaces",
+                report.index,
+                report.nodes_checked.len(),
+                report.roots.len()
+            );
+            for d in &report.deep {
+                human.push_str(&format!(
+                    "\n  node {}: re-hashed {} chunks, {} bytes in {:.2}s",
+                    d.node, d.chunks_checked, d.bytes_hashed, d.seconds
+                ));
+            }
+            for d in &report.disagreements {
+                human.push_str(&format!(
+                    "\n  DISAGREES node {} {} {}: expected {} found {}",
+                    d.node, d.namespace, d.object, d.expected, d.found
+                ));
+            }
+            for u in &report.unchecked {
+                human.push_str(&format!("\n  UNCHECKED node {}: {}", u.node, u.error));
+            }
+            print(cli.json, serde_json::to_value(&report)?, human);
+            if !report.ok {
+                anyhow::bail!(
+                    "verification failed: {} disagreements, {} nodes could not be checked",
+                    report.disagreements.len(),
+                    report.unchecked.len()
+                );
+            }
+        }
+        Cmd::Attest {
+            cmd: Some(AttestCmd::Keys),
+            ..
+        } => {
+            let keys = escrow::verify::trusted_keys(&client).await?;
+            println!("{}", serde_json::to_string_pretty(&keys)?);
+        }
+        Cmd::Attest {
+            cmd: Some(AttestCmd::Verify { .. }),
+            ..
+        } => unreachable!("handled before connecting"),
+        Cmd::Attest { cmd: None, tenant } => {
+            if let Some(t) = tenant {
+                escrow::domain::TenantId::parse(t)?;
+            }
+            let (doc, unchecked) = escrow::verify::attest(&client, tenant.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            for u in &unchecked {
+                eprintln!("escrowctl: node {} did not sign: {}", u.node, u.error);
+            }
+            // The document is JSON in both modes: it is meant to be kept and checked.
+            if cli.json {
+                println!("{}", serde_json::to_string(&doc)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+        }
         Cmd::Artifact(ArtifactCmd::Put {
             namespace,
             name,

@@ -143,6 +143,28 @@ impl ChunkStore {
         Ok(bytes)
     }
 
+    /// Re-hashes a stored copy without moving it (for reports): its length if it matches.
+    pub fn check(&self, hash: &Digest) -> Result<usize, ChunkError> {
+        let path = self.path(hash);
+        let mut hasher = blake3::Hasher::new();
+        let len = match std::fs::File::open(&path) {
+            Ok(f) => std::io::copy(&mut f.take(u64::from(CHUNK_MAX_BYTES) + 1), &mut hasher)
+                .map_err(io(&path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ChunkError::Missing(hex(hash)))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let found = hasher.finalize();
+        if found.as_bytes() != hash {
+            return Err(ChunkError::Mismatch {
+                hash: hex(hash),
+                found: found.to_hex().to_string(),
+            });
+        }
+        Ok(len as usize)
+    }
+
     /// Moves a bad copy out of the way so it is neither served nor counted as present.
     pub fn quarantine(&self, hash: &Digest) -> Result<(), ChunkError> {
         let path = self.path(hash);

@@ -111,11 +111,12 @@ pub trait DirProgress: Sync {
 
 impl DirProgress for () {}
 
-struct Entry {
-    name: ArtifactName,
-    path: PathBuf,
-    size: u64,
-    mtime_ns: i128,
+/// A regular file found by [`walk`].
+pub struct Entry {
+    pub name: ArtifactName,
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
@@ -139,7 +140,7 @@ fn describe_symlink(root: &Path, path: &Path) -> String {
 }
 
 /// Walks the tree (no symlinks followed), returning regular files and what was skipped.
-fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
+pub fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     let mut dirs = vec![root.to_path_buf()];

@@ -189,7 +189,7 @@ fn parse_time(v: &serde_json::Value) -> Result<u64, String> {
 }
 
 /// Parses and validates one feed line into a change; `previous_seq` enforces order.
-fn parse_line(line: &[u8], previous_seq: u64) -> Result<pb::Change, String> {
+pub fn parse_line(line: &[u8], previous_seq: u64) -> Result<pb::Change, String> {
     let event: Event =
         serde_json::from_slice(line).map_err(|e| format!("not a valid event: {e}"))?;
     Collection::parse(&event.collection).map_err(|e| e.to_string())?;

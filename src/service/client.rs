@@ -409,6 +409,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             members: members_of(m.membership_config.membership()),
             initialized,
             cluster_name: self.core.cluster_name.clone(),
+            identity_key: crate::domain::hex(self.core.identity.verifying_key().as_bytes()),
         }))
     }
 

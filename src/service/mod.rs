@@ -6,6 +6,7 @@
 
 pub mod artifacts;
 pub mod client;
+pub mod integrity;
 pub mod peer;
 pub mod tenants;
 
@@ -161,6 +162,11 @@ pub struct Core {
     pub raft: Raft,
     pub reader: SmReader,
     pub chunks: Arc<crate::chunks::ChunkStore>,
+    /// Wakes the scrubber for a round now (deep verify found a bad copy).
+    pub scrub_kick: tokio::sync::Notify,
+    pub integrity: crate::config::IntegritySettings,
+    /// Signs attestations; its public key is in the node's status.
+    pub identity: ed25519_dalek::SigningKey,
     pub peers: Arc<PeerClients>,
     pub metrics: Arc<Metrics>,
     pub initial_members: Vec<(NodeId, EscrowNode)>,

@@ -15,6 +15,12 @@
 //! - `'A' namespace 0x00 name`   → an artifact's latest version
 //! - `'a' namespace 0x00 name 0x00 version(u64 BE)` → one artifact version (its manifest)
 //! - `'c' blake3(32)`            → a chunk referenced by some artifact version (its size)
+//! - `'l' namespace 0x00 leaf id(32)` → a Merkle leaf's hash (the bucket is the id's first two
+//!   bytes, so one bucket's leaves are one key range)
+//! - `'m' namespace 0x00 level(u8) index(u32 BE)` → a non-empty Merkle tree node
+//! - `'R' namespace`             → the namespace's root and leaf count
+//! - `'k' index(u64 BE)`         → a checkpoint (all roots at that index)
+//! - `0x00 "checkpoints"`        → the indexes of the checkpoints kept, oldest first
 //!
 //! Tenant, collection and source are validated slugs and keys have no control characters, so
 //! the NUL separators are unambiguous and every key of one tenant shares the prefix
@@ -34,6 +40,11 @@ const SOURCE_PREFIX: u8 = b'q';
 const ARTIFACT_LATEST_PREFIX: u8 = b'A';
 const ARTIFACT_VERSION_PREFIX: u8 = b'a';
 pub const CHUNK_PREFIX: u8 = b'c';
+const LEAF_PREFIX: u8 = b'l';
+const NODE_TREE_PREFIX: u8 = b'm';
+pub const ROOT_PREFIX: u8 = b'R';
+const CHECKPOINT_PREFIX: u8 = b'k';
+pub const CHECKPOINTS: &[u8] = b"\x00checkpoints";
 
 pub fn node(id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
@@ -128,6 +139,51 @@ pub fn chunk(hash: &Digest) -> Vec<u8> {
     let mut out = Vec::with_capacity(33);
     out.push(CHUNK_PREFIX);
     out.extend_from_slice(hash);
+    out
+}
+
+fn ns_prefix(prefix: u8, namespace: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(namespace.len() + 40);
+    out.push(prefix);
+    out.extend_from_slice(namespace.as_bytes());
+    out.push(0);
+    out
+}
+
+/// All Merkle leaves of a namespace.
+pub fn leaves_prefix(namespace: &str) -> Vec<u8> {
+    ns_prefix(LEAF_PREFIX, namespace)
+}
+
+/// The leaves of one bucket (ids starting with the bucket's two bytes).
+pub fn bucket_prefix(namespace: &str, bucket: u16) -> Vec<u8> {
+    let mut out = ns_prefix(LEAF_PREFIX, namespace);
+    out.extend_from_slice(&bucket.to_be_bytes());
+    out
+}
+
+pub fn leaf(namespace: &str, id: &Digest) -> Vec<u8> {
+    let mut out = ns_prefix(LEAF_PREFIX, namespace);
+    out.extend_from_slice(id);
+    out
+}
+
+pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
+    let mut out = ns_prefix(NODE_TREE_PREFIX, namespace);
+    out.push(level);
+    out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+pub fn root(namespace: &str) -> Vec<u8> {
+    let mut out = vec![ROOT_PREFIX];
+    out.extend_from_slice(namespace.as_bytes());
+    out
+}
+
+pub fn checkpoint(index: u64) -> Vec<u8> {
+    let mut out = vec![CHECKPOINT_PREFIX];
+    out.extend_from_slice(&index.to_be_bytes());
     out
 }
 

@@ -10,7 +10,9 @@ pub mod log;
 pub mod sm;
 
 pub use log::LogStore;
-pub use sm::{RecordAt, SmReader, SnapshotDir, SnapshotFileInfo, StateMachineStore};
+pub use sm::{
+    DeepCheck, NamespaceCheck, RecordAt, SmReader, SnapshotDir, SnapshotFileInfo, StateMachineStore,
+};
 
 use std::fs::File;
 use std::io;

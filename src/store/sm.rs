@@ -13,7 +13,7 @@
 //! `sm/CURRENT`: a crash at any point leaves either the old or the new state, never a mix.
 //! Snapshots are files streamed in bounded frames; none is ever held whole in memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,15 +22,17 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
-use rocksdb::checkpoint::Checkpoint;
+use rocksdb::checkpoint::Checkpoint as DbCheckpoint;
 use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::{fsync_dir, keys};
+use crate::domain::hex;
 use crate::domain::{
-    ArtifactName, ArtifactVersion, ChunkRef, Digest, NamespaceStats, RecordPath, RecordVersion,
-    SourceId, SourcePosition, TenantId, TenantInfo,
+    ArtifactName, ArtifactVersion, Checkpoint, ChunkRef, Digest, NamespaceRoot, NamespaceStats,
+    RecordPath, RecordVersion, SourceId, SourcePosition, TenantId, TenantInfo,
 };
+use crate::integrity;
 use crate::ledger::{self, Command, LedgerView, Mutation, Outcome, Stamp};
 use crate::raft::codec;
 use crate::raft::{
@@ -53,6 +55,25 @@ pub struct SnapshotFileInfo {
     pub name: String,
     pub size: u64,
     pub blake3: [u8; 32],
+}
+
+/// One namespace in a [`DeepCheck`]: the maintained root, the root recomputed from the stored
+/// data, and the objects whose leaves differ (object, maintained leaf hash, recomputed).
+#[derive(Debug, Clone)]
+pub struct NamespaceCheck {
+    pub namespace: String,
+    pub maintained: NamespaceRoot,
+    pub recomputed: Digest,
+    pub mismatches: Vec<(String, String, String)>,
+}
+
+/// What [`SmReader::deep_check`] found, at one applied index.
+#[derive(Debug, Clone)]
+pub struct DeepCheck {
+    pub applied_index: u64,
+    pub namespaces: Vec<NamespaceCheck>,
+    /// Every chunk referenced at that index.
+    pub chunks: Vec<ChunkRef>,
 }
 
 /// Which past version of a record to read.
@@ -372,6 +393,172 @@ impl SmReader {
             .is_some())
     }
 
+    /// A checkpoint recorded at `index` (None if there was none or it was dropped).
+    pub fn checkpoint(&self, index: u64) -> Result<Option<Checkpoint>, StorageError> {
+        get_decoded(&self.shared.db(), &keys::checkpoint(index))
+    }
+
+    /// Recomputes every namespace's Merkle leaves and root from the stored records and
+    /// artifacts, from one consistent view of the database, and compares them with the
+    /// maintained ones. Also returns the chunks referenced at that point.
+    pub fn deep_check(&self) -> Result<DeepCheck, StorageError> {
+        let db = self.shared.db();
+        let snap = db.snapshot();
+        type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+        let scan = |prefix: &[u8]| -> Result<Pairs, StorageError> {
+            let mut opts = rocksdb::ReadOptions::default();
+            opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+            let mut it = snap.raw_iterator_opt(opts);
+            it.seek(prefix);
+            let mut out = Vec::new();
+            while it.valid() {
+                if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    out.push((k.to_vec(), v.to_vec()));
+                }
+                it.next();
+            }
+            it.status().map_err(sm_err)?;
+            Ok(out)
+        };
+        let applied: Option<LogId> = match snap.get(keys::APPLIED).map_err(sm_err)? {
+            Some(v) => codec::decode(&v).map_err(sm_err)?,
+            None => None,
+        };
+        // Recomputed leaves per namespace: id -> (hash, object description).
+        let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
+        for (k, v) in scan(b"r")? {
+            let mut parts = k[1..].splitn(3, |b| *b == 0);
+            let (Some(t), Some(c), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(sm_err("malformed record key"));
+            };
+            let (t, c, key) = (
+                String::from_utf8_lossy(t).to_string(),
+                String::from_utf8_lossy(c).to_string(),
+                String::from_utf8_lossy(key).to_string(),
+            );
+            let version: RecordVersion = codec::decode(&v).map_err(sm_err)?;
+            if let Some(value) = &version.value {
+                let o = integrity::LeafObject::Record {
+                    collection: &c,
+                    key: &key,
+                    seq: version.seq,
+                    value,
+                };
+                recomputed
+                    .entry(t)
+                    .or_default()
+                    .insert(o.id(), (o.hash(), o.describe()));
+            }
+        }
+        for (k, v) in scan(b"A")? {
+            let mut parts = k[1..].splitn(2, |b| *b == 0);
+            let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
+                return Err(sm_err("malformed artifact key"));
+            };
+            let (ns, name) = (
+                String::from_utf8_lossy(ns).to_string(),
+                String::from_utf8_lossy(name).to_string(),
+            );
+            let version: ArtifactVersion = codec::decode(&v).map_err(sm_err)?;
+            if let Some(m) = &version.manifest {
+                let o = integrity::LeafObject::Artifact {
+                    name: &name,
+                    size: m.size,
+                    blake3: &m.blake3,
+                };
+                recomputed
+                    .entry(ns)
+                    .or_default()
+                    .insert(o.id(), (o.hash(), o.describe()));
+            }
+        }
+        let mut maintained: BTreeMap<String, NamespaceRoot> = BTreeMap::new();
+        for (k, v) in scan(&[keys::ROOT_PREFIX])? {
+            let ns = String::from_utf8_lossy(&k[1..]).to_string();
+            let root: NamespaceRoot = codec::decode(&v).map_err(sm_err)?;
+            if root.leaves > 0 {
+                maintained.insert(ns, root);
+            }
+        }
+        let names: BTreeSet<String> = maintained
+            .keys()
+            .chain(recomputed.keys())
+            .cloned()
+            .collect();
+        let mut namespaces = Vec::new();
+        for ns in names {
+            let leaves = recomputed.remove(&ns).unwrap_or_default();
+            let hashes: BTreeMap<Digest, Digest> =
+                leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
+            let recomputed_root = integrity::namespace_root(&ns, &hashes);
+            let maintained_root = maintained.get(&ns).copied().unwrap_or(NamespaceRoot {
+                root: integrity::namespace_root(&ns, &BTreeMap::new()),
+                leaves: 0,
+            });
+            let mut mismatches = Vec::new();
+            if recomputed_root != maintained_root.root {
+                // Name the objects: compare with the maintained leaf index.
+                let stored: BTreeMap<Digest, Digest> = scan(&keys::leaves_prefix(&ns))?
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            k[k.len() - 32..].try_into().ok()?,
+                            v.as_slice().try_into().ok()?,
+                        ))
+                    })
+                    .collect();
+                for (id, (hash, what)) in &leaves {
+                    match stored.get(id) {
+                        Some(s) if s == hash => {}
+                        Some(s) => mismatches.push((what.clone(), hex(s), hex(hash))),
+                        None => mismatches.push((what.clone(), "absent".into(), hex(hash))),
+                    }
+                }
+                for (id, s) in &stored {
+                    if !leaves.contains_key(id) {
+                        mismatches.push((format!("leaf {}", hex(id)), hex(s), "absent".into()));
+                    }
+                }
+            }
+            namespaces.push(NamespaceCheck {
+                namespace: ns,
+                maintained: maintained_root,
+                recomputed: recomputed_root,
+                mismatches,
+            });
+        }
+        let mut chunks = Vec::new();
+        for (k, v) in scan(&[keys::CHUNK_PREFIX])? {
+            let hash: Digest = k[1..].try_into().map_err(sm_err)?;
+            let size: [u8; 4] = v.as_slice().try_into().map_err(sm_err)?;
+            chunks.push(ChunkRef {
+                hash,
+                size: u32::from_be_bytes(size),
+            });
+        }
+        Ok(DeepCheck {
+            applied_index: applied.map_or(0, |l| l.index),
+            namespaces,
+            chunks,
+        })
+    }
+
+    /// Test hook: overwrites a record's stored value under the state machine, bypassing Raft
+    /// and the Merkle index, as disk corruption or tampering would. Never called by the node.
+    #[doc(hidden)]
+    pub fn overwrite_record_for_tests(
+        &self,
+        path: &RecordPath,
+        value: &[u8],
+    ) -> Result<(), StorageError> {
+        let db = self.shared.db();
+        let mut version: RecordVersion =
+            get_decoded(&db, &keys::record(path))?.ok_or_else(|| sm_err("no such record"))?;
+        version.value = Some(value.to_vec());
+        db.put(keys::record(path), codec::encode(&version))
+            .map_err(sm_err)
+    }
+
     pub fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
         get_decoded(&self.shared.db(), &keys::tenant(id))
     }
@@ -584,7 +771,7 @@ fn take_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(snap_err)?;
     }
     std::fs::create_dir_all(&tmp).map_err(snap_err)?;
-    Checkpoint::new(db)
+    DbCheckpoint::new(db)
         .and_then(|c| c.create_checkpoint(tmp.join(SNAPSHOT_DB_DIR)))
         .map_err(snap_err)?;
     let index = last_log_id.map(|l| l.index).unwrap_or(0);
@@ -676,7 +863,7 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Encoded values staged in the current apply batch (None: deleted), read before the database
 /// so that commands in one `apply` call see each other.
-type Pending = HashMap<Vec<u8>, Option<Vec<u8>>>;
+type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 struct BatchView<'a> {
     db: &'a DB,
@@ -724,6 +911,8 @@ struct Staged {
     batch: WriteBatch,
     pending: Pending,
     position: u32,
+    /// Merkle buckets changed since the last flush, and each namespace's leaf-count change.
+    dirty: BTreeMap<String, (BTreeSet<u16>, i64)>,
 }
 
 impl Staged {
@@ -731,7 +920,178 @@ impl Staged {
         self.batch.put(&key, &value);
         self.pending.insert(key, Some(value));
     }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete(&key);
+        self.pending.insert(key, None);
+    }
+
+    /// The current value of a key: staged in this apply, else in the database.
+    fn get(&self, db: &DB, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(db.get(key).map_err(sm_err)?),
+        }
+    }
+
+    /// Every key under `prefix` with its current value, staged changes applied.
+    fn scan(&self, db: &DB, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
+        let mut out = BTreeMap::new();
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+        let mut it = db.raw_iterator_opt(opts);
+        it.seek(prefix);
+        while it.valid() {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                out.insert(k.to_vec(), v.to_vec());
+            }
+            it.next();
+        }
+        it.status().map_err(sm_err)?;
+        for (k, v) in self
+            .pending
+            .range(prefix.to_vec()..keys::prefix_end(prefix))
+        {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out)
+    }
+
+    /// Sets or removes one Merkle leaf and marks its bucket dirty.
+    fn set_leaf(
+        &mut self,
+        db: &DB,
+        namespace: &str,
+        object: Option<integrity::LeafObject<'_>>,
+        id: Digest,
+    ) -> Result<(), StorageError> {
+        let key = keys::leaf(namespace, &id);
+        let existed = self.get(db, &key)?.is_some();
+        let entry = self.dirty.entry(namespace.to_string()).or_default();
+        entry.0.insert(integrity::bucket_of(&id));
+        match object {
+            Some(o) => {
+                entry.1 += i64::from(!existed);
+                self.put(key, o.hash().to_vec());
+            }
+            None => {
+                entry.1 -= i64::from(existed);
+                if existed {
+                    self.delete(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rehashes the dirty buckets and their ancestors and updates the namespace roots.
+    fn flush_merkle(&mut self, db: &DB) -> Result<(), StorageError> {
+        let empty = integrity::empty_subtrees();
+        for (namespace, (buckets, delta)) in std::mem::take(&mut self.dirty) {
+            let mut changed: BTreeSet<u32> = BTreeSet::new();
+            for bucket in buckets {
+                let prefix = keys::bucket_prefix(&namespace, bucket);
+                let leaves = self.scan(db, &prefix)?;
+                let pairs: Vec<(Digest, Digest)> = leaves
+                    .iter()
+                    .map(|(k, v)| {
+                        let id: Digest = k[k.len() - 32..].try_into().map_err(sm_err)?;
+                        let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
+                        Ok((id, hash))
+                    })
+                    .collect::<Result<_, StorageError>>()?;
+                let hash = integrity::bucket_hash(pairs.iter().map(|(i, h)| (i, h)));
+                self.set_node(&namespace, 0, u32::from(bucket), hash, &empty[0]);
+                changed.insert(u32::from(bucket));
+            }
+            for level in 1..=integrity::TREE_DEPTH {
+                let parents: BTreeSet<u32> = changed.iter().map(|i| i / 2).collect();
+                for &p in &parents {
+                    let child = |i: u32| -> Result<Digest, StorageError> {
+                        match self.get(db, &keys::tree_node(&namespace, level - 1, i))? {
+                            Some(v) => v.as_slice().try_into().map_err(sm_err),
+                            None => Ok(empty[level as usize - 1]),
+                        }
+                    };
+                    let hash = integrity::node_hash(&child(p * 2)?, &child(p * 2 + 1)?);
+                    self.set_node(&namespace, level, p, hash, &empty[level as usize]);
+                }
+                changed = parents;
+            }
+            let top = match self.get(db, &keys::tree_node(&namespace, integrity::TREE_DEPTH, 0))? {
+                Some(v) => v.as_slice().try_into().map_err(sm_err)?,
+                None => empty[integrity::TREE_DEPTH as usize],
+            };
+            let previous: NamespaceRoot = match self.get(db, &keys::root(&namespace))? {
+                Some(v) => codec::decode(&v).map_err(sm_err)?,
+                None => NamespaceRoot::default(),
+            };
+            let leaves = previous
+                .leaves
+                .checked_add_signed(delta)
+                .ok_or_else(|| sm_err("Merkle leaf count went negative"))?;
+            let root = NamespaceRoot {
+                root: integrity::root_hash(&namespace, leaves, &top),
+                leaves,
+            };
+            self.put(keys::root(&namespace), codec::encode(&root));
+        }
+        Ok(())
+    }
+
+    fn set_node(&mut self, namespace: &str, level: u8, index: u32, hash: Digest, empty: &Digest) {
+        let key = keys::tree_node(namespace, level, index);
+        if hash == *empty {
+            self.delete(key);
+        } else {
+            self.put(key, hash.to_vec());
+        }
+    }
+
+    /// Every namespace root, staged changes applied.
+    fn roots(&self, db: &DB) -> Result<Vec<(String, NamespaceRoot)>, StorageError> {
+        self.scan(db, &[keys::ROOT_PREFIX])?
+            .into_iter()
+            .map(|(k, v)| {
+                let ns = String::from_utf8(k[1..].to_vec()).map_err(sm_err)?;
+                Ok((ns, codec::decode::<NamespaceRoot>(&v).map_err(sm_err)?))
+            })
+            .filter(|r| !matches!(r, Ok((_, root)) if root.leaves == 0))
+            .collect()
+    }
+
+    /// Records a checkpoint of all roots at `stamp`, keeping the newest [`CHECKPOINTS_KEPT`].
+    fn checkpoint(&mut self, db: &DB, stamp: Stamp) -> Result<(), StorageError> {
+        self.flush_merkle(db)?;
+        let roots = self.roots(db)?;
+        let cluster_root =
+            integrity::cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
+        let checkpoint = Checkpoint {
+            index: stamp.index,
+            time_ms: stamp.time_ms,
+            roots,
+            cluster_root,
+        };
+        self.put(keys::checkpoint(stamp.index), codec::encode(&checkpoint));
+        let mut kept: Vec<u64> = match self.get(db, keys::CHECKPOINTS)? {
+            Some(v) => codec::decode(&v).map_err(sm_err)?,
+            None => Vec::new(),
+        };
+        kept.push(stamp.index);
+        while kept.len() > CHECKPOINTS_KEPT {
+            let old = kept.remove(0);
+            self.delete(keys::checkpoint(old));
+        }
+        self.put(keys::CHECKPOINTS.to_vec(), codec::encode(&kept));
+        Ok(())
+    }
 }
+
+/// Checkpoints kept in the state machine (older ones are dropped as new ones are recorded).
+pub const CHECKPOINTS_KEPT: usize = 64;
 
 /// Applies one command through the ledger and stages its mutations.
 fn apply_command(
@@ -748,6 +1108,23 @@ fn apply_command(
     for m in mutations {
         match m {
             Mutation::PutRecord { path, version } => {
+                let object = version
+                    .value
+                    .as_deref()
+                    .map(|value| integrity::LeafObject::Record {
+                        collection: path.collection.as_str(),
+                        key: path.key.as_str(),
+                        seq: version.seq,
+                        value,
+                    });
+                let id = integrity::LeafObject::Record {
+                    collection: path.collection.as_str(),
+                    key: path.key.as_str(),
+                    seq: 0,
+                    value: &[],
+                }
+                .id();
+                staged.set_leaf(db, path.tenant.as_str(), object, id)?;
                 let encoded = codec::encode(&version);
                 staged
                     .batch
@@ -764,11 +1141,27 @@ fn apply_command(
                 source,
                 position,
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
+            Mutation::Checkpoint => staged.checkpoint(db, stamp)?,
             Mutation::PutArtifact {
                 namespace,
                 name,
                 version,
             } => {
+                let object = version
+                    .manifest
+                    .as_ref()
+                    .map(|m| integrity::LeafObject::Artifact {
+                        name: name.as_str(),
+                        size: m.size,
+                        blake3: &m.blake3,
+                    });
+                let id = integrity::LeafObject::Artifact {
+                    name: name.as_str(),
+                    size: 0,
+                    blake3: &[0; 32],
+                }
+                .id();
+                staged.set_leaf(db, namespace.as_str(), object, id)?;
                 if let Some(m) = &version.manifest {
                     for c in &m.chunks {
                         staged.batch.put(keys::chunk(&c.hash), c.size.to_be_bytes());
@@ -837,7 +1230,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let db = self.shared.db();
         let mut staged = Staged {
             batch: WriteBatch::default(),
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
+            dirty: BTreeMap::new(),
             position: 0,
         };
         let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);
@@ -900,6 +1294,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied = Some(entry.log_id);
             outcomes.push(outcome);
         }
+        staged.flush_merkle(&db)?;
         if clock != clock_before {
             staged.batch.put(keys::CLOCK, codec::encode(&clock));
         }

@@ -3,3 +3,4 @@
 
 pub mod chunks;
 pub mod freshness;
+pub mod scrub;

@@ -45,27 +45,47 @@ pub fn init_logs() {
 /// check here and the node binding it.
 const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-/// Picks `n` distinct free loopback ports. Each test binary starts at a random point of
-/// [`TEST_PORTS`] and walks forward, so parallel tests and binaries do not pick the same ones.
-pub fn free_ports(n: usize) -> Vec<u16> {
+/// The next unused offset into [`TEST_PORTS`] for this test binary (starting at a random
+/// point, so parallel binaries do not walk the same ports). Ports handed out are never handed
+/// out again by this binary, even after their listener closed.
+fn take_ports(n: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let span = TEST_PORTS.end - TEST_PORTS.start;
     let _ = NEXT.compare_exchange(
         0,
-        (std::process::id() as u16).wrapping_mul(7919) % span + 1,
+        (std::process::id() as u16).wrapping_mul(7919) % (span / 2) + 1,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
+    let offset = NEXT.fetch_add(n, Ordering::SeqCst) % (span - n);
+    TEST_PORTS.start + offset
+}
+
+fn bindable(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Picks `n` distinct free loopback ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
-        let port = TEST_PORTS.start + offset;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let port = take_ports(1);
+        if bindable(port) {
             out.push(port);
         }
     }
     out
+}
+
+/// Reserves `n` consecutive free ports and returns the first.
+pub fn free_port_block(n: u16) -> u16 {
+    loop {
+        let start = take_ports(n);
+        if (start..start + n).all(bindable) {
+            return start;
+        }
+    }
 }
 
 pub fn node_ports(n: usize) -> Vec<NodePorts> {

@@ -1,0 +1,195 @@
+//! The integrity service: checkpoints, this node's roots at a checkpoint, deep verification of
+//! this node's stored bytes, and signed attestations.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::{status, Core};
+use crate::attest::Statement;
+use crate::domain::{hex, Checkpoint, TenantId};
+use crate::ledger::{Command, Outcome};
+use crate::pb;
+
+/// How long a node waits to apply up to a checkpoint before answering.
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub struct IntegrityService {
+    pub core: Arc<Core>,
+}
+
+impl IntegrityService {
+    /// The checkpoint at `index`, once this node has applied it.
+    async fn checkpoint_at(&self, index: u64) -> Result<Checkpoint, Status> {
+        self.core
+            .raft
+            .wait(Some(CHECKPOINT_WAIT))
+            .applied_index_at_least(Some(index), "checkpoint")
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "node {} has not applied index {index}: {e}",
+                    self.core.id
+                ))
+            })?;
+        self.core
+            .reader
+            .checkpoint(index)
+            .map_err(status::storage)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no checkpoint at index {index} (not a checkpoint, or dropped; only the newest {} are kept)",
+                    crate::store::sm::CHECKPOINTS_KEPT
+                ))
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::integrity_server::Integrity for IntegrityService {
+    async fn checkpoint(
+        &self,
+        _: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointReply>, Status> {
+        match self.core.write(Command::Checkpoint, true).await? {
+            Outcome::Checkpoint { index } => Ok(Response::new(pb::CheckpointReply { index })),
+            other => Err(status::rejected(other)),
+        }
+    }
+
+    async fn roots(
+        &self,
+        request: Request<pb::RootsRequest>,
+    ) -> Result<Response<pb::RootsReply>, Status> {
+        let c = self.checkpoint_at(request.into_inner().index).await?;
+        Ok(Response::new(pb::RootsReply {
+            node: self.core.id,
+            index: c.index,
+            time_ms: c.time_ms,
+            roots: c
+                .roots
+                .iter()
+                .map(|(ns, r)| pb::NamespaceRootInfo {
+                    namespace: ns.clone(),
+                    root: r.root.to_vec(),
+                    leaves: r.leaves,
+                })
+                .collect(),
+            cluster_root: c.cluster_root.to_vec(),
+        }))
+    }
+
+    async fn deep_verify(
+        &self,
+        request: Request<pb::DeepVerifyRequest>,
+    ) -> Result<Response<pb::DeepVerifyReply>, Status> {
+        let only = request.into_inner().namespace;
+        if !only.is_empty() {
+            TenantId::parse(&only).map_err(status::input)?;
+        }
+        let started = Instant::now();
+        let reader = self.core.reader.clone();
+        let check =
+            tokio::task::spawn_blocking(move || reader.deep_check().map_err(status::storage))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+        let mut mismatches = Vec::new();
+        let mut recomputed = Vec::new();
+        for ns in check
+            .namespaces
+            .iter()
+            .filter(|n| only.is_empty() || n.namespace == only)
+        {
+            recomputed.push(pb::NamespaceRootInfo {
+                namespace: ns.namespace.clone(),
+                root: ns.recomputed.to_vec(),
+                leaves: 0,
+            });
+            if ns.recomputed != ns.maintained.root {
+                mismatches.push(pb::ObjectMismatch {
+                    namespace: ns.namespace.clone(),
+                    object: "root (recomputed from stored data)".into(),
+                    expected: hex(&ns.maintained.root),
+                    found: hex(&ns.recomputed),
+                });
+            }
+            for (object, expected, found) in &ns.mismatches {
+                mismatches.push(pb::ObjectMismatch {
+                    namespace: ns.namespace.clone(),
+                    object: object.clone(),
+                    expected: expected.clone(),
+                    found: found.clone(),
+                });
+            }
+        }
+        // Re-hash every referenced chunk. This only reports; a bad copy wakes the scrubber,
+        // which quarantines it and puts a verified copy from a peer in its place.
+        let chunks = self.core.chunks.clone();
+        let refs = check.chunks.clone();
+        let (bad_chunks, checked, bytes) = tokio::task::spawn_blocking(move || {
+            let mut bad = Vec::new();
+            let mut bytes = 0u64;
+            for c in &refs {
+                match chunks.check(&c.hash) {
+                    Ok(len) => bytes += len as u64,
+                    Err(e) => bad.push(pb::ObjectMismatch {
+                        namespace: String::new(),
+                        object: format!("chunk {}", hex(&c.hash)),
+                        expected: hex(&c.hash),
+                        found: match e {
+                            crate::chunks::ChunkError::Mismatch { found, .. } => found,
+                            crate::chunks::ChunkError::Missing(_) => "missing".into(),
+                            other => other.to_string(),
+                        },
+                    }),
+                }
+            }
+            (bad, refs.len() as u64, bytes)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if !bad_chunks.is_empty() {
+            tracing::warn!(
+                bad = bad_chunks.len(),
+                "deep verify found bad chunk copies; scrubbing now"
+            );
+            self.core.scrub_kick.notify_one();
+        }
+        Ok(Response::new(pb::DeepVerifyReply {
+            node: self.core.id,
+            applied_index: check.applied_index,
+            mismatches,
+            bad_chunks,
+            chunks_checked: checked,
+            bytes_hashed: bytes,
+            micros: started.elapsed().as_micros() as u64,
+            recomputed,
+        }))
+    }
+
+    async fn attest(
+        &self,
+        request: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestReply>, Status> {
+        let req = request.into_inner();
+        let tenant = if req.tenant.is_empty() {
+            None
+        } else {
+            Some(TenantId::parse(&req.tenant).map_err(status::input)?)
+        };
+        let c = self.checkpoint_at(req.index).await?;
+        let statement = Statement::from_checkpoint(
+            &self.core.cluster_name,
+            &c,
+            tenant.as_ref().map(TenantId::as_str),
+        );
+        Ok(Response::new(pb::AttestReply {
+            node: self.core.id,
+            public_key: hex(self.core.identity.verifying_key().as_bytes()),
+            statement: serde_json::to_string(&statement)
+                .map_err(|e| Status::internal(e.to_string()))?,
+            signature: statement.sign(&self.core.identity),
+        }))
+    }
+}

@@ -1,0 +1,357 @@
+//! Client side of integrity: `escrowctl verify` (replicas against each other, optionally
+//! deep, optionally against the source) and `escrowctl attest`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::attest::{Attestation, NodeSignature, Statement, TrustedKeys};
+use crate::client::{ClientError, EscrowClient};
+use crate::domain::{hex, Digest};
+use crate::integrity::{namespace_root, LeafObject};
+use crate::pb;
+
+/// How long one node may take to answer a roots or attest question.
+pub const NODE_QUESTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one node may take for a deep verification (it re-reads everything it stores).
+pub const DEEP_VERIFY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One thing that does not agree: where, what, and expected (the majority, or what consensus
+/// applied) against found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Disagreement {
+    pub node: u64,
+    pub namespace: String,
+    pub object: String,
+    pub expected: String,
+    pub found: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Unchecked {
+    pub node: u64,
+    pub error: String,
+}
+
+/// One node's deep verification figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeepFigures {
+    pub node: u64,
+    pub chunks_checked: u64,
+    pub bytes_hashed: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The checkpoint index the roots were compared at.
+    pub index: u64,
+    pub nodes_checked: Vec<u64>,
+    pub unchecked: Vec<Unchecked>,
+    /// Namespace roots agreed by the majority (hex).
+    pub roots: BTreeMap<String, String>,
+    pub disagreements: Vec<Disagreement>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deep: Vec<DeepFigures>,
+    pub ok: bool,
+}
+
+/// The value most nodes hold (ties: the smallest, so the choice is stable).
+fn majority(values: &BTreeMap<u64, String>) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in values.values() {
+        *counts.entry(v.as_str()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+        .map(|(v, _)| v.to_string())
+        .unwrap_or_default()
+}
+
+/// Compares every node's roots at a fresh checkpoint (and with `deep`, each node's stored
+/// bytes against its roots and chunk addresses).
+pub async fn verify(
+    client: &EscrowClient,
+    tenant: Option<&str>,
+    deep: bool,
+) -> Result<VerifyReport, ClientError> {
+    let status = client.cluster_status().await?;
+    let index = client.checkpoint().await?;
+    let nodes: Vec<(u64, String)> = status
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
+    let answers = futures::future::join_all(nodes.iter().map(|(id, addr)| async move {
+        let req = client.authed(pb::RootsRequest { index }, NODE_QUESTION_TIMEOUT);
+        let r = client
+            .integrity_at(addr, NODE_QUESTION_TIMEOUT, |mut c| async move {
+                Ok(c.roots(req).await?.into_inner())
+            })
+            .await;
+        (*id, r)
+    }))
+    .await;
+    let mut unchecked = Vec::new();
+    let mut per_ns: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
+    let mut checked = Vec::new();
+    let mut cluster_roots: BTreeMap<u64, String> = BTreeMap::new();
+    for (id, r) in &answers {
+        match r {
+            Ok(reply) => {
+                checked.push(*id);
+                cluster_roots.insert(*id, hex_bytes(&reply.cluster_root));
+                for root in &reply.roots {
+                    per_ns
+                        .entry(root.namespace.clone())
+                        .or_default()
+                        .insert(*id, hex_bytes(&root.root));
+                }
+            }
+            Err(e) => unchecked.push(Unchecked {
+                node: *id,
+                error: e.to_string(),
+            }),
+        }
+    }
+    // A namespace a node lacks entirely is "absent" there.
+    for values in per_ns.values_mut() {
+        for id in &checked {
+            values.entry(*id).or_insert_with(|| "absent".into());
+        }
+    }
+    let mut disagreements = Vec::new();
+    let mut roots = BTreeMap::new();
+    let mut compare = |ns: &str, object: &str, values: &BTreeMap<u64, String>| {
+        let expected = majority(values);
+        for (node, found) in values {
+            if *found != expected {
+                disagreements.push(Disagreement {
+                    node: *node,
+                    namespace: ns.to_string(),
+                    object: object.to_string(),
+                    expected: expected.clone(),
+                    found: found.clone(),
+                });
+            }
+        }
+        expected
+    };
+    for (ns, values) in &per_ns {
+        if tenant.is_none_or(|t| t == ns) {
+            roots.insert(ns.clone(), compare(ns, "root", values));
+        }
+    }
+    if tenant.is_none() {
+        compare("", "cluster root", &cluster_roots);
+    }
+
+    let mut figures = Vec::new();
+    if deep {
+        let namespace = tenant.unwrap_or("").to_string();
+        let deep_answers = futures::future::join_all(nodes.iter().map(|(id, addr)| {
+            let namespace = namespace.clone();
+            async move {
+                let req = client.authed(pb::DeepVerifyRequest { namespace }, DEEP_VERIFY_TIMEOUT);
+                let r = client
+                    .integrity_at(addr, DEEP_VERIFY_TIMEOUT, |mut c| async move {
+                        Ok(c.deep_verify(req).await?.into_inner())
+                    })
+                    .await;
+                (*id, r)
+            }
+        }))
+        .await;
+        for (id, r) in deep_answers {
+            match r {
+                Ok(reply) => {
+                    figures.push(DeepFigures {
+                        node: id,
+                        chunks_checked: reply.chunks_checked,
+                        bytes_hashed: reply.bytes_hashed,
+                        seconds: reply.micros as f64 / 1e6,
+                    });
+                    for m in reply.mismatches.into_iter().chain(reply.bad_chunks) {
+                        disagreements.push(Disagreement {
+                            node: id,
+                            namespace: m.namespace,
+                            object: m.object,
+                            expected: m.expected,
+                            found: m.found,
+                        });
+                    }
+                }
+                Err(e) => {
+                    if !unchecked.iter().any(|u| u.node == id) {
+                        unchecked.push(Unchecked {
+                            node: id,
+                            error: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let ok = disagreements.is_empty() && unchecked.is_empty();
+    Ok(VerifyReport {
+        index,
+        nodes_checked: checked,
+        unchecked,
+        roots,
+        disagreements,
+        deep: figures,
+        ok,
+    })
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    <Digest>::try_from(b).map(|d| hex(&d)).unwrap_or_default()
+}
+
+/// Collects every reachable node's signature over the statement of a fresh checkpoint.
+pub async fn attest(
+    client: &EscrowClient,
+    tenant: Option<&str>,
+) -> Result<(Attestation, Vec<Unchecked>), String> {
+    let status = client.cluster_status().await.map_err(|e| e.to_string())?;
+    let index = client.checkpoint().await.map_err(|e| e.to_string())?;
+    let tenant = tenant.unwrap_or("").to_string();
+    let answers = futures::future::join_all(status.nodes.iter().map(|n| {
+        let tenant = tenant.clone();
+        async move {
+            let req = client.authed(pb::AttestRequest { index, tenant }, NODE_QUESTION_TIMEOUT);
+            let r = client
+                .integrity_at(&n.addr, NODE_QUESTION_TIMEOUT, |mut c| async move {
+                    Ok(c.attest(req).await?.into_inner())
+                })
+                .await;
+            (n.id, r)
+        }
+    }))
+    .await;
+    let mut statement: Option<(String, u64)> = None;
+    let mut signatures = Vec::new();
+    let mut unchecked = Vec::new();
+    for (id, r) in answers {
+        match r {
+            Ok(reply) => {
+                match &statement {
+                    None => statement = Some((reply.statement.clone(), id)),
+                    Some((s, first)) if *s != reply.statement => {
+                        return Err(format!(
+                            "nodes {first} and {id} sign different statements at index {index}: their roots disagree (run `escrowctl verify`)"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                signatures.push(NodeSignature {
+                    node: reply.node,
+                    public_key: reply.public_key,
+                    signature: reply.signature,
+                });
+            }
+            Err(e) => unchecked.push(Unchecked {
+                node: id,
+                error: e.to_string(),
+            }),
+        }
+    }
+    let majority = status.nodes.len() / 2 + 1;
+    if signatures.len() < majority {
+        return Err(format!(
+            "only {} of {} nodes signed (a majority is needed): {}",
+            signatures.len(),
+            status.nodes.len(),
+            unchecked
+                .iter()
+                .map(|u| format!("node {}: {}", u.node, u.error))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    let (text, _) = statement.ok_or("no node answered")?;
+    let statement: Statement =
+        serde_json::from_str(&text).map_err(|e| format!("a node sent a bad statement: {e}"))?;
+    Ok((
+        Attestation {
+            statement,
+            signatures,
+        },
+        unchecked,
+    ))
+}
+
+/// The nodes' public keys, to keep for checking attestations offline.
+pub async fn trusted_keys(client: &EscrowClient) -> Result<TrustedKeys, ClientError> {
+    let status = client.cluster_status().await?;
+    Ok(TrustedKeys {
+        cluster: status.cluster_name,
+        keys: status
+            .nodes
+            .iter()
+            .filter(|n| !n.identity_key.is_empty())
+            .map(|n| (n.id, n.identity_key.clone()))
+            .collect(),
+    })
+}
+
+/// The root a source tree should have in the escrow: one artifact leaf per regular file, by
+/// the same rules the directory agent mirrors by (symlinks and odd names skipped).
+pub fn source_root_of_dir(namespace: &str, root: &Path) -> Result<(Digest, u64), String> {
+    let root = std::fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let (files, _) = crate::mirror::dir::walk(&root).map_err(|e| e.to_string())?;
+    let mut leaves = BTreeMap::new();
+    for f in &files {
+        let mut hasher = blake3::Hasher::new();
+        let mut file =
+            std::fs::File::open(&f.path).map_err(|e| format!("{}: {e}", f.path.display()))?;
+        let size = std::io::copy(&mut file, &mut hasher)
+            .map_err(|e| format!("{}: {e}", f.path.display()))?;
+        let whole = *hasher.finalize().as_bytes();
+        let o = LeafObject::Artifact {
+            name: f.name.as_str(),
+            size,
+            blake3: &whole,
+        };
+        leaves.insert(o.id(), o.hash());
+    }
+    Ok((namespace_root(namespace, &leaves), leaves.len() as u64))
+}
+
+/// The root a record feed should have in the escrow: the final state of every record the feed
+/// touched (its last event's sequence and value; deleted records have no leaf).
+pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), String> {
+    let text = std::fs::read(feed).map_err(|e| format!("{}: {e}", feed.display()))?;
+    // (collection, key) -> the last event's (seq, value), None once deleted.
+    type FinalState = HashMap<(String, String), Option<(u64, Vec<u8>)>>;
+    let mut state: FinalState = HashMap::new();
+    let mut previous = 0;
+    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let c = crate::mirror::records::parse_line(line, previous)
+            .map_err(|e| format!("{} line {}: {e}", feed.display(), i + 1))?;
+        previous = c.seq;
+        state.insert(
+            (c.collection, c.key),
+            (!c.delete).then_some((c.seq, c.value)),
+        );
+    }
+    let mut leaves = BTreeMap::new();
+    for ((collection, key), v) in &state {
+        if let Some((seq, value)) = v {
+            let o = LeafObject::Record {
+                collection,
+                key,
+                seq: *seq,
+                value,
+            };
+            leaves.insert(o.id(), o.hash());
+        }
+    }
+    Ok((namespace_root(tenant, &leaves), leaves.len() as u64))
+}
