@@ -26,7 +26,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -70,8 +70,9 @@ t=$(now)
 "${CTL[@]}" verify --deep --json >"$WORK/deep.json"
 DEEP_S=$(since "$t")
 DEEP_BYTES=$(grep -o '"bytes_hashed":[0-9]*' "$WORK/deep.json" | cut -d: -f2 | awk '{s += $1} END {printf "%.0f", s}')
-PER_NODE=$(grep -o '"node":[0-9]*,"chunks_checked":[0-9]*,"bytes_hashed":[0-9]*,"seconds":[0-9.e-]*' "$WORK/deep.json" \
-    | sed 's/"node":\([0-9]*\),"chunks_checked":\([0-9]*\),"bytes_hashed":\([0-9]*\),"seconds":\(.*\)/node \1: \2 chunks, \3 bytes in \4 s/')
+# (JSON keys come sorted: bytes_hashed, chunks_checked, node, seconds.)
+PER_NODE=$(grep -o '"bytes_hashed":[0-9]*,"chunks_checked":[0-9]*,"node":[0-9]*,"seconds":[0-9.e-]*' "$WORK/deep.json" \
+    | sed 's/"bytes_hashed":\([0-9]*\),"chunks_checked":\([0-9]*\),"node":\([0-9]*\),"seconds":\(.*\)/node \3: \2 chunks, \1 bytes in \4 s/')
 
 log "b3sum over node 1's chunk files"
 t=$(now)
