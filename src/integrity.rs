@@ -13,23 +13,28 @@
 //! - Leaves fall into 65,536 **buckets** by the first two bytes of their id. A bucket's hash is
 //!   32 zero bytes when empty, else H(`escrow.bucket.v1` ‖ id₁ ‖ hash₁ ‖ id₂ ‖ hash₂ ‖ …) over
 //!   its leaves in id order.
-//! - The buckets are the leaves of a complete binary tree of depth 16; a **node** is
-//!   H(`escrow.node.v1` ‖ left ‖ right). The namespace **root** is
+//! - The buckets are the leaves of a complete 16-ary tree of depth 4; a **node** is
+//!   H(`escrow.node.v1` ‖ child₀ ‖ … ‖ child₁₅). The namespace **root** is
 //!   H(`escrow.root.v1` ‖ lp(namespace) ‖ u64(leaf count) ‖ tree top).
 //! - The **cluster root** is H(`escrow.cluster.v1` ‖ lp(ns₁) ‖ root₁ ‖ lp(ns₂) ‖ root₂ ‖ …) over
 //!   the namespaces that have at least one leaf, in name order.
 //!
-//! The state machine maintains these incrementally (a change rehashes one bucket and its 16
-//! ancestors); [`namespace_root`] computes the same root from scratch.
+//! The state machine maintains these incrementally (a change rehashes one bucket and its 4
+//! ancestors); [`namespace_root`] computes the same root from scratch. (A 16-ary tree rather
+//! than a binary one: a batch of writes touches a quarter as many nodes, and a node's children
+//! are one contiguous key range in the store.)
 
 use std::collections::BTreeMap;
 
 use crate::domain::Digest;
 
-/// Levels of the bucket tree: 2^16 buckets.
-pub const TREE_DEPTH: u8 = 16;
+/// Children per tree node.
+pub const TREE_ARITY: u32 = 16;
+/// Levels of the bucket tree: 16^4 = 65,536 buckets.
+pub const TREE_DEPTH: u8 = 4;
 /// Buckets per namespace.
-pub const BUCKETS: u32 = 1 << TREE_DEPTH;
+pub const BUCKETS: u32 = 1 << 16;
+const _: () = assert!(TREE_ARITY.pow(TREE_DEPTH as u32) == BUCKETS);
 /// The hash of an empty bucket.
 pub const EMPTY_BUCKET: Digest = [0; 32];
 
@@ -135,19 +140,21 @@ pub fn bucket_hash<'a>(leaves: impl IntoIterator<Item = (&'a Digest, &'a Digest)
     }
 }
 
-pub fn node_hash(left: &Digest, right: &Digest) -> Digest {
+/// A tree node's hash from its [`TREE_ARITY`] children in order.
+pub fn node_hash(children: &[Digest; TREE_ARITY as usize]) -> Digest {
     let mut h = blake3::Hasher::new();
     h.update(b"escrow.node.v1");
-    h.update(left);
-    h.update(right);
+    for c in children {
+        h.update(c);
+    }
     *h.finalize().as_bytes()
 }
 
-/// The hash of an all-empty subtree at each level (0: a bucket, 16: the tree top).
+/// The hash of an all-empty subtree at each level (0: a bucket, [`TREE_DEPTH`]: the top).
 pub fn empty_subtrees() -> [Digest; TREE_DEPTH as usize + 1] {
     let mut out = [EMPTY_BUCKET; TREE_DEPTH as usize + 1];
     for level in 1..=TREE_DEPTH as usize {
-        out[level] = node_hash(&out[level - 1], &out[level - 1]);
+        out[level] = node_hash(&[out[level - 1]; TREE_ARITY as usize]);
     }
     out
 }
@@ -196,13 +203,17 @@ pub fn namespace_root(namespace: &str, leaves: &BTreeMap<Digest, Digest>) -> Dig
     for depth in 1..=TREE_DEPTH as usize {
         let mut up: BTreeMap<u32, Digest> = BTreeMap::new();
         for (&i, _) in level.iter() {
-            let parent = i / 2;
+            let parent = i / TREE_ARITY;
             if up.contains_key(&parent) {
                 continue;
             }
-            let left = level.get(&(parent * 2)).unwrap_or(&empty[depth - 1]);
-            let right = level.get(&(parent * 2 + 1)).unwrap_or(&empty[depth - 1]);
-            up.insert(parent, node_hash(left, right));
+            let mut children = [empty[depth - 1]; TREE_ARITY as usize];
+            for (k, child) in children.iter_mut().enumerate() {
+                if let Some(h) = level.get(&(parent * TREE_ARITY + k as u32)) {
+                    *child = *h;
+                }
+            }
+            up.insert(parent, node_hash(&children));
         }
         level = up;
     }

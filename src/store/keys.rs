@@ -18,7 +18,9 @@
 //! - `'l' namespace 0x00 leaf id(32)` → a Merkle leaf's hash (the bucket is the id's first two
 //!   bytes, so one bucket's leaves are one key range)
 //! - `'m' namespace 0x00 level(u8) index(u32 BE)` → a non-empty Merkle tree node
-//! - `'R' namespace`             → the namespace's root and leaf count
+//! - `'d' namespace 0x00 bucket(u16 BE)` → a bucket changed since the last checkpoint
+//! - `'C' namespace`             → the namespace's leaf count
+//! - `'R' namespace`             → the namespace's root and leaf count at the last checkpoint
 //! - `'k' index(u64 BE)`         → a checkpoint (all roots at that index)
 //! - `0x00 "checkpoints"`        → the indexes of the checkpoints kept, oldest first
 //!
@@ -43,6 +45,8 @@ pub const CHUNK_PREFIX: u8 = b'c';
 const LEAF_PREFIX: u8 = b'l';
 const NODE_TREE_PREFIX: u8 = b'm';
 pub const ROOT_PREFIX: u8 = b'R';
+pub const DIRTY_PREFIX: u8 = b'd';
+const LEAF_COUNT_PREFIX: u8 = b'C';
 const CHECKPOINT_PREFIX: u8 = b'k';
 pub const CHECKPOINTS: &[u8] = b"\x00checkpoints";
 
@@ -150,11 +154,6 @@ fn ns_prefix(prefix: u8, namespace: &str) -> Vec<u8> {
     out
 }
 
-/// All Merkle leaves of a namespace.
-pub fn leaves_prefix(namespace: &str) -> Vec<u8> {
-    ns_prefix(LEAF_PREFIX, namespace)
-}
-
 /// The leaves of one bucket (ids starting with the bucket's two bytes).
 pub fn bucket_prefix(namespace: &str, bucket: u16) -> Vec<u8> {
     let mut out = ns_prefix(LEAF_PREFIX, namespace);
@@ -172,6 +171,18 @@ pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
     let mut out = ns_prefix(NODE_TREE_PREFIX, namespace);
     out.push(level);
     out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+pub fn dirty_bucket(namespace: &str, bucket: u16) -> Vec<u8> {
+    let mut out = ns_prefix(DIRTY_PREFIX, namespace);
+    out.extend_from_slice(&bucket.to_be_bytes());
+    out
+}
+
+pub fn leaf_count(namespace: &str) -> Vec<u8> {
+    let mut out = vec![LEAF_COUNT_PREFIX];
+    out.extend_from_slice(namespace.as_bytes());
     out
 }
 

@@ -57,8 +57,9 @@ pub struct SnapshotFileInfo {
     pub blake3: [u8; 32],
 }
 
-/// One namespace in a [`DeepCheck`]: the maintained root, the root recomputed from the stored
-/// data, and the objects whose leaves differ (object, maintained leaf hash, recomputed).
+/// One namespace in a [`DeepCheck`]: the root of the maintained leaf index (what consensus
+/// applied), the root recomputed from the stored data, and the objects whose leaves differ
+/// (object, maintained leaf hash, recomputed).
 #[derive(Debug, Clone)]
 pub struct NamespaceCheck {
     pub namespace: String,
@@ -158,6 +159,13 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Merkle maintenance looks up many keys that do not exist (empty subtrees, new leaves):
+    // bloom filters answer those without reading blocks.
+    let mut block = rocksdb::BlockBasedOptions::default();
+    block.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&block);
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.1);
     DB::open(&opts, path)
 }
 
@@ -472,13 +480,17 @@ impl SmReader {
                     .insert(o.id(), (o.hash(), o.describe()));
             }
         }
-        let mut maintained: BTreeMap<String, NamespaceRoot> = BTreeMap::new();
-        for (k, v) in scan(&[keys::ROOT_PREFIX])? {
-            let ns = String::from_utf8_lossy(&k[1..]).to_string();
-            let root: NamespaceRoot = codec::decode(&v).map_err(sm_err)?;
-            if root.leaves > 0 {
-                maintained.insert(ns, root);
-            }
+        // The maintained leaf index, per namespace: what consensus applied.
+        let mut maintained: BTreeMap<String, BTreeMap<Digest, Digest>> = BTreeMap::new();
+        for (k, v) in scan(b"l")? {
+            let body = &k[1..];
+            let Some(split) = body.len().checked_sub(33) else {
+                return Err(sm_err("malformed leaf key"));
+            };
+            let ns = String::from_utf8_lossy(&body[..split]).to_string();
+            let id: Digest = body[split + 1..].try_into().map_err(sm_err)?;
+            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
+            maintained.entry(ns).or_default().insert(id, hash);
         }
         let names: BTreeSet<String> = maintained
             .keys()
@@ -488,25 +500,16 @@ impl SmReader {
         let mut namespaces = Vec::new();
         for ns in names {
             let leaves = recomputed.remove(&ns).unwrap_or_default();
+            let stored = maintained.remove(&ns).unwrap_or_default();
             let hashes: BTreeMap<Digest, Digest> =
                 leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
             let recomputed_root = integrity::namespace_root(&ns, &hashes);
-            let maintained_root = maintained.get(&ns).copied().unwrap_or(NamespaceRoot {
-                root: integrity::namespace_root(&ns, &BTreeMap::new()),
-                leaves: 0,
-            });
+            let maintained_root = NamespaceRoot {
+                root: integrity::namespace_root(&ns, &stored),
+                leaves: stored.len() as u64,
+            };
             let mut mismatches = Vec::new();
             if recomputed_root != maintained_root.root {
-                // Name the objects: compare with the maintained leaf index.
-                let stored: BTreeMap<Digest, Digest> = scan(&keys::leaves_prefix(&ns))?
-                    .into_iter()
-                    .filter_map(|(k, v)| {
-                        Some((
-                            k[k.len() - 32..].try_into().ok()?,
-                            v.as_slice().try_into().ok()?,
-                        ))
-                    })
-                    .collect();
                 for (id, (hash, what)) in &leaves {
                     match stored.get(id) {
                         Some(s) if s == hash => {}
@@ -911,7 +914,7 @@ struct Staged {
     batch: WriteBatch,
     pending: Pending,
     position: u32,
-    /// Merkle buckets changed since the last flush, and each namespace's leaf-count change.
+    /// Per namespace: buckets marked dirty in this apply call, and the leaf-count change.
     dirty: BTreeMap<String, (BTreeSet<u16>, i64)>,
 }
 
@@ -960,7 +963,8 @@ impl Staged {
         Ok(out)
     }
 
-    /// Sets or removes one Merkle leaf and marks its bucket dirty.
+    /// Sets or removes one Merkle leaf and marks its bucket dirty (persistently: the tree is
+    /// rehashed at the next checkpoint, whatever happens in between).
     fn set_leaf(
         &mut self,
         db: &DB,
@@ -970,8 +974,14 @@ impl Staged {
     ) -> Result<(), StorageError> {
         let key = keys::leaf(namespace, &id);
         let existed = self.get(db, &key)?.is_some();
+        let bucket = integrity::bucket_of(&id);
         let entry = self.dirty.entry(namespace.to_string()).or_default();
-        entry.0.insert(integrity::bucket_of(&id));
+        if entry.0.insert(bucket) {
+            self.batch.put(keys::dirty_bucket(namespace, bucket), []);
+            self.pending
+                .insert(keys::dirty_bucket(namespace, bucket), Some(Vec::new()));
+        }
+        let entry = self.dirty.entry(namespace.to_string()).or_default();
         match object {
             Some(o) => {
                 entry.1 += i64::from(!existed);
@@ -987,52 +997,139 @@ impl Staged {
         Ok(())
     }
 
-    /// Rehashes the dirty buckets and their ancestors and updates the namespace roots.
-    fn flush_merkle(&mut self, db: &DB) -> Result<(), StorageError> {
-        let empty = integrity::empty_subtrees();
-        for (namespace, (buckets, delta)) in std::mem::take(&mut self.dirty) {
-            let mut changed: BTreeSet<u32> = BTreeSet::new();
-            for bucket in buckets {
-                let prefix = keys::bucket_prefix(&namespace, bucket);
-                let leaves = self.scan(db, &prefix)?;
-                let pairs: Vec<(Digest, Digest)> = leaves
-                    .iter()
-                    .map(|(k, v)| {
-                        let id: Digest = k[k.len() - 32..].try_into().map_err(sm_err)?;
-                        let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
-                        Ok((id, hash))
-                    })
-                    .collect::<Result<_, StorageError>>()?;
-                let hash = integrity::bucket_hash(pairs.iter().map(|(i, h)| (i, h)));
-                self.set_node(&namespace, 0, u32::from(bucket), hash, &empty[0]);
-                changed.insert(u32::from(bucket));
+    /// Writes each namespace's leaf-count change of this apply call (once per call).
+    fn finish_counts(&mut self, db: &DB) -> Result<(), StorageError> {
+        for (namespace, (_, delta)) in std::mem::take(&mut self.dirty) {
+            if delta == 0 {
+                continue;
             }
-            for level in 1..=integrity::TREE_DEPTH {
-                let parents: BTreeSet<u32> = changed.iter().map(|i| i / 2).collect();
-                for &p in &parents {
-                    let child = |i: u32| -> Result<Digest, StorageError> {
-                        match self.get(db, &keys::tree_node(&namespace, level - 1, i))? {
-                            Some(v) => v.as_slice().try_into().map_err(sm_err),
-                            None => Ok(empty[level as usize - 1]),
-                        }
-                    };
-                    let hash = integrity::node_hash(&child(p * 2)?, &child(p * 2 + 1)?);
-                    self.set_node(&namespace, level, p, hash, &empty[level as usize]);
-                }
-                changed = parents;
-            }
-            let top = match self.get(db, &keys::tree_node(&namespace, integrity::TREE_DEPTH, 0))? {
-                Some(v) => v.as_slice().try_into().map_err(sm_err)?,
-                None => empty[integrity::TREE_DEPTH as usize],
-            };
-            let previous: NamespaceRoot = match self.get(db, &keys::root(&namespace))? {
+            let key = keys::leaf_count(&namespace);
+            let count: u64 = match self.get(db, &key)? {
                 Some(v) => codec::decode(&v).map_err(sm_err)?,
-                None => NamespaceRoot::default(),
+                None => 0,
             };
-            let leaves = previous
-                .leaves
+            let count = count
                 .checked_add_signed(delta)
                 .ok_or_else(|| sm_err("Merkle leaf count went negative"))?;
+            self.put(key, codec::encode(&count));
+        }
+        Ok(())
+    }
+
+    /// Rehashes every bucket changed since the last checkpoint and their ancestors, and
+    /// updates the namespace roots. Runs at checkpoints only, so writes pay just for their
+    /// leaves: buckets and each node's children are contiguous key ranges, read in key order
+    /// with one iterator per pass.
+    fn flush_merkle(&mut self, db: &DB) -> Result<(), StorageError> {
+        self.finish_counts(db)?;
+        let empty = integrity::empty_subtrees();
+        let mut marked: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
+        for k in self.scan(db, &[keys::DIRTY_PREFIX])?.into_keys() {
+            let body = &k[1..];
+            let Some(split) = body.len().checked_sub(3) else {
+                return Err(sm_err("malformed dirty-bucket key"));
+            };
+            let namespace = String::from_utf8(body[..split].to_vec()).map_err(sm_err)?;
+            let bucket = u16::from_be_bytes([body[split + 1], body[split + 2]]);
+            marked.entry(namespace).or_default().insert(bucket);
+            self.delete(k);
+        }
+        for (namespace, buckets) in marked {
+            let mut level_hashes: BTreeMap<u32, Digest> = BTreeMap::new();
+            {
+                let mut it = db.raw_iterator();
+                for &bucket in &buckets {
+                    let prefix = keys::bucket_prefix(&namespace, bucket);
+                    let mut leaves: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+                    it.seek(&prefix);
+                    while it.valid() {
+                        match (it.key(), it.value()) {
+                            (Some(k), Some(v)) if k.starts_with(&prefix) => {
+                                leaves.insert(k.to_vec(), v.to_vec());
+                            }
+                            _ => break,
+                        }
+                        it.next();
+                    }
+                    it.status().map_err(sm_err)?;
+                    for (k, v) in self
+                        .pending
+                        .range(prefix.clone()..keys::prefix_end(&prefix))
+                    {
+                        match v {
+                            Some(v) => leaves.insert(k.clone(), v.clone()),
+                            None => leaves.remove(k),
+                        };
+                    }
+                    let pairs: Vec<(Digest, Digest)> = leaves
+                        .iter()
+                        .map(|(k, v)| {
+                            let id: Digest = k[k.len() - 32..].try_into().map_err(sm_err)?;
+                            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
+                            Ok((id, hash))
+                        })
+                        .collect::<Result<_, StorageError>>()?;
+                    level_hashes.insert(
+                        u32::from(bucket),
+                        integrity::bucket_hash(pairs.iter().map(|(i, h)| (i, h))),
+                    );
+                }
+            }
+            for (&i, hash) in &level_hashes {
+                self.set_node(&namespace, 0, i, *hash, &empty[0]);
+            }
+            for level in 1..=integrity::TREE_DEPTH {
+                let arity = integrity::TREE_ARITY;
+                let parents: BTreeSet<u32> = level_hashes.keys().map(|i| i / arity).collect();
+                let mut next = BTreeMap::new();
+                let mut it = db.raw_iterator();
+                for &p in &parents {
+                    // The children: the empty subtree, overlaid by the stored nodes (one key
+                    // range), by this apply's staged nodes, and by those just computed.
+                    let mut children = [empty[level as usize - 1]; integrity::TREE_ARITY as usize];
+                    let first = keys::tree_node(&namespace, level - 1, p * arity);
+                    let end = keys::tree_node(&namespace, level - 1, (p + 1) * arity);
+                    let slot = |key: &[u8]| -> Result<usize, StorageError> {
+                        let index =
+                            u32::from_be_bytes(key[key.len() - 4..].try_into().map_err(sm_err)?);
+                        Ok((index - p * arity) as usize)
+                    };
+                    it.seek(&first);
+                    while it.valid() {
+                        match (it.key(), it.value()) {
+                            (Some(k), Some(v)) if k < end.as_slice() => {
+                                children[slot(k)?] = v.try_into().map_err(sm_err)?;
+                            }
+                            _ => break,
+                        }
+                        it.next();
+                    }
+                    it.status().map_err(sm_err)?;
+                    for (k, v) in self.pending.range(first.clone()..end.clone()) {
+                        children[slot(k)?] = match v {
+                            Some(v) => v.as_slice().try_into().map_err(sm_err)?,
+                            None => empty[level as usize - 1],
+                        };
+                    }
+                    for (&c, hash) in level_hashes.range(p * arity..(p + 1) * arity) {
+                        children[(c - p * arity) as usize] = *hash;
+                    }
+                    next.insert(p, integrity::node_hash(&children));
+                }
+                drop(it);
+                for (&p, hash) in &next {
+                    self.set_node(&namespace, level, p, *hash, &empty[level as usize]);
+                }
+                level_hashes = next;
+            }
+            let top = level_hashes
+                .get(&0)
+                .copied()
+                .unwrap_or(empty[integrity::TREE_DEPTH as usize]);
+            let leaves: u64 = match self.get(db, &keys::leaf_count(&namespace))? {
+                Some(v) => codec::decode(&v).map_err(sm_err)?,
+                None => 0,
+            };
             let root = NamespaceRoot {
                 root: integrity::root_hash(&namespace, leaves, &top),
                 leaves,
@@ -1294,7 +1391,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied = Some(entry.log_id);
             outcomes.push(outcome);
         }
-        staged.flush_merkle(&db)?;
+        staged.finish_counts(&db)?;
         if clock != clock_before {
             staged.batch.put(keys::CLOCK, codec::encode(&clock));
         }
