@@ -27,6 +27,7 @@ cargo build --bins --quiet
 
 if [ -n "${1:-}" ]; then WORK="$1"; KEEP=1; mkdir -p "$WORK"; else WORK="$(mktemp -d)"; KEEP=0; fi
 PIDS=()
+NODE_PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -34,11 +35,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# stream SEED BYTES: reproducible pseudo-random bytes. (openssl ends on SIGPIPE when head has
-# enough, which pipefail would otherwise count as a failure.)
-stream() {
-    { openssl enc -aes-256-ctr -nosalt -pass "pass:$1" -pbkdf2 -iter 1 </dev/zero 2>/dev/null || true; } | head -c "$2"
-}
 
 TREE="$WORK/tree"
 log "building the tree: $BIG_FILES x $BIG_MIB MiB + $SMALL_FILES x $SMALL_KIB KiB"
@@ -56,24 +52,8 @@ done
 TREE_BYTES=$(du -sb "$TREE" | cut -f1)
 MB() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
 RATE() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", (s > 0) ? b / 1e6 / s : 0 }'; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
-# ---- escrow cluster: files from `escrowd dev` (PKI, token, configs, init), then 3 processes.
-log "setting up a 3-node escrow cluster on 127.0.0.1:$((PORT_BASE+10))-$((PORT_BASE+32))"
-RUST_LOG=warn "$BIN/escrowd" dev --dir "$WORK/escrow" --port-base "$PORT_BASE" >"$WORK/dev.log" 2>&1 &
-DEV=$!
-for _ in $(seq 1 300); do grep -q "Ctrl-C stops" "$WORK/dev.log" 2>/dev/null && break; sleep 0.2; done
-kill -TERM "$DEV"; wait "$DEV" 2>/dev/null || true
-NODE_PIDS=()
-for i in 1 2 3; do
-    RUST_LOG=warn "$BIN/escrowd" run --config "$WORK/escrow/node$i/escrowd.toml" >"$WORK/node$i.log" 2>&1 &
-    PIDS+=($!); NODE_PIDS+=($!)
-done
-CTL=("$BIN/escrowctl" --config "$WORK/escrow/escrowctl.toml" --timeout 120)
-for _ in $(seq 1 300); do
-    "${CTL[@]}" cluster status --json 2>/dev/null | grep -q '"leader":[1-9]' && break; sleep 0.2
-done
+start_run_cluster "$WORK/escrow" "$PORT_BASE"
 
 escrow_mirror() {
     "${CTL[@]}" mirror --dir "$TREE" --namespace vendor --once --json --state "$WORK/mirror-state.json"

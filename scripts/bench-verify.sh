@@ -23,6 +23,7 @@ cargo build --bins --quiet
 
 WORK="$(mktemp -d)"
 PIDS=()
+NODE_PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -30,25 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-stream() {
-    { openssl enc -aes-256-ctr -nosalt -pass "pass:$1" -pbkdf2 -iter 1 </dev/zero 2>/dev/null || true; } | head -c "$2"
-}
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-
-log "setting up a 3-node escrow cluster on 127.0.0.1:$((PORT_BASE+10))-$((PORT_BASE+32))"
-RUST_LOG=warn "$BIN/escrowd" dev --dir "$WORK/escrow" --port-base "$PORT_BASE" >"$WORK/dev.log" 2>&1 &
-DEV=$!
-for _ in $(seq 1 300); do grep -q "Ctrl-C stops" "$WORK/dev.log" 2>/dev/null && break; sleep 0.2; done
-kill -TERM "$DEV"; wait "$DEV" 2>/dev/null || true
-for i in 1 2 3; do
-    RUST_LOG=warn "$BIN/escrowd" run --config "$WORK/escrow/node$i/escrowd.toml" >"$WORK/node$i.log" 2>&1 &
-    PIDS+=($!)
-done
-CTL=("$BIN/escrowctl" --config "$WORK/escrow/escrowctl.toml" --timeout 120)
-for _ in $(seq 1 300); do
-    "${CTL[@]}" cluster status --json 2>/dev/null | grep -q '"leader":[1-9]' && break; sleep 0.2
-done
+start_run_cluster "$WORK/escrow" "$PORT_BASE"
 
 log "storing $FILES x $FILE_MIB MiB"
 mkdir -p "$WORK/src"

@@ -40,3 +40,34 @@ ensure_prereqs() {
     fi
     # protoc comes from the protoc-bin-vendored crate; nothing to install for the main build.
 }
+
+# Benchmark helpers.
+
+# stream SEED BYTES: reproducible pseudo-random bytes (AES-CTR keystream). openssl ends on
+# SIGPIPE when head has enough, which pipefail would otherwise count as a failure.
+stream() {
+    { openssl enc -aes-256-ctr -nosalt -pass "pass:$1" -pbkdf2 -iter 1 </dev/zero 2>/dev/null || true; } | head -c "$2"
+}
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# start_run_cluster DIR PORT_BASE: a 3-node cluster of `escrowd run` processes on 127.0.0.1
+# (files, PKI, token and init from a short `escrowd dev` run). Appends the node PIDs to the
+# caller's PIDS and NODE_PIDS arrays (so it must not run in a subshell) and sets CTL to an
+# escrowctl command line for it; returns once a leader is elected.
+start_run_cluster() {
+    local dir="$1" base="$2" dev i
+    log "setting up a 3-node escrow cluster on 127.0.0.1:$((base+10))-$((base+32))"
+    RUST_LOG=warn "$BIN/escrowd" dev --dir "$dir" --port-base "$base" >"$dir.dev.log" 2>&1 &
+    dev=$!
+    for _ in $(seq 1 300); do grep -q "Ctrl-C stops" "$dir.dev.log" 2>/dev/null && break; sleep 0.2; done
+    kill -TERM "$dev"; wait "$dev" 2>/dev/null || true
+    for i in 1 2 3; do
+        RUST_LOG=warn "$BIN/escrowd" run --config "$dir/node$i/escrowd.toml" >"$dir.node$i.log" 2>&1 &
+        PIDS+=($!); NODE_PIDS+=($!)
+    done
+    CTL=("$BIN/escrowctl" --config "$dir/escrowctl.toml" --timeout 120)
+    for _ in $(seq 1 300); do
+        "${CTL[@]}" cluster status --json 2>/dev/null | grep -q '"leader":[1-9]' && break; sleep 0.2
+    done
+}

@@ -21,16 +21,6 @@ use tonic::Code;
 
 const MIB: usize = 1024 * 1024;
 
-/// Deterministic pseudo-random bytes (blake3 in XOF mode), fast enough for large files.
-fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
 fn hash_file(path: &Path) -> String {
     blake3::hash(&std::fs::read(path).unwrap())
         .to_hex()

@@ -17,15 +17,6 @@ use escrow::client::EscrowClient;
 use escrow::mirror::artifacts::{download_file, upload_file};
 use escrow::verify::{attest, source_root_of_dir, source_root_of_feed, trusted_keys, verify};
 
-fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
 async fn mixed_writes(client: &EscrowClient, dir: &std::path::Path) {
     for i in 0..50 {
         client

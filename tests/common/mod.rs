@@ -22,6 +22,16 @@ pub fn local_record(node: &NodeHandle, collection: &str, key: &str) -> Option<(u
     Some((v.revision, v.value?))
 }
 
+/// Deterministic pseudo-random bytes (blake3 in XOF mode), fast enough for large files.
+pub fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
 /// The tenant the test clusters register at start.
 pub const TENANT: &str = "acme";
 
