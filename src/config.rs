@@ -113,12 +113,16 @@ pub struct MirrorSettings {
     /// in status and metrics, with a warning in the log: a vendor that silently stops
     /// mirroring is the classic escrow failure.
     pub stale_after_s: u64,
+    /// Record versions are kept this many days; older ones are dropped, except each record's
+    /// latest version (a record is never lost to retention, only its past).
+    pub retention_days: u64,
 }
 
 impl Default for MirrorSettings {
     fn default() -> Self {
         Self {
             stale_after_s: 3600,
+            retention_days: 730,
         }
     }
 }
@@ -228,6 +232,9 @@ impl Config {
         }
         if self.integrity.scrub_mb_per_s == 0 {
             return Err(invalid("integrity.scrub_mb_per_s must be ≥ 1".into()));
+        }
+        if self.mirror.retention_days == 0 {
+            return Err(invalid("mirror.retention_days must be ≥ 1".into()));
         }
         if self.mirror.stale_after_s == 0 {
             return Err(invalid("mirror.stale_after_s must be ≥ 1".into()));

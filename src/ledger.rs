@@ -70,7 +70,16 @@ pub enum Command {
     },
     /// Records every namespace's Merkle root at this entry's index (for verify and attest).
     Checkpoint,
+    /// Drops record versions committed before `before_ms` that are not their record's latest
+    /// version (the retention period has passed), at most [`EXPIRE_VERSIONS_MAX`] per entry.
+    ExpireHistory {
+        before_ms: u64,
+    },
 }
+
+/// Record versions one [`Command::ExpireHistory`] entry removes at most; the proposer repeats
+/// while more remain, so no single entry holds up the state machine for long.
+pub const EXPIRE_VERSIONS_MAX: usize = 1000;
 
 impl Command {
     /// Bytes this command adds to a batch, for bounding entry sizes.
@@ -90,7 +99,7 @@ impl Command {
                 name.as_str().len() + manifest.chunks.len() * 48 + 256
             }
             Command::DeleteArtifact { name, .. } => name.as_str().len() + 128,
-            Command::Checkpoint => 64,
+            Command::Checkpoint | Command::ExpireHistory { .. } => 64,
         }
     }
 }
@@ -137,6 +146,11 @@ pub enum Outcome {
     Checkpoint {
         index: u64,
     },
+    /// Expired record versions removed; `more` when others remain past the retention period.
+    Expired {
+        removed: u64,
+        more: bool,
+    },
 }
 
 /// Why a command was refused, so the edge can pick the right status code.
@@ -178,6 +192,12 @@ pub enum Mutation {
     },
     /// Record all roots as they are after the preceding changes.
     Checkpoint,
+    /// Remove one past version from a record's history.
+    DeleteVersion {
+        path: RecordPath,
+        index: u64,
+        position: u32,
+    },
 }
 
 /// What `apply` may read of the current state.
@@ -194,6 +214,13 @@ pub trait LedgerView {
         namespace: &TenantId,
         name: &ArtifactName,
     ) -> Result<Option<ArtifactVersion>, Self::Error>;
+    /// Up to `limit` record versions committed before `before_ms` that are not their record's
+    /// latest version, in key order: (record, index, position).
+    fn expirable_versions(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(RecordPath, u64, u32)>, Self::Error>;
 }
 
 /// Where and when a command is applied.
@@ -493,6 +520,23 @@ pub fn apply<V: LedgerView>(
             }
             put_artifact(view, stamp, namespace, name, None)
         }
+        Command::ExpireHistory { before_ms } => {
+            let mut found = view.expirable_versions(*before_ms, EXPIRE_VERSIONS_MAX + 1)?;
+            let more = found.len() > EXPIRE_VERSIONS_MAX;
+            found.truncate(EXPIRE_VERSIONS_MAX);
+            let removed = found.len() as u64;
+            Ok((
+                found
+                    .into_iter()
+                    .map(|(path, index, position)| Mutation::DeleteVersion {
+                        path,
+                        index,
+                        position,
+                    })
+                    .collect(),
+                Outcome::Expired { removed, more },
+            ))
+        }
         Command::Checkpoint => Ok((
             vec![Mutation::Checkpoint],
             Outcome::Checkpoint { index: stamp.index },
@@ -606,6 +650,14 @@ mod tests {
         ) -> Result<Option<ArtifactVersion>, Self::Error> {
             Ok(self.artifacts.get(&(ns.clone(), name.clone())).cloned())
         }
+        fn expirable_versions(
+            &self,
+            _: u64,
+            _: usize,
+        ) -> Result<Vec<(RecordPath, u64, u32)>, Self::Error> {
+            // History lives in the store; its expiry is tested against RocksDB (t10).
+            Ok(Vec::new())
+        }
     }
 
     impl MapView {
@@ -641,7 +693,7 @@ mod tests {
                     } => {
                         self.artifacts.insert((namespace, name), version);
                     }
-                    Mutation::Checkpoint => {}
+                    Mutation::Checkpoint | Mutation::DeleteVersion { .. } => {}
                 }
             }
             (n, outcome)

@@ -315,6 +315,15 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         mb_per_s = config.integrity.scrub_mb_per_s,
         "scrubber started"
     );
+    tasks.push(tokio::spawn(crate::workers::retention::run(
+        core.clone(),
+        shutdown_rx.clone(),
+    )));
+    tracing::info!(
+        node = id,
+        days = config.mirror.retention_days,
+        "retention worker started"
+    );
 
     Ok(NodeHandle {
         id,

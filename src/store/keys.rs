@@ -35,7 +35,7 @@ pub const MEMBERSHIP: &[u8] = b"\x00membership";
 pub const CLOCK: &[u8] = b"\x00clock";
 const NODE_PREFIX: u8 = b'n';
 const RECORD_PREFIX: u8 = b'r';
-const HISTORY_PREFIX: u8 = b'h';
+pub const HISTORY_PREFIX: u8 = b'h';
 pub const TENANT_PREFIX: u8 = b't';
 pub const STATS_PREFIX: u8 = b's';
 const SOURCE_PREFIX: u8 = b'q';
@@ -93,6 +93,27 @@ pub fn history(path: &RecordPath, index: u64, position: u32) -> Vec<u8> {
 pub fn history_position(key: &[u8]) -> Option<u32> {
     let n = key.len().checked_sub(4)?;
     Some(u32::from_be_bytes(key[n..].try_into().ok()?))
+}
+
+/// The record, revision and position a history key names.
+pub fn parse_history(key: &[u8]) -> Option<(RecordPath, u64, u32)> {
+    let body = key.strip_prefix(&[HISTORY_PREFIX])?;
+    let n = body.len().checked_sub(13)?;
+    let (path, rest) = body.split_at(n);
+    if rest[0] != 0 {
+        return None;
+    }
+    let mut parts = path.splitn(3, |b| *b == 0);
+    let (t, c, k) = (parts.next()?, parts.next()?, parts.next()?);
+    let path = RecordPath::parse(
+        std::str::from_utf8(t).ok()?,
+        std::str::from_utf8(c).ok()?,
+        std::str::from_utf8(k).ok()?,
+    )
+    .ok()?;
+    let index = u64::from_be_bytes(rest[1..9].try_into().ok()?);
+    let position = u32::from_be_bytes(rest[9..13].try_into().ok()?);
+    Some((path, index, position))
 }
 
 pub fn tenant(id: &TenantId) -> Vec<u8> {
@@ -236,5 +257,6 @@ mod tests {
         assert!(!history(&longer, 1, 0).starts_with(&history_prefix(&p)));
         assert!(prefix_end(&history_prefix(&p)) > history(&p, u64::MAX, u32::MAX));
         assert_eq!(history_position(&history(&p, 77, 3)), Some(3));
+        assert_eq!(parse_history(&history(&p, 77, 3)), Some((p.clone(), 77, 3)));
     }
 }

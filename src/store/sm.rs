@@ -885,8 +885,119 @@ impl BatchView<'_> {
     }
 }
 
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The database merged with the staged changes of the current apply call, in key order:
+/// staged values win, staged deletes hide. Expiry must see exactly this (replicas group
+/// entries into apply calls differently; the merged view is the same for all of them).
+struct MergedScan<'a> {
+    it: rocksdb::DBRawIterator<'a>,
+    pending: &'a Pending,
+    next_pending: Option<Vec<u8>>,
+    upper: Vec<u8>,
+}
+
+impl<'a> MergedScan<'a> {
+    fn new(db: &'a DB, pending: &'a Pending, prefix: &[u8]) -> Self {
+        let upper = keys::prefix_end(prefix);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(upper.clone());
+        let mut scan = Self {
+            it: db.raw_iterator_opt(opts),
+            pending,
+            next_pending: None,
+            upper,
+        };
+        scan.seek(prefix);
+        scan
+    }
+
+    fn seek(&mut self, key: &[u8]) {
+        self.it.seek(key);
+        self.next_pending = self
+            .pending
+            .range(key.to_vec()..self.upper.clone())
+            .next()
+            .map(|(k, _)| k.clone());
+    }
+
+    fn advance_pending(&mut self, after: &[u8]) {
+        let mut range = self.pending.range(after.to_vec()..self.upper.clone());
+        self.next_pending = match range.next() {
+            Some((k, _)) if k.as_slice() == after => range.next().map(|(k, _)| k.clone()),
+            other => other.map(|(k, _)| k.clone()),
+        };
+    }
+
+    fn next(&mut self) -> Result<Option<KeyValue>, StorageError> {
+        loop {
+            let db_key = if self.it.valid() {
+                self.it.key().map(<[u8]>::to_vec)
+            } else {
+                self.it.status().map_err(sm_err)?;
+                None
+            };
+            let take_pending = match (&db_key, &self.next_pending) {
+                (None, None) => return Ok(None),
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(d), Some(p)) => p <= d,
+            };
+            if take_pending {
+                let key = self.next_pending.clone().expect("checked above");
+                if db_key.as_deref() == Some(key.as_slice()) {
+                    self.it.next();
+                }
+                self.advance_pending(&key);
+                match self.pending.get(&key) {
+                    Some(Some(v)) => return Ok(Some((key, v.clone()))),
+                    _ => continue,
+                }
+            }
+            let key = db_key.expect("checked above");
+            let value = self.it.value().map(<[u8]>::to_vec).unwrap_or_default();
+            self.it.next();
+            return Ok(Some((key, value)));
+        }
+    }
+}
+
 impl LedgerView for BatchView<'_> {
     type Error = StorageError;
+    fn expirable_versions(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(RecordPath, u64, u32)>, StorageError> {
+        let mut out = Vec::new();
+        let mut scan = MergedScan::new(self.db, self.pending, &[keys::HISTORY_PREFIX]);
+        // The previous version of the current record, if it was older than the cutoff.
+        let mut candidate: Option<Vec<u8>> = None;
+        while let Some((key, value)) = scan.next()? {
+            let record = &key[..key.len().saturating_sub(12)];
+            if let Some(previous) = candidate.take() {
+                // A newer version of the same record exists: the previous one has expired.
+                let same_record =
+                    previous.len() >= 12 && &previous[..previous.len() - 12] == record;
+                if same_record {
+                    if let Some(found) = keys::parse_history(&previous) {
+                        out.push(found);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
+            if version.time_ms < before_ms {
+                candidate = Some(key);
+            } else {
+                // Later versions of this record are newer still: skip to the next record.
+                scan.seek(&keys::prefix_end(record));
+            }
+        }
+        Ok(out)
+    }
     fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
         self.get(&keys::record(path))
     }
@@ -1223,9 +1334,10 @@ fn apply_command(
                 .id();
                 staged.set_leaf(db, path.tenant.as_str(), object, id)?;
                 let encoded = codec::encode(&version);
-                staged
-                    .batch
-                    .put(keys::history(&path, stamp.index, staged.position), &encoded);
+                // Staged (not only batched): history expiry later in this apply call must see
+                // it, exactly as a replica that applied this entry in an earlier call would.
+                let history = keys::history(&path, stamp.index, staged.position);
+                staged.put(history, encoded.clone());
                 staged.position += 1;
                 staged.put(keys::record(&path), encoded);
             }
@@ -1239,6 +1351,11 @@ fn apply_command(
                 position,
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
             Mutation::Checkpoint => staged.checkpoint(db, stamp)?,
+            Mutation::DeleteVersion {
+                path,
+                index,
+                position,
+            } => staged.delete(keys::history(&path, index, position)),
             Mutation::PutArtifact {
                 namespace,
                 name,

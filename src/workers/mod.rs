@@ -3,4 +3,5 @@
 
 pub mod chunks;
 pub mod freshness;
+pub mod retention;
 pub mod scrub;
