@@ -338,3 +338,53 @@ async fn t46_leader_killed_during_large_upload() {
     assert_eq!(got.blake3, want);
     assert_eq!(hash_file(&out), want);
 }
+
+// Goal: chunks no committed version references (an upload that never committed) are collected
+// only once they are older than the grace period; referenced chunks are never collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t48_unreferenced_chunks_are_collected_only_after_the_grace_period() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("kept.bin");
+    std::fs::write(&file, random_bytes("kept", 1024 * 1024)).unwrap();
+    upload_file(&client, "vendor", "kept.bin", &file)
+        .await
+        .unwrap();
+    let orphan = random_bytes("orphan", 4096);
+    let orphan_hash = *blake3::hash(&orphan).as_bytes();
+    client.put_chunk(&orphan_hash, orphan).await.unwrap();
+
+    let node = cluster.node(0);
+    let referenced = node.core.reader.referenced_chunks(None, 1000).unwrap();
+    wait_for(
+        "node 1 to hold the orphan and every referenced chunk",
+        || async {
+            (node.core.chunks.has(&orphan_hash)
+                && referenced.iter().all(|c| node.core.chunks.has(&c.hash)))
+            .then_some(())
+        },
+    )
+    .await;
+    let gc = escrow::workers::chunks::gc_pass;
+    let removed = gc(&node.core, escrow::workers::chunks::CHUNK_GC_GRACE)
+        .await
+        .unwrap();
+    assert_eq!(removed, 0, "nothing is old enough yet");
+    assert!(node.core.chunks.has(&orphan_hash));
+    let removed = gc(&node.core, Duration::ZERO).await.unwrap();
+    assert_eq!(removed, 1, "only the orphan goes");
+    assert!(!node.core.chunks.has(&orphan_hash));
+    for c in &referenced {
+        assert!(
+            node.core.chunks.has(&c.hash),
+            "a referenced chunk was collected"
+        );
+    }
+    let out = work.path().join("back.bin");
+    download_file(&client, "vendor", "kept.bin", 0, &out)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(&file).unwrap());
+    cluster.shutdown().await;
+}

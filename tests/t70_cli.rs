@@ -109,6 +109,82 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/escrowctl.toml"));
+
+    // The directory agent, artifact download and verify through the CLI.
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a.txt"), b"alpha").unwrap();
+    std::fs::write(tree.join("sub/b.bin"), random_bytes("b", 300_000)).unwrap();
+    let state = work.path().join("state.json");
+    let run = |args: &[&str]| {
+        let out = escrowctl(&cfg, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON document")
+    };
+    let (tree_s, state_s) = (tree.to_str().unwrap(), state.to_str().unwrap());
+    let report = run(&[
+        "mirror",
+        "--dir",
+        tree_s,
+        "--namespace",
+        "vendor",
+        "--once",
+        "--json",
+        "--state",
+        state_s,
+    ]);
+    assert_eq!(report["uploaded"], 2, "{report}");
+    let list = run(&["artifact", "list", "vendor", "--json"]);
+    let names: Vec<&str> = list["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["a.txt", "sub/b.bin"]);
+    let back = work.path().join("b.back");
+    run(&[
+        "artifact",
+        "get",
+        "vendor",
+        "sub/b.bin",
+        "--out",
+        back.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(std::fs::read(&back).unwrap(), random_bytes("b", 300_000));
+    let verified = run(&["verify", "--json"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    let source = run(&[
+        "verify",
+        "--against-source",
+        tree_s,
+        "--tenant",
+        "vendor",
+        "--json",
+    ]);
+    assert_eq!(source["equal"], true, "{source}");
+    std::fs::write(tree.join("a.txt"), b"changed, not mirrored").unwrap();
+    let out = escrowctl(
+        &cfg,
+        &[
+            "verify",
+            "--against-source",
+            tree_s,
+            "--tenant",
+            "vendor",
+            "--json",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "an unmirrored change must fail the check"
+    );
     cluster.shutdown().await;
 }
 

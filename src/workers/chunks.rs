@@ -47,7 +47,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             last_full = tokio::time::Instant::now();
         }
         if last_gc.elapsed() >= CHUNK_GC_INTERVAL {
-            if let Err(e) = gc_pass(&core).await {
+            if let Err(e) = gc_pass(&core, CHUNK_GC_GRACE).await {
                 tracing::warn!(error = %e, "chunk garbage collection failed");
             }
             last_gc = tokio::time::Instant::now();
@@ -108,17 +108,16 @@ pub async fn sync_pass(core: &Arc<Core>) -> Result<usize, String> {
     }
 }
 
-/// Removes chunks no version references that are older than [`CHUNK_GC_GRACE`].
-async fn gc_pass(core: &Arc<Core>) -> Result<(), String> {
+/// Removes chunks no version references that are older than `grace` ([`CHUNK_GC_GRACE`] in
+/// the node); returns how many were removed.
+pub async fn gc_pass(core: &Arc<Core>, grace: std::time::Duration) -> Result<usize, String> {
     let chunks = core.chunks.clone();
     let reader = core.reader.clone();
     let removed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
         let now = SystemTime::now();
         let mut removed = 0;
         for (hash, modified) in chunks.list().map_err(|e| e.to_string())? {
-            let old = now
-                .duration_since(modified)
-                .is_ok_and(|age| age >= CHUNK_GC_GRACE);
+            let old = now.duration_since(modified).is_ok_and(|age| age >= grace);
             if old && !reader.chunk_referenced(&hash).map_err(|e| e.to_string())? {
                 chunks.remove(&hash).map_err(|e| e.to_string())?;
                 removed += 1;
@@ -131,5 +130,5 @@ async fn gc_pass(core: &Arc<Core>) -> Result<(), String> {
     if removed > 0 {
         tracing::info!(removed, "unreferenced chunks collected");
     }
-    Ok(())
+    Ok(removed)
 }
