@@ -166,9 +166,15 @@ pub struct TrustedKeys {
     pub keys: BTreeMap<u64, String>,
 }
 
-/// Checks an attestation offline: every trusted key must have signed exactly this statement,
-/// and no signature may come from a key that is not trusted.
-pub fn verify(doc: &Attestation, trusted: &TrustedKeys) -> Result<(), AttestError> {
+/// Checks an attestation offline: every signature must come from a trusted key and match
+/// this statement exactly, and at least `required` trusted keys must have signed (`None`: all
+/// of them; `escrowctl attest` itself needs a majority, so a lower bound lets a statement taken
+/// while a node was down be checked too).
+pub fn verify(
+    doc: &Attestation,
+    trusted: &TrustedKeys,
+    required: Option<usize>,
+) -> Result<(), AttestError> {
     let bad = |m: String| Err(AttestError::Invalid(m));
     if doc.statement.cluster != trusted.cluster {
         return bad(format!(
@@ -209,8 +215,13 @@ pub fn verify(doc: &Attestation, trusted: &TrustedKeys) -> Result<(), AttestErro
         .filter(|id| !signed.contains_key(id))
         .map(u64::to_string)
         .collect();
-    if !missing.is_empty() {
-        return bad(format!("no signature from node(s) {}", missing.join(", ")));
+    let required = required.unwrap_or(trusted.keys.len());
+    if signed.len() < required {
+        return bad(format!(
+            "{} of the {required} signatures required; no signature from node(s) {}",
+            signed.len(),
+            missing.join(", ")
+        ));
     }
     Ok(())
 }
@@ -266,25 +277,27 @@ mod tests {
             .map(|i| (i, SigningKey::from_bytes(&[i as u8; 32])))
             .collect();
         let (doc, trusted) = signed(&keys);
-        verify(&doc, &trusted).unwrap();
+        verify(&doc, &trusted, None).unwrap();
 
         let mut changed = doc.clone();
         changed.statement.roots.get_mut("acme").unwrap().leaves = 4;
-        assert!(verify(&changed, &trusted).is_err());
+        assert!(verify(&changed, &trusted, None).is_err());
         let mut changed = doc.clone();
         changed.statement.index += 1;
-        assert!(verify(&changed, &trusted).is_err());
+        assert!(verify(&changed, &trusted, None).is_err());
         let mut changed = doc.clone();
         changed.signatures[1].signature.replace_range(0..2, "00");
-        assert!(verify(&changed, &trusted).is_err());
+        assert!(verify(&changed, &trusted, None).is_err());
 
         let mut missing = doc.clone();
         missing.signatures.pop();
-        let err = verify(&missing, &trusted).unwrap_err();
+        let err = verify(&missing, &trusted, None).unwrap_err();
         assert!(
             err.to_string().contains("no signature from node(s) 3"),
             "{err}"
         );
+        verify(&missing, &trusted, Some(2)).unwrap();
+        assert!(verify(&missing, &trusted, Some(3)).is_err());
 
         let stranger = SigningKey::from_bytes(&[99; 32]);
         let mut foreign = doc.clone();
@@ -293,14 +306,14 @@ mod tests {
             public_key: hex(stranger.verifying_key().as_bytes()),
             signature: doc.statement.sign(&stranger),
         };
-        assert!(verify(&foreign, &trusted).is_err());
+        assert!(verify(&foreign, &trusted, Some(1)).is_err());
         let mut extra = doc.clone();
         extra.signatures.push(NodeSignature {
             node: 9,
             public_key: hex(stranger.verifying_key().as_bytes()),
             signature: doc.statement.sign(&stranger),
         });
-        assert!(verify(&extra, &trusted).is_err());
+        assert!(verify(&extra, &trusted, Some(1)).is_err());
     }
 
     // Goal: the identity key survives a restart and is written owner-only.

@@ -210,7 +210,7 @@ async fn t88_attestations_verify_offline_and_fail_when_changed() {
     let (doc, unchecked) = attest(&client, None).await.unwrap();
     assert!(unchecked.is_empty());
     assert_eq!(doc.signatures.len(), 3);
-    escrow::attest::verify(&doc, &keys).unwrap();
+    escrow::attest::verify(&doc, &keys, None).unwrap();
     let (scoped, _) = attest(&client, Some(TENANT)).await.unwrap();
     assert_eq!(
         scoped.statement.roots.keys().collect::<Vec<_>>(),
@@ -220,7 +220,7 @@ async fn t88_attestations_verify_offline_and_fail_when_changed() {
         scoped.statement.roots[TENANT].root,
         doc.statement.roots[TENANT].root
     );
-    escrow::attest::verify(&scoped, &keys).unwrap();
+    escrow::attest::verify(&scoped, &keys, None).unwrap();
 
     // The offline CLI check, on the files a customer would keep.
     let work = tempfile::tempdir().unwrap();

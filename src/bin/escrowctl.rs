@@ -201,6 +201,9 @@ enum AttestCmd {
         /// Trusted keys, as `escrowctl attest keys` prints them.
         #[arg(long)]
         keys: PathBuf,
+        /// Accept fewer signatures than trusted keys (default: every trusted key must sign).
+        #[arg(long)]
+        min_signatures: Option<usize>,
     },
     /// Print the nodes' public keys as a trusted-keys file.
     Keys,
@@ -317,7 +320,12 @@ fn print(json: bool, doc: serde_json::Value, human: String) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::Attest {
-        cmd: Some(AttestCmd::Verify { file, keys }),
+        cmd:
+            Some(AttestCmd::Verify {
+                file,
+                keys,
+                min_signatures,
+            }),
         ..
     } = &cli.command
     {
@@ -329,7 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{} is not an attestation: {e}", file.display()))?;
         let trusted: escrow::attest::TrustedKeys = serde_json::from_slice(&read(keys)?)
             .map_err(|e| anyhow::anyhow!("{} is not a trusted-keys file: {e}", keys.display()))?;
-        escrow::attest::verify(&doc, &trusted)?;
+        escrow::attest::verify(&doc, &trusted, *min_signatures)?;
         print(
             cli.json,
             json!({ "valid": true, "index": doc.statement.index, "signatures": doc.signatures.len(), "cluster_root": doc.statement.cluster_root }),

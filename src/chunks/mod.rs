@@ -96,10 +96,21 @@ impl ChunkStore {
             });
         }
         let path = self.path(hash);
-        if path.is_file() {
-            return Ok(false);
-        }
         let dir = path.parent().expect("chunk paths have a parent");
+        if path.is_file() {
+            // Count an existing copy only if it is still right (and durable, and fresh for
+            // the garbage collector's grace period); a bad one is replaced below.
+            match self.check(hash) {
+                Ok(_) => {
+                    self.touch(hash);
+                    crate::store::fsync_dir(dir).map_err(io(dir))?;
+                    return Ok(false);
+                }
+                Err(ChunkError::Mismatch { .. }) => self.quarantine(hash)?,
+                Err(ChunkError::Missing(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
@@ -141,6 +152,14 @@ impl ChunkStore {
             });
         }
         Ok(bytes)
+    }
+
+    /// Marks a stored chunk as recently needed, so garbage collection's grace period starts
+    /// again (an upload that found it present is about to reference it).
+    pub fn touch(&self, hash: &Digest) {
+        if let Ok(f) = std::fs::File::options().append(true).open(self.path(hash)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
     }
 
     /// Re-hashes a stored copy without moving it (for reports): its length if it matches.

@@ -169,9 +169,17 @@ pub async fn upload_chunked(
     );
     let sent: Vec<u64> = stream::iter(missing.iter().copied())
         .map(|hash| {
-            let (offset, size) = first_offset[&hash];
+            let known = first_offset.get(&hash).copied();
             let file = file.clone();
             async move {
+                let (offset, size) = known.ok_or_else(|| TransferError::Corrupt {
+                    what: "missing-chunk list",
+                    name: name.to_string(),
+                    detail: format!(
+                        "it names chunk {} that was not asked about",
+                        crate::domain::hex(&hash)
+                    ),
+                })?;
                 let read_path = path.to_path_buf();
                 let data = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; size as usize];

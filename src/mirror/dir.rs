@@ -82,6 +82,9 @@ pub struct DirOptions {
 pub struct Skipped {
     pub path: String,
     pub reason: String,
+    /// A directory that could not be read: what is escrowed under it is not "gone".
+    #[serde(skip)]
+    pub dir: bool,
 }
 
 /// What a pass (or all passes of a run) did.
@@ -148,9 +151,11 @@ pub fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if dir != root => {
+                let rel = dir.strip_prefix(root).unwrap_or(&dir);
                 skipped.push(Skipped {
-                    path: dir.display().to_string(),
+                    path: rel.display().to_string(),
                     reason: format!("cannot read the directory: {e}"),
+                    dir: true,
                 });
                 continue;
             }
@@ -166,6 +171,7 @@ pub fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
                 skipped.push(Skipped {
                     path: shown,
                     reason: describe_symlink(root, &path),
+                    dir: false,
                 });
             } else if meta.is_dir() {
                 dirs.push(path);
@@ -184,12 +190,14 @@ pub fn walk(root: &Path) -> std::io::Result<(Vec<Entry>, Vec<Skipped>)> {
                     Err(reason) => skipped.push(Skipped {
                         path: shown,
                         reason,
+                        dir: false,
                     }),
                 }
             } else {
                 skipped.push(Skipped {
                     path: shown,
                     reason: "not a regular file or directory".into(),
+                    dir: false,
                 });
             }
         }
@@ -290,6 +298,7 @@ pub async fn pass(
             Err(e) => report.failed.push(Skipped {
                 path: f.name.as_str().to_string(),
                 reason: e.to_string(),
+                dir: false,
             }),
         }
     }
@@ -302,8 +311,15 @@ pub async fn pass(
         .map(|f| f.name.as_str())
         .chain(report.skipped.iter().map(|s| s.path.as_str()))
         .collect();
+    let unreadable: Vec<String> = report
+        .skipped
+        .iter()
+        .filter(|s| s.dir)
+        .map(|s| format!("{}/", s.path))
+        .collect();
     for name in escrowed.keys() {
-        if !present.contains(name.as_str()) {
+        let under_unreadable = unreadable.iter().any(|d| name.starts_with(d.as_str()));
+        if !present.contains(name.as_str()) && !under_unreadable {
             match client.delete_artifact(&options.namespace, name).await {
                 Ok(_) => {
                     report.deleted += 1;
@@ -312,6 +328,7 @@ pub async fn pass(
                 Err(e) => report.failed.push(Skipped {
                     path: name.clone(),
                     reason: e.to_string(),
+                    dir: false,
                 }),
             }
         }

@@ -284,7 +284,18 @@ pub async fn run_feed(
                     ),
                 });
             }
-            s
+            if s.feed.is_none() {
+                // stdin starts over: no offset to resume from and no line order to continue;
+                // the cluster's sequence check skips what it already applied.
+                FeedState {
+                    offset: 0,
+                    line: 0,
+                    seq: 0,
+                    ..s
+                }
+            } else {
+                s
+            }
         }
         None => FeedState {
             version: STATE_VERSION,
@@ -344,7 +355,8 @@ pub async fn run_feed(
         if n > 0 && (complete || options.once || line.len() > LINE_BYTES_MAX) {
             let mut whole = std::mem::take(&mut partial);
             whole.extend_from_slice(&line);
-            let consumed = (whole.len() + usize::from(complete)) as u64;
+            // Bytes actually read (a CRLF line ending is two of them).
+            let consumed = (whole.len() - line.len() + n) as u64;
             let number = batch.end_line + 1;
             let parsed = if whole.len() > LINE_BYTES_MAX {
                 Err(format!("longer than {LINE_BYTES_MAX} bytes"))

@@ -264,7 +264,13 @@ impl Core {
             tokio::task::spawn_blocking(move || {
                 hashes
                     .iter()
-                    .map(|h| usize::from(chunks.has(h)))
+                    .map(|h| {
+                        let present = chunks.has(h);
+                        if present {
+                            chunks.touch(h);
+                        }
+                        usize::from(present)
+                    })
                     .collect::<Vec<_>>()
             })
             .await

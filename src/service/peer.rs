@@ -113,7 +113,17 @@ impl pb::peer_server::Peer for PeerService {
         let hashes = super::artifacts::digests(&request.into_inner().hashes)?;
         let chunks = self.core.chunks.clone();
         let present = tokio::task::spawn_blocking(move || {
-            hashes.iter().map(|h| chunks.has(h)).collect::<Vec<_>>()
+            // Present copies are about to be referenced by an upload: restart their GC grace.
+            hashes
+                .iter()
+                .map(|h| {
+                    let present = chunks.has(h);
+                    if present {
+                        chunks.touch(h);
+                    }
+                    present
+                })
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

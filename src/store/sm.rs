@@ -971,16 +971,22 @@ impl LedgerView for BatchView<'_> {
     ) -> Result<Vec<(RecordPath, u64, u32)>, StorageError> {
         let mut out = Vec::new();
         let mut scan = MergedScan::new(self.db, self.pending, &[keys::HISTORY_PREFIX]);
-        // The previous version of the current record, if it was older than the cutoff.
-        let mut candidate: Option<Vec<u8>> = None;
+        // A version has expired when a newer version of its record was committed before the
+        // cutoff: no "as of" read within the retention period can need it any more.
+        let mut previous: Option<Vec<u8>> = None;
         while let Some((key, value)) = scan.next()? {
-            let record = &key[..key.len().saturating_sub(12)];
-            if let Some(previous) = candidate.take() {
-                // A newer version of the same record exists: the previous one has expired.
-                let same_record =
-                    previous.len() >= 12 && &previous[..previous.len() - 12] == record;
+            let record = key[..key.len().saturating_sub(12)].to_vec();
+            let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
+            if version.time_ms >= before_ms {
+                // This and every later version of the record are inside the period.
+                previous = None;
+                scan.seek(&keys::prefix_end(&record));
+                continue;
+            }
+            if let Some(p) = previous.take() {
+                let same_record = p.len() >= 12 && p[..p.len() - 12] == record[..];
                 if same_record {
-                    if let Some(found) = keys::parse_history(&previous) {
+                    if let Some(found) = keys::parse_history(&p) {
                         out.push(found);
                         if out.len() >= limit {
                             return Ok(out);
@@ -988,13 +994,7 @@ impl LedgerView for BatchView<'_> {
                     }
                 }
             }
-            let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
-            if version.time_ms < before_ms {
-                candidate = Some(key);
-            } else {
-                // Later versions of this record are newer still: skip to the next record.
-                scan.seek(&keys::prefix_end(record));
-            }
+            previous = Some(key);
         }
         Ok(out)
     }
