@@ -497,6 +497,19 @@ pub fn hex(digest: &Digest) -> String {
     blake3::Hash::from_bytes(*digest).to_hex().to_string()
 }
 
+/// Hex text of a digest in wire form (raw bytes), or "" when it is not 32 bytes.
+pub fn hex_wire(bytes: &[u8]) -> String {
+    Digest::try_from(bytes).map(|d| hex(&d)).unwrap_or_default()
+}
+
+/// RFC 3339 text (e.g. `2026-11-22T10:00:00Z`) to ms since the Unix epoch.
+pub fn parse_rfc3339_ms(text: &str) -> Result<u64, String> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{text:?} is not RFC 3339 (e.g. 2026-11-22T10:00:00Z): {e}"))?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("{text:?} is before 1970"))
+}
+
 /// Parses a digest from 32 raw bytes (wire form).
 pub fn digest_from_bytes(field: &'static str, bytes: &[u8]) -> Result<Digest, InputError> {
     bytes.try_into().map_err(|_| InputError::Invalid {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::attest::{Attestation, NodeSignature, Statement, TrustedKeys};
 use crate::client::{ClientError, EscrowClient};
-use crate::domain::{hex, Digest};
+use crate::domain::{hex_wire, Digest};
 use crate::integrity::{namespace_root, LeafObject};
 use crate::pb;
 
@@ -103,12 +103,12 @@ pub async fn verify(
         match r {
             Ok(reply) => {
                 checked.push(*id);
-                cluster_roots.insert(*id, hex_bytes(&reply.cluster_root));
+                cluster_roots.insert(*id, hex_wire(&reply.cluster_root));
                 for root in &reply.roots {
                     per_ns
                         .entry(root.namespace.clone())
                         .or_default()
-                        .insert(*id, hex_bytes(&root.root));
+                        .insert(*id, hex_wire(&root.root));
                 }
             }
             Err(e) => unchecked.push(Unchecked {
@@ -205,10 +205,6 @@ pub async fn verify(
         deep: figures,
         ok,
     })
-}
-
-fn hex_bytes(b: &[u8]) -> String {
-    <Digest>::try_from(b).map(|d| hex(&d)).unwrap_or_default()
 }
 
 /// Collects every reachable node's signature over the statement of a fresh checkpoint.

@@ -139,14 +139,7 @@ async fn t25_versioned_records_and_tenants() {
     assert_eq!(again.revision, first.revision);
     assert_eq!(history(&client, "a", false).await.len(), 2);
     assert_eq!(history(&client, "b", false).await.len(), 2);
-    assert_eq!(
-        client
-            .source_position(TENANT, "crm")
-            .await
-            .unwrap()
-            .position,
-        4
-    );
+    assert_eq!(source_position(&client, TENANT, "crm").await, 4);
 
     // Bad batches are refused whole: nothing of them is applied.
     let bad_order = vec![
@@ -168,14 +161,7 @@ async fn t25_versioned_records_and_tenants() {
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::NotFound), "{err}");
     assert!(history(&client, "c", false).await.is_empty());
-    assert_eq!(
-        client
-            .source_position(TENANT, "crm")
-            .await
-            .unwrap()
-            .position,
-        4
-    );
+    assert_eq!(source_position(&client, TENANT, "crm").await, 4);
 
     // Freshness follows the source: fresh now, with the lag the batch had.
     let t = client.tenant(TenantOp::Show, TENANT).await.unwrap();

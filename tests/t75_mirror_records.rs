@@ -173,14 +173,7 @@ async fn t75_agent_restart_mid_feed_applies_every_event_once() {
     assert_eq!(state_offset(&state), feed_len);
 
     let client = cluster.client();
-    assert_eq!(
-        client
-            .source_position(TENANT, "crm")
-            .await
-            .unwrap()
-            .position,
-        N
-    );
+    assert_eq!(source_position(&client, TENANT, "crm").await, N);
     let want = expected(N);
     let got = escrowed(&client).await;
     assert_eq!(got.len(), want.len());
@@ -257,11 +250,7 @@ async fn t76_bad_feeds_stop_cleanly_and_apply_nothing_after() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
         assert!(stderr.contains("line 11"), "{name}: {stderr}");
         assert!(stderr.contains(why), "{name}: {stderr}");
-        let position = client
-            .source_position(&tenant, "crm")
-            .await
-            .unwrap()
-            .position;
+        let position = source_position(&client, &tenant, "crm").await;
         assert_eq!(
             position, 10,
             "{name}: lines before the bad one are applied, none after"
@@ -311,13 +300,7 @@ async fn t77_following_agent_picks_up_appended_lines() {
     let mut child = agent(&cfg, &feed, &state, TENANT, &["--json"])
         .spawn()
         .unwrap();
-    let position = || async {
-        client
-            .source_position(TENANT, "crm")
-            .await
-            .unwrap()
-            .position
-    };
+    let position = || async { source_position(&client, TENANT, "crm").await };
     wait_for("the first lines", || async {
         (position().await == 10).then_some(())
     })

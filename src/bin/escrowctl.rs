@@ -464,7 +464,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             as_of,
         }) => {
             let as_of_ms = match as_of {
-                Some(t) => parse_time(t)?,
+                Some(t) => escrow::domain::parse_rfc3339_ms(t)
+                    .map_err(|e| anyhow::anyhow!("--as-of {e}"))?,
                 None => 0,
             };
             let r = client
@@ -798,7 +799,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "time": format_ms(a.time_ms),
                         "deleted": a.deleted,
                         "size": m.size,
-                        "blake3": if a.deleted { String::new() } else { hex_of(&m.blake3) },
+                        "blake3": if a.deleted { String::new() } else { escrow::domain::hex_wire(&m.blake3) },
                     })
                 })
                 .collect();
@@ -861,16 +862,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// RFC 3339 text to ms since the Unix epoch.
-fn parse_time(text: &str) -> anyhow::Result<u64> {
-    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| {
-            anyhow::anyhow!("--as-of {text:?} is not RFC 3339 (e.g. 2026-11-22T10:00:00Z): {e}")
-        })?;
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| anyhow::anyhow!("--as-of {text:?} is before 1970"))
 }
 
 /// ms since the Unix epoch as RFC 3339 text ("never" for 0).
@@ -990,12 +981,6 @@ async fn mirror(client: &EscrowClient, args: &MirrorArgs, json_out: bool) -> any
         ),
     );
     Ok(())
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    <[u8; 32]>::try_from(bytes)
-        .map(|d| escrow::domain::hex(&d))
-        .unwrap_or_default()
 }
 
 struct DirBar(indicatif::ProgressBar);

@@ -130,6 +130,36 @@ impl ChunkStore {
     /// Reads a chunk and verifies it. A copy that does not match its address is quarantined
     /// and reported as [`ChunkError::Mismatch`]; its bytes are never returned.
     pub fn get(&self, hash: &Digest) -> Result<Vec<u8>, ChunkError> {
+        let result = self.read_verified(hash);
+        if let Err(ChunkError::Mismatch { .. }) = result {
+            self.quarantine(hash)?;
+        }
+        result
+    }
+
+    /// Re-hashes a stored copy without moving it (for reports): its length if it matches.
+    pub fn check(&self, hash: &Digest) -> Result<usize, ChunkError> {
+        self.read_verified(hash).map(|bytes| bytes.len())
+    }
+
+    /// Whether a copy is stored; if so, marks it as recently needed so garbage collection's
+    /// grace period starts again (an upload that finds it present is about to reference it).
+    pub fn claim(&self, hash: &Digest) -> bool {
+        let present = self.has(hash);
+        if present {
+            self.touch(hash);
+        }
+        present
+    }
+
+    fn touch(&self, hash: &Digest) {
+        if let Ok(f) = std::fs::File::options().append(true).open(self.path(hash)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// The stored bytes if they hash to their address; moves nothing.
+    fn read_verified(&self, hash: &Digest) -> Result<Vec<u8>, ChunkError> {
         let path = self.path(hash);
         let mut bytes = Vec::new();
         match std::fs::File::open(&path) {
@@ -145,43 +175,12 @@ impl ChunkStore {
         }
         let found = blake3::hash(&bytes);
         if found.as_bytes() != hash {
-            self.quarantine(hash)?;
             return Err(ChunkError::Mismatch {
                 hash: hex(hash),
                 found: found.to_hex().to_string(),
             });
         }
         Ok(bytes)
-    }
-
-    /// Marks a stored chunk as recently needed, so garbage collection's grace period starts
-    /// again (an upload that found it present is about to reference it).
-    pub fn touch(&self, hash: &Digest) {
-        if let Ok(f) = std::fs::File::options().append(true).open(self.path(hash)) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
-    }
-
-    /// Re-hashes a stored copy without moving it (for reports): its length if it matches.
-    pub fn check(&self, hash: &Digest) -> Result<usize, ChunkError> {
-        let path = self.path(hash);
-        let mut hasher = blake3::Hasher::new();
-        let len = match std::fs::File::open(&path) {
-            Ok(f) => std::io::copy(&mut f.take(u64::from(CHUNK_MAX_BYTES) + 1), &mut hasher)
-                .map_err(io(&path))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ChunkError::Missing(hex(hash)))
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let found = hasher.finalize();
-        if found.as_bytes() != hash {
-            return Err(ChunkError::Mismatch {
-                hash: hex(hash),
-                found: found.to_hex().to_string(),
-            });
-        }
-        Ok(len as usize)
     }
 
     /// Moves a bad copy out of the way so it is neither served nor counted as present.

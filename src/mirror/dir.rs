@@ -56,15 +56,7 @@ impl DirState {
     }
 
     fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).expect("state serialises"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        crate::store::fsync_dir(dir)
+        crate::store::write_atomically(path, &serde_json::to_vec(self).expect("state serialises"))
     }
 }
 
@@ -129,10 +121,13 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
         .map_or(0, |d| d.as_nanos() as i128)
 }
 
+/// Linux's "too many levels of symbolic links" (std has no stable ErrorKind for it).
+const ELOOP: i32 = 40;
+
 /// Why a symlink is not followed, in the words an operator needs.
 fn describe_symlink(root: &Path, path: &Path) -> String {
     match std::fs::canonicalize(path) {
-        Err(e) if e.raw_os_error() == Some(40) => "a symlink loop (not followed)".into(),
+        Err(e) if e.raw_os_error() == Some(ELOOP) => "a symlink loop (not followed)".into(),
         Err(_) => "a dangling symlink (not followed)".into(),
         Ok(target) if !target.starts_with(root) => format!(
             "a symlink to {} outside the tree (not followed)",
@@ -237,7 +232,7 @@ pub async fn pass(
         .into_iter()
         .filter_map(|a| {
             let m = a.manifest?;
-            Some((a.name, hex::encode(m.blake3)))
+            Some((a.name, crate::domain::hex_wire(&m.blake3)))
         })
         .collect();
     let mut report = DirReport {
@@ -391,16 +386,6 @@ pub async fn run_dir(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "mirror pass failed; retrying on the next"),
-        }
-    }
-}
-
-/// Hex of a wire digest (used to compare with the listing).
-mod hex {
-    pub fn encode(bytes: Vec<u8>) -> String {
-        match <[u8; 32]>::try_from(bytes.as_slice()) {
-            Ok(d) => crate::domain::hex(&d),
-            Err(_) => String::new(),
         }
     }
 }

@@ -113,24 +113,11 @@ impl FeedState {
 
     /// Replaces the state file atomically: a crash leaves the old state or the new one.
     fn save(&self, path: &Path) -> Result<(), FeedError> {
-        let err = |e: std::io::Error| FeedError::State {
+        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        crate::store::write_atomically(path, &bytes).map_err(|e| FeedError::State {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&serde_json::to_vec_pretty(self).expect("state serialises"))
-                .map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, path).map_err(err)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)
+        })
     }
 }
 
@@ -177,10 +164,7 @@ fn parse_time(v: &serde_json::Value) -> Result<u64, String> {
             .as_u64()
             .ok_or_else(|| format!("time {n} is not a whole number of ms since 1970")),
         serde_json::Value::String(s) => {
-            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| format!("time {s:?} is not RFC 3339: {e}"))?;
-            let ms = t.unix_timestamp_nanos() / 1_000_000;
-            u64::try_from(ms).map_err(|_| format!("time {s:?} is before 1970"))
+            crate::domain::parse_rfc3339_ms(s).map_err(|e| format!("time {e}"))
         }
         other => Err(format!(
             "time must be RFC 3339 text or ms since 1970, not {other}"

@@ -147,7 +147,8 @@ fn verify_local(chunks: &crate::chunks::ChunkStore, manifest: &Manifest) -> Resu
 impl Core {
     /// Other voters with their addresses, and the majority of all voters.
     fn voter_peers(&self) -> (bool, Vec<(NodeId, EscrowNode)>, usize) {
-        let metrics = self.raft.metrics().borrow().clone();
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow();
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let majority = voters.len() / 2 + 1;
@@ -187,16 +188,22 @@ impl Core {
                     || s.code() == tonic::Code::InvalidArgument => {}
             Err(s) => return Err(s),
         }
-        let metrics = self.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
+        let peers: Vec<(NodeId, EscrowNode)> = {
+            let watch = self.raft.metrics();
+            let metrics = watch.borrow();
+            metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, node)| (*id, node.clone()))
+                .collect()
+        };
         let mut last = Status::not_found(format!(
             "chunk {} is on no reachable node",
             crate::domain::hex(&hash)
         ));
-        for (id, node) in membership.nodes() {
-            if *id == self.id {
-                continue;
-            }
+        for (id, node) in &peers {
             match self.peers.get_chunk(*id, &node.raft_addr, &hash).await {
                 Ok(bytes) => match self.store_chunk(hash, bytes.clone()).await {
                     // The store verified the bytes against the address before keeping them.
@@ -264,13 +271,7 @@ impl Core {
             tokio::task::spawn_blocking(move || {
                 hashes
                     .iter()
-                    .map(|h| {
-                        let present = chunks.has(h);
-                        if present {
-                            chunks.touch(h);
-                        }
-                        usize::from(present)
-                    })
+                    .map(|h| usize::from(chunks.claim(h)))
                     .collect::<Vec<_>>()
             })
             .await

@@ -95,17 +95,11 @@ impl pb::integrity_server::Integrity for IntegrityService {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??;
         let mut mismatches = Vec::new();
-        let mut recomputed = Vec::new();
         for ns in check
             .namespaces
             .iter()
             .filter(|n| only.is_empty() || n.namespace == only)
         {
-            recomputed.push(pb::NamespaceRootInfo {
-                namespace: ns.namespace.clone(),
-                root: ns.recomputed.to_vec(),
-                leaves: 0,
-            });
             if ns.recomputed != ns.maintained.root {
                 mismatches.push(pb::ObjectMismatch {
                     namespace: ns.namespace.clone(),
@@ -164,7 +158,6 @@ impl pb::integrity_server::Integrity for IntegrityService {
             chunks_checked: checked,
             bytes_hashed: bytes,
             micros: started.elapsed().as_micros() as u64,
-            recomputed,
         }))
     }
 

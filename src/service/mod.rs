@@ -17,7 +17,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
-use crate::domain::{InputError, RecordPath, RecordVersion};
+use crate::domain::InputError;
 use crate::ledger::{Command, Outcome};
 use crate::metrics::Metrics;
 use crate::raft::network::{ForwardReply, ForwardRequest, PeerClients};
@@ -332,17 +332,6 @@ impl Core {
                 ))
             })?;
         Ok(self.reader.applied_index())
-    }
-
-    /// Reads the latest version of a record (see [`Core::read_barrier`] for consistency).
-    pub async fn read(
-        &self,
-        path: RecordPath,
-        linearizable: bool,
-    ) -> Result<(Option<RecordVersion>, u64), Status> {
-        let read_index = self.read_barrier(linearizable, true).await?;
-        let version = self.reader.get_record(&path).map_err(status::storage)?;
-        Ok((version, read_index))
     }
 
     /// The current leader as known by this node.

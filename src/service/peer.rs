@@ -114,16 +114,7 @@ impl pb::peer_server::Peer for PeerService {
         let chunks = self.core.chunks.clone();
         let present = tokio::task::spawn_blocking(move || {
             // Present copies are about to be referenced by an upload: restart their GC grace.
-            hashes
-                .iter()
-                .map(|h| {
-                    let present = chunks.has(h);
-                    if present {
-                        chunks.touch(h);
-                    }
-                    present
-                })
-                .collect::<Vec<_>>()
+            hashes.iter().map(|h| chunks.claim(h)).collect::<Vec<_>>()
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -199,6 +199,9 @@ pub struct SmShared {
     generation: Mutex<u64>,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
     applied_index: AtomicU64,
+    /// The applied index at which the set of referenced chunks last grew (an artifact version
+    /// was applied, a snapshot installed, or the store opened).
+    chunk_refs_index: AtomicU64,
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
@@ -605,6 +608,11 @@ impl SmReader {
         self.shared.applied_index.load(Ordering::Acquire)
     }
 
+    /// The applied index at which the set of referenced chunks last grew.
+    pub fn chunk_refs_index(&self) -> u64 {
+        self.shared.chunk_refs_index.load(Ordering::Acquire)
+    }
+
     /// Whether `id` was ever a member (voter or learner) of this cluster.
     pub fn node_ever_member(&self, id: NodeId) -> Result<bool, StorageError> {
         Ok(self
@@ -710,6 +718,7 @@ impl StateMachineStore {
                 generation: Mutex::new(generation),
                 applied: Mutex::new(applied),
                 applied_index: AtomicU64::new(applied_index),
+                chunk_refs_index: AtomicU64::new(applied_index),
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(max_seq + 1),
                 incoming_seq: AtomicU64::new(0),
@@ -1020,13 +1029,17 @@ impl LedgerView for BatchView<'_> {
 }
 
 /// Everything one `apply` call stages: the write batch, the overlay later commands read, and
-/// the position counter that orders record versions within one log entry.
+/// the position counter that orders record versions within one log entry. Every state write
+/// goes through [`Staged::put`]/[`Staged::delete`] so that later commands of the same call read
+/// it: replicas group entries into calls differently and must still see the same state.
 struct Staged {
     batch: WriteBatch,
     pending: Pending,
     position: u32,
     /// Per namespace: buckets marked dirty in this apply call, and the leaf-count change.
     dirty: BTreeMap<String, (BTreeSet<u16>, i64)>,
+    /// An artifact version referencing chunks was applied (the chunk sync has work).
+    chunk_refs_added: bool,
 }
 
 impl Staged {
@@ -1088,9 +1101,7 @@ impl Staged {
         let bucket = integrity::bucket_of(&id);
         let entry = self.dirty.entry(namespace.to_string()).or_default();
         if entry.0.insert(bucket) {
-            self.batch.put(keys::dirty_bucket(namespace, bucket), []);
-            self.pending
-                .insert(keys::dirty_bucket(namespace, bucket), Some(Vec::new()));
+            self.put(keys::dirty_bucket(namespace, bucket), Vec::new());
         }
         let entry = self.dirty.entry(namespace.to_string()).or_default();
         match object {
@@ -1378,13 +1389,14 @@ fn apply_command(
                 staged.set_leaf(db, namespace.as_str(), object, id)?;
                 if let Some(m) = &version.manifest {
                     for c in &m.chunks {
-                        staged.batch.put(keys::chunk(&c.hash), c.size.to_be_bytes());
+                        staged.put(keys::chunk(&c.hash), c.size.to_be_bytes().to_vec());
                     }
+                    staged.chunk_refs_added = true;
                 }
                 let encoded = codec::encode(&version);
-                staged.batch.put(
+                staged.put(
                     keys::artifact_version(&namespace, &name, version.version),
-                    &encoded,
+                    encoded.clone(),
                 );
                 staged.put(keys::artifact_latest(&namespace, &name), encoded);
             }
@@ -1446,6 +1458,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch: WriteBatch::default(),
             pending: BTreeMap::new(),
             dirty: BTreeMap::new(),
+            chunk_refs_added: false,
             position: 0,
         };
         let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);
@@ -1470,33 +1483,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             staged.position = 0;
             let outcome = match &entry.payload {
                 EntryPayload::Blank => Outcome::Nothing,
-                EntryPayload::Normal(Command::Timed { at_ms, commands }) => {
-                    // The leader's clock, made monotonic: a new leader whose clock is behind
-                    // never stamps a change earlier than one already committed.
-                    clock = clock.max(*at_ms);
-                    let stamp = Stamp {
-                        index: entry.log_id.index,
-                        time_ms: clock,
-                    };
-                    apply_commands(&db, &mut staged, stamp, commands)?
-                }
-                EntryPayload::Normal(Command::Batch(commands)) => {
-                    let stamp = Stamp {
-                        index: entry.log_id.index,
-                        time_ms: clock,
-                    };
-                    apply_commands(&db, &mut staged, stamp, commands)?
-                }
                 EntryPayload::Normal(command) => {
+                    // The leader's clock, made monotonic: a new leader whose clock is behind
+                    // never stamps a change earlier than one already committed. Commands
+                    // without a stamp take the time of the last stamped entry.
+                    if let Command::Timed { at_ms, .. } = command {
+                        clock = clock.max(*at_ms);
+                    }
                     let stamp = Stamp {
                         index: entry.log_id.index,
                         time_ms: clock,
                     };
-                    apply_command(&db, &mut staged, stamp, command)?
+                    match command {
+                        Command::Timed { commands, .. } | Command::Batch(commands) => {
+                            apply_commands(&db, &mut staged, stamp, commands)?
+                        }
+                        command => apply_command(&db, &mut staged, stamp, command)?,
+                    }
                 }
                 EntryPayload::Membership(m) => {
                     for (id, _) in m.nodes() {
-                        staged.batch.put(keys::node(*id), []);
+                        staged.put(keys::node(*id), Vec::new());
                     }
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     staged
@@ -1515,11 +1522,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         staged
             .batch
             .put(keys::APPLIED, codec::encode(&last_applied));
+        let staged_chunk_refs = staged.chunk_refs_added;
         db.write_opt(staged.batch, &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);
         self.shared.applied_index.store(index, Ordering::Release);
+        if staged_chunk_refs {
+            self.shared.chunk_refs_index.store(index, Ordering::Release);
+        }
         Ok(outcomes)
     }
 
@@ -1593,10 +1604,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             )));
         }
         db.flush().map_err(snap_err)?;
-        let tmp = sm_dir.join(format!("{CURRENT_FILE}.tmp"));
-        write_file_synced(&tmp, new_generation.to_string().as_bytes()).map_err(snap_err)?;
-        std::fs::rename(&tmp, sm_dir.join(CURRENT_FILE)).map_err(snap_err)?;
-        fsync_dir(&sm_dir).map_err(snap_err)?;
+        super::write_atomically(
+            &sm_dir.join(CURRENT_FILE),
+            new_generation.to_string().as_bytes(),
+        )
+        .map_err(snap_err)?;
 
         let db = Arc::new(db);
         let old = std::mem::replace(&mut *self.shared.db.write().expect("lock"), db.clone());
@@ -1605,9 +1617,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             new_generation,
         );
         *self.shared.applied.lock().expect("lock") = (applied, membership.clone());
-        self.shared
-            .applied_index
-            .store(applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        let index = applied.map(|l| l.index).unwrap_or(0);
+        self.shared.applied_index.store(index, Ordering::Release);
+        // The snapshot may reference chunks this node has never seen.
+        self.shared.chunk_refs_index.store(index, Ordering::Release);
         // The old generation is deleted once no reader holds it; otherwise at next start.
         if let Ok(old_db) = Arc::try_unwrap(old) {
             drop(old_db);

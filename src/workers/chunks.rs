@@ -12,11 +12,13 @@ use tokio::sync::watch;
 use crate::domain::Digest;
 use crate::service::Core;
 
-/// Pause between checks of the applied index.
+/// Pause between checks for new chunk references.
 pub const CHUNK_SYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// A full pass runs at least this often even when nothing new was applied (a peer that was
-/// unreachable may be back).
-pub const CHUNK_SYNC_FULL_PASS: Duration = Duration::from_secs(30);
+/// After a pass that left chunks missing (no peer had them, or none answered), the next pass
+/// runs this much later.
+pub const CHUNK_SYNC_RETRY: Duration = Duration::from_secs(30);
+/// A full pass runs at least this often even when nothing changed, as a safety net.
+pub const CHUNK_SYNC_SAFETY_PASS: Duration = Duration::from_secs(600);
 /// Referenced chunks read from the state machine per step.
 const SYNC_PAGE: usize = 1024;
 /// Chunks fetched from peers at once.
@@ -29,22 +31,32 @@ pub const CHUNK_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs until shutdown.
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
-    let mut synced_at_index = 0u64;
-    let mut last_full = tokio::time::Instant::now();
+    // A pass reads every referenced chunk's presence, so it runs only when references were
+    // added (not on every applied write), when the last pass left some missing, or rarely as a
+    // safety net.
+    let mut synced_refs: Option<u64> = None;
+    let mut missing = 0usize;
+    let mut last_pass = tokio::time::Instant::now();
     let mut last_gc = tokio::time::Instant::now();
     loop {
-        let applied = core.reader.applied_index();
-        if applied != synced_at_index || last_full.elapsed() >= CHUNK_SYNC_FULL_PASS {
+        let refs = core.reader.chunk_refs_index();
+        let due = synced_refs != Some(refs)
+            || (missing > 0 && last_pass.elapsed() >= CHUNK_SYNC_RETRY)
+            || last_pass.elapsed() >= CHUNK_SYNC_SAFETY_PASS;
+        if due {
             match sync_pass(&core).await {
-                Ok(missing) => {
-                    core.metrics.chunks_missing.set(missing as i64);
-                    if missing == 0 {
-                        synced_at_index = applied;
-                    }
+                Ok(m) => {
+                    missing = m;
+                    core.metrics.chunks_missing.set(m as i64);
+                    synced_refs = Some(refs);
                 }
-                Err(e) => tracing::warn!(error = %e, "chunk sync pass failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "chunk sync pass failed; retrying later");
+                    synced_refs = Some(refs);
+                    missing = missing.max(1);
+                }
             }
-            last_full = tokio::time::Instant::now();
+            last_pass = tokio::time::Instant::now();
         }
         if last_gc.elapsed() >= CHUNK_GC_INTERVAL {
             if let Err(e) = gc_pass(&core, CHUNK_GC_GRACE).await {

@@ -43,6 +43,15 @@ pub async fn add_tenant(client: &EscrowClient, tenant: &str) {
         .unwrap_or_else(|e| panic!("add tenant {tenant}: {e}"));
 }
 
+/// A source stream's applied position in the cluster.
+pub async fn source_position(client: &EscrowClient, tenant: &str, source: &str) -> u64 {
+    client
+        .source_position(tenant, source)
+        .await
+        .unwrap()
+        .position
+}
+
 /// Upper bound for any "wait until" in tests: far above normal, so a failure means a bug.
 pub const WAIT: Duration = Duration::from_secs(60);
 
