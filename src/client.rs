@@ -148,6 +148,25 @@ pub fn record_ref(tenant: &str, collection: &str, key: &str) -> pb::RecordRef {
     }
 }
 
+/// Client stubs with the message limits the nodes use (records and artifacts carry values and
+/// chunks up to `CLIENT_MESSAGE_BYTES_MAX`; a deep-verify report can be larger).
+fn records(ch: Channel) -> pb::records_client::RecordsClient<Channel> {
+    pb::records_client::RecordsClient::new(ch)
+        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+}
+
+fn artifacts(ch: Channel) -> pb::artifacts_client::ArtifactsClient<Channel> {
+    pb::artifacts_client::ArtifactsClient::new(ch)
+        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+}
+
+fn integrity(ch: Channel) -> pb::integrity_client::IntegrityClient<Channel> {
+    pb::integrity_client::IntegrityClient::new(ch)
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 8)
+}
+
 fn consistency(local: bool) -> i32 {
     if local {
         pb::ReadConsistency::Local as i32
@@ -298,6 +317,36 @@ impl EscrowClient {
         }
     }
 
+    /// One unary RPC through [`EscrowClient::call`] (retries, leader hints, deadline): `rpc`
+    /// sends a fresh authenticated request built from `msg` on each attempt.
+    async fn unary<M, R, F, Fut>(&self, msg: M, rpc: F) -> Result<R, ClientError>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        self.call(|ch, t| {
+            let reply = rpc(ch, self.request(msg.clone(), t));
+            async move { Ok(reply.await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// `fut` against one node only, bounded by `timeout` (no retries elsewhere).
+    async fn once<R>(
+        addr: &str,
+        timeout: Duration,
+        fut: impl std::future::Future<Output = Result<R, Status>>,
+    ) -> Result<R, ClientError> {
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))
+            .into()),
+        }
+    }
+
     pub async fn put(
         &self,
         tenant: &str,
@@ -305,26 +354,14 @@ impl EscrowClient {
         key: &str,
         value: Vec<u8>,
     ) -> Result<u64, ClientError> {
-        let record = pb::RecordRef {
-            tenant: tenant.into(),
-            collection: collection.into(),
-            key: key.into(),
+        let msg = pb::PutRequest {
+            record: Some(record_ref(tenant, collection, key)),
+            value,
         };
-        self.call(|ch, t| {
-            let req = self.request(
-                pb::PutRequest {
-                    record: Some(record.clone()),
-                    value: value.clone(),
-                },
-                t,
-            );
-            async move {
-                let mut c = pb::records_client::RecordsClient::new(ch)
-                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 2);
-                Ok(c.put(req).await?.into_inner().revision)
-            }
-        })
-        .await
+        let reply = self
+            .unary(msg, |ch, r| async move { records(ch).put(r).await })
+            .await?;
+        Ok(reply.revision)
     }
 
     pub async fn get(
@@ -347,24 +384,14 @@ impl EscrowClient {
         revision: u64,
         as_of_ms: u64,
     ) -> Result<pb::GetReply, ClientError> {
-        let consistency = consistency(local);
-        self.call(|ch, t| {
-            let req = self.request(
-                pb::GetRequest {
-                    record: Some(record.clone()),
-                    consistency,
-                    revision,
-                    as_of_ms,
-                },
-                t,
-            );
-            async move {
-                let mut c = pb::records_client::RecordsClient::new(ch)
-                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
-                Ok(c.get(req).await?.into_inner())
-            }
-        })
-        .await
+        let msg = pb::GetRequest {
+            record: Some(record),
+            consistency: consistency(local),
+            revision,
+            as_of_ms,
+        };
+        self.unary(msg, |ch, r| async move { records(ch).get(r).await })
+            .await
     }
 
     /// One page of a record's history, newest first; `before` is the (revision, position) of
@@ -377,25 +404,28 @@ impl EscrowClient {
         limit: u32,
     ) -> Result<pb::HistoryReply, ClientError> {
         let (before_revision, before_position) = before.unwrap_or((0, 0));
-        let consistency = consistency(local);
-        self.call(|ch, t| {
-            let req = self.request(
-                pb::HistoryRequest {
-                    record: Some(record.clone()),
-                    consistency,
-                    before_revision,
-                    before_position,
-                    limit,
-                },
-                t,
-            );
-            async move {
-                let mut c = pb::records_client::RecordsClient::new(ch)
-                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
-                Ok(c.history(req).await?.into_inner())
-            }
-        })
-        .await
+        let msg = pb::HistoryRequest {
+            record: Some(record),
+            consistency: consistency(local),
+            before_revision,
+            before_position,
+            limit,
+        };
+        self.unary(msg, |ch, r| async move { records(ch).history(r).await })
+            .await
+    }
+
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<pb::DeleteReply, ClientError> {
+        let msg = pb::DeleteRequest {
+            record: Some(record_ref(tenant, collection, key)),
+        };
+        self.unary(msg, |ch, r| async move { records(ch).delete(r).await })
+            .await
     }
 
     /// Sends one batch of changes from a source stream. Safe to retry: changes the cluster
@@ -406,20 +436,13 @@ impl EscrowClient {
         source: &str,
         changes: Vec<pb::Change>,
     ) -> Result<pb::IngestReply, ClientError> {
-        let request = pb::IngestRequest {
+        let msg = pb::IngestRequest {
             tenant: tenant.into(),
             source: source.into(),
             changes,
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                let mut c = pb::records_client::RecordsClient::new(ch)
-                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
-                Ok(c.ingest(req).await?.into_inner())
-            }
-        })
-        .await
+        self.unary(msg, |ch, r| async move { records(ch).ingest(r).await })
+            .await
     }
 
     pub async fn source_position(
@@ -427,39 +450,27 @@ impl EscrowClient {
         tenant: &str,
         source: &str,
     ) -> Result<pb::SourcePositionReply, ClientError> {
-        let request = pb::SourcePositionRequest {
+        let msg = pb::SourcePositionRequest {
             tenant: tenant.into(),
             source: source.into(),
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                Ok(pb::records_client::RecordsClient::new(ch)
-                    .source_position(req)
-                    .await?
-                    .into_inner())
-            }
-        })
+        self.unary(
+            msg,
+            |ch, r| async move { records(ch).source_position(r).await },
+        )
         .await
     }
 
     /// Which of these chunks are not yet durable on a majority of voters.
     pub async fn missing_chunks(&self, hashes: &[Digest]) -> Result<Vec<Digest>, ClientError> {
-        let request = pb::ChunkList {
+        let msg = pb::ChunkList {
             hashes: hashes.iter().map(|h| h.to_vec()).collect(),
         };
         let reply = self
-            .call(|ch, t| {
-                let req = self.request(request.clone(), t);
-                async move {
-                    Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                        .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                        .missing_chunks(req)
-                        .await?
-                        .into_inner())
-                }
-            })
+            .unary(
+                msg,
+                |ch, r| async move { artifacts(ch).missing_chunks(r).await },
+            )
             .await?;
         reply
             .hashes
@@ -474,21 +485,13 @@ impl EscrowClient {
 
     /// Stores one chunk; durable on a majority of voters when this returns.
     pub async fn put_chunk(&self, hash: &Digest, data: Vec<u8>) -> Result<(), ClientError> {
-        let request = pb::ChunkData {
+        let msg = pb::ChunkData {
             hash: hash.to_vec(),
             data,
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                pb::artifacts_client::ArtifactsClient::new(ch)
-                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                    .put_chunk(req)
-                    .await?;
-                Ok(())
-            }
-        })
-        .await
+        self.unary(msg, |ch, r| async move { artifacts(ch).put_chunk(r).await })
+            .await?;
+        Ok(())
     }
 
     /// Commits an artifact version whose chunks are all stored.
@@ -498,22 +501,13 @@ impl EscrowClient {
         name: &str,
         manifest: pb::Manifest,
     ) -> Result<pb::ArtifactVersion, ClientError> {
-        let request = pb::CommitRequest {
+        let msg = pb::CommitRequest {
             namespace: namespace.into(),
             name: name.into(),
             manifest: Some(manifest),
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                    .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                    .commit(req)
-                    .await?
-                    .into_inner())
-            }
-        })
-        .await
+        self.unary(msg, |ch, r| async move { artifacts(ch).commit(r).await })
+            .await
     }
 
     pub async fn delete_artifact(
@@ -521,21 +515,13 @@ impl EscrowClient {
         namespace: &str,
         name: &str,
     ) -> Result<pb::ArtifactVersion, ClientError> {
-        let request = pb::ArtifactRef {
+        let msg = pb::ArtifactRef {
             namespace: namespace.into(),
             name: name.into(),
             ..Default::default()
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                    .delete(req)
-                    .await?
-                    .into_inner())
-            }
-        })
-        .await
+        self.unary(msg, |ch, r| async move { artifacts(ch).delete(r).await })
+            .await
     }
 
     /// An artifact version with its manifest (version 0: the latest).
@@ -545,23 +531,14 @@ impl EscrowClient {
         name: &str,
         version: u64,
     ) -> Result<pb::ArtifactVersion, ClientError> {
-        let request = pb::ArtifactRef {
+        let msg = pb::ArtifactRef {
             namespace: namespace.into(),
             name: name.into(),
             version,
             consistency: consistency(false),
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                    .get(req)
-                    .await?
-                    .into_inner())
-            }
-        })
-        .await
+        self.unary(msg, |ch, r| async move { artifacts(ch).get(r).await })
+            .await
     }
 
     /// Every artifact of a namespace (latest versions, no chunk lists), all pages.
@@ -572,7 +549,7 @@ impl EscrowClient {
     ) -> Result<Vec<pb::ArtifactVersion>, ClientError> {
         let mut out: Vec<pb::ArtifactVersion> = Vec::new();
         loop {
-            let request = pb::ListArtifactsRequest {
+            let msg = pb::ListArtifactsRequest {
                 namespace: namespace.into(),
                 after: out.last().map(|a| a.name.clone()).unwrap_or_default(),
                 limit: 0,
@@ -580,16 +557,7 @@ impl EscrowClient {
                 include_deleted,
             };
             let page = self
-                .call(|ch, t| {
-                    let req = self.request(request.clone(), t);
-                    async move {
-                        Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                            .list(req)
-                            .await?
-                            .into_inner())
-                    }
-                })
+                .unary(msg, |ch, r| async move { artifacts(ch).list(r).await })
                 .await?;
             out.extend(page.artifacts);
             if !page.truncated {
@@ -606,41 +574,31 @@ impl EscrowClient {
         version: u64,
         index: u32,
     ) -> Result<pb::ChunkData, ClientError> {
-        let request = pb::ReadChunkRequest {
+        let msg = pb::ReadChunkRequest {
             namespace: namespace.into(),
             name: name.into(),
             version,
             index,
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                Ok(pb::artifacts_client::ArtifactsClient::new(ch)
-                    .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                    .read_chunk(req)
-                    .await?
-                    .into_inner())
-            }
-        })
+        self.unary(
+            msg,
+            |ch, r| async move { artifacts(ch).read_chunk(r).await },
+        )
         .await
     }
 
     /// A tenant operation: "add", "suspend", "resume" or "show".
     pub async fn tenant(&self, op: TenantOp, tenant: &str) -> Result<pb::Tenant, ClientError> {
-        let request = pb::TenantRequest {
+        let msg = pb::TenantRequest {
             tenant: tenant.into(),
         };
-        self.call(|ch, t| {
-            let req = self.request(request.clone(), t);
-            async move {
-                let mut c = pb::tenants_client::TenantsClient::new(ch);
-                let reply = match op {
-                    TenantOp::Add => c.add(req).await,
-                    TenantOp::Suspend => c.suspend(req).await,
-                    TenantOp::Resume => c.resume(req).await,
-                    TenantOp::Show => c.show(req).await,
-                };
-                Ok(reply?.into_inner())
+        self.unary(msg, |ch, r| async move {
+            let mut c = pb::tenants_client::TenantsClient::new(ch);
+            match op {
+                TenantOp::Add => c.add(r).await,
+                TenantOp::Suspend => c.suspend(r).await,
+                TenantOp::Resume => c.resume(r).await,
+                TenantOp::Show => c.show(r).await,
             }
         })
         .await
@@ -648,56 +606,18 @@ impl EscrowClient {
 
     /// Every tenant and the vendor namespace, with freshness.
     pub async fn tenants(&self, local: bool) -> Result<pb::ListTenantsReply, ClientError> {
-        let consistency = consistency(local);
-        self.call(|ch, t| {
-            let req = self.request(pb::ListTenantsRequest { consistency }, t);
-            async move {
-                Ok(pb::tenants_client::TenantsClient::new(ch)
-                    .list(req)
-                    .await?
-                    .into_inner())
-            }
-        })
-        .await
-    }
-
-    pub async fn delete(
-        &self,
-        tenant: &str,
-        collection: &str,
-        key: &str,
-    ) -> Result<pb::DeleteReply, ClientError> {
-        let record = pb::RecordRef {
-            tenant: tenant.into(),
-            collection: collection.into(),
-            key: key.into(),
+        let msg = pb::ListTenantsRequest {
+            consistency: consistency(local),
         };
-        self.call(|ch, t| {
-            let req = self.request(
-                pb::DeleteRequest {
-                    record: Some(record.clone()),
-                },
-                t,
-            );
-            async move {
-                Ok(pb::records_client::RecordsClient::new(ch)
-                    .delete(req)
-                    .await?
-                    .into_inner())
-            }
+        self.unary(msg, |ch, r| async move {
+            pb::tenants_client::TenantsClient::new(ch).list(r).await
         })
         .await
     }
 
     pub async fn init(&self) -> Result<pb::InitReply, ClientError> {
-        self.call(|ch, t| {
-            let req = self.request(pb::InitRequest {}, t);
-            async move {
-                Ok(pb::cluster_client::ClusterClient::new(ch)
-                    .init(req)
-                    .await?
-                    .into_inner())
-            }
+        self.unary(pb::InitRequest {}, |ch, r| async move {
+            pb::cluster_client::ClusterClient::new(ch).init(r).await
         })
         .await
     }
@@ -707,33 +627,21 @@ impl EscrowClient {
         member: pb::Member,
         learner_only: bool,
     ) -> Result<pb::AddNodeReply, ClientError> {
-        self.call(|ch, t| {
-            let req = self.request(
-                pb::AddNodeRequest {
-                    node: Some(member.clone()),
-                    learner_only,
-                },
-                t,
-            );
-            async move {
-                Ok(pb::cluster_client::ClusterClient::new(ch)
-                    .add_node(req)
-                    .await?
-                    .into_inner())
-            }
+        let msg = pb::AddNodeRequest {
+            node: Some(member),
+            learner_only,
+        };
+        self.unary(msg, |ch, r| async move {
+            pb::cluster_client::ClusterClient::new(ch).add_node(r).await
         })
         .await
     }
 
     pub async fn remove_node(&self, id: u64) -> Result<pb::RemoveNodeReply, ClientError> {
-        self.call(|ch, t| {
-            let req = self.request(pb::RemoveNodeRequest { id }, t);
-            async move {
-                Ok(pb::cluster_client::ClusterClient::new(ch)
-                    .remove_node(req)
-                    .await?
-                    .into_inner())
-            }
+        self.unary(pb::RemoveNodeRequest { id }, |ch, r| async move {
+            pb::cluster_client::ClusterClient::new(ch)
+                .remove_node(r)
+                .await
         })
         .await
     }
@@ -749,16 +657,8 @@ impl EscrowClient {
         F: FnOnce(pb::integrity_client::IntegrityClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let ch = self.channel(addr)?;
-        let client = pb::integrity_client::IntegrityClient::new(ch)
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 8);
-        match tokio::time::timeout(timeout, op(client)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{addr} did not answer within {timeout:?}"
-            ))
-            .into()),
-        }
+        let client = integrity(self.channel(addr)?);
+        Self::once(addr, timeout, op(client)).await
     }
 
     /// Builds an authenticated request (for [`EscrowClient::integrity_at`] callers).
@@ -768,17 +668,12 @@ impl EscrowClient {
 
     /// Proposes a checkpoint (every replica records all roots at its index).
     pub async fn checkpoint(&self) -> Result<u64, ClientError> {
-        self.call(|ch, t| {
-            let req = self.request(pb::CheckpointRequest {}, t);
-            async move {
-                Ok(pb::integrity_client::IntegrityClient::new(ch)
-                    .checkpoint(req)
-                    .await?
-                    .into_inner()
-                    .index)
-            }
-        })
-        .await
+        let reply = self
+            .unary(pb::CheckpointRequest {}, |ch, r| async move {
+                integrity(ch).checkpoint(r).await
+            })
+            .await?;
+        Ok(reply.index)
     }
 
     /// One node's own status, asked directly at `addr` (no retries elsewhere).
@@ -787,28 +682,20 @@ impl EscrowClient {
         addr: &str,
         timeout: Duration,
     ) -> Result<pb::NodeStatusReply, ClientError> {
-        let ch = self.channel(addr)?;
+        let mut client = pb::cluster_client::ClusterClient::new(self.channel(addr)?);
         let req = self.request(pb::NodeStatusRequest {}, timeout);
-        let mut client = pb::cluster_client::ClusterClient::new(ch);
-        match tokio::time::timeout(timeout, client.node_status(req)).await {
-            Ok(r) => Ok(r?.into_inner()),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{addr} did not answer within {timeout:?}"
-            ))
-            .into()),
-        }
+        Self::once(addr, timeout, async move {
+            Ok(client.node_status(req).await?.into_inner())
+        })
+        .await
     }
 
     /// Status of any reachable node (with retries over the endpoints).
     pub async fn node_status(&self) -> Result<pb::NodeStatusReply, ClientError> {
-        self.call(|ch, t| {
-            let req = self.request(pb::NodeStatusRequest {}, t);
-            async move {
-                Ok(pb::cluster_client::ClusterClient::new(ch)
-                    .node_status(req)
-                    .await?
-                    .into_inner())
-            }
+        self.unary(pb::NodeStatusRequest {}, |ch, r| async move {
+            pb::cluster_client::ClusterClient::new(ch)
+                .node_status(r)
+                .await
         })
         .await
     }
