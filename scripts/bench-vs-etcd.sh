@@ -18,8 +18,9 @@ ESCROW_PORT_BASE=17400
 command -v etcd >/dev/null 2>&1 || apt_install etcd-server
 # etcd-client's build script needs protoc.
 command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
-log "building escrowd and escrowctl (with the etcd-bench feature)"
-cargo build --bins --features etcd-bench --quiet
+log "building escrowd and escrowctl, release, with the etcd-bench feature"
+cargo build --release --bins --features etcd-bench --quiet
+BIN="$RELEASE_BIN"
 
 WORK="$(mktemp -d)"
 PIDS=()

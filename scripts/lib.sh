@@ -13,6 +13,9 @@ if command -v rustc >/dev/null 2>&1; then
     export CARGO_BUILD_TARGET="${CARGO_BUILD_TARGET:-$(rustc -vV | sed -n 's/^host: //p')}"
 fi
 BIN="$CARGO_TARGET_DIR/${CARGO_BUILD_TARGET:-}/debug"
+# Benchmarks measure what production runs: `cargo build --release` (its first build compiles
+# RocksDB again, for the release profile).
+RELEASE_BIN="$CARGO_TARGET_DIR/${CARGO_BUILD_TARGET:-}/release"
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -173,6 +173,8 @@ pub enum Mutation {
     PutRecord {
         path: RecordPath,
         version: RecordVersion,
+        /// The record had a live value before this version (its Merkle leaf exists).
+        replaced_live: bool,
     },
     PutTenant(TenantInfo),
     PutStats {
@@ -203,8 +205,8 @@ pub enum Mutation {
 /// What `apply` may read of the current state.
 pub trait LedgerView {
     type Error;
-    /// The latest version of a record, tombstones included.
-    fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, Self::Error>;
+    /// The length of a record's live value: `None` when the record is absent or deleted.
+    fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, Self::Error>;
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, Self::Error>;
     fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, Self::Error>;
     fn source(&self, tenant: &TenantId, source: &SourceId) -> Result<SourcePosition, Self::Error>;
@@ -277,7 +279,8 @@ struct RecordWriter<'v, V: LedgerView> {
     view: &'v V,
     stamp: Stamp,
     stats: NamespaceStats,
-    latest: HashMap<RecordPath, Option<RecordVersion>>,
+    /// Live value length per record touched so far (`None`: absent or deleted).
+    latest: HashMap<RecordPath, Option<u64>>,
     mutations: Vec<Mutation>,
 }
 
@@ -292,13 +295,13 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
         })
     }
 
-    fn latest(&mut self, path: &RecordPath) -> Result<Option<RecordVersion>, V::Error> {
-        if let Some(v) = self.latest.get(path) {
-            return Ok(v.clone());
+    fn live_len(&mut self, path: &RecordPath) -> Result<Option<u64>, V::Error> {
+        if let Some(len) = self.latest.get(path) {
+            return Ok(*len);
         }
-        let v = self.view.record(path)?;
-        self.latest.insert(path.clone(), v.clone());
-        Ok(v)
+        let len = self.view.record_len(path)?;
+        self.latest.insert(path.clone(), len);
+        Ok(len)
     }
 
     /// Adds a version; a delete of a record that is absent (or already deleted) adds nothing
@@ -309,11 +312,7 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
         value: Option<Vec<u8>>,
         seq: u64,
     ) -> Result<bool, V::Error> {
-        let previous = self.latest(path)?;
-        let live_len = previous
-            .as_ref()
-            .and_then(|v| v.value.as_ref())
-            .map(|v| v.len() as u64);
+        let live_len = self.live_len(path)?;
         if value.is_none() && live_len.is_none() {
             return Ok(false);
         }
@@ -333,10 +332,12 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
             seq,
             value,
         };
-        self.latest.insert(path.clone(), Some(version.clone()));
+        self.latest
+            .insert(path.clone(), version.value.as_ref().map(|v| v.len() as u64));
         self.mutations.push(Mutation::PutRecord {
             path: path.clone(),
             version,
+            replaced_live: live_len.is_some(),
         });
         Ok(true)
     }
@@ -627,8 +628,12 @@ mod tests {
 
     impl LedgerView for MapView {
         type Error = std::convert::Infallible;
-        fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, Self::Error> {
-            Ok(self.records.get(path).cloned())
+        fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, Self::Error> {
+            Ok(self
+                .records
+                .get(path)
+                .and_then(|v| v.value.as_ref())
+                .map(|v| v.len() as u64))
         }
         fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, Self::Error> {
             Ok(self.tenants.get(id).cloned())
@@ -670,7 +675,7 @@ mod tests {
             let n = mutations.len();
             for m in mutations {
                 match m {
-                    Mutation::PutRecord { path, version } => {
+                    Mutation::PutRecord { path, version, .. } => {
                         self.records.insert(path, version);
                     }
                     Mutation::PutTenant(t) => {

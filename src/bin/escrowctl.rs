@@ -11,6 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use escrow::client::{record_ref, ClientConfig, EscrowClient, TenantOp};
 use serde_json::json;
 
+/// The same allocator as the node (mimalloc): the bench and mirror agents allocate per request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "escrowctl", version, about = "Continuity escrow command line")]
 struct Cli {

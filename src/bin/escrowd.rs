@@ -12,6 +12,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use escrow::config::{Config, LogFormat};
 
+/// mimalloc: the node allocates per request and per write, and glibc malloc took ~9% of a
+/// loaded node's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "escrowd", version, about = "Continuity escrow node")]
 struct Cli {

@@ -3,10 +3,10 @@
 //!
 //! - `0x00 "applied"`            → last applied log id
 //! - `0x00 "membership"`         → last applied membership
-//! - `'n' id(u64 BE)`            → a node id that was ever a member (ids are never reused)
 //! - `0x00 "clock"`              → the leader time of the last timed entry (u64 ms)
 //! - `'n' id(u64 BE)`            → a node id that was ever a member (ids are never reused)
-//! - `'r' tenant 0x00 collection 0x00 key` → latest record version (tombstones included)
+//! - `'r' tenant 0x00 collection 0x00 key` → the record's latest version without its value
+//!   (revision, position, time, seq, live length or tombstone); the value is in its history
 //! - `'h' tenant 0x00 collection 0x00 key 0x00 index(u64 BE) position(u32 BE)` → one version of
 //!   the record's history, oldest first; `position` orders changes within one log entry
 //! - `'t' tenant`                → tenant registration
@@ -18,7 +18,8 @@
 //! - `'l' namespace 0x00 leaf id(32)` → a Merkle leaf's hash (the bucket is the id's first two
 //!   bytes, so one bucket's leaves are one key range)
 //! - `'m' namespace 0x00 level(u8) index(u32 BE)` → a non-empty Merkle tree node
-//! - `'d' namespace 0x00 bucket(u16 BE)` → a bucket changed since the last checkpoint
+//! - `'d' namespace 0x00 index(u64 BE)` → the buckets one apply call (ending at `index`)
+//!   changed since the last checkpoint
 //! - `'C' namespace`             → the namespace's leaf count
 //! - `'R' namespace`             → the namespace's root and leaf count at the last checkpoint
 //! - `'k' index(u64 BE)`         → a checkpoint (all roots at that index)
@@ -75,6 +76,22 @@ pub fn record(path: &RecordPath) -> Vec<u8> {
     path_key(RECORD_PREFIX, path, 0)
 }
 
+/// The record a latest-version key names.
+pub fn parse_record(key: &[u8]) -> Option<RecordPath> {
+    parse_path(key.strip_prefix(&[RECORD_PREFIX])?)
+}
+
+fn parse_path(body: &[u8]) -> Option<RecordPath> {
+    let mut parts = body.splitn(3, |b| *b == 0);
+    let (t, c, k) = (parts.next()?, parts.next()?, parts.next()?);
+    RecordPath::parse(
+        std::str::from_utf8(t).ok()?,
+        std::str::from_utf8(c).ok()?,
+        std::str::from_utf8(k).ok()?,
+    )
+    .ok()
+}
+
 /// The prefix under which all of one record's history lies.
 pub fn history_prefix(path: &RecordPath) -> Vec<u8> {
     let mut out = path_key(HISTORY_PREFIX, path, 13);
@@ -103,14 +120,7 @@ pub fn parse_history(key: &[u8]) -> Option<(RecordPath, u64, u32)> {
     if rest[0] != 0 {
         return None;
     }
-    let mut parts = path.splitn(3, |b| *b == 0);
-    let (t, c, k) = (parts.next()?, parts.next()?, parts.next()?);
-    let path = RecordPath::parse(
-        std::str::from_utf8(t).ok()?,
-        std::str::from_utf8(c).ok()?,
-        std::str::from_utf8(k).ok()?,
-    )
-    .ok()?;
+    let path = parse_path(path)?;
     let index = u64::from_be_bytes(rest[1..9].try_into().ok()?);
     let position = u32::from_be_bytes(rest[9..13].try_into().ok()?);
     Some((path, index, position))
@@ -195,10 +205,20 @@ pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
     out
 }
 
-pub fn dirty_bucket(namespace: &str, bucket: u16) -> Vec<u8> {
+pub fn dirty_buckets(namespace: &str, index: u64) -> Vec<u8> {
     let mut out = ns_prefix(DIRTY_PREFIX, namespace);
-    out.extend_from_slice(&bucket.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
     out
+}
+
+/// The namespace a dirty-buckets key belongs to.
+pub fn parse_dirty_buckets(key: &[u8]) -> Option<String> {
+    let body = key.strip_prefix(&[DIRTY_PREFIX])?;
+    let namespace = body.get(..body.len().checked_sub(9)?)?;
+    if body[namespace.len()] != 0 {
+        return None;
+    }
+    String::from_utf8(namespace.to_vec()).ok()
 }
 
 pub fn leaf_count(namespace: &str) -> Vec<u8> {

@@ -13,7 +13,8 @@
 //! `sm/CURRENT`: a crash at any point leaves either the old or the new state, never a mix.
 //! Snapshots are files streamed in bounded frames; none is ever held whole in memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -222,7 +223,26 @@ pub struct SmReader {
 impl SmReader {
     /// The latest version of a record, tombstones included.
     pub fn get_record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
-        get_decoded(&self.shared.db(), &keys::record(path))
+        let db = self.shared.db();
+        // One snapshot for both reads: the head and the history entry it points to.
+        let snap = db.snapshot();
+        let head: RecordHead = match snap.get(keys::record(path)).map_err(sm_err)? {
+            Some(b) => codec::decode(&b).map_err(sm_err)?,
+            None => return Ok(None),
+        };
+        if head.len.is_none() {
+            return Ok(Some(head.tombstone()));
+        }
+        match snap.get(head.history_key(path)).map_err(sm_err)? {
+            Some(b) => Ok(Some(codec::decode(&b).map_err(sm_err)?)),
+            None => Err(sm_err(format!(
+                "record {}/{}/{} points at revision {} which is not in its history",
+                path.tenant.as_str(),
+                path.collection.as_str(),
+                path.key.as_str(),
+                head.revision
+            ))),
+        }
     }
 
     /// The record as it was at `revision` (the newest version at or below it), or as it was at
@@ -438,28 +458,29 @@ impl SmReader {
         // Recomputed leaves per namespace: id -> (hash, object description).
         let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
         for (k, v) in scan(b"r")? {
-            let mut parts = k[1..].splitn(3, |b| *b == 0);
-            let (Some(t), Some(c), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(sm_err("malformed record key"));
-            };
-            let (t, c, key) = (
-                String::from_utf8_lossy(t).to_string(),
-                String::from_utf8_lossy(c).to_string(),
-                String::from_utf8_lossy(key).to_string(),
-            );
-            let version: RecordVersion = codec::decode(&v).map_err(sm_err)?;
-            if let Some(value) = &version.value {
-                let o = integrity::LeafObject::Record {
-                    collection: &c,
-                    key: &key,
-                    seq: version.seq,
-                    value,
-                };
-                recomputed
-                    .entry(t)
-                    .or_default()
-                    .insert(o.id(), (o.hash(), o.describe()));
+            let path = keys::parse_record(&k).ok_or_else(|| sm_err("malformed record key"))?;
+            let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
+            if head.len.is_none() {
+                continue;
             }
+            // A live record whose value is missing from its history reads as empty, so its
+            // leaf disagrees with the index and deep verify names it.
+            let version: Option<RecordVersion> =
+                match snap.get(head.history_key(&path)).map_err(sm_err)? {
+                    Some(b) => Some(codec::decode(&b).map_err(sm_err)?),
+                    None => None,
+                };
+            let value = version.and_then(|v| v.value).unwrap_or_default();
+            let o = integrity::LeafObject::Record {
+                collection: path.collection.as_str(),
+                key: path.key.as_str(),
+                seq: head.seq,
+                value: &value,
+            };
+            recomputed
+                .entry(path.tenant.as_str().to_string())
+                .or_default()
+                .insert(o.id(), (o.hash(), o.describe()));
         }
         for (k, v) in scan(b"A")? {
             let mut parts = k[1..].splitn(2, |b| *b == 0);
@@ -558,11 +579,13 @@ impl SmReader {
         value: &[u8],
     ) -> Result<(), StorageError> {
         let db = self.shared.db();
-        let mut version: RecordVersion =
+        let head: RecordHead =
             get_decoded(&db, &keys::record(path))?.ok_or_else(|| sm_err("no such record"))?;
+        let key = head.history_key(path);
+        let mut version: RecordVersion =
+            get_decoded(&db, &key)?.ok_or_else(|| sm_err("no such version"))?;
         version.value = Some(value.to_vec());
-        db.put(keys::record(path), codec::encode(&version))
-            .map_err(sm_err)
+        db.put(key, codec::encode(&version)).map_err(sm_err)
     }
 
     pub fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
@@ -877,9 +900,39 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// so that commands in one `apply` call see each other.
 type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// What a record's `'r'` key holds: its latest version without the value. The value is stored
+/// once, in the record's history at (revision, position), so a write adds its bytes once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RecordHead {
+    revision: u64,
+    position: u32,
+    time_ms: u64,
+    seq: u64,
+    /// The live value's length; `None` for a tombstone.
+    len: Option<u64>,
+}
+
+impl RecordHead {
+    fn history_key(&self, path: &RecordPath) -> Vec<u8> {
+        keys::history(path, self.revision, self.position)
+    }
+
+    fn tombstone(&self) -> RecordVersion {
+        RecordVersion {
+            revision: self.revision,
+            time_ms: self.time_ms,
+            seq: self.seq,
+            value: None,
+        }
+    }
+}
+
 struct BatchView<'a> {
     db: &'a DB,
     pending: &'a Pending,
+    /// Tenants read from the database during this apply call (the database does not change
+    /// until the call's batch is written; staged tenant changes are found in `pending` first).
+    tenants: &'a RefCell<HashMap<TenantId, Option<TenantInfo>>>,
 }
 
 impl BatchView<'_> {
@@ -1007,11 +1060,22 @@ impl LedgerView for BatchView<'_> {
         }
         Ok(out)
     }
-    fn record(&self, path: &RecordPath) -> Result<Option<RecordVersion>, StorageError> {
-        self.get(&keys::record(path))
+    fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .get::<RecordHead>(&keys::record(path))?
+            .and_then(|head| head.len))
     }
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
-        self.get(&keys::tenant(id))
+        let key = keys::tenant(id);
+        if self.pending.contains_key(&key) {
+            return self.get(&key);
+        }
+        if let Some(cached) = self.tenants.borrow().get(id) {
+            return Ok(cached.clone());
+        }
+        let info: Option<TenantInfo> = get_decoded(self.db, &key)?;
+        self.tenants.borrow_mut().insert(id.clone(), info.clone());
+        Ok(info)
     }
     fn stats(&self, namespace: &TenantId) -> Result<NamespaceStats, StorageError> {
         Ok(self.get(&keys::stats(namespace))?.unwrap_or_default())
@@ -1033,24 +1097,38 @@ impl LedgerView for BatchView<'_> {
 /// goes through [`Staged::put`]/[`Staged::delete`] so that later commands of the same call read
 /// it: replicas group entries into calls differently and must still see the same state.
 struct Staged {
-    batch: WriteBatch,
+    /// Every key this apply call writes (None: deleted), in key order: the overlay later
+    /// commands read through and, at the end, the write batch (one write per key however often
+    /// the call rewrote it).
     pending: Pending,
     position: u32,
     /// Per namespace: buckets marked dirty in this apply call, and the leaf-count change.
     dirty: BTreeMap<String, (BTreeSet<u16>, i64)>,
     /// An artifact version referencing chunks was applied (the chunk sync has work).
     chunk_refs_added: bool,
+    /// Tenant registrations read during this call (every write checks its tenant).
+    tenants: RefCell<HashMap<TenantId, Option<TenantInfo>>>,
 }
 
 impl Staged {
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.put(&key, &value);
         self.pending.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.batch.delete(&key);
         self.pending.insert(key, None);
+    }
+
+    /// The write batch of everything staged.
+    fn into_batch(self) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        for (key, value) in self.pending {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        batch
     }
 
     /// The current value of a key: staged in this apply, else in the database.
@@ -1087,23 +1165,25 @@ impl Staged {
         Ok(out)
     }
 
-    /// Sets or removes one Merkle leaf and marks its bucket dirty (persistently: the tree is
-    /// rehashed at the next checkpoint, whatever happens in between).
+    /// Sets or removes one Merkle leaf and marks its bucket dirty (the marks are persisted by
+    /// [`Staged::persist_dirty`] in the same batch, so the tree is rehashed at the next
+    /// checkpoint whatever happens in between). `existed` is whether the leaf is present, when
+    /// the caller knows; otherwise it is looked up.
     fn set_leaf(
         &mut self,
         db: &DB,
         namespace: &str,
         object: Option<integrity::LeafObject<'_>>,
         id: Digest,
+        existed: Option<bool>,
     ) -> Result<(), StorageError> {
         let key = keys::leaf(namespace, &id);
-        let existed = self.get(db, &key)?.is_some();
-        let bucket = integrity::bucket_of(&id);
+        let existed = match existed {
+            Some(known) => known,
+            None => self.get(db, &key)?.is_some(),
+        };
         let entry = self.dirty.entry(namespace.to_string()).or_default();
-        if entry.0.insert(bucket) {
-            self.put(keys::dirty_bucket(namespace, bucket), Vec::new());
-        }
-        let entry = self.dirty.entry(namespace.to_string()).or_default();
+        entry.0.insert(integrity::bucket_of(&id));
         match object {
             Some(o) => {
                 entry.1 += i64::from(!existed);
@@ -1119,9 +1199,18 @@ impl Staged {
         Ok(())
     }
 
-    /// Writes each namespace's leaf-count change of this apply call (once per call).
-    fn finish_counts(&mut self, db: &DB) -> Result<(), StorageError> {
-        for (namespace, (_, delta)) in std::mem::take(&mut self.dirty) {
+    /// Writes each namespace's leaf-count change and its dirty buckets since the last call, as
+    /// one key per namespace per call (`index`: the newest entry applied, which makes the key
+    /// unique). One key per call, not per bucket, keeps writes to one state key each.
+    fn persist_dirty(&mut self, db: &DB, index: u64) -> Result<(), StorageError> {
+        for (namespace, (buckets, delta)) in std::mem::take(&mut self.dirty) {
+            if !buckets.is_empty() {
+                let buckets: Vec<u16> = buckets.into_iter().collect();
+                self.put(
+                    keys::dirty_buckets(&namespace, index),
+                    codec::encode(&buckets),
+                );
+            }
             if delta == 0 {
                 continue;
             }
@@ -1142,18 +1231,15 @@ impl Staged {
     /// updates the namespace roots. Runs at checkpoints only, so writes pay just for their
     /// leaves: buckets and each node's children are contiguous key ranges, read in key order
     /// with one iterator per pass.
-    fn flush_merkle(&mut self, db: &DB) -> Result<(), StorageError> {
-        self.finish_counts(db)?;
+    fn flush_merkle(&mut self, db: &DB, index: u64) -> Result<(), StorageError> {
+        self.persist_dirty(db, index)?;
         let empty = integrity::empty_subtrees();
         let mut marked: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
-        for k in self.scan(db, &[keys::DIRTY_PREFIX])?.into_keys() {
-            let body = &k[1..];
-            let Some(split) = body.len().checked_sub(3) else {
-                return Err(sm_err("malformed dirty-bucket key"));
-            };
-            let namespace = String::from_utf8(body[..split].to_vec()).map_err(sm_err)?;
-            let bucket = u16::from_be_bytes([body[split + 1], body[split + 2]]);
-            marked.entry(namespace).or_default().insert(bucket);
+        for (k, v) in self.scan(db, &[keys::DIRTY_PREFIX])? {
+            let namespace = keys::parse_dirty_buckets(&k)
+                .ok_or_else(|| sm_err("malformed dirty-bucket key"))?;
+            let buckets: Vec<u16> = codec::decode(&v).map_err(sm_err)?;
+            marked.entry(namespace).or_default().extend(buckets);
             self.delete(k);
         }
         for (namespace, buckets) in marked {
@@ -1284,7 +1370,7 @@ impl Staged {
 
     /// Records a checkpoint of all roots at `stamp`, keeping the newest [`CHECKPOINTS_KEPT`].
     fn checkpoint(&mut self, db: &DB, stamp: Stamp) -> Result<(), StorageError> {
-        self.flush_merkle(db)?;
+        self.flush_merkle(db, stamp.index)?;
         let roots = self.roots(db)?;
         let cluster_root =
             integrity::cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
@@ -1322,11 +1408,16 @@ fn apply_command(
     let view = BatchView {
         db,
         pending: &staged.pending,
+        tenants: &staged.tenants,
     };
     let (mutations, outcome) = ledger::apply(&view, stamp, command)?;
     for m in mutations {
         match m {
-            Mutation::PutRecord { path, version } => {
+            Mutation::PutRecord {
+                path,
+                version,
+                replaced_live,
+            } => {
                 let object = version
                     .value
                     .as_deref()
@@ -1343,14 +1434,19 @@ fn apply_command(
                     value: &[],
                 }
                 .id();
-                staged.set_leaf(db, path.tenant.as_str(), object, id)?;
-                let encoded = codec::encode(&version);
+                staged.set_leaf(db, path.tenant.as_str(), object, id, Some(replaced_live))?;
+                let head = RecordHead {
+                    revision: version.revision,
+                    position: staged.position,
+                    time_ms: version.time_ms,
+                    seq: version.seq,
+                    len: version.value.as_ref().map(|v| v.len() as u64),
+                };
+                staged.position += 1;
                 // Staged (not only batched): history expiry later in this apply call must see
                 // it, exactly as a replica that applied this entry in an earlier call would.
-                let history = keys::history(&path, stamp.index, staged.position);
-                staged.put(history, encoded.clone());
-                staged.position += 1;
-                staged.put(keys::record(&path), encoded);
+                staged.put(head.history_key(&path), codec::encode(&version));
+                staged.put(keys::record(&path), codec::encode(&head));
             }
             Mutation::PutTenant(info) => staged.put(keys::tenant(&info.id), codec::encode(&info)),
             Mutation::PutStats { namespace, stats } => {
@@ -1386,7 +1482,7 @@ fn apply_command(
                     blake3: &[0; 32],
                 }
                 .id();
-                staged.set_leaf(db, namespace.as_str(), object, id)?;
+                staged.set_leaf(db, namespace.as_str(), object, id, None)?;
                 if let Some(m) = &version.manifest {
                     for c in &m.chunks {
                         staged.put(keys::chunk(&c.hash), c.size.to_be_bytes().to_vec());
@@ -1455,8 +1551,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let db = self.shared.db();
         let mut staged = Staged {
-            batch: WriteBatch::default(),
             pending: BTreeMap::new(),
+            tenants: RefCell::default(),
             dirty: BTreeMap::new(),
             chunk_refs_added: false,
             position: 0,
@@ -1506,24 +1602,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         staged.put(keys::node(*id), Vec::new());
                     }
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    staged
-                        .batch
-                        .put(keys::MEMBERSHIP, codec::encode(&membership));
+                    staged.put(keys::MEMBERSHIP.to_vec(), codec::encode(&membership));
                     Outcome::Nothing
                 }
             };
             last_applied = Some(entry.log_id);
             outcomes.push(outcome);
         }
-        staged.finish_counts(&db)?;
-        if clock != clock_before {
-            staged.batch.put(keys::CLOCK, codec::encode(&clock));
+        if let Some(last) = last_applied {
+            staged.persist_dirty(&db, last.index)?;
         }
-        staged
-            .batch
-            .put(keys::APPLIED, codec::encode(&last_applied));
+        if clock != clock_before {
+            staged.put(keys::CLOCK.to_vec(), codec::encode(&clock));
+        }
+        staged.put(keys::APPLIED.to_vec(), codec::encode(&last_applied));
         let staged_chunk_refs = staged.chunk_refs_added;
-        db.write_opt(staged.batch, &sm_write_options())
+        db.write_opt(staged.into_batch(), &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);
