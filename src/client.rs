@@ -45,7 +45,7 @@ pub enum ClientError {
     Config { path: PathBuf, reason: String },
     #[error("cannot read the cluster CA {path} named in the client config: {reason}")]
     Ca { path: PathBuf, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error("{}", describe(.0))]
     Rpc(#[from] Status),

@@ -37,9 +37,13 @@ pub const BATCH_COMMANDS_MAX: usize = 1024;
 /// `node::RAFT_PAYLOAD_ENTRIES_MAX` entries per AppendEntries this keeps replication messages
 /// under `raft::network::PEER_MESSAGE_BYTES_MAX`.
 pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
-/// Batches proposed to Raft and not yet committed. While they are in flight, new commands queue
-/// and form the next batch, so one fsync carries many writes under load.
-const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
+/// Batches proposed to Raft and not yet committed. While one is in flight, new commands queue
+/// and form the next batch, so one fsync carries many writes under load. One is best here:
+/// openraft 0.9 runs a node's log appends one after another (each waits for its fsync), so a
+/// second batch in flight only queues behind the first while making both smaller; measured
+/// at 64 clients, one batch in flight used ~5% less CPU per write than two and gave more
+/// writes/s.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 1;
 /// Commands waiting to be batched; beyond it writers wait (within their deadline).
 const PROPOSAL_QUEUE_DEPTH: usize = 16 * 1024;
 
