@@ -2,7 +2,8 @@
 # Write benchmark, escrow vs etcd 3.4, in one run with one harness (`escrowctl bench put`):
 # a 3-node escrow dev cluster and two 3-node etcd clusters (plaintext as Debian ships it, and
 # with TLS/mTLS like escrow) on 127.0.0.1, 1 KiB values at 1, 16 and 64 concurrent clients.
-# Prints all three and the ratios, then stops everything it started (by PID). Figures, not a
+# Prints all three and the ratios, and for each the CPU time per write of the servers (from
+# /proc) and of the load generator, then stops everything it started (by PID). Figures, not a
 # pass/fail test.
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN]   (default 10)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -69,13 +70,44 @@ PKI="$WORK/etcd-pki"
 log "starting etcd $(etcd --version | head -1 | awk '{print $3}') x3 plaintext on 127.0.0.1:$((ETCD_PORT+1))-$((ETCD_PORT+3)) and x3 with TLS/mTLS on :$((ETCD_TLS_PORT+1))-$((ETCD_TLS_PORT+3))"
 start_etcd e "$ETCD_PORT" http
 ETCD_ENDPOINTS="$ENDPOINTS"
+ETCD_PIDS=("${PIDS[@]: -3}")
 start_etcd t "$ETCD_TLS_PORT" https
 ETCD_TLS_ENDPOINTS="$ENDPOINTS"
+ETCD_TLS_PIDS=("${PIDS[@]: -3}")
 
 log "starting escrow dev cluster x3 on 127.0.0.1:$((ESCROW_PORT_BASE+10))-$((ESCROW_PORT_BASE+32))"
 RUST_LOG=warn "$BIN/escrowd" dev --dir "$WORK/escrow" --port-base "$ESCROW_PORT_BASE" >"$WORK/escrow.log" 2>&1 &
 PIDS+=($!)
+ESCROW_PID=$!
 CTL=("$BIN/escrowctl" --config "$WORK/escrow/escrowctl.toml")
+
+# CPU time (user + system, in clock ticks) the given processes have used so far.
+HZ=$(getconf CLK_TCK)
+ticks() {
+    local total=0 pid
+    for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+    echo "$total"
+}
+# measure "SERVER_PIDS" BENCH_COMMAND...: runs the bench and prints its JSON report with the
+# CPU time per write of the servers and of the load generator added (µs).
+measure() {
+    local pids=($1) before after out
+    shift
+    before=$(ticks "${pids[@]}")
+    out=$( { TIMEFORMAT='%U %S'; time "$@"; } 2>"$WORK/bench.time" ) || {
+        cat "$WORK/bench.time" >&2; return 1; }
+    after=$(ticks "${pids[@]}")
+    python3 - "$out" "$before" "$after" "$HZ" "$WORK/bench.time" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+before, after, hz = (int(a) for a in sys.argv[2:5])
+user, system = (float(x) for x in open(sys.argv[5]).read().split()[-2:])
+ops = max(r["ops"], 1)
+r["server_cpu_us_per_write"] = (after - before) / hz * 1e6 / ops
+r["client_cpu_us_per_write"] = (user + system) * 1e6 / ops
+print(json.dumps(r))
+PY
+}
 
 for _ in $(seq 1 300); do
     if grep -q "Ctrl-C stops" "$WORK/escrow.log" 2>/dev/null \
@@ -94,9 +126,9 @@ echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
     run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
-    e=$("${run[@]}")
-    d=$("${run[@]}" --etcd "$ETCD_ENDPOINTS")
-    t=$("${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")
+    e=$(measure "$ESCROW_PID" "${run[@]}")
+    d=$(measure "${ETCD_PIDS[*]}" "${run[@]}" --etcd "$ETCD_ENDPOINTS")
+    t=$(measure "${ETCD_TLS_PIDS[*]}" "${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")
     python3 - "$c" "$e" "$d" "$t" <<'PY'
 import json, sys
 c = sys.argv[1]
@@ -105,5 +137,7 @@ f = lambda r: f"{r['ops_per_sec']:>7.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f}, {
 ratio = lambda a, b: a['ops_per_sec'] / b['ops_per_sec'] if b['ops_per_sec'] else float('inf')
 errors = f"errors {e['errors']}/{d['errors']}/{t['errors']}"
 print(f"{c:<7} | {f(e):<30} | {f(d):<30} | {f(t):<30} | {ratio(e, d):.2f}x, {ratio(e, t):.2f}x  ({errors})")
+cpu = lambda r: f"{r['server_cpu_us_per_write']:.0f} + {r['client_cpu_us_per_write']:.0f}"
+print(f"{'':<7} | cpu/write {cpu(e):<20} | cpu/write {cpu(d):<20} | cpu/write {cpu(t):<20} | (µs: servers + load generator)")
 PY
 done

@@ -191,6 +191,8 @@ pub enum Mutation {
         namespace: TenantId,
         name: ArtifactName,
         version: ArtifactVersion,
+        /// The artifact had a live version before this one (its Merkle leaf exists).
+        replaced_live: bool,
     },
     /// Record all roots as they are after the preceding changes.
     Checkpoint,
@@ -555,6 +557,7 @@ fn put_artifact<V: LedgerView>(
 ) -> Result<(Vec<Mutation>, Outcome), V::Error> {
     let latest = view.artifact(namespace, name)?;
     let live = latest.as_ref().and_then(|v| v.manifest.as_ref());
+    let replaced_live = live.is_some();
     let same = match (live, &manifest) {
         (Some(old), Some(new)) => old.blake3 == new.blake3 && old.size == new.size,
         (None, None) => true,
@@ -600,6 +603,7 @@ fn put_artifact<V: LedgerView>(
                 namespace: namespace.clone(),
                 name: name.clone(),
                 version,
+                replaced_live,
             },
             Mutation::PutStats {
                 namespace: namespace.clone(),
@@ -695,6 +699,7 @@ mod tests {
                         namespace,
                         name,
                         version,
+                        ..
                     } => {
                         self.artifacts.insert((namespace, name), version);
                     }

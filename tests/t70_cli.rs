@@ -160,31 +160,31 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     assert_eq!(std::fs::read(&back).unwrap(), random_bytes("b", 300_000));
     let verified = run(&["verify", "--json"]);
     assert_eq!(verified["ok"], true, "{verified}");
-    let source = run(&[
+    let against_source = [
         "verify",
         "--against-source",
         tree_s,
         "--tenant",
         "vendor",
         "--json",
-    ]);
+    ];
+    let source = run(&against_source);
     assert_eq!(source["equal"], true, "{source}");
     std::fs::write(tree.join("a.txt"), b"changed, not mirrored").unwrap();
-    let out = escrowctl(
-        &cfg,
-        &[
-            "verify",
-            "--against-source",
-            tree_s,
-            "--tenant",
-            "vendor",
-            "--json",
-        ],
-    );
+    let out = escrowctl(&cfg, &against_source);
     assert!(
         !out.status.success(),
         "an unmirrored change must fail the check"
     );
+    // It fails because the roots differ, not for another reason: the report says so.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(report["equal"], false, "{report}");
+    assert_eq!(report["replicas_agree"], true, "{report}");
     cluster.shutdown().await;
 }
 

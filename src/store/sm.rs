@@ -1165,25 +1165,22 @@ impl Staged {
         Ok(out)
     }
 
-    /// Sets or removes one Merkle leaf and marks its bucket dirty (the marks are persisted by
-    /// [`Staged::persist_dirty`] in the same batch, so the tree is rehashed at the next
-    /// checkpoint whatever happens in between). `existed` is whether the leaf is present, when
-    /// the caller knows; otherwise it is looked up.
+    /// Sets or removes one Merkle leaf (`existed`: whether it is present now, which the ledger
+    /// knows) and marks its bucket dirty; [`Staged::persist_dirty`] writes the marks in the same
+    /// batch, so the tree is rehashed at the next checkpoint whatever happens in between.
     fn set_leaf(
         &mut self,
-        db: &DB,
         namespace: &str,
         object: Option<integrity::LeafObject<'_>>,
         id: Digest,
-        existed: Option<bool>,
-    ) -> Result<(), StorageError> {
-        let key = keys::leaf(namespace, &id);
-        let existed = match existed {
-            Some(known) => known,
-            None => self.get(db, &key)?.is_some(),
-        };
-        let entry = self.dirty.entry(namespace.to_string()).or_default();
+        existed: bool,
+    ) {
+        if !self.dirty.contains_key(namespace) {
+            self.dirty.insert(namespace.to_string(), Default::default());
+        }
+        let entry = self.dirty.get_mut(namespace).expect("inserted above");
         entry.0.insert(integrity::bucket_of(&id));
+        let key = keys::leaf(namespace, &id);
         match object {
             Some(o) => {
                 entry.1 += i64::from(!existed);
@@ -1196,14 +1193,34 @@ impl Staged {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Writes each namespace's leaf-count change and its dirty buckets since the last call, as
-    /// one key per namespace per call (`index`: the newest entry applied, which makes the key
-    /// unique). One key per call, not per bucket, keeps writes to one state key each.
-    fn persist_dirty(&mut self, db: &DB, index: u64) -> Result<(), StorageError> {
+    /// Writes each namespace's leaf-count change since the last call and returns the buckets
+    /// marked dirty since then (the marks are taken).
+    fn settle_counts(&mut self, db: &DB) -> Result<BTreeMap<String, BTreeSet<u16>>, StorageError> {
+        let mut marked = BTreeMap::new();
         for (namespace, (buckets, delta)) in std::mem::take(&mut self.dirty) {
+            if delta != 0 {
+                let key = keys::leaf_count(&namespace);
+                let count: u64 = match self.get(db, &key)? {
+                    Some(v) => codec::decode(&v).map_err(sm_err)?,
+                    None => 0,
+                };
+                let count = count
+                    .checked_add_signed(delta)
+                    .ok_or_else(|| sm_err("Merkle leaf count went negative"))?;
+                self.put(key, codec::encode(&count));
+            }
+            marked.insert(namespace, buckets);
+        }
+        Ok(marked)
+    }
+
+    /// Writes the leaf counts and the dirty buckets of this apply call: one key per namespace
+    /// per call (`index`: the newest entry applied, which makes the key unique), not one per
+    /// bucket, so each write touches as few state keys as possible.
+    fn persist_dirty(&mut self, db: &DB, index: u64) -> Result<(), StorageError> {
+        for (namespace, buckets) in self.settle_counts(db)? {
             if !buckets.is_empty() {
                 let buckets: Vec<u16> = buckets.into_iter().collect();
                 self.put(
@@ -1211,18 +1228,6 @@ impl Staged {
                     codec::encode(&buckets),
                 );
             }
-            if delta == 0 {
-                continue;
-            }
-            let key = keys::leaf_count(&namespace);
-            let count: u64 = match self.get(db, &key)? {
-                Some(v) => codec::decode(&v).map_err(sm_err)?,
-                None => 0,
-            };
-            let count = count
-                .checked_add_signed(delta)
-                .ok_or_else(|| sm_err("Merkle leaf count went negative"))?;
-            self.put(key, codec::encode(&count));
         }
         Ok(())
     }
@@ -1231,10 +1236,9 @@ impl Staged {
     /// updates the namespace roots. Runs at checkpoints only, so writes pay just for their
     /// leaves: buckets and each node's children are contiguous key ranges, read in key order
     /// with one iterator per pass.
-    fn flush_merkle(&mut self, db: &DB, index: u64) -> Result<(), StorageError> {
-        self.persist_dirty(db, index)?;
+    fn flush_merkle(&mut self, db: &DB) -> Result<(), StorageError> {
+        let mut marked = self.settle_counts(db)?;
         let empty = integrity::empty_subtrees();
-        let mut marked: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
         for (k, v) in self.scan(db, &[keys::DIRTY_PREFIX])? {
             let namespace = keys::parse_dirty_buckets(&k)
                 .ok_or_else(|| sm_err("malformed dirty-bucket key"))?;
@@ -1293,7 +1297,8 @@ impl Staged {
                 let mut it = db.raw_iterator();
                 for &p in &parents {
                     // The children: the empty subtree, overlaid by the stored nodes (one key
-                    // range), by this apply's staged nodes, and by those just computed.
+                    // range) and by this apply's staged nodes, which include the level below,
+                    // just computed (`set_node`).
                     let mut children = [empty[level as usize - 1]; integrity::TREE_ARITY as usize];
                     let first = keys::tree_node(&namespace, level - 1, p * arity);
                     let end = keys::tree_node(&namespace, level - 1, (p + 1) * arity);
@@ -1318,9 +1323,6 @@ impl Staged {
                             Some(v) => v.as_slice().try_into().map_err(sm_err)?,
                             None => empty[level as usize - 1],
                         };
-                    }
-                    for (&c, hash) in level_hashes.range(p * arity..(p + 1) * arity) {
-                        children[(c - p * arity) as usize] = *hash;
                     }
                     next.insert(p, integrity::node_hash(&children));
                 }
@@ -1370,7 +1372,7 @@ impl Staged {
 
     /// Records a checkpoint of all roots at `stamp`, keeping the newest [`CHECKPOINTS_KEPT`].
     fn checkpoint(&mut self, db: &DB, stamp: Stamp) -> Result<(), StorageError> {
-        self.flush_merkle(db, stamp.index)?;
+        self.flush_merkle(db)?;
         let roots = self.roots(db)?;
         let cluster_root =
             integrity::cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
@@ -1434,7 +1436,7 @@ fn apply_command(
                     value: &[],
                 }
                 .id();
-                staged.set_leaf(db, path.tenant.as_str(), object, id, Some(replaced_live))?;
+                staged.set_leaf(path.tenant.as_str(), object, id, replaced_live);
                 let head = RecordHead {
                     revision: version.revision,
                     position: staged.position,
@@ -1443,8 +1445,8 @@ fn apply_command(
                     len: version.value.as_ref().map(|v| v.len() as u64),
                 };
                 staged.position += 1;
-                // Staged (not only batched): history expiry later in this apply call must see
-                // it, exactly as a replica that applied this entry in an earlier call would.
+                // History expiry later in this apply call reads the staged version, exactly
+                // as a replica that applied this entry in an earlier call reads the stored one.
                 staged.put(head.history_key(&path), codec::encode(&version));
                 staged.put(keys::record(&path), codec::encode(&head));
             }
@@ -1467,6 +1469,7 @@ fn apply_command(
                 namespace,
                 name,
                 version,
+                replaced_live,
             } => {
                 let object = version
                     .manifest
@@ -1482,7 +1485,7 @@ fn apply_command(
                     blake3: &[0; 32],
                 }
                 .id();
-                staged.set_leaf(db, namespace.as_str(), object, id, None)?;
+                staged.set_leaf(namespace.as_str(), object, id, replaced_live);
                 if let Some(m) = &version.manifest {
                     for c in &m.chunks {
                         staged.put(keys::chunk(&c.hash), c.size.to_be_bytes().to_vec());
