@@ -646,24 +646,43 @@ impl EscrowClient {
         .await
     }
 
-    /// A per-node integrity question asked directly at `addr` (no retries elsewhere).
-    pub async fn integrity_at<T, F, Fut>(
+    /// Asks each node (id, client address) the same integrity question at once, directly (no
+    /// retries elsewhere), each bounded by `timeout`; one answer per node, in order.
+    pub async fn integrity_each<M, T, F, Fut>(
         &self,
-        addr: &str,
+        nodes: &[(u64, String)],
         timeout: Duration,
-        op: F,
-    ) -> Result<T, ClientError>
+        msg: M,
+        rpc: F,
+    ) -> Vec<(u64, Result<T, ClientError>)>
     where
-        F: FnOnce(pb::integrity_client::IntegrityClient<Channel>) -> Fut,
+        M: Clone,
+        F: Fn(pb::integrity_client::IntegrityClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let client = integrity(self.channel(addr)?);
-        Self::once(addr, timeout, op(client)).await
+        let rpc = &rpc;
+        futures::future::join_all(nodes.iter().map(|(id, addr)| {
+            let req = self.request(msg.clone(), timeout);
+            async move {
+                let answer = match self.channel(addr) {
+                    Ok(ch) => Self::once(addr, timeout, rpc(integrity(ch), req)).await,
+                    Err(e) => Err(e.into()),
+                };
+                (*id, answer)
+            }
+        }))
+        .await
     }
 
-    /// Builds an authenticated request (for [`EscrowClient::integrity_at`] callers).
-    pub fn authed<T>(&self, msg: T, timeout: Duration) -> Request<T> {
-        self.request(msg, timeout)
+    /// The cluster's members as (id, client address), from one node's status.
+    pub async fn members(&self) -> Result<Vec<(u64, String)>, ClientError> {
+        Ok(self
+            .node_status()
+            .await?
+            .members
+            .into_iter()
+            .map(|m| (m.id, m.client_addr))
+            .collect())
     }
 
     /// Proposes a checkpoint (every replica records all roots at its index).

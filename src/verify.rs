@@ -78,23 +78,16 @@ pub async fn verify(
     tenant: Option<&str>,
     deep: bool,
 ) -> Result<VerifyReport, ClientError> {
-    let status = client.cluster_status().await?;
+    let nodes = client.members().await?;
     let index = client.checkpoint().await?;
-    let nodes: Vec<(u64, String)> = status
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.addr.clone()))
-        .collect();
-    let answers = futures::future::join_all(nodes.iter().map(|(id, addr)| async move {
-        let req = client.authed(pb::RootsRequest { index }, NODE_QUESTION_TIMEOUT);
-        let r = client
-            .integrity_at(addr, NODE_QUESTION_TIMEOUT, |mut c| async move {
-                Ok(c.roots(req).await?.into_inner())
-            })
-            .await;
-        (*id, r)
-    }))
-    .await;
+    let answers = client
+        .integrity_each(
+            &nodes,
+            NODE_QUESTION_TIMEOUT,
+            pb::RootsRequest { index },
+            |mut c, req| async move { Ok(c.roots(req).await?.into_inner()) },
+        )
+        .await;
     let mut unchecked = Vec::new();
     let mut per_ns: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
     let mut checked = Vec::new();
@@ -152,19 +145,14 @@ pub async fn verify(
     let mut figures = Vec::new();
     if deep {
         let namespace = tenant.unwrap_or("").to_string();
-        let deep_answers = futures::future::join_all(nodes.iter().map(|(id, addr)| {
-            let namespace = namespace.clone();
-            async move {
-                let req = client.authed(pb::DeepVerifyRequest { namespace }, DEEP_VERIFY_TIMEOUT);
-                let r = client
-                    .integrity_at(addr, DEEP_VERIFY_TIMEOUT, |mut c| async move {
-                        Ok(c.deep_verify(req).await?.into_inner())
-                    })
-                    .await;
-                (*id, r)
-            }
-        }))
-        .await;
+        let deep_answers = client
+            .integrity_each(
+                &nodes,
+                DEEP_VERIFY_TIMEOUT,
+                pb::DeepVerifyRequest { namespace },
+                |mut c, req| async move { Ok(c.deep_verify(req).await?.into_inner()) },
+            )
+            .await;
         for (id, r) in deep_answers {
             match r {
                 Ok(reply) => {
@@ -212,22 +200,17 @@ pub async fn attest(
     client: &EscrowClient,
     tenant: Option<&str>,
 ) -> Result<(Attestation, Vec<Unchecked>), String> {
-    let status = client.cluster_status().await.map_err(|e| e.to_string())?;
+    let nodes = client.members().await.map_err(|e| e.to_string())?;
     let index = client.checkpoint().await.map_err(|e| e.to_string())?;
     let tenant = tenant.unwrap_or("").to_string();
-    let answers = futures::future::join_all(status.nodes.iter().map(|n| {
-        let tenant = tenant.clone();
-        async move {
-            let req = client.authed(pb::AttestRequest { index, tenant }, NODE_QUESTION_TIMEOUT);
-            let r = client
-                .integrity_at(&n.addr, NODE_QUESTION_TIMEOUT, |mut c| async move {
-                    Ok(c.attest(req).await?.into_inner())
-                })
-                .await;
-            (n.id, r)
-        }
-    }))
-    .await;
+    let answers = client
+        .integrity_each(
+            &nodes,
+            NODE_QUESTION_TIMEOUT,
+            pb::AttestRequest { index, tenant },
+            |mut c, req| async move { Ok(c.attest(req).await?.into_inner()) },
+        )
+        .await;
     let mut statement: Option<(String, u64)> = None;
     let mut signatures = Vec::new();
     let mut unchecked = Vec::new();
@@ -255,12 +238,12 @@ pub async fn attest(
             }),
         }
     }
-    let majority = status.nodes.len() / 2 + 1;
+    let majority = nodes.len() / 2 + 1;
     if signatures.len() < majority {
         return Err(format!(
             "only {} of {} nodes signed (a majority is needed): {}",
             signatures.len(),
-            status.nodes.len(),
+            nodes.len(),
             unchecked
                 .iter()
                 .map(|u| format!("node {}: {}", u.node, u.error))
@@ -326,11 +309,11 @@ pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), S
     let mut state: FinalState = HashMap::new();
     let mut previous = 0;
     for (i, line) in text.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let Some(c) = crate::mirror::records::feed_line(line, previous)
+            .map_err(|e| format!("{} line {}: {e}", feed.display(), i + 1))?
+        else {
             continue;
-        }
-        let c = crate::mirror::records::parse_line(line, previous)
-            .map_err(|e| format!("{} line {}: {e}", feed.display(), i + 1))?;
+        };
         previous = c.seq;
         state.insert(
             (c.collection, c.key),

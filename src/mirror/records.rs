@@ -172,8 +172,20 @@ fn parse_time(v: &serde_json::Value) -> Result<u64, String> {
     }
 }
 
+/// One whole feed line, by the feed's rules: too long is an error, blank is skipped (`None`),
+/// anything else must parse as an event after `previous_seq`.
+pub fn feed_line(line: &[u8], previous_seq: u64) -> Result<Option<pb::Change>, String> {
+    if line.len() > LINE_BYTES_MAX {
+        Err(format!("longer than {LINE_BYTES_MAX} bytes"))
+    } else if line.iter().all(u8::is_ascii_whitespace) {
+        Ok(None)
+    } else {
+        parse_line(line, previous_seq).map(Some)
+    }
+}
+
 /// Parses and validates one feed line into a change; `previous_seq` enforces order.
-pub fn parse_line(line: &[u8], previous_seq: u64) -> Result<pb::Change, String> {
+fn parse_line(line: &[u8], previous_seq: u64) -> Result<pb::Change, String> {
     let event: Event =
         serde_json::from_slice(line).map_err(|e| format!("not a valid event: {e}"))?;
     Collection::parse(&event.collection).map_err(|e| e.to_string())?;
@@ -342,14 +354,7 @@ pub async fn run_feed(
             // Bytes actually read (a CRLF line ending is two of them).
             let consumed = (whole.len() - line.len() + n) as u64;
             let number = batch.end_line + 1;
-            let parsed = if whole.len() > LINE_BYTES_MAX {
-                Err(format!("longer than {LINE_BYTES_MAX} bytes"))
-            } else if whole.iter().all(u8::is_ascii_whitespace) {
-                Ok(None)
-            } else {
-                parse_line(&whole, batch.end_seq).map(Some)
-            };
-            match parsed {
+            match feed_line(&whole, batch.end_seq) {
                 Ok(change) => {
                     if let Some(change) = change {
                         let size = change.key.len() + change.value.len();
