@@ -6,7 +6,7 @@
 //! chunk, repaired by the scrubber, and never served; a record value corrupted under one node's
 //! store is reported for that node and tenant; attestations verify offline and fail when
 //! changed; the source's root equals the escrow's after a mirror and differs after an
-//! unmirrored change.
+//! unmirrored change; the leader's periodic checkpoint runs only when writes wait for one.
 
 mod common;
 
@@ -40,6 +40,49 @@ async fn mixed_writes(client: &EscrowClient, dir: &std::path::Path) {
     upload_file(client, "vendor", "app.bin", &file)
         .await
         .unwrap();
+}
+
+// Goal: the leader's periodic checkpoint folds writes nobody verified into the Merkle trees:
+// it is due after writes, records the roots a verification then reports, takes every dirty
+// mark, and is skipped while nothing is pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t90_periodic_checkpoint_runs_only_when_writes_wait() {
+    use escrow::workers::retention::checkpoint_if_pending;
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let work = tempfile::tempdir().unwrap();
+    mixed_writes(&client, work.path()).await;
+    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
+    let reader = &leader.core.reader;
+    assert!(reader.merkle_pending().unwrap(), "writes left dirty marks");
+
+    let index = checkpoint_if_pending(&leader.core)
+        .await
+        .expect("a checkpoint is due after writes");
+    let checkpoint = reader.checkpoint(index).unwrap().expect("it is recorded");
+    assert!(
+        !reader.merkle_pending().unwrap(),
+        "it took every dirty mark"
+    );
+    assert_eq!(
+        checkpoint_if_pending(&leader.core).await,
+        None,
+        "nothing pending, none taken"
+    );
+
+    let report = verify(&client, None, true).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    let recorded: std::collections::BTreeMap<String, String> = checkpoint
+        .roots
+        .iter()
+        .map(|(ns, r)| (ns.clone(), escrow::domain::hex(&r.root)))
+        .collect();
+    assert_eq!(
+        recorded, report.roots,
+        "nothing changed since, so the roots agree"
+    );
+    assert!(recorded.contains_key(TENANT) && recorded.contains_key("vendor"));
+    cluster.shutdown().await;
 }
 
 // Goal: roots are identical on all replicas after mixed writes, match a from-scratch

@@ -16,11 +16,16 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use crate::domain::{hex, Digest, CHUNK_MAX_BYTES};
 
 const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
+/// Locks that order garbage collection against claims and writes of the same chunk (a chunk
+/// maps to one by its first hash byte).
+const CHUNK_LOCK_STRIPES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -50,6 +55,9 @@ pub struct ChunkStore {
     tmp_seq: AtomicU64,
     /// Corrupt copies found (on read or scrub) since start.
     pub corrupt_found: AtomicU64,
+    /// Held while a chunk is claimed, written or collected, so that collection cannot remove
+    /// a copy an upload has just found present (see [`ChunkStore::remove_if_stale`]).
+    locks: Vec<Mutex<()>>,
 }
 
 impl ChunkStore {
@@ -66,7 +74,15 @@ impl ChunkStore {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
             corrupt_found: AtomicU64::new(0),
+            locks: (0..CHUNK_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         })
+    }
+
+    fn lock(&self, hash: &Digest) -> MutexGuard<'_, ()> {
+        // The guarded data is `()`: a panic elsewhere leaves nothing inconsistent.
+        self.locks[usize::from(hash[0]) % CHUNK_LOCK_STRIPES]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn path(&self, hash: &Digest) -> PathBuf {
@@ -97,6 +113,7 @@ impl ChunkStore {
         }
         let path = self.path(hash);
         let dir = path.parent().expect("chunk paths have a parent");
+        let _guard = self.lock(hash);
         if path.is_file() {
             // Count an existing copy only if it is still right (and durable, and fresh for
             // the garbage collector's grace period); a bad one is replaced below.
@@ -145,6 +162,7 @@ impl ChunkStore {
     /// Whether a copy is stored; if so, marks it as recently needed so garbage collection's
     /// grace period starts again (an upload that finds it present is about to reference it).
     pub fn claim(&self, hash: &Digest) -> bool {
+        let _guard = self.lock(hash);
         let present = self.has(hash);
         if present {
             self.touch(hash);
@@ -200,18 +218,44 @@ impl ChunkStore {
         }
     }
 
-    /// Removes a chunk (garbage collection of unreferenced chunks).
-    pub fn remove(&self, hash: &Digest) -> Result<(), ChunkError> {
+    /// Garbage collection of one chunk: removes it if its copy is still older than `grace` and
+    /// `unreferenced()` still says no committed version needs it, both checked now, under the
+    /// chunk's lock. A listing taken earlier is only a candidate list: an upload may have
+    /// claimed the chunk since (its manifest about to commit), and `claim` and `put` take the
+    /// same lock, so they either see the chunk gone (and upload it again) or refresh it first.
+    /// Returns whether the chunk was removed.
+    pub fn remove_if_stale<E>(
+        &self,
+        hash: &Digest,
+        grace: Duration,
+        unreferenced: impl FnOnce() -> Result<bool, E>,
+    ) -> Result<bool, E>
+    where
+        E: From<ChunkError>,
+    {
         let path = self.path(hash);
+        let _guard = self.lock(hash);
+        let modified = match std::fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(&path)(e).into()),
+        };
+        let stale = SystemTime::now()
+            .duration_since(modified)
+            .is_ok_and(|age| age >= grace);
+        if !stale || !unreferenced()? {
+            return Ok(false);
+        }
         match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&path)(e)),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&path)(e).into()),
         }
     }
 
-    /// Every stored chunk with its file's modification time, for garbage collection.
-    pub fn list(&self) -> Result<Vec<(Digest, std::time::SystemTime)>, ChunkError> {
+    /// Every stored chunk with its file's modification time when listed: candidates for
+    /// garbage collection, which re-checks each one ([`ChunkStore::remove_if_stale`]).
+    pub fn list(&self) -> Result<Vec<(Digest, SystemTime)>, ChunkError> {
         let mut out = Vec::new();
         for fan in std::fs::read_dir(&self.root).map_err(io(&self.root))? {
             let fan = fan.map_err(io(&self.root))?.path();
@@ -276,5 +320,65 @@ mod tests {
         assert!(matches!(store.get(&hash), Err(ChunkError::Missing(_))));
         assert_eq!(store.corrupt_found.load(Ordering::Relaxed), 1);
         assert_eq!(store.list().unwrap().len(), 0);
+    }
+
+    fn age(store: &ChunkStore, hash: &Digest, by: Duration) {
+        let f = std::fs::File::options()
+            .append(true)
+            .open(store.file_of(hash))
+            .unwrap();
+        f.set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    // Goal: garbage collection never removes a chunk an upload found present after the
+    // collector listed it (the upload's manifest is about to reference it), nor one that is
+    // referenced when it is about to be removed; a stale, unreferenced chunk does go.
+    #[test]
+    fn collection_rechecks_age_and_references_before_removing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let grace = Duration::from_secs(3600);
+        let bytes = b"an old chunk".to_vec();
+        let hash = *blake3::hash(&bytes).as_bytes();
+        store.put(&hash, &bytes).unwrap();
+        age(&store, &hash, 2 * grace);
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        let age_at_listing = SystemTime::now().duration_since(listed[0].1).unwrap();
+        assert!(age_at_listing >= grace, "the listing sees a stale chunk");
+
+        // An upload claims it after the listing: the collector must keep it.
+        assert!(store.claim(&hash));
+        let asked = std::cell::Cell::new(false);
+        let removed = store
+            .remove_if_stale(&hash, grace, || {
+                asked.set(true);
+                Ok::<_, ChunkError>(true)
+            })
+            .unwrap();
+        assert!(!removed && store.has(&hash), "a claimed chunk is kept");
+        assert!(!asked.get(), "a fresh chunk needs no reference lookup");
+
+        // Stale again, but referenced by the time the collector looks: kept.
+        age(&store, &hash, 2 * grace);
+        assert!(!store
+            .remove_if_stale(&hash, grace, || Ok::<_, ChunkError>(false))
+            .unwrap());
+        assert!(store.has(&hash));
+
+        // A lookup that fails removes nothing.
+        let failed = store.remove_if_stale(&hash, grace, || {
+            Err(ChunkError::Missing("lookup failed".into()))
+        });
+        assert!(failed.is_err() && store.has(&hash));
+
+        // Stale and unreferenced: removed, once.
+        assert!(store
+            .remove_if_stale(&hash, grace, || Ok::<_, ChunkError>(true))
+            .unwrap());
+        assert!(!store.has(&hash));
+        assert!(!store
+            .remove_if_stale(&hash, grace, || Ok::<_, ChunkError>(true))
+            .unwrap());
     }
 }

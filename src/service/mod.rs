@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::domain::InputError;
@@ -37,14 +37,6 @@ pub const BATCH_COMMANDS_MAX: usize = 1024;
 /// `node::RAFT_PAYLOAD_ENTRIES_MAX` entries per AppendEntries this keeps replication messages
 /// under `raft::network::PEER_MESSAGE_BYTES_MAX`.
 pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
-/// Batches proposed to Raft and not yet committed. While one is in flight, new commands queue
-/// and form the next batch, so one fsync carries many writes under load. One is best here:
-/// openraft 0.9 runs a node's log appends one after another (each waits for its fsync), so a
-/// second batch in flight only queues behind the first while making both smaller; measured
-/// at 64 clients, one batch in flight used ~5% less CPU per write than two and gave more
-/// writes/s (by hand; README, Benchmarks). The semaphore and the task per batch stay so the
-/// bound can be raised where a node's appends overlap.
-const PROPOSALS_IN_FLIGHT_MAX: usize = 1;
 /// Commands waiting to be batched; beyond it writers wait (within their deadline).
 const PROPOSAL_QUEUE_DEPTH: usize = 16 * 1024;
 
@@ -78,7 +70,6 @@ impl Proposer {
 }
 
 async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
-    let slots = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     let mut carry: Option<Proposal> = None;
     loop {
         let first = match carry.take() {
@@ -88,67 +79,80 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
                 None => return,
             },
         };
-        // Wait for a free slot before draining, so the queue fills while batches commit.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut commands = Vec::new();
-        let mut waiters = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = Some(first);
-        while let Some((command, waiter)) = next.take() {
-            // A writer that gave up (deadline) is not proposed at all.
-            if !waiter.is_closed() {
-                let size = command.size_hint();
-                if !commands.is_empty() && bytes + size > BATCH_BYTES_MAX {
-                    carry = Some((command, waiter));
-                    break;
-                }
-                bytes += size;
-                commands.push(command);
-                waiters.push(waiter);
-            }
-            if commands.len() < BATCH_COMMANDS_MAX {
-                next = rx.try_recv().ok();
-            }
-        }
+        let (commands, waiters) = drain_batch(first, &mut rx, &mut carry);
         if commands.is_empty() {
             continue;
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // The leader stamps its clock here (the state machine itself has no clock); a
-            // proposal on a node that is not the leader fails and is forwarded unstamped.
-            let command = Command::Timed {
-                at_ms: now_ms(),
-                commands,
-            };
-            // Either one outcome per waiter, or one failure that every waiter shares.
-            let answered: Result<Vec<Outcome>, Proposed> = match raft.client_write(command).await {
-                Ok(resp) => match resp.data {
-                    Outcome::Batch(outcomes) if outcomes.len() == waiters.len() => Ok(outcomes),
-                    _ => Err(Proposed::Failed(Status::internal(
-                        "batch outcome does not match its commands",
-                    ))),
-                },
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    Err(Proposed::NotLeader(f.leader_id, f.leader_node))
-                }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    Err(Proposed::Failed(Status::failed_precondition(e.to_string())))
-                }
-                Err(RaftError::Fatal(e)) => Err(Proposed::Failed(status::fatal(&e))),
-            };
-            let answers: Vec<Proposed> = match answered {
-                Ok(outcomes) => outcomes.into_iter().map(Proposed::Done).collect(),
-                Err(shared) => vec![shared; waiters.len()],
-            };
-            for (waiter, answer) in waiters.into_iter().zip(answers) {
-                let _ = waiter.send(answer);
-            }
-        });
+        // One batch in flight: while it commits, new commands queue and form the next batch,
+        // so one fsync carries many writes under load. openraft 0.9 runs a node's log appends
+        // one after another (each waits for its fsync), so a second batch in flight would only
+        // queue behind the first while making both smaller. The batch is proposed from this
+        // task, not a spawned one: the next batch then starts the moment this one is answered,
+        // instead of waiting behind every task the answers woke (README, Benchmarks).
+        let answers = propose(&raft, commands, waiters.len()).await;
+        for (waiter, answer) in waiters.into_iter().zip(answers) {
+            let _ = waiter.send(answer);
+        }
     }
+}
+
+/// Takes `first` and whatever else is queued, up to [`BATCH_COMMANDS_MAX`] commands and
+/// [`BATCH_BYTES_MAX`] bytes; the command that would overflow the bytes is left in `carry`.
+fn drain_batch(
+    first: Proposal,
+    rx: &mut mpsc::Receiver<Proposal>,
+    carry: &mut Option<Proposal>,
+) -> (Vec<Command>, Vec<oneshot::Sender<Proposed>>) {
+    let mut commands = Vec::new();
+    let mut waiters = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = Some(first);
+    while let Some((command, waiter)) = next.take() {
+        // A writer that gave up (deadline) is not proposed at all.
+        if !waiter.is_closed() {
+            let size = command.size_hint();
+            if !commands.is_empty() && bytes + size > BATCH_BYTES_MAX {
+                *carry = Some((command, waiter));
+                break;
+            }
+            bytes += size;
+            commands.push(command);
+            waiters.push(waiter);
+        }
+        if commands.len() < BATCH_COMMANDS_MAX {
+            next = rx.try_recv().ok();
+        }
+    }
+    (commands, waiters)
+}
+
+/// Proposes one batch and returns one answer per command: its outcome, or the failure they
+/// all share.
+async fn propose(raft: &Raft, commands: Vec<Command>, count: usize) -> Vec<Proposed> {
+    // The leader stamps its clock here (the state machine itself has no clock); a proposal on
+    // a node that is not the leader fails and is forwarded unstamped.
+    let command = Command::Timed {
+        at_ms: now_ms(),
+        commands,
+    };
+    let shared = match raft.client_write(command).await {
+        Ok(resp) => match resp.data {
+            Outcome::Batch(outcomes) if outcomes.len() == count => {
+                return outcomes.into_iter().map(Proposed::Done).collect();
+            }
+            _ => Proposed::Failed(Status::internal(
+                "batch outcome does not match its commands",
+            )),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Proposed::NotLeader(f.leader_id, f.leader_node)
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Proposed::Failed(Status::failed_precondition(e.to_string()))
+        }
+        Err(RaftError::Fatal(e)) => Proposed::Failed(status::fatal(&e)),
+    };
+    vec![shared; count]
 }
 
 /// The wall clock in ms since the Unix epoch (0 if the clock is before 1970).

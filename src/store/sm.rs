@@ -424,6 +424,19 @@ impl SmReader {
             .is_some())
     }
 
+    /// Whether writes are waiting for a checkpoint to fold them into the Merkle trees (their
+    /// buckets are marked dirty and not yet rehashed).
+    pub fn merkle_pending(&self) -> Result<bool, StorageError> {
+        let db = self.shared.db();
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::prefix_end(&[keys::DIRTY_PREFIX]));
+        let mut it = db.raw_iterator_opt(opts);
+        it.seek([keys::DIRTY_PREFIX]);
+        let pending = it.valid();
+        it.status().map_err(sm_err)?;
+        Ok(pending)
+    }
+
     /// A checkpoint recorded at `index` (None if there was none or it was dropped).
     pub fn checkpoint(&self, index: u64) -> Result<Option<Checkpoint>, StorageError> {
         get_decoded(&self.shared.db(), &keys::checkpoint(index))

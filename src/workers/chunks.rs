@@ -128,11 +128,18 @@ pub async fn gc_pass(core: &Arc<Core>, grace: std::time::Duration) -> Result<usi
     let removed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for (hash, modified) in chunks.list().map_err(|e| e.to_string())? {
-            let old = now.duration_since(modified).is_ok_and(|age| age >= grace);
-            if old && !reader.chunk_referenced(&hash).map_err(|e| e.to_string())? {
-                chunks.remove(&hash).map_err(|e| e.to_string())?;
-                removed += 1;
+        for (hash, listed) in chunks.list().map_err(|e| e.to_string())? {
+            // The listing only picks candidates; `remove_if_stale` checks age and references
+            // again under the chunk's lock, so an upload that claimed it since keeps it.
+            if now.duration_since(listed).is_ok_and(|age| age >= grace) {
+                let unreferenced =
+                    || -> anyhow::Result<bool> { Ok(!reader.chunk_referenced(&hash)?) };
+                if chunks
+                    .remove_if_stale(&hash, grace, unreferenced)
+                    .map_err(|e| e.to_string())?
+                {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)

@@ -1,7 +1,11 @@
-//! Retention: on the leader, once an hour, proposes `ExpireHistory` with the cutoff
-//! `now - mirror.retention_days`, repeating while the state machine reports more expired
-//! versions (each entry removes at most `ledger::EXPIRE_VERSIONS_MAX`). The cutoff travels in
-//! the command, so every replica removes exactly the same versions.
+//! Hourly upkeep on the leader:
+//! - Retention: proposes `ExpireHistory` with the cutoff `now - mirror.retention_days`,
+//!   repeating while the state machine reports more expired versions (each entry removes at
+//!   most `ledger::EXPIRE_VERSIONS_MAX`). The cutoff travels in the command, so every replica
+//!   removes exactly the same versions.
+//! - A checkpoint, if writes are waiting for one. Writes only mark their Merkle buckets dirty;
+//!   a checkpoint rehashes them. Without this, a cluster nobody verifies would pile up dirty
+//!   marks and pay for all of them in the next checkpoint's single apply.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use tokio::sync::watch;
 use crate::ledger::{Command, Outcome};
 use crate::service::{now_ms, Core};
 
-/// Pause between two expiry runs.
+/// Pause between two upkeep runs (expiry, then a checkpoint if one is due).
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// Entries one run proposes at most (the rest waits for the next run).
 const ENTRIES_PER_RUN_MAX: usize = 100;
@@ -26,36 +30,70 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         if !leader {
             continue;
         }
-        let retention_ms = core.mirror.retention_days.saturating_mul(24 * 3600 * 1000);
-        let before_ms = now_ms().saturating_sub(retention_ms);
-        let mut removed = 0;
-        for _ in 0..ENTRIES_PER_RUN_MAX {
-            match core
-                .write(Command::ExpireHistory { before_ms }, false)
-                .await
-            {
-                Ok(Outcome::Expired { removed: n, more }) => {
-                    removed += n;
-                    if !more {
-                        break;
-                    }
-                }
-                Ok(other) => {
-                    tracing::warn!(outcome = ?other, "unexpected outcome of history expiry");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.message(), "history expiry not committed; next run retries");
+        expire_history(&core).await;
+        checkpoint_if_pending(&core).await;
+    }
+}
+
+/// Proposes expiry of the versions past the retention period, entry by entry.
+async fn expire_history(core: &Core) {
+    let retention_ms = core.mirror.retention_days.saturating_mul(24 * 3600 * 1000);
+    let before_ms = now_ms().saturating_sub(retention_ms);
+    let mut removed = 0;
+    for _ in 0..ENTRIES_PER_RUN_MAX {
+        match core
+            .write(Command::ExpireHistory { before_ms }, false)
+            .await
+        {
+            Ok(Outcome::Expired { removed: n, more }) => {
+                removed += n;
+                if !more {
                     break;
                 }
             }
+            Ok(other) => {
+                tracing::warn!(outcome = ?other, "unexpected outcome of history expiry");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "history expiry not committed; next run retries");
+                break;
+            }
         }
-        if removed > 0 {
-            tracing::info!(
-                removed,
-                before_ms,
-                "record versions past the retention period removed"
-            );
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            before_ms,
+            "record versions past the retention period removed"
+        );
+    }
+}
+
+/// Proposes a checkpoint when writes are waiting to be folded into the Merkle trees; returns
+/// the new checkpoint's index, or None when none was due or it did not commit (logged; the
+/// next run retries).
+pub async fn checkpoint_if_pending(core: &Core) -> Option<u64> {
+    match core.reader.merkle_pending() {
+        Ok(false) => return None,
+        Ok(true) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether a checkpoint is due; next run retries");
+            return None;
+        }
+    }
+    match core.write(Command::Checkpoint, false).await {
+        Ok(Outcome::Checkpoint { index }) => {
+            tracing::info!(index, "periodic checkpoint recorded");
+            Some(index)
+        }
+        Ok(other) => {
+            tracing::warn!(outcome = ?other, "unexpected outcome of a checkpoint");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message(), "periodic checkpoint not committed; next run retries");
+            None
         }
     }
 }
