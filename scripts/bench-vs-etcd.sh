@@ -4,12 +4,17 @@
 # with TLS/mTLS like escrow) on 127.0.0.1, 1 KiB values at 1, 16 and 64 concurrent clients.
 # Prints all three and the ratios, and for each the CPU time per write of the servers (from
 # /proc) and of the load generator, then stops everything it started (by PID). Figures, not a
-# pass/fail test.
-# Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN]   (default 10)
+# pass/fail test. With ROUNDS > 1 each point runs that many times, the three targets taking
+# turns, and the table shows medians (this VM's speed drifts by ±20% within minutes, so one
+# round can favour either side) with the range of the per-round ratios.
+# Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs
 cd "$ROOT"
 SECONDS_PER_RUN="${1:-10}"
+ROUNDS="${2:-1}"
+[[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "SECONDS_PER_RUN must be a positive whole number" >&2; exit 2; }
+[[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "ROUNDS must be 1 to 99" >&2; exit 2; }
 VALUE=1024
 CLIENTS="1 16 64"
 ETCD_PORT=23790
@@ -121,21 +126,35 @@ done
 curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "etcd did not come up" >&2; tail "$WORK/etcd1.log" >&2; exit 1; }
 
 echo
-echo "value ${VALUE} B, ${SECONDS_PER_RUN} s per run, 3 nodes each on loopback, $(nproc) cores"
+echo "value ${VALUE} B, ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
 echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
     run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
-    e=$(measure "$ESCROW_PID" "${run[@]}")
-    d=$(measure "${ETCD_PIDS[*]}" "${run[@]}" --etcd "$ETCD_ENDPOINTS")
-    t=$(measure "${ETCD_TLS_PIDS[*]}" "${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")
-    python3 - "$c" "$e" "$d" "$t" <<'PY'
-import json, sys
-c = sys.argv[1]
-e, d, t = (json.loads(a) for a in sys.argv[2:5])
+    es=() ds=() ts=()
+    for _ in $(seq 1 "$ROUNDS"); do
+        es+=("$(measure "$ESCROW_PID" "${run[@]}")")
+        ds+=("$(measure "${ETCD_PIDS[*]}" "${run[@]}" --etcd "$ETCD_ENDPOINTS")")
+        ts+=("$(measure "${ETCD_TLS_PIDS[*]}" "${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")")
+    done
+    python3 - "$c" "$ROUNDS" "${es[@]}" "${ds[@]}" "${ts[@]}" <<'PY'
+import json, statistics, sys
+c, n = sys.argv[1], int(sys.argv[2])
+runs = [json.loads(a) for a in sys.argv[3:]]
+es, ds, ts = runs[:n], runs[n:2 * n], runs[2 * n:]
+def med(rs):
+    # Each figure's median over the rounds; errors are summed.
+    m = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+    m["errors"] = sum(r["errors"] for r in rs)
+    return m
+e, d, t = med(es), med(ds), med(ts)
 f = lambda r: f"{r['ops_per_sec']:>7.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.2f}, {r['max_ms']:.0f})"
 ratio = lambda a, b: a['ops_per_sec'] / b['ops_per_sec'] if b['ops_per_sec'] else float('inf')
 errors = f"errors {e['errors']}/{d['errors']}/{t['errors']}"
+if n > 1:
+    rd = sorted(ratio(a, b) for a, b in zip(es, ds))
+    rt = sorted(ratio(a, b) for a, b in zip(es, ts))
+    errors += f"; per round {rd[0]:.2f}-{rd[-1]:.2f}x, {rt[0]:.2f}-{rt[-1]:.2f}x"
 print(f"{c:<7} | {f(e):<30} | {f(d):<30} | {f(t):<30} | {ratio(e, d):.2f}x, {ratio(e, t):.2f}x  ({errors})")
 cpu = lambda r: f"{r['server_cpu_us_per_write']:.0f} + {r['client_cpu_us_per_write']:.0f}"
 print(f"{'':<7} | cpu/write {cpu(e):<20} | cpu/write {cpu(d):<20} | cpu/write {cpu(t):<20} | (µs: servers + load generator)")
