@@ -71,15 +71,21 @@ pub enum Command {
     /// Records every namespace's Merkle root at this entry's index (for verify and attest).
     Checkpoint,
     /// Drops record versions committed before `before_ms` that are not their record's latest
-    /// version (the retention period has passed), at most [`EXPIRE_VERSIONS_MAX`] per entry.
+    /// version (the retention period has passed), at most [`EXPIRE_VERSIONS_MAX`] per entry,
+    /// looking at history from record `from` on (None: from the start) and at no more than
+    /// [`EXPIRE_SCAN_MAX`] versions.
     ExpireHistory {
         before_ms: u64,
+        from: Option<RecordPath>,
     },
 }
 
 /// Record versions one [`Command::ExpireHistory`] entry removes at most; the proposer repeats
 /// while more remain, so no single entry holds up the state machine for long.
 pub const EXPIRE_VERSIONS_MAX: usize = 1000;
+/// Stored versions one [`Command::ExpireHistory`] entry looks at, at most: bounds the entry's
+/// work however little of the history has expired. The outcome says where to go on.
+pub const EXPIRE_SCAN_MAX: usize = 20_000;
 
 impl Command {
     /// Bytes this command adds to a batch, for bounding entry sizes.
@@ -146,10 +152,11 @@ pub enum Outcome {
     Checkpoint {
         index: u64,
     },
-    /// Expired record versions removed; `more` when others remain past the retention period.
+    /// Expired record versions removed; `next`: the record the next entry starts from (None
+    /// when this one reached the end of the history).
     Expired {
         removed: u64,
-        more: bool,
+        next: Option<RecordPath>,
     },
 }
 
@@ -219,13 +226,21 @@ pub trait LedgerView {
         name: &ArtifactName,
     ) -> Result<Option<ArtifactVersion>, Self::Error>;
     /// Up to `limit` record versions committed before `before_ms` that are not their record's
-    /// latest version, in key order: (record, index, position).
+    /// latest version, in key order: (record, index, position); looks at the history from
+    /// record `from` on and at no more than `scan_max` stored versions. Also returns the record
+    /// to go on from (None: the end of the history was reached).
     fn expirable_versions(
         &self,
         before_ms: u64,
+        from: Option<&RecordPath>,
         limit: usize,
-    ) -> Result<Vec<(RecordPath, u64, u32)>, Self::Error>;
+        scan_max: usize,
+    ) -> Result<Expirable, Self::Error>;
 }
+
+/// What [`LedgerView::expirable_versions`] found: versions (record, index, position), and
+/// where to go on.
+pub type Expirable = (Vec<(RecordPath, u64, u32)>, Option<RecordPath>);
 
 /// Where and when a command is applied.
 #[derive(Debug, Clone, Copy)]
@@ -523,10 +538,13 @@ pub fn apply<V: LedgerView>(
             }
             put_artifact(view, stamp, namespace, name, None)
         }
-        Command::ExpireHistory { before_ms } => {
-            let mut found = view.expirable_versions(*before_ms, EXPIRE_VERSIONS_MAX + 1)?;
-            let more = found.len() > EXPIRE_VERSIONS_MAX;
-            found.truncate(EXPIRE_VERSIONS_MAX);
+        Command::ExpireHistory { before_ms, from } => {
+            let (found, next) = view.expirable_versions(
+                *before_ms,
+                from.as_ref(),
+                EXPIRE_VERSIONS_MAX,
+                EXPIRE_SCAN_MAX,
+            )?;
             let removed = found.len() as u64;
             Ok((
                 found
@@ -537,7 +555,7 @@ pub fn apply<V: LedgerView>(
                         position,
                     })
                     .collect(),
-                Outcome::Expired { removed, more },
+                Outcome::Expired { removed, next },
             ))
         }
         Command::Checkpoint => Ok((
@@ -662,10 +680,12 @@ mod tests {
         fn expirable_versions(
             &self,
             _: u64,
+            _: Option<&RecordPath>,
             _: usize,
-        ) -> Result<Vec<(RecordPath, u64, u32)>, Self::Error> {
+            _: usize,
+        ) -> Result<Expirable, Self::Error> {
             // History lives in the store; its expiry is tested against RocksDB (t10).
-            Ok(Vec::new())
+            Ok((Vec::new(), None))
         }
     }
 

@@ -412,7 +412,14 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
             vec![put("a", "2"), Command::DeleteRecord { path: path("b") }],
         ),
         timed(4, 3_000, vec![put("a", "3")]),
-        timed(5, 4_000, vec![Command::ExpireHistory { before_ms: 2_500 }]),
+        timed(
+            5,
+            4_000,
+            vec![Command::ExpireHistory {
+                before_ms: 2_500,
+                from: None,
+            }],
+        ),
     ];
     let mut results = Vec::new();
     for together in [false, true] {
@@ -434,7 +441,7 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
             last[0],
             Outcome::Expired {
                 removed: 2,
-                more: false
+                next: None
             },
             "together: {together}"
         );
@@ -457,4 +464,123 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
         results.push(kept);
     }
     assert_eq!(results[0], results[1]);
+}
+
+/// Applies one expiry entry (cutoff 10,000 ms, applied at 20,000) and returns its outcome.
+async fn expire_step(sm: &mut StateMachineStore, index: u64, from: Option<RecordPath>) -> Outcome {
+    let entry = Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Timed {
+            at_ms: 20_000,
+            commands: vec![Command::ExpireHistory {
+                before_ms: 10_000,
+                from,
+            }],
+        }),
+    };
+    let outcomes = sm.apply([entry]).await.unwrap();
+    let Outcome::Batch(o) = &outcomes[0] else {
+        panic!("{outcomes:?}")
+    };
+    o[0].clone()
+}
+
+// Goal: expiry works in bounded steps that together remove exactly what one unbounded pass
+// would: an entry stops at `EXPIRE_VERSIONS_MAX` removals and says which record to go on
+// from, the next entry starting there removes the rest, and a start past a record leaves
+// that record alone.
+#[tokio::test]
+async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
+    use escrow::ledger::EXPIRE_VERSIONS_MAX;
+    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
+    let timed = |index: u64, at_ms: u64, commands: Vec<Command>| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Timed { at_ms, commands }),
+    };
+    let put = |k: &str, v: String| Command::PutRecord {
+        path: path(k),
+        value: v.into_bytes(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let mut entries = vec![timed(
+        1,
+        1_000,
+        vec![Command::AddTenant {
+            tenant: TenantId::parse("acme").unwrap(),
+        }],
+    )];
+    // "a" and "c" get two versions more than one entry may remove, "b" two versions.
+    let versions = EXPIRE_VERSIONS_MAX as u64 + 2;
+    for v in 0..versions {
+        let mut commands = vec![put("a", format!("a{v}")), put("c", format!("c{v}"))];
+        if v < 2 {
+            commands.push(put("b", format!("b{v}")));
+        }
+        entries.push(timed(2 + v, 2_000, commands));
+    }
+    sm.apply(entries).await.unwrap();
+    let mut index = 2 + versions;
+    let mut next_index = || {
+        index += 1;
+        index
+    };
+    let count = |sm: &StateMachineStore, k: &str| {
+        sm.reader()
+            .record_history(&path(k), None, 10_000, 1 << 24)
+            .unwrap()
+            .len()
+    };
+
+    // Starting at "b" leaves "a" alone.
+    let outcome = expire_step(&mut sm, next_index(), Some(path("b"))).await;
+    assert_eq!(
+        outcome,
+        Outcome::Expired {
+            removed: EXPIRE_VERSIONS_MAX as u64,
+            next: Some(path("c")),
+        },
+        "b's one old version, then c's until the limit"
+    );
+    assert_eq!(count(&sm, "a"), versions as usize, "a was before the start");
+    assert_eq!(count(&sm, "b"), 1);
+
+    // Going on from "c" removes the rest of c and reaches the end.
+    let outcome = expire_step(&mut sm, next_index(), Some(path("c"))).await;
+    assert_eq!(
+        outcome,
+        Outcome::Expired {
+            removed: 2,
+            next: None,
+        }
+    );
+    assert_eq!(count(&sm, "c"), 1, "only c's latest version is left");
+
+    // A pass from the start: a in two steps, then nothing left anywhere.
+    let first = expire_step(&mut sm, next_index(), None).await;
+    assert_eq!(
+        first,
+        Outcome::Expired {
+            removed: EXPIRE_VERSIONS_MAX as u64,
+            next: Some(path("a")),
+        }
+    );
+    let second = expire_step(&mut sm, next_index(), Some(path("a"))).await;
+    assert_eq!(
+        second,
+        Outcome::Expired {
+            removed: 1,
+            next: None,
+        }
+    );
+    for k in ["a", "b", "c"] {
+        assert_eq!(count(&sm, k), 1, "{k} keeps exactly its latest version");
+    }
+    assert_eq!(
+        expire_step(&mut sm, next_index(), None).await,
+        Outcome::Expired {
+            removed: 0,
+            next: None,
+        }
+    );
 }

@@ -1042,15 +1042,30 @@ impl LedgerView for BatchView<'_> {
     fn expirable_versions(
         &self,
         before_ms: u64,
+        from: Option<&RecordPath>,
         limit: usize,
-    ) -> Result<Vec<(RecordPath, u64, u32)>, StorageError> {
+        scan_max: usize,
+    ) -> Result<ledger::Expirable, StorageError> {
         let mut out = Vec::new();
         let mut scan = MergedScan::new(self.db, self.pending, &[keys::HISTORY_PREFIX]);
+        if let Some(from) = from {
+            scan.seek(&keys::history_prefix(from));
+        }
         // A version has expired when a newer version of its record was committed before the
         // cutoff: no "as of" read within the retention period can need it any more.
         let mut previous: Option<Vec<u8>> = None;
+        let mut scanned = 0usize;
         while let Some((key, value)) = scan.next()? {
             let record = key[..key.len().saturating_sub(12)].to_vec();
+            if scanned >= scan_max || out.len() >= limit {
+                // Go on from this record's first version: versions found in it so far are
+                // removed by this entry, so the next one sees only what is left.
+                let path = keys::parse_history(&key)
+                    .map(|(path, _, _)| path)
+                    .ok_or_else(|| sm_err("malformed history key"))?;
+                return Ok((out, Some(path)));
+            }
+            scanned += 1;
             let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
             if version.time_ms >= before_ms {
                 // This and every later version of the record are inside the period.
@@ -1063,15 +1078,12 @@ impl LedgerView for BatchView<'_> {
                 if same_record {
                     if let Some(found) = keys::parse_history(&p) {
                         out.push(found);
-                        if out.len() >= limit {
-                            return Ok(out);
-                        }
                     }
                 }
             }
             previous = Some(key);
         }
-        Ok(out)
+        Ok((out, None))
     }
     fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
         Ok(self

@@ -1,8 +1,10 @@
 //! Hourly upkeep on the leader:
-//! - Retention: proposes `ExpireHistory` with the cutoff `now - mirror.retention_days`,
-//!   repeating while the state machine reports more expired versions (each entry removes at
-//!   most `ledger::EXPIRE_VERSIONS_MAX`). The cutoff travels in the command, so every replica
-//!   removes exactly the same versions.
+//! - Retention: proposes `ExpireHistory` with the cutoff `now - mirror.retention_days`, entry
+//!   after entry, each going on where the last one stopped (each looks at no more than
+//!   `ledger::EXPIRE_SCAN_MAX` versions and removes at most `ledger::EXPIRE_VERSIONS_MAX`).
+//!   A run proposes at most `ENTRIES_PER_RUN_MAX` entries; the next run goes on from there.
+//!   The cutoff and the starting record travel in the command, so every replica removes
+//!   exactly the same versions.
 //! - A checkpoint, if writes are waiting for one. Writes only mark their Merkle buckets dirty;
 //!   a checkpoint rehashes them. Without this, a cluster nobody verifies would pile up dirty
 //!   marks and pay for all of them in the next checkpoint's single apply.
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::domain::RecordPath;
 use crate::ledger::{Command, Outcome};
 use crate::service::{now_ms, Core};
 
@@ -21,6 +24,8 @@ pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 const ENTRIES_PER_RUN_MAX: usize = 100;
 
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    // Where expiry goes on (None: from the start); kept between runs on this node only.
+    let mut cursor: Option<RecordPath> = None;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -28,26 +33,30 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         }
         let leader = core.raft.metrics().borrow().current_leader == Some(core.id);
         if !leader {
+            cursor = None;
             continue;
         }
-        expire_history(&core).await;
+        cursor = expire_history(&core, cursor).await;
         checkpoint_if_pending(&core).await;
     }
 }
 
-/// Proposes expiry of the versions past the retention period, entry by entry.
-async fn expire_history(core: &Core) {
+/// Proposes expiry of the versions past the retention period, entry by entry, starting at
+/// record `from`; returns where the next run goes on (None: this run reached the end).
+async fn expire_history(core: &Core, mut from: Option<RecordPath>) -> Option<RecordPath> {
     let retention_ms = core.mirror.retention_days.saturating_mul(24 * 3600 * 1000);
     let before_ms = now_ms().saturating_sub(retention_ms);
     let mut removed = 0;
     for _ in 0..ENTRIES_PER_RUN_MAX {
-        match core
-            .write(Command::ExpireHistory { before_ms }, false)
-            .await
-        {
-            Ok(Outcome::Expired { removed: n, more }) => {
+        let command = Command::ExpireHistory {
+            before_ms,
+            from: from.clone(),
+        };
+        match core.write(command, false).await {
+            Ok(Outcome::Expired { removed: n, next }) => {
                 removed += n;
-                if !more {
+                from = next;
+                if from.is_none() {
                     break;
                 }
             }
@@ -68,6 +77,7 @@ async fn expire_history(core: &Core) {
             "record versions past the retention period removed"
         );
     }
+    from
 }
 
 /// Proposes a checkpoint when writes are waiting to be folded into the Merkle trees; returns
