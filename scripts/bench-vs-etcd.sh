@@ -4,9 +4,10 @@
 # with TLS/mTLS like escrow) on 127.0.0.1, 1 KiB values at 1, 16 and 64 concurrent clients.
 # Prints all three and the ratios, and for each the CPU time per write of the servers (from
 # /proc) and of the load generator, then stops everything it started (by PID). Figures, not a
-# pass/fail test. With ROUNDS > 1 each point runs that many times, the three targets taking
-# turns, and the table shows medians (this VM's speed drifts by ±20% within minutes, so one
-# round can favour either side) with the range of the per-round ratios.
+# pass/fail test. With ROUNDS > 1 each point runs that many times, each round running escrow,
+# etcd and etcd+tls in that order, and the table shows each figure's median over the rounds
+# (max included) with the range of the per-round ratios: this VM's speed drifts by ±20%
+# within minutes, so one round can favour either side.
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs

@@ -80,8 +80,9 @@ pub enum Command {
     },
 }
 
-/// Record versions one [`Command::ExpireHistory`] entry removes at most; the proposer repeats
-/// while more remain, so no single entry holds up the state machine for long.
+/// Record versions one [`Command::ExpireHistory`] entry removes at most; the retention worker
+/// proposes the next entry while one names a record to go on from, so no single entry holds
+/// up the state machine for long.
 pub const EXPIRE_VERSIONS_MAX: usize = 1000;
 /// Stored versions one [`Command::ExpireHistory`] entry looks at, at most: bounds the entry's
 /// work however little of the history has expired. The outcome says where to go on.
@@ -105,7 +106,10 @@ impl Command {
                 name.as_str().len() + manifest.chunks.len() * 48 + 256
             }
             Command::DeleteArtifact { name, .. } => name.as_str().len() + 128,
-            Command::Checkpoint | Command::ExpireHistory { .. } => 64,
+            Command::Checkpoint => 64,
+            Command::ExpireHistory { from, .. } => {
+                from.as_ref().map_or(0, |p| p.key.as_str().len()) + 192
+            }
         }
     }
 }
@@ -228,7 +232,8 @@ pub trait LedgerView {
     /// Up to `limit` record versions committed before `before_ms` that are not their record's
     /// latest version, in key order: (record, index, position); looks at the history from
     /// record `from` on and at no more than `scan_max` stored versions. Also returns the record
-    /// to go on from (None: the end of the history was reached).
+    /// to go on from (None: the end of the history was reached). Implementations treat a
+    /// `limit` below 1 as 1 and a `scan_max` below 2 as 2, so every step makes progress.
     fn expirable_versions(
         &self,
         before_ms: u64,

@@ -584,3 +584,66 @@ async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
         }
     );
 }
+
+// Goal: an expiry entry stops after looking at `EXPIRE_SCAN_MAX` versions even when it found
+// nothing to remove (a history of single-version records), and the next entry goes on from
+// where it stopped and finds what lies beyond.
+#[tokio::test]
+async fn t19_history_expiry_bounds_the_versions_one_entry_looks_at() {
+    use escrow::ledger::EXPIRE_SCAN_MAX;
+    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
+    let key = |i: usize| format!("k{i:06}");
+    let timed = |index: u64, commands: Vec<Command>| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Timed {
+            at_ms: 2_000,
+            commands,
+        }),
+    };
+    let put = |k: &str, v: &str| Command::PutRecord {
+        path: path(k),
+        value: v.as_bytes().to_vec(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let mut entries = vec![timed(
+        1,
+        vec![Command::AddTenant {
+            tenant: TenantId::parse("acme").unwrap(),
+        }],
+    )];
+    // One version each for EXPIRE_SCAN_MAX + 1 records, then "z" with an expirable version.
+    let keys: Vec<String> = (0..=EXPIRE_SCAN_MAX).map(key).collect();
+    for chunk in keys.chunks(1_000) {
+        let index = entries.len() as u64 + 1;
+        entries.push(timed(index, chunk.iter().map(|k| put(k, "v")).collect()));
+    }
+    let index = entries.len() as u64 + 1;
+    entries.push(timed(index, vec![put("z", "1")]));
+    entries.push(timed(index + 1, vec![put("z", "2")]));
+    sm.apply(entries).await.unwrap();
+
+    let first = expire_step(&mut sm, index + 2, None).await;
+    assert_eq!(
+        first,
+        Outcome::Expired {
+            removed: 0,
+            next: Some(path(&key(EXPIRE_SCAN_MAX))),
+        },
+        "stops after EXPIRE_SCAN_MAX versions, at the next record"
+    );
+    let second = expire_step(&mut sm, index + 3, Some(path(&key(EXPIRE_SCAN_MAX)))).await;
+    assert_eq!(
+        second,
+        Outcome::Expired {
+            removed: 1,
+            next: None,
+        },
+        "z's replaced version, then the end"
+    );
+    let z = sm
+        .reader()
+        .record_history(&path("z"), None, 10, 1 << 20)
+        .unwrap();
+    assert_eq!(z.len(), 1, "z keeps its latest version only");
+}

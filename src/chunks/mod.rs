@@ -113,15 +113,25 @@ impl ChunkStore {
         }
         let path = self.path(hash);
         let dir = path.parent().expect("chunk paths have a parent");
-        let _guard = self.lock(hash);
         if path.is_file() {
             // Count an existing copy only if it is still right (and durable, and fresh for
-            // the garbage collector's grace period); a bad one is replaced below.
+            // the garbage collector's grace period); a bad one is replaced below. The re-hash
+            // runs unlocked; the refresh takes the chunk's lock and counts only if the copy is
+            // still there (collection may have removed it meanwhile).
             match self.check(hash) {
                 Ok(_) => {
-                    self.touch(hash);
-                    crate::store::fsync_dir(dir).map_err(io(dir))?;
-                    return Ok(false);
+                    let refreshed = {
+                        let _guard = self.lock(hash);
+                        let present = path.is_file();
+                        if present {
+                            self.touch(hash);
+                        }
+                        present
+                    };
+                    if refreshed {
+                        crate::store::fsync_dir(dir).map_err(io(dir))?;
+                        return Ok(false);
+                    }
                 }
                 Err(ChunkError::Mismatch { .. }) => self.quarantine(hash)?,
                 Err(ChunkError::Missing(_)) => {}
@@ -139,7 +149,12 @@ impl ChunkStore {
             f.write_all(bytes).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
         }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        {
+            // Under the lock, so collection never removes the copy just renamed into place
+            // after judging the one it replaced.
+            let _guard = self.lock(hash);
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
         crate::store::fsync_dir(dir).map_err(io(dir))?;
         Ok(true)
     }
@@ -223,7 +238,8 @@ impl ChunkStore {
     /// chunk's lock. A listing taken earlier is only a candidate list: an upload may have
     /// claimed the chunk since (its manifest about to commit), and `claim` and `put` take the
     /// same lock, so they either see the chunk gone (and upload it again) or refresh it first.
-    /// Returns whether the chunk was removed.
+    /// Returns whether the chunk was removed. `unreferenced` runs under the lock: it must not
+    /// call back into this store.
     pub fn remove_if_stale<E>(
         &self,
         hash: &Digest,

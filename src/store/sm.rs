@@ -1046,6 +1046,9 @@ impl LedgerView for BatchView<'_> {
         limit: usize,
         scan_max: usize,
     ) -> Result<ledger::Expirable, StorageError> {
+        // Within a record every version but the first is either removed or ends the record's
+        // scan, so with these floors each step removes something or moves past a record.
+        let (limit, scan_max) = (limit.max(1), scan_max.max(2));
         let mut out = Vec::new();
         let mut scan = MergedScan::new(self.db, self.pending, &[keys::HISTORY_PREFIX]);
         if let Some(from) = from {
