@@ -382,21 +382,35 @@ async fn t16_interrupted_snapshot_install_drops_the_stale_snapshot() {
     assert!(!leader.reconcile_with_log(20));
 }
 
+/// The record `acme/orders/{key}`.
+fn order(key: &str) -> RecordPath {
+    RecordPath::parse("acme", "orders", key).unwrap()
+}
+
+/// A log entry (term 1) carrying `commands` stamped at `at_ms`.
+fn timed(index: u64, at_ms: u64, commands: Vec<Command>) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Timed { at_ms, commands }),
+    }
+}
+
+/// Writes `value` to `acme/orders/{key}`.
+fn put_order(key: &str, value: &[u8]) -> Command {
+    Command::PutRecord {
+        path: order(key),
+        value: value.to_vec(),
+    }
+}
+
 // Goal: history expiry removes exactly the versions that were replaced before the cutoff
 // (never a record's latest, so a deleted record keeps its tombstone), and gives the same result whether
 // the entries were applied one by one or together in one apply call (replicas batch entries
 // differently, so expiry must read staged and stored versions alike).
 #[tokio::test]
 async fn t17_history_expiry_is_exact_and_independent_of_batching() {
-    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
-    let timed = |index: u64, at_ms: u64, commands: Vec<Command>| Entry {
-        log_id: log_id(1, index),
-        payload: EntryPayload::Normal(Command::Timed { at_ms, commands }),
-    };
-    let put = |k: &str, v: &str| Command::PutRecord {
-        path: path(k),
-        value: v.as_bytes().to_vec(),
-    };
+    let path = order;
+    let put = |k: &str, v: &str| put_order(k, v.as_bytes());
     let entries = vec![
         timed(
             1,
@@ -468,16 +482,14 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
 
 /// Applies one expiry entry (cutoff 10,000 ms, applied at 20,000) and returns its outcome.
 async fn expire_step(sm: &mut StateMachineStore, index: u64, from: Option<RecordPath>) -> Outcome {
-    let entry = Entry {
-        log_id: log_id(1, index),
-        payload: EntryPayload::Normal(Command::Timed {
-            at_ms: 20_000,
-            commands: vec![Command::ExpireHistory {
-                before_ms: 10_000,
-                from,
-            }],
-        }),
-    };
+    let entry = timed(
+        index,
+        20_000,
+        vec![Command::ExpireHistory {
+            before_ms: 10_000,
+            from,
+        }],
+    );
     let outcomes = sm.apply([entry]).await.unwrap();
     let Outcome::Batch(o) = &outcomes[0] else {
         panic!("{outcomes:?}")
@@ -492,15 +504,8 @@ async fn expire_step(sm: &mut StateMachineStore, index: u64, from: Option<Record
 #[tokio::test]
 async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
     use escrow::ledger::EXPIRE_VERSIONS_MAX;
-    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
-    let timed = |index: u64, at_ms: u64, commands: Vec<Command>| Entry {
-        log_id: log_id(1, index),
-        payload: EntryPayload::Normal(Command::Timed { at_ms, commands }),
-    };
-    let put = |k: &str, v: String| Command::PutRecord {
-        path: path(k),
-        value: v.into_bytes(),
-    };
+    let path = order;
+    let put = |k: &str, v: String| put_order(k, v.as_bytes());
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let mut entries = vec![timed(
@@ -591,19 +596,10 @@ async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
 #[tokio::test]
 async fn t19_history_expiry_bounds_the_versions_one_entry_looks_at() {
     use escrow::ledger::EXPIRE_SCAN_MAX;
-    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
+    let path = order;
     let key = |i: usize| format!("k{i:06}");
-    let timed = |index: u64, commands: Vec<Command>| Entry {
-        log_id: log_id(1, index),
-        payload: EntryPayload::Normal(Command::Timed {
-            at_ms: 2_000,
-            commands,
-        }),
-    };
-    let put = |k: &str, v: &str| Command::PutRecord {
-        path: path(k),
-        value: v.as_bytes().to_vec(),
-    };
+    let timed = |index: u64, commands: Vec<Command>| timed(index, 2_000, commands);
+    let put = |k: &str, v: &str| put_order(k, v.as_bytes());
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let mut entries = vec![timed(

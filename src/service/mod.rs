@@ -13,6 +13,7 @@ pub mod tenants;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -89,7 +90,15 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         // queue behind the first while making both smaller. The batch is proposed from this
         // task, not a spawned one: the next batch then starts the moment this one is answered,
         // instead of waiting behind every task the answers woke (README, Benchmarks).
-        let answers = propose(&raft, commands, waiters.len()).await;
+        let count = waiters.len();
+        // A panic while proposing fails this batch's writers, not every later write.
+        let answers = std::panic::AssertUnwindSafe(propose(&raft, commands, count))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!("proposing a batch panicked; its writes failed");
+                vec![Proposed::Failed(Status::internal("proposing the write failed")); count]
+            });
         for (waiter, answer) in waiters.into_iter().zip(answers) {
             let _ = waiter.send(answer);
         }
