@@ -238,6 +238,64 @@ async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
     cluster.shutdown().await;
 }
 
+// Goal: deep verification scoped to one tenant checks that tenant only: its records and
+// leaves, and just the chunks its artifact versions reference (none for a records-only
+// tenant); damage in another tenant does not show up in it, and does in that tenant's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t91_deep_verify_of_one_tenant_checks_that_tenant_only() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let work = tempfile::tempdir().unwrap();
+    mixed_writes(&client, work.path()).await;
+    let chunks_checked = |report: &escrow::verify::VerifyReport| -> Vec<u64> {
+        report.deep.iter().map(|d| d.chunks_checked).collect()
+    };
+
+    let all = verify(&client, None, true).await.unwrap();
+    assert!(all.ok, "{all:?}");
+    let every_chunk = chunks_checked(&all);
+    assert_eq!(every_chunk.len(), 3);
+    assert!(every_chunk.iter().all(|n| *n > 0 && *n == every_chunk[0]));
+    let records_only = verify(&client, Some(TENANT), true).await.unwrap();
+    assert!(records_only.ok, "{records_only:?}");
+    assert_eq!(
+        chunks_checked(&records_only),
+        vec![0, 0, 0],
+        "no artifacts, no chunks"
+    );
+    let vendor = verify(&client, Some("vendor"), true).await.unwrap();
+    assert!(vendor.ok, "{vendor:?}");
+    assert_eq!(
+        chunks_checked(&vendor),
+        every_chunk,
+        "vendor holds every chunk"
+    );
+
+    let victim = cluster.node(2);
+    let path = escrow::domain::RecordPath::parse(TENANT, "orders", "k20").unwrap();
+    victim
+        .core
+        .reader
+        .overwrite_record_for_tests(&path, b"evil")
+        .unwrap();
+    let vendor = verify(&client, Some("vendor"), true).await.unwrap();
+    assert!(
+        vendor.ok,
+        "another tenant's damage is not in vendor's report: {vendor:?}"
+    );
+    let tenant = verify(&client, Some(TENANT), true).await.unwrap();
+    assert!(!tenant.ok);
+    assert!(
+        tenant
+            .disagreements
+            .iter()
+            .any(|d| d.node == victim.id && d.object == "record orders/k20"),
+        "{:?}",
+        tenant.disagreements
+    );
+    cluster.shutdown().await;
+}
+
 // Goal: an attestation signed by every node verifies offline with the nodes' keys (also one
 // scoped to a tenant), and `escrowctl attest verify` fails on any change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

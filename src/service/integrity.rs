@@ -85,21 +85,20 @@ impl pb::integrity_server::Integrity for IntegrityService {
         request: Request<pb::DeepVerifyRequest>,
     ) -> Result<Response<pb::DeepVerifyReply>, Status> {
         let only = request.into_inner().namespace;
-        if !only.is_empty() {
-            TenantId::parse(&only).map_err(status::input)?;
-        }
+        let only = if only.is_empty() {
+            None
+        } else {
+            Some(TenantId::parse(&only).map_err(status::input)?)
+        };
         let started = Instant::now();
         let reader = self.core.reader.clone();
-        let check =
-            tokio::task::spawn_blocking(move || reader.deep_check().map_err(status::storage))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+        let check = tokio::task::spawn_blocking(move || {
+            reader.deep_check(only.as_ref()).map_err(status::storage)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         let mut mismatches = Vec::new();
-        for ns in check
-            .namespaces
-            .iter()
-            .filter(|n| only.is_empty() || n.namespace == only)
-        {
+        for ns in &check.namespaces {
             if ns.recomputed != ns.maintained.root {
                 mismatches.push(pb::ObjectMismatch {
                     namespace: ns.namespace.clone(),

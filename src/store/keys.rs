@@ -35,15 +35,15 @@ pub const APPLIED: &[u8] = b"\x00applied";
 pub const MEMBERSHIP: &[u8] = b"\x00membership";
 pub const CLOCK: &[u8] = b"\x00clock";
 const NODE_PREFIX: u8 = b'n';
-const RECORD_PREFIX: u8 = b'r';
+pub const RECORD_PREFIX: u8 = b'r';
 pub const HISTORY_PREFIX: u8 = b'h';
 pub const TENANT_PREFIX: u8 = b't';
 pub const STATS_PREFIX: u8 = b's';
 const SOURCE_PREFIX: u8 = b'q';
 const ARTIFACT_LATEST_PREFIX: u8 = b'A';
-const ARTIFACT_VERSION_PREFIX: u8 = b'a';
+pub const ARTIFACT_VERSION_PREFIX: u8 = b'a';
 pub const CHUNK_PREFIX: u8 = b'c';
-const LEAF_PREFIX: u8 = b'l';
+pub const LEAF_PREFIX: u8 = b'l';
 const NODE_TREE_PREFIX: u8 = b'm';
 pub const ROOT_PREFIX: u8 = b'R';
 pub const DIRTY_PREFIX: u8 = b'd';
@@ -144,6 +144,12 @@ pub fn source(tenant: &TenantId, source: &SourceId) -> Vec<u8> {
     out.push(0);
     out.extend_from_slice(source.as_str().as_bytes());
     out
+}
+
+/// The prefix of every key of `kind` (a key prefix byte such as `b'r'`) in one namespace, for
+/// the kinds laid out as `kind namespace 0x00 …`: records, leaves, artifact versions.
+pub fn in_namespace(kind: u8, namespace: &TenantId) -> Vec<u8> {
+    ns_prefix(kind, namespace.as_str())
 }
 
 /// The prefix of every artifact's latest-version key in a namespace.

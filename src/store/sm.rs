@@ -442,10 +442,15 @@ impl SmReader {
         get_decoded(&self.shared.db(), &keys::checkpoint(index))
     }
 
-    /// Recomputes every namespace's Merkle leaves and root from the stored records and
-    /// artifacts, from one consistent view of the database, and compares them with the
-    /// maintained ones. Also returns the chunks referenced at that point.
-    pub fn deep_check(&self) -> Result<DeepCheck, StorageError> {
+    /// Recomputes every namespace's Merkle leaves and root (or only `only`'s) from the stored
+    /// records and artifacts, from one consistent view of the database, and compares them with
+    /// the maintained ones. Also returns the chunks referenced at that point: all of them, or
+    /// with `only`, those its artifact versions reference.
+    pub fn deep_check(&self, only: Option<&TenantId>) -> Result<DeepCheck, StorageError> {
+        let within = |kind: u8| match only {
+            Some(ns) => keys::in_namespace(kind, ns),
+            None => vec![kind],
+        };
         let db = self.shared.db();
         let snap = db.snapshot();
         type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -470,7 +475,7 @@ impl SmReader {
         };
         // Recomputed leaves per namespace: id -> (hash, object description).
         let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
-        for (k, v) in scan(b"r")? {
+        for (k, v) in scan(&within(keys::RECORD_PREFIX))? {
             let path = keys::parse_record(&k).ok_or_else(|| sm_err("malformed record key"))?;
             let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
             if head.len.is_none() {
@@ -495,7 +500,11 @@ impl SmReader {
                 .or_default()
                 .insert(o.id(), (o.hash(), o.describe()));
         }
-        for (k, v) in scan(b"A")? {
+        let artifacts = match only {
+            Some(ns) => keys::artifacts_prefix(ns),
+            None => b"A".to_vec(),
+        };
+        for (k, v) in scan(&artifacts)? {
             let mut parts = k[1..].splitn(2, |b| *b == 0);
             let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
                 return Err(sm_err("malformed artifact key"));
@@ -519,7 +528,7 @@ impl SmReader {
         }
         // The maintained leaf index, per namespace: what consensus applied.
         let mut maintained: BTreeMap<String, BTreeMap<Digest, Digest>> = BTreeMap::new();
-        for (k, v) in scan(b"l")? {
+        for (k, v) in scan(&within(keys::LEAF_PREFIX))? {
             let body = &k[1..];
             let Some(split) = body.len().checked_sub(33) else {
                 return Err(sm_err("malformed leaf key"));
@@ -568,13 +577,27 @@ impl SmReader {
             });
         }
         let mut chunks = Vec::new();
-        for (k, v) in scan(&[keys::CHUNK_PREFIX])? {
-            let hash: Digest = k[1..].try_into().map_err(sm_err)?;
-            let size: [u8; 4] = v.as_slice().try_into().map_err(sm_err)?;
-            chunks.push(ChunkRef {
-                hash,
-                size: u32::from_be_bytes(size),
-            });
+        if only.is_some() {
+            // The namespace's own chunks: those its artifact versions (history included)
+            // reference, each once.
+            let mut seen = BTreeSet::new();
+            for (_, v) in scan(&within(keys::ARTIFACT_VERSION_PREFIX))? {
+                let version: ArtifactVersion = codec::decode(&v).map_err(sm_err)?;
+                for c in version.manifest.into_iter().flat_map(|m| m.chunks) {
+                    if seen.insert(c.hash) {
+                        chunks.push(c);
+                    }
+                }
+            }
+        } else {
+            for (k, v) in scan(&[keys::CHUNK_PREFIX])? {
+                let hash: Digest = k[1..].try_into().map_err(sm_err)?;
+                let size: [u8; 4] = v.as_slice().try_into().map_err(sm_err)?;
+                chunks.push(ChunkRef {
+                    hash,
+                    size: u32::from_be_bytes(size),
+                });
+            }
         }
         Ok(DeepCheck {
             applied_index: applied.map_or(0, |l| l.index),
