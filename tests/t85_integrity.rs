@@ -42,16 +42,31 @@ async fn mixed_writes(client: &EscrowClient, dir: &std::path::Path) {
         .unwrap();
 }
 
+/// Overwrites `TENANT/orders/{key}`'s stored value on one node, bypassing Raft.
+fn corrupt_record(node: &escrow::node::NodeHandle, key: &str) {
+    let path = escrow::domain::RecordPath::parse(TENANT, "orders", key).unwrap();
+    node.core
+        .reader
+        .overwrite_record_for_tests(&path, b"evil")
+        .unwrap();
+}
+
+/// A 3-node cluster holding [`mixed_writes`]; the temporary dir holds the uploaded file.
+async fn cluster_with_mixed_writes() -> (TestCluster, EscrowClient, tempfile::TempDir) {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let work = tempfile::tempdir().unwrap();
+    mixed_writes(&client, work.path()).await;
+    (cluster, client, work)
+}
+
 // Goal: the leader's periodic checkpoint folds writes nobody verified into the Merkle trees:
 // it is due after writes, records the roots a verification then reports, takes every dirty
 // mark, and is skipped while nothing is pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t90_periodic_checkpoint_runs_only_when_writes_wait() {
     use escrow::workers::retention::checkpoint_if_pending;
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let work = tempfile::tempdir().unwrap();
-    mixed_writes(&client, work.path()).await;
+    let (cluster, client, _work) = cluster_with_mixed_writes().await;
     let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
     let reader = &leader.core.reader;
     assert!(reader.merkle_pending().unwrap(), "writes left dirty marks");
@@ -89,10 +104,7 @@ async fn t90_periodic_checkpoint_runs_only_when_writes_wait() {
 // recomputation (deep), and change when any single record or artifact changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t85_roots_agree_across_replicas_and_move_with_any_change() {
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let work = tempfile::tempdir().unwrap();
-    mixed_writes(&client, work.path()).await;
+    let (cluster, client, work) = cluster_with_mixed_writes().await;
 
     let report = verify(&client, None, true).await.unwrap();
     assert!(report.ok, "{report:?}");
@@ -214,12 +226,7 @@ async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
     cluster.wait_applied(last).await;
     assert!(verify(&client, None, true).await.unwrap().ok);
     let victim = cluster.node(2);
-    let path = escrow::domain::RecordPath::parse(TENANT, "orders", "k7").unwrap();
-    victim
-        .core
-        .reader
-        .overwrite_record_for_tests(&path, b"evil")
-        .unwrap();
+    corrupt_record(victim, "k7");
     let report = verify(&client, None, true).await.unwrap();
     assert!(!report.ok);
     assert!(!report.disagreements.is_empty());
@@ -243,10 +250,7 @@ async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
 // tenant); damage in another tenant does not show up in it, and does in that tenant's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t91_deep_verify_of_one_tenant_checks_that_tenant_only() {
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let work = tempfile::tempdir().unwrap();
-    mixed_writes(&client, work.path()).await;
+    let (cluster, client, _work) = cluster_with_mixed_writes().await;
     let chunks_checked = |report: &escrow::verify::VerifyReport| -> Vec<u64> {
         report.deep.iter().map(|d| d.chunks_checked).collect()
     };
@@ -272,12 +276,7 @@ async fn t91_deep_verify_of_one_tenant_checks_that_tenant_only() {
     );
 
     let victim = cluster.node(2);
-    let path = escrow::domain::RecordPath::parse(TENANT, "orders", "k20").unwrap();
-    victim
-        .core
-        .reader
-        .overwrite_record_for_tests(&path, b"evil")
-        .unwrap();
+    corrupt_record(victim, "k20");
     let vendor = verify(&client, Some("vendor"), true).await.unwrap();
     assert!(
         vendor.ok,

@@ -40,7 +40,7 @@ pub const HISTORY_PREFIX: u8 = b'h';
 pub const TENANT_PREFIX: u8 = b't';
 pub const STATS_PREFIX: u8 = b's';
 const SOURCE_PREFIX: u8 = b'q';
-const ARTIFACT_LATEST_PREFIX: u8 = b'A';
+pub const ARTIFACT_LATEST_PREFIX: u8 = b'A';
 pub const ARTIFACT_VERSION_PREFIX: u8 = b'a';
 pub const CHUNK_PREFIX: u8 = b'c';
 pub const LEAF_PREFIX: u8 = b'l';
@@ -147,17 +147,14 @@ pub fn source(tenant: &TenantId, source: &SourceId) -> Vec<u8> {
 }
 
 /// The prefix of every key of `kind` (a key prefix byte such as `b'r'`) in one namespace, for
-/// the kinds laid out as `kind namespace 0x00 …`: records, leaves, artifact versions.
+/// the kinds laid out as `kind namespace 0x00 …`: records, leaves, artifacts and their versions.
 pub fn in_namespace(kind: u8, namespace: &TenantId) -> Vec<u8> {
     ns_prefix(kind, namespace.as_str())
 }
 
 /// The prefix of every artifact's latest-version key in a namespace.
 pub fn artifacts_prefix(namespace: &TenantId) -> Vec<u8> {
-    let mut out = vec![ARTIFACT_LATEST_PREFIX];
-    out.extend_from_slice(namespace.as_str().as_bytes());
-    out.push(0);
-    out
+    in_namespace(ARTIFACT_LATEST_PREFIX, namespace)
 }
 
 pub fn artifact_latest(namespace: &TenantId, name: &ArtifactName) -> Vec<u8> {
@@ -167,9 +164,7 @@ pub fn artifact_latest(namespace: &TenantId, name: &ArtifactName) -> Vec<u8> {
 }
 
 pub fn artifact_version(namespace: &TenantId, name: &ArtifactName, version: u64) -> Vec<u8> {
-    let mut out = vec![ARTIFACT_VERSION_PREFIX];
-    out.extend_from_slice(namespace.as_str().as_bytes());
-    out.push(0);
+    let mut out = in_namespace(ARTIFACT_VERSION_PREFIX, namespace);
     out.extend_from_slice(name.as_str().as_bytes());
     out.push(0);
     out.extend_from_slice(&version.to_be_bytes());

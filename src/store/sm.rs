@@ -500,11 +500,7 @@ impl SmReader {
                 .or_default()
                 .insert(o.id(), (o.hash(), o.describe()));
         }
-        let artifacts = match only {
-            Some(ns) => keys::artifacts_prefix(ns),
-            None => b"A".to_vec(),
-        };
-        for (k, v) in scan(&artifacts)? {
+        for (k, v) in scan(&within(keys::ARTIFACT_LATEST_PREFIX))? {
             let mut parts = k[1..].splitn(2, |b| *b == 0);
             let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
                 return Err(sm_err("malformed artifact key"));
