@@ -34,6 +34,18 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
 /// Appends waiting for one fsync at most; beyond it `append` waits for the syncer (backpressure).
 const SYNC_QUEUE_DEPTH_MAX: usize = 4096;
+/// Retired write-ahead log files RocksDB keeps to write the next ones over. Syncing a file
+/// written in place needs no filesystem journal commit, where an appended file does (its size
+/// and newly allocated blocks are metadata): on this project's ext4 VM the fdatasync behind
+/// every acknowledged append fell from a median of 300–340 µs to about 205 µs under load.
+const WAL_FILES_RECYCLED: usize = 4;
+/// Memtable of the entries column family. A write-ahead log file is retired (and recycled)
+/// once the memtables it holds are flushed, so this also sets how soon after start recycling
+/// begins and how large each log file is.
+const ENTRIES_MEMTABLE_BYTES: usize = 16 * 1024 * 1024;
+/// Total size of the live write-ahead logs before RocksDB flushes the column family holding
+/// the oldest (the small `meta` family would otherwise keep old files alive).
+const WAL_TOTAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -85,10 +97,16 @@ impl LogStore {
         // The statistics let tests prove that acknowledgements follow real WAL fsyncs, and let
         // operators see sync counts; their cost is a few atomic increments per write.
         opts.enable_statistics();
-        opts.set_max_total_wal_size(256 * 1024 * 1024);
+        opts.set_max_total_wal_size(WAL_TOTAL_BYTES_MAX);
+        // Recycling keeps RocksDB's default recovery mode (point in time); RocksDB turns it off
+        // only for the modes it cannot serve.
+        opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
         // Entries are small and purged after each snapshot: compressing them is wasted CPU.
         let cfs = [CF_ENTRIES, CF_META].into_iter().map(|name| {
             let mut cf = Options::default();
+            if name == CF_ENTRIES {
+                cf.set_write_buffer_size(ENTRIES_MEMTABLE_BYTES);
+            }
             cf.set_compression_type(rocksdb::DBCompressionType::None);
             ColumnFamilyDescriptor::new(name, cf)
         });
