@@ -4,8 +4,9 @@
 # with TLS/mTLS like escrow) on 127.0.0.1, 1 KiB values at 1, 16 and 64 concurrent clients.
 # Prints all three and the ratios, and for each the CPU time per write of the servers (from
 # /proc) and of the load generator, then stops everything it started (by PID). Figures, not a
-# pass/fail test. With ROUNDS > 1 each point runs that many times, each round running escrow,
-# etcd and etcd+tls in that order, and the table shows each figure's median over the rounds
+# pass/fail test. With ROUNDS > 1 each point runs that many times, the three systems taking
+# turns (round 1: escrow, etcd, etcd+tls; round 2 starts with etcd, round 3 with etcd+tls, and
+# so on, so none always runs first), and the table shows each figure's median over the rounds
 # (max included) with the range of the per-round ratios: this VM's speed drifts by ±20%
 # within minutes, so one round can favour either side.
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
@@ -133,10 +134,14 @@ printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max m
 for c in $CLIENTS; do
     run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
     es=() ds=() ts=()
-    for _ in $(seq 1 "$ROUNDS"); do
-        es+=("$(measure "$ESCROW_PID" "${run[@]}")")
-        ds+=("$(measure "${ETCD_PIDS[*]}" "${run[@]}" --etcd "$ETCD_ENDPOINTS")")
-        ts+=("$(measure "${ETCD_TLS_PIDS[*]}" "${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")")
+    for round in $(seq 0 $((ROUNDS - 1))); do
+        for turn in 0 1 2; do
+            case $(( (round + turn) % 3 )) in
+                0) es+=("$(measure "$ESCROW_PID" "${run[@]}")") ;;
+                1) ds+=("$(measure "${ETCD_PIDS[*]}" "${run[@]}" --etcd "$ETCD_ENDPOINTS")") ;;
+                2) ts+=("$(measure "${ETCD_TLS_PIDS[*]}" "${run[@]}" --etcd "$ETCD_TLS_ENDPOINTS" --etcd-ca "$PKI/ca.pem")") ;;
+            esac
+        done
     done
     python3 - "$c" "$ROUNDS" "${es[@]}" "${ds[@]}" "${ts[@]}" <<'PY'
 import json, statistics, sys
