@@ -92,7 +92,7 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         // instead of waiting behind every task the answers woke (README, Benchmarks).
         let count = waiters.len();
         // A panic while proposing fails this batch's writers, not every later write.
-        let answers = std::panic::AssertUnwindSafe(propose(&raft, commands, count))
+        let answers = std::panic::AssertUnwindSafe(propose(&raft, commands))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -137,7 +137,8 @@ fn drain_batch(
 
 /// Proposes one batch and returns one answer per command: its outcome, or the failure they
 /// all share.
-async fn propose(raft: &Raft, commands: Vec<Command>, count: usize) -> Vec<Proposed> {
+async fn propose(raft: &Raft, commands: Vec<Command>) -> Vec<Proposed> {
+    let count = commands.len();
     // The leader stamps its clock here (the state machine itself has no clock); a proposal on
     // a node that is not the leader fails and is forwarded unstamped.
     let command = Command::Timed {

@@ -181,6 +181,16 @@ fn sm_write_options() -> rocksdb::WriteOptions {
     wo
 }
 
+/// A raw iterator over the keys that start with `prefix`, positioned at the first such key at
+/// or after `from` (pass `prefix` itself to start at the beginning).
+fn iter_within<'a>(db: &'a DB, prefix: &[u8], from: &[u8]) -> rocksdb::DBRawIterator<'a> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek(from);
+    it
+}
+
 fn read_applied(db: &DB) -> Result<(Option<LogId>, StoredMembership), StorageError> {
     let applied = match db.get(keys::APPLIED).map_err(sm_err)? {
         None => None,
@@ -349,17 +359,15 @@ impl SmReader {
     ) -> Result<Vec<(ArtifactName, ArtifactVersion)>, StorageError> {
         let db = self.shared.db();
         let prefix = keys::artifacts_prefix(namespace);
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
-        let mut it = db.raw_iterator_opt(opts);
-        match after {
+        let start = match after {
             Some(name) => {
                 let mut start = keys::artifact_latest(namespace, name);
                 start.push(0);
-                it.seek(&start);
+                start
             }
-            None => it.seek(&prefix),
-        }
+            None => prefix.clone(),
+        };
+        let mut it = iter_within(&db, &prefix, &start);
         let mut out = Vec::new();
         while it.valid() && out.len() < limit {
             if let (Some(key), Some(value)) = (it.key(), it.value()) {
@@ -383,17 +391,15 @@ impl SmReader {
     ) -> Result<Vec<ChunkRef>, StorageError> {
         let db = self.shared.db();
         let prefix = [keys::CHUNK_PREFIX];
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
-        let mut it = db.raw_iterator_opt(opts);
-        match after {
+        let start = match after {
             Some(h) => {
                 let mut start = keys::chunk(h);
                 start.push(0);
-                it.seek(&start);
+                start
             }
-            None => it.seek(prefix),
-        }
+            None => prefix.to_vec(),
+        };
+        let mut it = iter_within(&db, &prefix, &start);
         let mut out = Vec::new();
         while it.valid() && out.len() < limit {
             if let (Some(key), Some(value)) = (it.key(), it.value()) {
@@ -428,10 +434,8 @@ impl SmReader {
     /// buckets are marked dirty and not yet rehashed).
     pub fn merkle_pending(&self) -> Result<bool, StorageError> {
         let db = self.shared.db();
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::prefix_end(&[keys::DIRTY_PREFIX]));
-        let mut it = db.raw_iterator_opt(opts);
-        it.seek([keys::DIRTY_PREFIX]);
+        let prefix = [keys::DIRTY_PREFIX];
+        let it = iter_within(&db, &prefix, &prefix);
         let pending = it.valid();
         it.status().map_err(sm_err)?;
         Ok(pending)
@@ -628,11 +632,7 @@ impl SmReader {
     pub fn tenants(&self) -> Result<Vec<TenantInfo>, StorageError> {
         let db = self.shared.db();
         let prefix = [keys::TENANT_PREFIX];
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_lower_bound(prefix.to_vec());
-        opts.set_iterate_upper_bound(keys::prefix_end(&prefix));
-        let mut it = db.raw_iterator_opt(opts);
-        it.seek_to_first();
+        let mut it = iter_within(&db, &prefix, &prefix);
         let mut out = Vec::new();
         while it.valid() {
             if let Some(value) = it.value() {
@@ -1189,10 +1189,7 @@ impl Staged {
     /// Every key under `prefix` with its current value, staged changes applied.
     fn scan(&self, db: &DB, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
         let mut out = BTreeMap::new();
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::prefix_end(prefix));
-        let mut it = db.raw_iterator_opt(opts);
-        it.seek(prefix);
+        let mut it = iter_within(db, prefix, prefix);
         while it.valid() {
             if let (Some(k), Some(v)) = (it.key(), it.value()) {
                 out.insert(k.to_vec(), v.to_vec());
