@@ -243,9 +243,15 @@ pub trait LedgerView {
     ) -> Result<Expirable, Self::Error>;
 }
 
-/// What [`LedgerView::expirable_versions`] found: versions (record, index, position), and
-/// where to go on.
-pub type Expirable = (Vec<(RecordPath, u64, u32)>, Option<RecordPath>);
+/// What [`LedgerView::expirable_versions`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expirable {
+    /// The expired versions: (record, log index, position within the entry).
+    pub versions: Vec<(RecordPath, u64, u32)>,
+    /// The record the next expiry entry starts from (None: the end of the history was
+    /// reached).
+    pub next: Option<RecordPath>,
+}
 
 /// Where and when a command is applied.
 #[derive(Debug, Clone, Copy)]
@@ -544,15 +550,15 @@ pub fn apply<V: LedgerView>(
             put_artifact(view, stamp, namespace, name, None)
         }
         Command::ExpireHistory { before_ms, from } => {
-            let (found, next) = view.expirable_versions(
+            let Expirable { versions, next } = view.expirable_versions(
                 *before_ms,
                 from.as_ref(),
                 EXPIRE_VERSIONS_MAX,
                 EXPIRE_SCAN_MAX,
             )?;
-            let removed = found.len() as u64;
+            let removed = versions.len() as u64;
             Ok((
-                found
+                versions
                     .into_iter()
                     .map(|(path, index, position)| Mutation::DeleteVersion {
                         path,
@@ -690,7 +696,7 @@ mod tests {
             _: usize,
         ) -> Result<Expirable, Self::Error> {
             // History lives in the store; its expiry is tested against RocksDB (t10).
-            Ok((Vec::new(), None))
+            Ok(Expirable::default())
         }
     }
 

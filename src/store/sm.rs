@@ -181,12 +181,17 @@ fn sm_write_options() -> rocksdb::WriteOptions {
     wo
 }
 
+/// Read options that end an iterator after the last key starting with `prefix`.
+fn bounded_to(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::prefix_end(prefix));
+    opts
+}
+
 /// A raw iterator over the keys that start with `prefix`, positioned at the first such key at
 /// or after `from` (pass `prefix` itself to start at the beginning).
 fn iter_within<'a>(db: &'a DB, prefix: &[u8], from: &[u8]) -> rocksdb::DBRawIterator<'a> {
-    let mut opts = rocksdb::ReadOptions::default();
-    opts.set_iterate_upper_bound(keys::prefix_end(prefix));
-    let mut it = db.raw_iterator_opt(opts);
+    let mut it = db.raw_iterator_opt(bounded_to(prefix));
     it.seek(from);
     it
 }
@@ -459,9 +464,7 @@ impl SmReader {
         let snap = db.snapshot();
         type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
         let scan = |prefix: &[u8]| -> Result<Pairs, StorageError> {
-            let mut opts = rocksdb::ReadOptions::default();
-            opts.set_iterate_upper_bound(keys::prefix_end(prefix));
-            let mut it = snap.raw_iterator_opt(opts);
+            let mut it = snap.raw_iterator_opt(bounded_to(prefix));
             it.seek(prefix);
             let mut out = Vec::new();
             while it.valid() {
@@ -992,17 +995,15 @@ struct MergedScan<'a> {
 }
 
 impl<'a> MergedScan<'a> {
-    fn new(db: &'a DB, pending: &'a Pending, prefix: &[u8]) -> Self {
-        let upper = keys::prefix_end(prefix);
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(upper.clone());
+    /// The keys starting with `prefix`, from the first at or after `from`.
+    fn new(db: &'a DB, pending: &'a Pending, prefix: &[u8], from: &[u8]) -> Self {
         let mut scan = Self {
-            it: db.raw_iterator_opt(opts),
+            it: db.raw_iterator_opt(bounded_to(prefix)),
             pending,
             next_pending: None,
-            upper,
+            upper: keys::prefix_end(prefix),
         };
-        scan.seek(prefix);
+        scan.seek(from);
         scan
     }
 
@@ -1068,24 +1069,24 @@ impl LedgerView for BatchView<'_> {
         // Within a record every version but the first is either removed or ends the record's
         // scan, so with these floors each step removes something or moves past a record.
         let (limit, scan_max) = (limit.max(1), scan_max.max(2));
-        let mut out = Vec::new();
-        let mut scan = MergedScan::new(self.db, self.pending, &[keys::HISTORY_PREFIX]);
-        if let Some(from) = from {
-            scan.seek(&keys::history_prefix(from));
-        }
+        let mut found = ledger::Expirable::default();
+        let prefix = [keys::HISTORY_PREFIX];
+        let start = from.map_or(prefix.to_vec(), keys::history_prefix);
+        let mut scan = MergedScan::new(self.db, self.pending, &prefix, &start);
         // A version has expired when a newer version of its record was committed before the
         // cutoff: no "as of" read within the retention period can need it any more.
         let mut previous: Option<Vec<u8>> = None;
         let mut scanned = 0usize;
         while let Some((key, value)) = scan.next()? {
             let record = key[..key.len().saturating_sub(12)].to_vec();
-            if scanned >= scan_max || out.len() >= limit {
+            if scanned >= scan_max || found.versions.len() >= limit {
                 // Go on from this record's first version: versions found in it so far are
                 // removed by this entry, so the next one sees only what is left.
                 let path = keys::parse_history(&key)
                     .map(|(path, _, _)| path)
                     .ok_or_else(|| sm_err("malformed history key"))?;
-                return Ok((out, Some(path)));
+                found.next = Some(path);
+                return Ok(found);
             }
             scanned += 1;
             let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
@@ -1098,14 +1099,14 @@ impl LedgerView for BatchView<'_> {
             if let Some(p) = previous.take() {
                 let same_record = p.len() >= 12 && p[..p.len() - 12] == record[..];
                 if same_record {
-                    if let Some(found) = keys::parse_history(&p) {
-                        out.push(found);
+                    if let Some(version) = keys::parse_history(&p) {
+                        found.versions.push(version);
                     }
                 }
             }
             previous = Some(key);
         }
-        Ok((out, None))
+        Ok(found)
     }
     fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
         Ok(self
