@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::transport::GrpcChannel;
 use tonic::{Code, Request, Status};
 
 use crate::domain::Digest;
@@ -150,19 +152,19 @@ pub fn record_ref(tenant: &str, collection: &str, key: &str) -> pb::RecordRef {
 
 /// Client stubs with the message limits the nodes use (records and artifacts carry values and
 /// chunks up to `CLIENT_MESSAGE_BYTES_MAX`; a deep-verify report can be larger).
-fn records(ch: Channel) -> pb::records_client::RecordsClient<Channel> {
+fn records(ch: GrpcChannel) -> pb::records_client::RecordsClient<GrpcChannel> {
     pb::records_client::RecordsClient::new(ch)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
 }
 
-fn artifacts(ch: Channel) -> pb::artifacts_client::ArtifactsClient<Channel> {
+fn artifacts(ch: GrpcChannel) -> pb::artifacts_client::ArtifactsClient<GrpcChannel> {
     pb::artifacts_client::ArtifactsClient::new(ch)
         .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
 }
 
-fn integrity(ch: Channel) -> pb::integrity_client::IntegrityClient<Channel> {
+fn integrity(ch: GrpcChannel) -> pb::integrity_client::IntegrityClient<GrpcChannel> {
     pb::integrity_client::IntegrityClient::new(ch)
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX * 8)
 }
@@ -179,7 +181,7 @@ pub struct EscrowClient {
     endpoints: Vec<String>,
     tls: ClientTlsConfig,
     token: MetadataValue<tonic::metadata::Ascii>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, GrpcChannel>>,
     preferred: AtomicUsize,
     deadline: Duration,
 }
@@ -229,7 +231,7 @@ impl EscrowClient {
         &self.endpoints
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    fn channel(&self, addr: &str) -> Result<GrpcChannel, Status> {
         let mut channels = self.channels.lock().expect("lock");
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -238,13 +240,12 @@ impl EscrowClient {
             .and_then(|e| e.tls_config(self.tls.clone()))
             .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
             // A node that vanished without a reset (power loss, partition) is noticed within
             // seconds instead of holding requests until their deadline.
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        let c = endpoint.connect_lazy();
+        let c = crate::transport::connect_lazy(&endpoint);
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -261,7 +262,7 @@ impl EscrowClient {
     /// the deadline passes.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(GrpcChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();
@@ -322,7 +323,7 @@ impl EscrowClient {
     async fn unary<M, R, F, Fut>(&self, msg: M, rpc: F) -> Result<R, ClientError>
     where
         M: Clone,
-        F: Fn(Channel, Request<M>) -> Fut,
+        F: Fn(GrpcChannel, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
         self.call(|ch, t| {
@@ -657,7 +658,7 @@ impl EscrowClient {
     ) -> Vec<(u64, Result<T, ClientError>)>
     where
         M: Clone,
-        F: Fn(pb::integrity_client::IntegrityClient<Channel>, Request<M>) -> Fut,
+        F: Fn(pb::integrity_client::IntegrityClient<GrpcChannel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let rpc = &rpc;

@@ -22,6 +22,7 @@ pub mod pki;
 pub mod raft;
 pub mod service;
 pub mod store;
+pub mod transport;
 pub mod verify;
 pub mod workers;
 

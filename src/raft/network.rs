@@ -19,7 +19,9 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::transport::GrpcChannel;
 
 use super::codec;
 use super::{EscrowNode, NodeId, Snapshot, TypeConfig, Vote};
@@ -85,7 +87,7 @@ pub enum ForwardReply {
 pub struct PeerClients {
     own_id: NodeId,
     tls: ClientTlsConfig,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, GrpcChannel>>,
     faults: Arc<Faults>,
 }
 
@@ -103,7 +105,7 @@ impl PeerClients {
         &self,
         target: NodeId,
         addr: &str,
-    ) -> Result<pb::peer_client::PeerClient<Channel>, Unreachable> {
+    ) -> Result<pb::peer_client::PeerClient<GrpcChannel>, Unreachable> {
         if self.faults.is_blocked(self.own_id, target) {
             return Err(Unreachable::new(&std::io::Error::other(format!(
                 "link {} -> {target} cut by fault injection",
@@ -118,10 +120,9 @@ impl PeerClients {
                     .and_then(|e| e.tls_config(self.tls.clone()))
                     .map_err(|e| Unreachable::new(&e))?
                     .connect_timeout(PEER_CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                let c = endpoint.connect_lazy();
+                let c = crate::transport::connect_lazy(&endpoint);
                 channels.insert(addr.to_string(), c.clone());
                 c
             }
