@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-use crate::transport::GrpcChannel;
 use tonic::{Code, Request, Status};
 
 use crate::domain::Digest;
 use crate::node::CLIENT_MESSAGE_BYTES_MAX;
 use crate::pb;
 use crate::service::LEADER_HINT;
+use crate::transport::GrpcChannel;
 
 /// Default deadline for one client operation, retries included.
 pub const REQUEST_DEADLINE_DEFAULT: Duration = Duration::from_secs(20);

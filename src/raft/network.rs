@@ -21,12 +21,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
-use crate::transport::GrpcChannel;
-
 use super::codec;
 use super::{EscrowNode, NodeId, Snapshot, TypeConfig, Vote};
 use crate::ledger::{Command, Outcome};
 use crate::pb;
+use crate::transport::GrpcChannel;
 
 /// Bytes per snapshot data frame: bounds memory on both ends of a snapshot stream.
 pub const SNAPSHOT_FRAME_BYTES: usize = 1024 * 1024;
