@@ -176,7 +176,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CoalescingIo<T>
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
