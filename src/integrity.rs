@@ -43,6 +43,25 @@ fn lp(h: &mut blake3::Hasher, bytes: &[u8]) {
     h.update(bytes);
 }
 
+/// The leaf id of the record `collection`/`key` (within its namespace).
+pub fn record_leaf_id(collection: &str, key: &str) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"escrow.leaf.id.v1");
+    h.update(&[1]);
+    lp(&mut h, collection.as_bytes());
+    lp(&mut h, key.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The leaf id of the artifact `name` (within its namespace).
+pub fn artifact_leaf_id(name: &str) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"escrow.leaf.id.v1");
+    h.update(&[2]);
+    lp(&mut h, name.as_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// What a leaf stands for, with the fields its hash covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeafObject<'a> {
@@ -62,22 +81,12 @@ pub enum LeafObject<'a> {
 impl LeafObject<'_> {
     /// The leaf's position (its id): depends only on which object it is.
     pub fn id(&self) -> Digest {
-        let mut h = blake3::Hasher::new();
-        h.update(b"escrow.leaf.id.v1");
         match self {
             LeafObject::Record {
                 collection, key, ..
-            } => {
-                h.update(&[1]);
-                lp(&mut h, collection.as_bytes());
-                lp(&mut h, key.as_bytes());
-            }
-            LeafObject::Artifact { name, .. } => {
-                h.update(&[2]);
-                lp(&mut h, name.as_bytes());
-            }
+            } => record_leaf_id(collection, key),
+            LeafObject::Artifact { name, .. } => artifact_leaf_id(name),
         }
-        *h.finalize().as_bytes()
     }
 
     /// The leaf's hash: changes with any byte of the object's content.

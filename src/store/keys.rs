@@ -5,8 +5,11 @@
 //! - `0x00 "membership"`         → last applied membership
 //! - `0x00 "clock"`              → the leader time of the last timed entry (u64 ms)
 //! - `'n' id(u64 BE)`            → a node id that was ever a member (ids are never reused)
-//! - `'r' tenant 0x00 collection 0x00 key` → the record's latest version without its value
-//!   (revision, position, time, seq, live length or tombstone); the value is in its history
+//! - `'r' tenant 0x00 leaf id(32)` → the record's head: its collection and key, its latest
+//!   version without the value (revision, position, time, seq; live length and Merkle leaf
+//!   hash, or tombstone). Keyed by the record's leaf id, so a bucket's records are one key
+//!   range and the head is the record's Merkle leaf: a write inserts two keys (head and
+//!   history), not three. The value is in its history
 //! - `'h' tenant 0x00 collection 0x00 key 0x00 index(u64 BE) position(u32 BE)` → one version of
 //!   the record's history, oldest first; `position` orders changes within one log entry
 //! - `'t' tenant`                → tenant registration
@@ -15,8 +18,9 @@
 //! - `'A' namespace 0x00 name`   → an artifact's latest version
 //! - `'a' namespace 0x00 name 0x00 version(u64 BE)` → one artifact version (its manifest)
 //! - `'c' blake3(32)`            → a chunk referenced by some artifact version (its size)
-//! - `'l' namespace 0x00 leaf id(32)` → a Merkle leaf's hash (the bucket is the id's first two
-//!   bytes, so one bucket's leaves are one key range)
+//! - `'l' namespace 0x00 leaf id(32)` → an artifact's Merkle leaf hash (records' leaves are in
+//!   their heads; the bucket is the id's first two bytes, so one bucket's leaves are one key
+//!   range under each of `'l'` and `'r'`)
 //! - `'m' namespace 0x00 level(u8) index(u32 BE)` → a non-empty Merkle tree node
 //! - `'d' namespace 0x00 index(u64 BE)` → the buckets one apply call (ending at `index`)
 //!   changed since the last checkpoint
@@ -72,13 +76,23 @@ fn path_key(prefix: u8, path: &RecordPath, extra: usize) -> Vec<u8> {
     out
 }
 
-pub fn record(path: &RecordPath) -> Vec<u8> {
-    path_key(RECORD_PREFIX, path, 0)
+/// The head key of the record with leaf id `id` in `tenant`
+/// (`integrity::record_leaf_id` of its collection and key).
+pub fn record(tenant: &TenantId, id: &Digest) -> Vec<u8> {
+    let mut out = ns_prefix(RECORD_PREFIX, tenant.as_str());
+    out.extend_from_slice(id);
+    out
 }
 
-/// The record a latest-version key names.
-pub fn parse_record(key: &[u8]) -> Option<RecordPath> {
-    parse_path(key.strip_prefix(&[RECORD_PREFIX])?)
+/// The tenant and leaf id a record head key names.
+pub fn parse_record(key: &[u8]) -> Option<(TenantId, Digest)> {
+    let body = key.strip_prefix(&[RECORD_PREFIX])?;
+    let split = body.len().checked_sub(33)?;
+    if body[split] != 0 {
+        return None;
+    }
+    let tenant = TenantId::parse(std::str::from_utf8(&body[..split]).ok()?).ok()?;
+    Some((tenant, body[split + 1..].try_into().ok()?))
 }
 
 fn parse_path(body: &[u8]) -> Option<RecordPath> {
@@ -186,9 +200,10 @@ fn ns_prefix(prefix: u8, namespace: &str) -> Vec<u8> {
     out
 }
 
-/// The leaves of one bucket (ids starting with the bucket's two bytes).
-pub fn bucket_prefix(namespace: &str, bucket: u16) -> Vec<u8> {
-    let mut out = ns_prefix(LEAF_PREFIX, namespace);
+/// The keys of `kind` ([`LEAF_PREFIX`]: artifacts' leaves, [`RECORD_PREFIX`]: record heads)
+/// in one bucket: ids starting with the bucket's two bytes.
+pub fn bucket_prefix(kind: u8, namespace: &str, bucket: u16) -> Vec<u8> {
+    let mut out = ns_prefix(kind, namespace);
     out.extend_from_slice(&bucket.to_be_bytes());
     out
 }
@@ -259,11 +274,19 @@ mod tests {
     // Goal: one tenant's keys can never fall under another tenant's prefix.
     #[test]
     fn tenant_prefixes_do_not_overlap() {
-        let a = record(&RecordPath::parse("acme", "c", "k").unwrap());
-        let b = record(&RecordPath::parse("acme-corp", "c", "k").unwrap());
+        let id = [7u8; 32];
+        let a = record(&TenantId::parse("acme").unwrap(), &id);
+        let b = record(&TenantId::parse("acme-corp").unwrap(), &id);
         let prefix_a = b"racme\x00";
         assert!(a.starts_with(prefix_a));
         assert!(!b.starts_with(prefix_a));
+        assert!(a.starts_with(&bucket_prefix(RECORD_PREFIX, "acme", 0x0707)));
+        assert!(!a.starts_with(&bucket_prefix(RECORD_PREFIX, "acme", 0x0708)));
+        assert_eq!(
+            parse_record(&a),
+            Some((TenantId::parse("acme").unwrap(), id))
+        );
+        assert_eq!(parse_record(&a[..a.len() - 1]), None);
     }
 
     // Goal: a record's history keys sort by revision and never fall under another record's

@@ -30,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use super::{fsync_dir, keys};
 use crate::domain::hex;
 use crate::domain::{
-    ArtifactName, ArtifactVersion, Checkpoint, ChunkRef, Digest, NamespaceRoot, NamespaceStats,
-    RecordPath, RecordVersion, SourceId, SourcePosition, TenantId, TenantInfo,
+    ArtifactName, ArtifactVersion, Checkpoint, ChunkRef, Collection, Digest, NamespaceRoot,
+    NamespaceStats, RecordKey, RecordPath, RecordVersion, SourceId, SourcePosition, TenantId,
+    TenantInfo,
 };
 use crate::integrity;
 use crate::ledger::{self, Command, LedgerView, Mutation, Outcome, Stamp};
@@ -241,11 +242,11 @@ impl SmReader {
         let db = self.shared.db();
         // One snapshot for both reads: the head and the history entry it points to.
         let snap = db.snapshot();
-        let head: RecordHead = match snap.get(keys::record(path)).map_err(sm_err)? {
-            Some(b) => codec::decode(&b).map_err(sm_err)?,
+        let head = match snap.get(head_key(path)).map_err(sm_err)? {
+            Some(b) => decode_head(path, &b)?,
             None => return Ok(None),
         };
-        if head.len.is_none() {
+        if head.live.is_none() {
             return Ok(Some(head.tombstone()));
         }
         match snap.get(head.history_key(path)).map_err(sm_err)? {
@@ -482,12 +483,21 @@ impl SmReader {
         };
         // Recomputed leaves per namespace: id -> (hash, object description).
         let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
+        // The maintained leaf index, per namespace: what consensus applied (record heads'
+        // leaves and artifact leaves).
+        let mut maintained: BTreeMap<String, BTreeMap<Digest, Digest>> = BTreeMap::new();
         for (k, v) in scan(&within(keys::RECORD_PREFIX))? {
-            let path = keys::parse_record(&k).ok_or_else(|| sm_err("malformed record key"))?;
+            let (tenant, id) =
+                keys::parse_record(&k).ok_or_else(|| sm_err("malformed record key"))?;
             let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
-            if head.len.is_none() {
+            let Some(live) = &head.live else {
                 continue;
-            }
+            };
+            maintained
+                .entry(tenant.as_str().to_string())
+                .or_default()
+                .insert(id, live.leaf);
+            let path = head.path(&tenant);
             // A live record whose value is missing from its history reads as empty, so its
             // leaf disagrees with the index and deep verify names it.
             let version: Option<RecordVersion> =
@@ -529,8 +539,6 @@ impl SmReader {
                     .insert(o.id(), (o.hash(), o.describe()));
             }
         }
-        // The maintained leaf index, per namespace: what consensus applied.
-        let mut maintained: BTreeMap<String, BTreeMap<Digest, Digest>> = BTreeMap::new();
         for (k, v) in scan(&within(keys::LEAF_PREFIX))? {
             let body = &k[1..];
             let Some(split) = body.len().checked_sub(33) else {
@@ -618,8 +626,10 @@ impl SmReader {
         value: &[u8],
     ) -> Result<(), StorageError> {
         let db = self.shared.db();
-        let head: RecordHead =
-            get_decoded(&db, &keys::record(path))?.ok_or_else(|| sm_err("no such record"))?;
+        let head = match db.get(head_key(path)).map_err(sm_err)? {
+            Some(b) => decode_head(path, &b)?,
+            None => return Err(sm_err("no such record")),
+        };
         let key = head.history_key(path);
         let mut version: RecordVersion =
             get_decoded(&db, &key)?.ok_or_else(|| sm_err("no such version"))?;
@@ -935,21 +945,67 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// so that commands in one `apply` call see each other.
 type Pending = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// What a record's `'r'` key holds: its latest version without the value. The value is stored
-/// once, in the record's history at (revision, position), so a write adds its bytes once.
+/// What a record's `'r'` key holds: its latest version without the value, stored under the
+/// record's Merkle leaf id (`keys::record`). It names its record, points into the history, and
+/// is the record's leaf. The value is stored once, in the record's history at (revision,
+/// position), so a write adds its bytes once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecordHead {
+    collection: Collection,
+    key: RecordKey,
     revision: u64,
     position: u32,
     time_ms: u64,
     seq: u64,
-    /// The live value's length; `None` for a tombstone.
-    len: Option<u64>,
+    /// `None` for a tombstone.
+    live: Option<LiveHead>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LiveHead {
+    /// The value's length.
+    len: u64,
+    /// The record's Merkle leaf hash.
+    leaf: Digest,
+}
+
+/// The head key of the record at `path`.
+fn head_key(path: &RecordPath) -> Vec<u8> {
+    keys::record(
+        &path.tenant,
+        &integrity::record_leaf_id(path.collection.as_str(), path.key.as_str()),
+    )
+}
+
+/// Reads the head stored at `key` (from [`head_key`]) and checks it names `path`: two records
+/// sharing a leaf id (a blake3 collision) would be an error, never a wrong answer.
+fn decode_head(path: &RecordPath, bytes: &[u8]) -> Result<RecordHead, StorageError> {
+    let head: RecordHead = codec::decode(bytes).map_err(sm_err)?;
+    if head.collection != path.collection || head.key != path.key {
+        return Err(sm_err(format!(
+            "record {}/{}/{} shares its leaf id with {}/{}",
+            path.tenant.as_str(),
+            path.collection.as_str(),
+            path.key.as_str(),
+            head.collection.as_str(),
+            head.key.as_str()
+        )));
+    }
+    Ok(head)
 }
 
 impl RecordHead {
     fn history_key(&self, path: &RecordPath) -> Vec<u8> {
         keys::history(path, self.revision, self.position)
+    }
+
+    /// The record this head names, in `tenant`.
+    fn path(&self, tenant: &TenantId) -> RecordPath {
+        RecordPath {
+            tenant: tenant.clone(),
+            collection: self.collection.clone(),
+            key: self.key.clone(),
+        }
     }
 
     fn tombstone(&self) -> RecordVersion {
@@ -1109,9 +1165,15 @@ impl LedgerView for BatchView<'_> {
         Ok(found)
     }
     fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
-        Ok(self
-            .get::<RecordHead>(&keys::record(path))?
-            .and_then(|head| head.len))
+        let key = head_key(path);
+        let stored = match self.pending.get(&key) {
+            Some(staged) => staged.clone(),
+            None => self.db.get(&key).map_err(sm_err)?,
+        };
+        Ok(match stored {
+            Some(b) => decode_head(path, &b)?.live.map(|l| l.len),
+            None => None,
+        })
     }
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
         let key = keys::tenant(id);
@@ -1189,54 +1251,37 @@ impl Staged {
 
     /// Every key under `prefix` with its current value, staged changes applied.
     fn scan(&self, db: &DB, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
-        let mut out = BTreeMap::new();
-        let mut it = iter_within(db, prefix, prefix);
-        while it.valid() {
-            if let (Some(k), Some(v)) = (it.key(), it.value()) {
-                out.insert(k.to_vec(), v.to_vec());
-            }
-            it.next();
-        }
-        it.status().map_err(sm_err)?;
-        for (k, v) in self
-            .pending
-            .range(prefix.to_vec()..keys::prefix_end(prefix))
-        {
-            match v {
-                Some(v) => out.insert(k.clone(), v.clone()),
-                None => out.remove(k),
-            };
-        }
-        Ok(out)
+        self.overlay(&mut db.raw_iterator_opt(bounded_to(prefix)), prefix)
     }
 
-    /// Sets or removes one Merkle leaf (`existed`: whether it is present now, which the ledger
-    /// knows) and marks its bucket dirty; [`Staged::persist_dirty`] writes the marks in the same
-    /// batch, so the tree is rehashed at the next checkpoint whatever happens in between.
-    fn set_leaf(
-        &mut self,
-        namespace: &str,
-        object: Option<integrity::LeafObject<'_>>,
-        id: Digest,
-        existed: bool,
-    ) {
+    /// Notes that the Merkle leaf `id` changed (`existed`: whether it was present before,
+    /// `exists`: whether it is now; the ledger knows both) and marks its bucket dirty;
+    /// [`Staged::persist_dirty`] writes the marks in the same batch, so the tree is rehashed at
+    /// the next checkpoint whatever happens in between. The leaf itself is the caller's to
+    /// stage: a record's is in its head, an artifact's is [`Staged::set_artifact_leaf`].
+    fn mark_leaf(&mut self, namespace: &str, id: &Digest, existed: bool, exists: bool) {
         if !self.dirty.contains_key(namespace) {
             self.dirty.insert(namespace.to_string(), Default::default());
         }
         let entry = self.dirty.get_mut(namespace).expect("inserted above");
-        entry.0.insert(integrity::bucket_of(&id));
-        let key = keys::leaf(namespace, &id);
-        match object {
-            Some(o) => {
-                entry.1 += i64::from(!existed);
-                self.put(key, o.hash().to_vec());
-            }
-            None => {
-                entry.1 -= i64::from(existed);
-                if existed {
-                    self.delete(key);
-                }
-            }
+        entry.0.insert(integrity::bucket_of(id));
+        entry.1 += i64::from(exists) - i64::from(existed);
+    }
+
+    /// Sets or removes an artifact's Merkle leaf (`hash`: `None` once it is deleted).
+    fn set_artifact_leaf(
+        &mut self,
+        namespace: &str,
+        id: &Digest,
+        hash: Option<Digest>,
+        existed: bool,
+    ) {
+        self.mark_leaf(namespace, id, existed, hash.is_some());
+        let key = keys::leaf(namespace, id);
+        match hash {
+            Some(h) => self.put(key, h.to_vec()),
+            None if existed => self.delete(key),
+            None => {}
         }
     }
 
@@ -1277,6 +1322,37 @@ impl Staged {
         Ok(())
     }
 
+    /// The keys under `prefix` with their current values (staged changes applied), read with
+    /// `it` (one iterator reused across calls).
+    fn overlay(
+        &self,
+        it: &mut rocksdb::DBRawIterator<'_>,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
+        let mut out = BTreeMap::new();
+        it.seek(prefix);
+        while it.valid() {
+            match (it.key(), it.value()) {
+                (Some(k), Some(v)) if k.starts_with(prefix) => {
+                    out.insert(k.to_vec(), v.to_vec());
+                }
+                _ => break,
+            }
+            it.next();
+        }
+        it.status().map_err(sm_err)?;
+        for (k, v) in self
+            .pending
+            .range(prefix.to_vec()..keys::prefix_end(prefix))
+        {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out)
+    }
+
     /// Rehashes every bucket changed since the last checkpoint and their ancestors, and
     /// updates the namespace roots. Runs at checkpoints only, so writes pay just for their
     /// leaves: buckets and each node's children are contiguous key ranges, read in key order
@@ -1296,40 +1372,26 @@ impl Staged {
             {
                 let mut it = db.raw_iterator();
                 for &bucket in &buckets {
-                    let prefix = keys::bucket_prefix(&namespace, bucket);
-                    let mut leaves: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-                    it.seek(&prefix);
-                    while it.valid() {
-                        match (it.key(), it.value()) {
-                            (Some(k), Some(v)) if k.starts_with(&prefix) => {
-                                leaves.insert(k.to_vec(), v.to_vec());
-                            }
-                            _ => break,
-                        }
-                        it.next();
-                    }
-                    it.status().map_err(sm_err)?;
-                    for (k, v) in self
-                        .pending
-                        .range(prefix.clone()..keys::prefix_end(&prefix))
-                    {
-                        match v {
-                            Some(v) => leaves.insert(k.clone(), v.clone()),
-                            None => leaves.remove(k),
-                        };
-                    }
-                    let pairs: Vec<(Digest, Digest)> = leaves
-                        .iter()
-                        .map(|(k, v)| {
+                    // The bucket's leaves, by id: the live records' heads and the artifacts'
+                    // leaves (an id is one or the other).
+                    let mut leaves: BTreeMap<Digest, Digest> = BTreeMap::new();
+                    for kind in [keys::RECORD_PREFIX, keys::LEAF_PREFIX] {
+                        let prefix = keys::bucket_prefix(kind, &namespace, bucket);
+                        for (k, v) in self.overlay(&mut it, &prefix)? {
                             let id: Digest = k[k.len() - 32..].try_into().map_err(sm_err)?;
-                            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
-                            Ok((id, hash))
-                        })
-                        .collect::<Result<_, StorageError>>()?;
-                    level_hashes.insert(
-                        u32::from(bucket),
-                        integrity::bucket_hash(pairs.iter().map(|(i, h)| (i, h))),
-                    );
+                            let hash = if kind == keys::RECORD_PREFIX {
+                                let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
+                                match head.live {
+                                    Some(live) => live.leaf,
+                                    None => continue,
+                                }
+                            } else {
+                                v.as_slice().try_into().map_err(sm_err)?
+                            };
+                            leaves.insert(id, hash);
+                        }
+                    }
+                    level_hashes.insert(u32::from(bucket), integrity::bucket_hash(leaves.iter()));
                 }
             }
             for (&i, hash) in &level_hashes {
@@ -1465,35 +1527,32 @@ fn apply_command(
                 version,
                 replaced_live,
             } => {
-                let object = version
-                    .value
-                    .as_deref()
-                    .map(|value| integrity::LeafObject::Record {
+                let id = integrity::record_leaf_id(path.collection.as_str(), path.key.as_str());
+                let live = version.value.as_deref().map(|value| LiveHead {
+                    len: value.len() as u64,
+                    leaf: integrity::LeafObject::Record {
                         collection: path.collection.as_str(),
                         key: path.key.as_str(),
                         seq: version.seq,
                         value,
-                    });
-                let id = integrity::LeafObject::Record {
-                    collection: path.collection.as_str(),
-                    key: path.key.as_str(),
-                    seq: 0,
-                    value: &[],
-                }
-                .id();
-                staged.set_leaf(path.tenant.as_str(), object, id, replaced_live);
+                    }
+                    .hash(),
+                });
+                staged.mark_leaf(path.tenant.as_str(), &id, replaced_live, live.is_some());
                 let head = RecordHead {
+                    collection: path.collection.clone(),
+                    key: path.key.clone(),
                     revision: version.revision,
                     position: staged.position,
                     time_ms: version.time_ms,
                     seq: version.seq,
-                    len: version.value.as_ref().map(|v| v.len() as u64),
+                    live,
                 };
                 staged.position += 1;
                 // History expiry later in this apply call reads the staged version, exactly
                 // as a replica that applied this entry in an earlier call reads the stored one.
                 staged.put(head.history_key(&path), codec::encode(&version));
-                staged.put(keys::record(&path), codec::encode(&head));
+                staged.put(keys::record(&path.tenant, &id), codec::encode(&head));
             }
             Mutation::PutTenant(info) => staged.put(keys::tenant(&info.id), codec::encode(&info)),
             Mutation::PutStats { namespace, stats } => {
@@ -1516,21 +1575,16 @@ fn apply_command(
                 version,
                 replaced_live,
             } => {
-                let object = version
-                    .manifest
-                    .as_ref()
-                    .map(|m| integrity::LeafObject::Artifact {
+                let hash = version.manifest.as_ref().map(|m| {
+                    integrity::LeafObject::Artifact {
                         name: name.as_str(),
                         size: m.size,
                         blake3: &m.blake3,
-                    });
-                let id = integrity::LeafObject::Artifact {
-                    name: name.as_str(),
-                    size: 0,
-                    blake3: &[0; 32],
-                }
-                .id();
-                staged.set_leaf(namespace.as_str(), object, id, replaced_live);
+                    }
+                    .hash()
+                });
+                let id = integrity::artifact_leaf_id(name.as_str());
+                staged.set_artifact_leaf(namespace.as_str(), &id, hash, replaced_live);
                 if let Some(m) = &version.manifest {
                     for c in &m.chunks {
                         staged.put(keys::chunk(&c.hash), c.size.to_be_bytes().to_vec());
