@@ -189,6 +189,25 @@ fn bounded_to(prefix: &[u8]) -> rocksdb::ReadOptions {
     opts
 }
 
+/// Every key starting with `prefix`, with its value, in key order, read with `it` (seeked to
+/// `prefix` here, so one iterator can serve several prefixes).
+fn read_prefix(
+    it: &mut rocksdb::DBRawIterator<'_>,
+    prefix: &[u8],
+) -> Result<Vec<KeyValue>, StorageError> {
+    let mut out = Vec::new();
+    it.seek(prefix);
+    while it.valid() {
+        match (it.key(), it.value()) {
+            (Some(k), Some(v)) if k.starts_with(prefix) => out.push((k.to_vec(), v.to_vec())),
+            _ => break,
+        }
+        it.next();
+    }
+    it.status().map_err(sm_err)?;
+    Ok(out)
+}
+
 /// A raw iterator over the keys that start with `prefix`, positioned at the first such key at
 /// or after `from` (pass `prefix` itself to start at the beginning).
 fn iter_within<'a>(db: &'a DB, prefix: &[u8], from: &[u8]) -> rocksdb::DBRawIterator<'a> {
@@ -243,7 +262,9 @@ impl SmReader {
         // One snapshot for both reads: the head and the history entry it points to.
         let snap = db.snapshot();
         let head = match snap.get(head_key(path)).map_err(sm_err)? {
-            Some(b) => decode_head(path, &b)?,
+            Some(b) => codec::decode::<RecordHead>(&b)
+                .map_err(sm_err)?
+                .checked(path)?,
             None => return Ok(None),
         };
         if head.live.is_none() {
@@ -463,20 +484,8 @@ impl SmReader {
         };
         let db = self.shared.db();
         let snap = db.snapshot();
-        type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
-        let scan = |prefix: &[u8]| -> Result<Pairs, StorageError> {
-            let mut it = snap.raw_iterator_opt(bounded_to(prefix));
-            it.seek(prefix);
-            let mut out = Vec::new();
-            while it.valid() {
-                if let (Some(k), Some(v)) = (it.key(), it.value()) {
-                    out.push((k.to_vec(), v.to_vec()));
-                }
-                it.next();
-            }
-            it.status().map_err(sm_err)?;
-            Ok(out)
-        };
+        let scan =
+            |prefix: &[u8]| read_prefix(&mut snap.raw_iterator_opt(bounded_to(prefix)), prefix);
         let applied: Option<LogId> = match snap.get(keys::APPLIED).map_err(sm_err)? {
             Some(v) => codec::decode(&v).map_err(sm_err)?,
             None => None,
@@ -626,10 +635,9 @@ impl SmReader {
         value: &[u8],
     ) -> Result<(), StorageError> {
         let db = self.shared.db();
-        let head = match db.get(head_key(path)).map_err(sm_err)? {
-            Some(b) => decode_head(path, &b)?,
-            None => return Err(sm_err("no such record")),
-        };
+        let head = get_decoded::<RecordHead>(&db, &head_key(path))?
+            .ok_or_else(|| sm_err("no such record"))?
+            .checked(path)?;
         let key = head.history_key(path);
         let mut version: RecordVersion =
             get_decoded(&db, &key)?.ok_or_else(|| sm_err("no such version"))?;
@@ -977,24 +985,23 @@ fn head_key(path: &RecordPath) -> Vec<u8> {
     )
 }
 
-/// Reads the head stored at `key` (from [`head_key`]) and checks it names `path`: two records
-/// sharing a leaf id (a blake3 collision) would be an error, never a wrong answer.
-fn decode_head(path: &RecordPath, bytes: &[u8]) -> Result<RecordHead, StorageError> {
-    let head: RecordHead = codec::decode(bytes).map_err(sm_err)?;
-    if head.collection != path.collection || head.key != path.key {
-        return Err(sm_err(format!(
-            "record {}/{}/{} shares its leaf id with {}/{}",
-            path.tenant.as_str(),
-            path.collection.as_str(),
-            path.key.as_str(),
-            head.collection.as_str(),
-            head.key.as_str()
-        )));
-    }
-    Ok(head)
-}
-
 impl RecordHead {
+    /// This head, read from [`head_key`]`(path)`, if it names `path`: two records sharing a
+    /// leaf id (a blake3 collision) would be an error, never a wrong answer.
+    fn checked(self, path: &RecordPath) -> Result<Self, StorageError> {
+        if self.collection != path.collection || self.key != path.key {
+            return Err(sm_err(format!(
+                "record {}/{}/{} shares its leaf id with {}/{}",
+                path.tenant.as_str(),
+                path.collection.as_str(),
+                path.key.as_str(),
+                self.collection.as_str(),
+                self.key.as_str()
+            )));
+        }
+        Ok(self)
+    }
+
     fn history_key(&self, path: &RecordPath) -> Vec<u8> {
         keys::history(path, self.revision, self.position)
     }
@@ -1165,13 +1172,8 @@ impl LedgerView for BatchView<'_> {
         Ok(found)
     }
     fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
-        let key = head_key(path);
-        let stored = match self.pending.get(&key) {
-            Some(staged) => staged.clone(),
-            None => self.db.get(&key).map_err(sm_err)?,
-        };
-        Ok(match stored {
-            Some(b) => decode_head(path, &b)?.live.map(|l| l.len),
+        Ok(match self.get::<RecordHead>(&head_key(path))? {
+            Some(head) => head.checked(path)?.live.map(|l| l.len),
             None => None,
         })
     }
@@ -1329,18 +1331,7 @@ impl Staged {
         it: &mut rocksdb::DBRawIterator<'_>,
         prefix: &[u8],
     ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
-        let mut out = BTreeMap::new();
-        it.seek(prefix);
-        while it.valid() {
-            match (it.key(), it.value()) {
-                (Some(k), Some(v)) if k.starts_with(prefix) => {
-                    out.insert(k.to_vec(), v.to_vec());
-                }
-                _ => break,
-            }
-            it.next();
-        }
-        it.status().map_err(sm_err)?;
+        let mut out: BTreeMap<_, _> = read_prefix(it, prefix)?.into_iter().collect();
         for (k, v) in self
             .pending
             .range(prefix.to_vec()..keys::prefix_end(prefix))
