@@ -245,6 +245,59 @@ async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
     cluster.shutdown().await;
 }
 
+// Goal: deep verification checks the stored Merkle tree itself, not only the leaves: a node
+// corrupted in one replica's tree, with the roots it recorded unchanged (so the replicas still
+// agree), is named for that node with its parent, and no other node is blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t92_deep_verify_checks_the_stored_tree_not_only_the_leaves() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let mut last = 0;
+    for i in 0..40 {
+        last = client
+            .put(TENANT, "orders", &format!("k{i}"), b"good".to_vec())
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    let clean = verify(&client, None, true).await.unwrap();
+    assert!(clean.ok, "{clean:?}");
+
+    let victim = cluster.node(1);
+    let tenant = escrow::domain::TenantId::parse(TENANT).unwrap();
+    let index = victim
+        .core
+        .reader
+        .corrupt_tree_node_for_tests(&tenant, 1)
+        .unwrap();
+    let shallow = verify(&client, None, false).await.unwrap();
+    assert!(
+        shallow.ok,
+        "the recorded roots did not change, so comparing them alone cannot see it: {shallow:?}"
+    );
+    let deep = verify(&client, None, true).await.unwrap();
+    assert!(!deep.ok);
+    for d in &deep.disagreements {
+        assert_eq!(d.node, victim.id, "{d:?}");
+        assert_eq!(d.namespace, TENANT, "{d:?}");
+    }
+    let objects: Vec<&str> = deep
+        .disagreements
+        .iter()
+        .map(|d| d.object.as_str())
+        .collect();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert!(
+        objects[0].contains(&format!("node {index} at level 1")),
+        "{objects:?}"
+    );
+    assert!(
+        objects[1].contains(&format!("node {} at level 2", index / 16)),
+        "{objects:?}"
+    );
+    cluster.shutdown().await;
+}
+
 // Goal: deep verification scoped to one tenant checks that tenant only: its records and
 // leaves, and just the chunks its artifact versions reference (none for a records-only
 // tenant); damage in another tenant does not show up in it, and does in that tenant's own.

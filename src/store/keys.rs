@@ -48,7 +48,7 @@ pub const ARTIFACT_LATEST_PREFIX: u8 = b'A';
 pub const ARTIFACT_VERSION_PREFIX: u8 = b'a';
 pub const CHUNK_PREFIX: u8 = b'c';
 pub const LEAF_PREFIX: u8 = b'l';
-const NODE_TREE_PREFIX: u8 = b'm';
+pub const NODE_TREE_PREFIX: u8 = b'm';
 pub const ROOT_PREFIX: u8 = b'R';
 pub const DIRTY_PREFIX: u8 = b'd';
 const LEAF_COUNT_PREFIX: u8 = b'C';
@@ -221,6 +221,18 @@ pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
     out
 }
 
+/// The namespace, level and index a tree-node key names.
+pub fn parse_tree_node(key: &[u8]) -> Option<(String, u8, u32)> {
+    let body = key.strip_prefix(&[NODE_TREE_PREFIX])?;
+    let split = body.len().checked_sub(6)?;
+    if body[split] != 0 {
+        return None;
+    }
+    let index = u32::from_be_bytes(body[split + 2..].try_into().ok()?);
+    let namespace = String::from_utf8(body[..split].to_vec()).ok()?;
+    Some((namespace, body[split + 1], index))
+}
+
 pub fn dirty_buckets(namespace: &str, index: u64) -> Vec<u8> {
     let mut out = ns_prefix(DIRTY_PREFIX, namespace);
     out.extend_from_slice(&index.to_be_bytes());
@@ -287,6 +299,13 @@ mod tests {
             Some((TenantId::parse("acme").unwrap(), id))
         );
         assert_eq!(parse_record(&a[..a.len() - 1]), None);
+        let node = tree_node("acme", 3, 0x0102_0304);
+        assert!(node.starts_with(b"macme\x00"));
+        assert_eq!(
+            parse_tree_node(&node),
+            Some(("acme".to_string(), 3, 0x0102_0304))
+        );
+        assert_eq!(parse_tree_node(&node[..node.len() - 1]), None);
     }
 
     // Goal: a record's history keys sort by revision and never fall under another record's

@@ -558,15 +558,62 @@ impl SmReader {
             let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
             maintained.entry(ns).or_default().insert(id, hash);
         }
+        // The stored trees: nodes as of the last checkpoint, the buckets changed since, and
+        // the roots that checkpoint recorded.
+        let mut trees: BTreeMap<String, integrity::StoredTree> = BTreeMap::new();
+        for (k, v) in scan(&within(keys::NODE_TREE_PREFIX))? {
+            let (ns, level, index) =
+                keys::parse_tree_node(&k).ok_or_else(|| sm_err("malformed tree-node key"))?;
+            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
+            trees
+                .entry(ns)
+                .or_default()
+                .nodes
+                .insert((level, index), hash);
+        }
+        for (k, v) in scan(&within(keys::DIRTY_PREFIX))? {
+            let ns = keys::parse_dirty_buckets(&k)
+                .ok_or_else(|| sm_err("malformed dirty-bucket key"))?;
+            let buckets: Vec<u16> = codec::decode(&v).map_err(sm_err)?;
+            trees.entry(ns).or_default().dirty.extend(buckets);
+        }
+        let roots: Vec<(String, Vec<u8>)> = match only {
+            Some(ns) => snap
+                .get(keys::root(ns.as_str()))
+                .map_err(sm_err)?
+                .map(|v| (ns.as_str().to_string(), v))
+                .into_iter()
+                .collect(),
+            None => scan(&[keys::ROOT_PREFIX])?
+                .into_iter()
+                .map(|(k, v)| Ok((String::from_utf8(k[1..].to_vec()).map_err(sm_err)?, v)))
+                .collect::<Result<_, StorageError>>()?,
+        };
+        for (ns, v) in roots {
+            trees.entry(ns).or_default().root = Some(codec::decode(&v).map_err(sm_err)?);
+        }
+        // The newest checkpoint: what attestations sign and replicas compare.
+        let newest: Option<Checkpoint> = match snap.get(keys::CHECKPOINTS).map_err(sm_err)? {
+            Some(v) => match codec::decode::<Vec<u64>>(&v).map_err(sm_err)?.last() {
+                Some(&index) => match snap.get(keys::checkpoint(index)).map_err(sm_err)? {
+                    Some(v) => Some(codec::decode(&v).map_err(sm_err)?),
+                    None => return Err(sm_err(format!("checkpoint {index} is listed but absent"))),
+                },
+                None => None,
+            },
+            None => None,
+        };
         let names: BTreeSet<String> = maintained
             .keys()
             .chain(recomputed.keys())
+            .chain(trees.keys())
             .cloned()
             .collect();
         let mut namespaces = Vec::new();
         for ns in names {
             let leaves = recomputed.remove(&ns).unwrap_or_default();
             let stored = maintained.remove(&ns).unwrap_or_default();
+            let tree = trees.remove(&ns).unwrap_or_default();
             let hashes: BTreeMap<Digest, Digest> =
                 leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
             let recomputed_root = integrity::namespace_root(&ns, &hashes);
@@ -587,6 +634,39 @@ impl SmReader {
                     if !leaves.contains_key(id) {
                         mismatches.push((format!("leaf {}", hex(id)), hex(s), "absent".into()));
                     }
+                }
+            }
+            for fault in integrity::audit_tree(&ns, &stored, &tree) {
+                mismatches.push((fault.object, fault.expected, fault.stored));
+            }
+            let count: u64 = match snap.get(keys::leaf_count(&ns)).map_err(sm_err)? {
+                Some(v) => codec::decode(&v).map_err(sm_err)?,
+                None => 0,
+            };
+            if count != stored.len() as u64 {
+                mismatches.push((
+                    "leaf count (against the leaves)".into(),
+                    stored.len().to_string(),
+                    count.to_string(),
+                ));
+            }
+            if let Some(checkpoint) = &newest {
+                let recorded = tree.root.filter(|r| r.leaves > 0).map(|r| r.root);
+                let signed = checkpoint
+                    .roots
+                    .iter()
+                    .find(|(name, _)| *name == ns)
+                    .map(|(_, r)| r.root);
+                if recorded != signed {
+                    let show = |r: Option<Digest>| r.map_or("absent".to_string(), |r| hex(&r));
+                    mismatches.push((
+                        format!(
+                            "root in checkpoint {} (against the recorded root)",
+                            checkpoint.index
+                        ),
+                        show(recorded),
+                        show(signed),
+                    ));
                 }
             }
             namespaces.push(NamespaceCheck {
@@ -643,6 +723,30 @@ impl SmReader {
             get_decoded(&db, &key)?.ok_or_else(|| sm_err("no such version"))?;
         version.value = Some(value.to_vec());
         db.put(key, codec::encode(&version)).map_err(sm_err)
+    }
+
+    /// Test hook: flips a byte of the first stored Merkle node at `level` in `namespace`,
+    /// bypassing Raft, as disk corruption or a bug in the tree's upkeep would, and returns the
+    /// node's index. Never called by the node.
+    #[doc(hidden)]
+    pub fn corrupt_tree_node_for_tests(
+        &self,
+        namespace: &TenantId,
+        level: u8,
+    ) -> Result<u32, StorageError> {
+        let db = self.shared.db();
+        let prefix = keys::tree_node(namespace.as_str(), level, 0);
+        let prefix = &prefix[..prefix.len() - 4];
+        let it = iter_within(&db, prefix, prefix);
+        let (Some(key), Some(value)) = (it.key(), it.value()) else {
+            return Err(sm_err(format!("no tree node at level {level}")));
+        };
+        let (key, mut value) = (key.to_vec(), value.to_vec());
+        value[0] ^= 1;
+        let (_, _, index) = keys::parse_tree_node(&key).ok_or_else(|| sm_err("bad node key"))?;
+        drop(it);
+        db.put(key, value).map_err(sm_err)?;
+        Ok(index)
     }
 
     pub fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
