@@ -51,6 +51,21 @@ fn corrupt_record(node: &escrow::node::NodeHandle, key: &str) {
         .unwrap();
 }
 
+/// A 3-node cluster holding `count` records `TENANT/orders/k{i}` = "good", applied everywhere.
+async fn cluster_with_orders(count: usize) -> (TestCluster, EscrowClient) {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    let mut last = 0;
+    for i in 0..count {
+        last = client
+            .put(TENANT, "orders", &format!("k{i}"), b"good".to_vec())
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    (cluster, client)
+}
+
 /// A 3-node cluster holding [`mixed_writes`]; the temporary dir holds the uploaded file.
 async fn cluster_with_mixed_writes() -> (TestCluster, EscrowClient, tempfile::TempDir) {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -214,16 +229,7 @@ async fn t86_flipped_chunk_byte_is_reported_repaired_and_never_served() {
 // root mismatch for that node and tenant, naming the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let mut last = 0;
-    for i in 0..20 {
-        last = client
-            .put(TENANT, "orders", &format!("k{i}"), b"good".to_vec())
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    let (cluster, client) = cluster_with_orders(20).await;
     assert!(verify(&client, None, true).await.unwrap().ok);
     let victim = cluster.node(2);
     corrupt_record(victim, "k7");
@@ -250,16 +256,7 @@ async fn t87_corrupted_record_is_reported_for_its_node_and_tenant() {
 // agree), is named for that node with its parent, and no other node is blamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t92_deep_verify_checks_the_stored_tree_not_only_the_leaves() {
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let mut last = 0;
-    for i in 0..40 {
-        last = client
-            .put(TENANT, "orders", &format!("k{i}"), b"good".to_vec())
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    let (cluster, client) = cluster_with_orders(40).await;
     let clean = verify(&client, None, true).await.unwrap();
     assert!(clean.ok, "{clean:?}");
 
