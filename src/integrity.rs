@@ -277,17 +277,32 @@ pub fn audit_tree(
     tree: &StoredTree,
 ) -> Vec<TreeFault> {
     let empty = empty_subtrees();
+    let mut faults = Vec::new();
+    // A node outside the tree (corrupt key) is a fault, and left out of the arithmetic below.
+    let mut nodes = BTreeMap::new();
+    for (&(level, index), hash) in &tree.nodes {
+        let width = (level <= TREE_DEPTH).then(|| TREE_ARITY.pow(u32::from(TREE_DEPTH - level)));
+        match width {
+            Some(width) if index < width => {
+                nodes.insert((level, index), *hash);
+            }
+            _ => faults.push(TreeFault {
+                object: format!("Merkle node {index} at level {level} (outside the tree)"),
+                expected: "absent".into(),
+                stored: crate::domain::hex(hash),
+            }),
+        }
+    }
     let stored = |level: u8, index: u32| {
-        tree.nodes
+        nodes
             .get(&(level, index))
             .copied()
             .unwrap_or(empty[level as usize])
     };
-    let mut faults = Vec::new();
     let from_leaves = tree_nodes(leaves);
     let buckets: BTreeSet<u32> = from_leaves
         .range((0, 0)..=(0, u32::MAX))
-        .chain(tree.nodes.range((0, 0)..=(0, u32::MAX)))
+        .chain(nodes.range((0, 0)..=(0, u32::MAX)))
         .map(|(&(_, i), _)| i)
         .collect();
     for b in buckets {
@@ -302,18 +317,17 @@ pub fn audit_tree(
         }
     }
     for level in 1..=TREE_DEPTH {
-        let parents: BTreeSet<u32> = tree
-            .nodes
+        let parents: BTreeSet<u32> = nodes
             .range((level - 1, 0)..=(level - 1, u32::MAX))
             .map(|(&(_, i), _)| i / TREE_ARITY)
             .chain(
-                tree.nodes
+                nodes
                     .range((level, 0)..=(level, u32::MAX))
                     .map(|(&(_, i), _)| i),
             )
             .collect();
         for p in parents {
-            let expected = node_hash(&children_of(&tree.nodes, level, p, &empty));
+            let expected = node_hash(&children_of(&nodes, level, p, &empty));
             if stored(level, p) != expected {
                 faults.push(TreeFault {
                     object: format!("Merkle node {p} at level {level} (against its children)"),
@@ -342,7 +356,7 @@ pub fn audit_tree(
                 });
             }
         }
-        None if !tree.nodes.is_empty() => faults.push(TreeFault {
+        None if !nodes.is_empty() => faults.push(TreeFault {
             object: "recorded root (against the tree's top)".into(),
             expected: crate::domain::hex(&root_hash(namespace, leaves.len() as u64, &top)),
             stored: "absent".into(),
@@ -493,6 +507,16 @@ mod tests {
                 .any(|f| f.object.starts_with("recorded leaf count")),
             "{faults:?}"
         );
+        // Nodes a corrupt key put outside the tree are named, not a panic.
+        let mut outside = good.clone();
+        outside.nodes.insert((0, u32::MAX), [3; 32]);
+        outside.nodes.insert((1, 1 << 28), [3; 32]);
+        outside.nodes.insert((TREE_DEPTH + 1, 0), [3; 32]);
+        let faults = audit_tree("acme", &leaves, &outside);
+        assert_eq!(faults.len(), 3, "{faults:?}");
+        assert!(faults
+            .iter()
+            .all(|f| f.object.ends_with("(outside the tree)")));
         let mut no_root = good.clone();
         no_root.root = None;
         assert_eq!(audit_tree("acme", &leaves, &no_root)[0].stored, "absent");

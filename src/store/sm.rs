@@ -607,6 +607,8 @@ impl SmReader {
             .keys()
             .chain(recomputed.keys())
             .chain(trees.keys())
+            .chain(newest.iter().flat_map(|c| c.roots.iter().map(|(ns, _)| ns)))
+            .filter(|ns| only.is_none_or(|only| only.as_str() == ns.as_str()))
             .cloned()
             .collect();
         let mut namespaces = Vec::new();
@@ -651,14 +653,18 @@ impl SmReader {
                 ));
             }
             if let Some(checkpoint) = &newest {
-                let recorded = tree.root.filter(|r| r.leaves > 0).map(|r| r.root);
+                let recorded = tree.root.filter(|r| r.leaves > 0);
                 let signed = checkpoint
                     .roots
                     .iter()
                     .find(|(name, _)| *name == ns)
-                    .map(|(_, r)| r.root);
+                    .map(|(_, r)| *r);
                 if recorded != signed {
-                    let show = |r: Option<Digest>| r.map_or("absent".to_string(), |r| hex(&r));
+                    let show = |r: Option<NamespaceRoot>| {
+                        r.map_or("absent".to_string(), |r| {
+                            format!("{} ({} leaves)", hex(&r.root), r.leaves)
+                        })
+                    };
                     mismatches.push((
                         format!(
                             "root in checkpoint {} (against the recorded root)",
