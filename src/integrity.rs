@@ -192,40 +192,59 @@ pub fn cluster_root<'a>(roots: impl IntoIterator<Item = (&'a str, &'a Digest)>) 
 
 /// A namespace's root computed from scratch over its leaves `(id, hash)` (any order).
 pub fn namespace_root(namespace: &str, leaves: &BTreeMap<Digest, Digest>) -> Digest {
-    let top = tree_nodes(leaves)
-        .get(&(TREE_DEPTH, 0))
-        .copied()
-        .unwrap_or(empty_subtrees()[TREE_DEPTH as usize]);
-    root_hash(namespace, leaves.len() as u64, &top)
+    LeafTree::new(leaves).root(namespace)
 }
 
-/// Every non-empty bucket and node of the tree over `leaves` `(id, hash)`, by (level, index):
-/// level 0 are the buckets, level [`TREE_DEPTH`] the top. (The state machine stores exactly
-/// these; empty ones are implied.)
-pub fn tree_nodes(leaves: &BTreeMap<Digest, Digest>) -> BTreeMap<(u8, u32), Digest> {
-    let mut buckets: BTreeMap<u32, Vec<(&Digest, &Digest)>> = BTreeMap::new();
-    for (id, hash) in leaves {
-        buckets
-            .entry(u32::from(bucket_of(id)))
-            .or_default()
-            .push((id, hash));
-    }
-    let mut nodes: BTreeMap<(u8, u32), Digest> = buckets
-        .into_iter()
-        .map(|(b, leaves)| ((0, b), bucket_hash(leaves)))
-        .collect();
-    let empty = empty_subtrees();
-    for level in 1..=TREE_DEPTH {
-        let parents: BTreeSet<u32> = nodes
-            .range((level - 1, 0)..=(level - 1, u32::MAX))
-            .map(|(&(_, i), _)| i / TREE_ARITY)
+/// The tree over a namespace's leaves, built from scratch: what the stored tree should be.
+#[derive(Debug, Clone)]
+pub struct LeafTree {
+    /// Every non-empty bucket and node by (level, index): level 0 are the buckets, level
+    /// [`TREE_DEPTH`] the top. (The state machine stores exactly these; empty ones are implied.)
+    pub nodes: BTreeMap<(u8, u32), Digest>,
+    /// The number of leaves.
+    pub leaves: u64,
+}
+
+impl LeafTree {
+    /// The tree over `leaves` `(id, hash)`.
+    pub fn new(leaves: &BTreeMap<Digest, Digest>) -> Self {
+        let mut buckets: BTreeMap<u32, Vec<(&Digest, &Digest)>> = BTreeMap::new();
+        for (id, hash) in leaves {
+            buckets
+                .entry(u32::from(bucket_of(id)))
+                .or_default()
+                .push((id, hash));
+        }
+        let mut nodes: BTreeMap<(u8, u32), Digest> = buckets
+            .into_iter()
+            .map(|(b, leaves)| ((0, b), bucket_hash(leaves)))
             .collect();
-        for p in parents {
-            let hash = node_hash(&children_of(&nodes, level, p, &empty));
-            nodes.insert((level, p), hash);
+        let empty = empty_subtrees();
+        for level in 1..=TREE_DEPTH {
+            let parents: BTreeSet<u32> = nodes
+                .range((level - 1, 0)..=(level - 1, u32::MAX))
+                .map(|(&(_, i), _)| i / TREE_ARITY)
+                .collect();
+            for p in parents {
+                let hash = node_hash(&children_of(&nodes, level, p, &empty));
+                nodes.insert((level, p), hash);
+            }
+        }
+        Self {
+            nodes,
+            leaves: leaves.len() as u64,
         }
     }
-    nodes
+
+    /// The namespace root over this tree.
+    pub fn root(&self, namespace: &str) -> Digest {
+        let top = self
+            .nodes
+            .get(&(TREE_DEPTH, 0))
+            .copied()
+            .unwrap_or(empty_subtrees()[TREE_DEPTH as usize]);
+        root_hash(namespace, self.leaves, &top)
+    }
 }
 
 /// The children of node `(level, index)` among `nodes`, empty subtrees where absent.
@@ -265,17 +284,13 @@ pub struct TreeFault {
     pub stored: String,
 }
 
-/// Checks a namespace's stored tree against its current `leaves` `(id, hash)`: every bucket not
+/// Checks a namespace's stored tree against the tree over its current leaves: every bucket not
 /// changed since the last checkpoint against its leaves, every node against its stored
 /// children, and the recorded root against the top node (and, when nothing changed since, its
 /// leaf count against the leaves). A root recomputed from the leaves alone cannot see a fault
 /// confined to the tree (a wrong bucket or node hash), and every replica would share one a bug
 /// in the tree's maintenance made; this check does see them.
-pub fn audit_tree(
-    namespace: &str,
-    leaves: &BTreeMap<Digest, Digest>,
-    tree: &StoredTree,
-) -> Vec<TreeFault> {
+pub fn audit_tree(namespace: &str, leaves: &LeafTree, tree: &StoredTree) -> Vec<TreeFault> {
     let empty = empty_subtrees();
     let mut faults = Vec::new();
     // A node outside the tree (corrupt key) is a fault, and left out of the arithmetic below.
@@ -299,15 +314,15 @@ pub fn audit_tree(
             .copied()
             .unwrap_or(empty[level as usize])
     };
-    let from_leaves = tree_nodes(leaves);
-    let buckets: BTreeSet<u32> = from_leaves
+    let buckets: BTreeSet<u32> = leaves
+        .nodes
         .range((0, 0)..=(0, u32::MAX))
         .chain(nodes.range((0, 0)..=(0, u32::MAX)))
         .map(|(&(_, i), _)| i)
         .collect();
     for b in buckets {
         let dirty = u16::try_from(b).is_ok_and(|b| tree.dirty.contains(&b));
-        let expected = from_leaves.get(&(0, b)).copied().unwrap_or(EMPTY_BUCKET);
+        let expected = leaves.nodes.get(&(0, b)).copied().unwrap_or(EMPTY_BUCKET);
         if !dirty && stored(0, b) != expected {
             faults.push(TreeFault {
                 object: format!("Merkle bucket {b:#06x} (against its leaves)"),
@@ -348,17 +363,17 @@ pub fn audit_tree(
                     stored: crate::domain::hex(&root.root),
                 });
             }
-            if tree.dirty.is_empty() && root.leaves != leaves.len() as u64 {
+            if tree.dirty.is_empty() && root.leaves != leaves.leaves {
                 faults.push(TreeFault {
                     object: "recorded leaf count (against the leaves)".into(),
-                    expected: leaves.len().to_string(),
+                    expected: leaves.leaves.to_string(),
                     stored: root.leaves.to_string(),
                 });
             }
         }
         None if !nodes.is_empty() => faults.push(TreeFault {
             object: "recorded root (against the tree's top)".into(),
-            expected: crate::domain::hex(&root_hash(namespace, leaves.len() as u64, &top)),
+            expected: crate::domain::hex(&root_hash(namespace, leaves.leaves, &top)),
             stored: "absent".into(),
         }),
         None => {}
@@ -443,17 +458,22 @@ mod tests {
     fn tree_audit_finds_faults_confined_to_the_tree() {
         let leaves: BTreeMap<Digest, Digest> =
             (0..300).map(|i| rec(&format!("k{i}"), b"v")).collect();
+        let tree = LeafTree::new(&leaves);
         let good = StoredTree {
-            nodes: tree_nodes(&leaves),
+            nodes: tree.nodes.clone(),
             dirty: BTreeSet::new(),
             root: Some(NamespaceRoot {
                 root: namespace_root("acme", &leaves),
                 leaves: leaves.len() as u64,
             }),
         };
-        assert_eq!(audit_tree("acme", &leaves, &good), vec![]);
+        assert_eq!(audit_tree("acme", &tree, &good), vec![]);
         assert_eq!(
-            audit_tree("acme", &BTreeMap::new(), &StoredTree::default()),
+            audit_tree(
+                "acme",
+                &LeafTree::new(&BTreeMap::new()),
+                &StoredTree::default()
+            ),
             vec![]
         );
 
@@ -463,9 +483,9 @@ mod tests {
         changed.insert(id, [9; 32]);
         let mut dirty = good.clone();
         dirty.dirty.insert(bucket_of(&id));
-        assert_eq!(audit_tree("acme", &changed, &dirty), vec![]);
+        assert_eq!(audit_tree("acme", &LeafTree::new(&changed), &dirty), vec![]);
         // The same change without the dirty mark is a stale bucket.
-        let faults = audit_tree("acme", &changed, &good);
+        let faults = audit_tree("acme", &LeafTree::new(&changed), &good);
         assert_eq!(faults.len(), 1, "{faults:?}");
         assert!(faults[0].object.starts_with("Merkle bucket"), "{faults:?}");
 
@@ -474,7 +494,7 @@ mod tests {
         let mut bad_node = good.clone();
         let (&(level, index), _) = bad_node.nodes.range((2, 0)..=(2, u32::MAX)).next().unwrap();
         bad_node.nodes.insert((level, index), [1; 32]);
-        let faults = audit_tree("acme", &leaves, &bad_node);
+        let faults = audit_tree("acme", &tree, &bad_node);
         let objects: Vec<&str> = faults.iter().map(|f| f.object.as_str()).collect();
         assert_eq!(faults.len(), 2, "{faults:?}");
         assert!(objects[0].contains(&format!("node {index} at level 2")));
@@ -484,7 +504,7 @@ mod tests {
         let mut missing = good.clone();
         let (&first, _) = missing.nodes.iter().next().unwrap();
         missing.nodes.remove(&first);
-        assert!(audit_tree("acme", &leaves, &missing)
+        assert!(audit_tree("acme", &tree, &missing)
             .iter()
             .any(|f| f.object.starts_with("Merkle bucket")
                 && f.stored == crate::domain::hex(&EMPTY_BUCKET)));
@@ -492,15 +512,15 @@ mod tests {
         // Root and leaf count.
         let mut bad_root = good.clone();
         bad_root.root.as_mut().unwrap().root = [2; 32];
-        assert_eq!(audit_tree("acme", &leaves, &bad_root).len(), 1);
+        assert_eq!(audit_tree("acme", &tree, &bad_root).len(), 1);
         assert_eq!(
-            audit_tree("acme-2", &leaves, &good).len(),
+            audit_tree("acme-2", &tree, &good).len(),
             1,
             "the root names its namespace"
         );
         let mut bad_count = good.clone();
         bad_count.root.as_mut().unwrap().leaves += 1;
-        let faults = audit_tree("acme", &leaves, &bad_count);
+        let faults = audit_tree("acme", &tree, &bad_count);
         assert!(
             faults
                 .iter()
@@ -512,13 +532,13 @@ mod tests {
         outside.nodes.insert((0, u32::MAX), [3; 32]);
         outside.nodes.insert((1, 1 << 28), [3; 32]);
         outside.nodes.insert((TREE_DEPTH + 1, 0), [3; 32]);
-        let faults = audit_tree("acme", &leaves, &outside);
+        let faults = audit_tree("acme", &tree, &outside);
         assert_eq!(faults.len(), 3, "{faults:?}");
         assert!(faults
             .iter()
             .all(|f| f.object.ends_with("(outside the tree)")));
         let mut no_root = good.clone();
         no_root.root = None;
-        assert_eq!(audit_tree("acme", &leaves, &no_root)[0].stored, "absent");
+        assert_eq!(audit_tree("acme", &tree, &no_root)[0].stored, "absent");
     }
 }

@@ -261,17 +261,15 @@ impl SmReader {
         let db = self.shared.db();
         // One snapshot for both reads: the head and the history entry it points to.
         let snap = db.snapshot();
-        let head = match snap.get(head_key(path)).map_err(sm_err)? {
-            Some(b) => codec::decode::<RecordHead>(&b)
-                .map_err(sm_err)?
-                .checked(path)?,
+        let head = match snapshot_decoded::<RecordHead>(&snap, &head_key(path))? {
+            Some(head) => head.checked(path)?,
             None => return Ok(None),
         };
         if head.live.is_none() {
             return Ok(Some(head.tombstone()));
         }
-        match snap.get(head.history_key(path)).map_err(sm_err)? {
-            Some(b) => Ok(Some(codec::decode(&b).map_err(sm_err)?)),
+        match snapshot_decoded(&snap, &head.history_key(path))? {
+            Some(version) => Ok(Some(version)),
             None => Err(sm_err(format!(
                 "record {}/{}/{} points at revision {} which is not in its history",
                 path.tenant.as_str(),
@@ -486,10 +484,7 @@ impl SmReader {
         let snap = db.snapshot();
         let scan =
             |prefix: &[u8]| read_prefix(&mut snap.raw_iterator_opt(bounded_to(prefix)), prefix);
-        let applied: Option<LogId> = match snap.get(keys::APPLIED).map_err(sm_err)? {
-            Some(v) => codec::decode(&v).map_err(sm_err)?,
-            None => None,
-        };
+        let applied: Option<LogId> = snapshot_decoded(&snap, keys::APPLIED)?.flatten();
         // Recomputed leaves per namespace: id -> (hash, object description).
         let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
         // The maintained leaf index, per namespace: what consensus applied (record heads'
@@ -509,11 +504,7 @@ impl SmReader {
             let path = head.path(&tenant);
             // A live record whose value is missing from its history reads as empty, so its
             // leaf disagrees with the index and deep verify names it.
-            let version: Option<RecordVersion> =
-                match snap.get(head.history_key(&path)).map_err(sm_err)? {
-                    Some(b) => Some(codec::decode(&b).map_err(sm_err)?),
-                    None => None,
-                };
+            let version: Option<RecordVersion> = snapshot_decoded(&snap, &head.history_key(&path))?;
             let value = version.and_then(|v| v.value).unwrap_or_default();
             let o = integrity::LeafObject::Record {
                 collection: path.collection.as_str(),
@@ -577,30 +568,18 @@ impl SmReader {
             let buckets: Vec<u16> = codec::decode(&v).map_err(sm_err)?;
             trees.entry(ns).or_default().dirty.extend(buckets);
         }
-        let roots: Vec<(String, Vec<u8>)> = match only {
-            Some(ns) => snap
-                .get(keys::root(ns.as_str()))
-                .map_err(sm_err)?
-                .map(|v| (ns.as_str().to_string(), v))
-                .into_iter()
-                .collect(),
-            None => scan(&[keys::ROOT_PREFIX])?
-                .into_iter()
-                .map(|(k, v)| Ok((String::from_utf8(k[1..].to_vec()).map_err(sm_err)?, v)))
-                .collect::<Result<_, StorageError>>()?,
-        };
-        for (ns, v) in roots {
+        // One root key per namespace, all read (`names` below keeps those of `only`).
+        for (k, v) in scan(&[keys::ROOT_PREFIX])? {
+            let ns = String::from_utf8(k[1..].to_vec()).map_err(sm_err)?;
             trees.entry(ns).or_default().root = Some(codec::decode(&v).map_err(sm_err)?);
         }
         // The newest checkpoint: what attestations sign and replicas compare.
-        let newest: Option<Checkpoint> = match snap.get(keys::CHECKPOINTS).map_err(sm_err)? {
-            Some(v) => match codec::decode::<Vec<u64>>(&v).map_err(sm_err)?.last() {
-                Some(&index) => match snap.get(keys::checkpoint(index)).map_err(sm_err)? {
-                    Some(v) => Some(codec::decode(&v).map_err(sm_err)?),
-                    None => return Err(sm_err(format!("checkpoint {index} is listed but absent"))),
-                },
-                None => None,
-            },
+        let kept: Vec<u64> = snapshot_decoded(&snap, keys::CHECKPOINTS)?.unwrap_or_default();
+        let newest: Option<Checkpoint> = match kept.last() {
+            Some(&index) => Some(
+                snapshot_decoded(&snap, &keys::checkpoint(index))?
+                    .ok_or_else(|| sm_err(format!("checkpoint {index} is listed but absent")))?,
+            ),
             None => None,
         };
         let names: BTreeSet<String> = maintained
@@ -619,9 +598,10 @@ impl SmReader {
             let hashes: BTreeMap<Digest, Digest> =
                 leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
             let recomputed_root = integrity::namespace_root(&ns, &hashes);
+            let index_tree = integrity::LeafTree::new(&stored);
             let maintained_root = NamespaceRoot {
-                root: integrity::namespace_root(&ns, &stored),
-                leaves: stored.len() as u64,
+                root: index_tree.root(&ns),
+                leaves: index_tree.leaves,
             };
             let mut mismatches = Vec::new();
             if recomputed_root != maintained_root.root {
@@ -638,13 +618,10 @@ impl SmReader {
                     }
                 }
             }
-            for fault in integrity::audit_tree(&ns, &stored, &tree) {
+            for fault in integrity::audit_tree(&ns, &index_tree, &tree) {
                 mismatches.push((fault.object, fault.expected, fault.stored));
             }
-            let count: u64 = match snap.get(keys::leaf_count(&ns)).map_err(sm_err)? {
-                Some(v) => codec::decode(&v).map_err(sm_err)?,
-                None => 0,
-            };
+            let count: u64 = snapshot_decoded(&snap, &keys::leaf_count(&ns))?.unwrap_or(0);
             if count != stored.len() as u64 {
                 mismatches.push((
                     "leaf count (against the leaves)".into(),
@@ -822,6 +799,17 @@ impl SmReader {
         }
         std::fs::create_dir_all(dir.join(SNAPSHOT_DB_DIR))?;
         Ok(dir.join(SNAPSHOT_DB_DIR))
+    }
+}
+
+/// The value at `key` in `snap`, decoded.
+fn snapshot_decoded<T: serde::de::DeserializeOwned>(
+    snap: &rocksdb::Snapshot<'_>,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    match snap.get(key).map_err(sm_err)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(sm_err)?)),
     }
 }
 
