@@ -2,25 +2,31 @@
 //! bearer credential, and retries within one deadline. A request moves on to the next endpoint
 //! when one is down and follows the leader hint when a node redirects it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tonic::{Code, Request, Status};
 
 use crate::domain::Digest;
 use crate::node::CLIENT_MESSAGE_BYTES_MAX;
 use crate::pb;
 use crate::service::LEADER_HINT;
-use crate::transport::GrpcChannel;
+use crate::transport::{Channels, GrpcChannel, Timeouts};
 
 /// Default deadline for one client operation, retries included.
 pub const REQUEST_DEADLINE_DEFAULT: Duration = Duration::from_secs(20);
+/// Client channels: a node that vanished without a reset (power loss, partition) is noticed
+/// within seconds instead of holding requests until their deadline.
+const CLIENT_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    keep_alive_interval: Duration::from_secs(2),
+    keep_alive_timeout: Duration::from_secs(2),
+    keep_alive_while_idle: true,
+};
 /// Deadline for asking one node its status in `cluster status`.
 pub const STATUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between rounds over all endpoints.
@@ -178,9 +184,8 @@ fn consistency(local: bool) -> i32 {
 
 pub struct EscrowClient {
     endpoints: Vec<String>,
-    tls: ClientTlsConfig,
     token: MetadataValue<tonic::metadata::Ascii>,
-    channels: Mutex<HashMap<String, GrpcChannel>>,
+    channels: Channels,
     preferred: AtomicUsize,
     deadline: Duration,
 }
@@ -212,9 +217,11 @@ impl EscrowClient {
             })?;
         Ok(Self {
             endpoints: config.endpoints.clone(),
-            tls: ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
             token,
-            channels: Mutex::new(HashMap::new()),
+            channels: Channels::new(
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+                CLIENT_TIMEOUTS,
+            ),
             preferred: AtomicUsize::new(0),
             deadline: REQUEST_DEADLINE_DEFAULT,
         })
@@ -231,22 +238,9 @@ impl EscrowClient {
     }
 
     fn channel(&self, addr: &str) -> Result<GrpcChannel, Status> {
-        let mut channels = self.channels.lock().expect("lock");
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-            .and_then(|e| e.tls_config(self.tls.clone()))
-            .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            // A node that vanished without a reset (power loss, partition) is noticed within
-            // seconds instead of holding requests until their deadline.
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true);
-        let c = crate::transport::connect_lazy(&endpoint);
-        channels.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.channels
+            .get(addr)
+            .map_err(|e| Status::invalid_argument(format!("bad endpoint {addr}: {e}")))
     }
 
     fn request<T>(&self, msg: T, timeout: Duration) -> Request<T> {

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use openraft::ServerState;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -119,13 +120,14 @@ pub struct Metrics {
     pub commit_latency_seconds: Histogram,
     pub namespaces: NamespaceMetrics,
     pub chunks_missing: Gauge,
-    pub chunks_corrupt_found: Gauge,
-    pub chunks_repaired: Gauge,
-    pub scrub_rounds: Gauge,
+    pub chunks_repaired: Counter,
+    pub scrub_rounds: Counter,
 }
 
 impl Metrics {
-    pub fn new(node_id: NodeId) -> Self {
+    /// The node's metrics; `chunks_corrupt_found` is the chunk store's own counter, exported
+    /// as is.
+    pub fn new(node_id: NodeId, chunks_corrupt_found: &Counter) -> Self {
         let mut registry = Registry::with_prefix_and_labels(
             "escrow",
             [(
@@ -150,9 +152,8 @@ impl Metrics {
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             namespaces: NamespaceMetrics::default(),
             chunks_missing: Gauge::default(),
-            chunks_corrupt_found: Gauge::default(),
-            chunks_repaired: Gauge::default(),
-            scrub_rounds: Gauge::default(),
+            chunks_repaired: Counter::default(),
+            scrub_rounds: Counter::default(),
         };
         registry.register(
             "chunks_repaired",
@@ -172,7 +173,7 @@ impl Metrics {
         registry.register(
             "chunks_corrupt_found",
             "Chunk copies found corrupt and quarantined since start",
-            m.chunks_corrupt_found.clone(),
+            chunks_corrupt_found.clone(),
         );
         m.namespaces.register(&mut registry);
         registry.register("raft_term", "Current Raft term", m.term.clone());

@@ -159,7 +159,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     .context("cannot start raft")?;
     tracing::info!(node = id, "raft started");
 
-    let metrics = Arc::new(Metrics::new(id));
+    let metrics = Arc::new(Metrics::new(id, &chunks.corrupt_found));
     let proposer = crate::service::Proposer::start(raft.clone());
     let core = Arc::new(Core {
         proposer,

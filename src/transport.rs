@@ -15,14 +15,17 @@
 //! scheduler once before writing, so the connection task writes the HEADERS and the DATA frame
 //! queued meanwhile in one `write` (writes 1 and 2 become one).
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Uri};
 use tonic::codegen::Bytes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Status;
 
 /// Bytes of TLS records held under the TLS layer until a flush. A larger write passes straight
@@ -34,9 +37,59 @@ type MapBody = fn(Request<Body>) -> Request<Body>;
 /// A channel whose requests end their stream with their last DATA frame.
 pub type GrpcChannel = tower::util::MapRequest<Channel, MapBody>;
 
+/// How long a [`Channels`] cache's connections wait to connect, and how they notice a peer
+/// that vanished without a reset (power loss, partition): an HTTP/2 ping every
+/// `keep_alive_interval`, the connection dropped if unanswered after `keep_alive_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
+    /// Ping idle connections too, not only those with requests in flight.
+    pub keep_alive_while_idle: bool,
+}
+
+/// One TLS channel per address, opened lazily on first use and shared by every later call
+/// (a channel multiplexes concurrent requests over one HTTP/2 connection and reconnects by
+/// itself).
+pub struct Channels {
+    tls: ClientTlsConfig,
+    timeouts: Timeouts,
+    open: Mutex<HashMap<String, GrpcChannel>>,
+}
+
+impl Channels {
+    pub fn new(tls: ClientTlsConfig, timeouts: Timeouts) -> Self {
+        Self {
+            tls,
+            timeouts,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The channel to `addr` (`host:port`, served over TLS); an error only for an address
+    /// that does not form a valid URI.
+    pub fn get(&self, addr: &str) -> Result<GrpcChannel, tonic::transport::Error> {
+        let mut open = self.open.lock().expect("lock");
+        if let Some(c) = open.get(addr) {
+            return Ok(c.clone());
+        }
+        let t = self.timeouts;
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(self.tls.clone())?
+            .connect_timeout(t.connect)
+            .http2_keep_alive_interval(t.keep_alive_interval)
+            .keep_alive_timeout(t.keep_alive_timeout)
+            .keep_alive_while_idle(t.keep_alive_while_idle);
+        let c = connect_lazy(&endpoint);
+        open.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
 /// Connects lazily to `endpoint` (TLS and timeouts as configured on it) over a TCP connection
 /// with `TCP_NODELAY` whose writes are coalesced ([`CoalescingIo`]).
-pub fn connect_lazy(endpoint: &Endpoint) -> GrpcChannel {
+fn connect_lazy(endpoint: &Endpoint) -> GrpcChannel {
     let channel = endpoint.connect_with_connector_lazy(tower::service_fn(connect_tcp));
     tower::util::MapRequest::new(channel, end_on_last as MapBody)
 }
@@ -65,14 +118,14 @@ fn end_on_last(request: Request<Body>) -> Request<Body> {
 /// A request body that reports its end as soon as its last frame is taken: after each frame it
 /// polls the inner body once more, so HTTP/2 can set END_STREAM on the last DATA frame instead
 /// of sending an empty frame after it. At most one frame is held ahead.
-pub struct EndOnLast<B> {
+struct EndOnLast<B> {
     inner: B,
     ahead: Option<Result<http_body::Frame<Bytes>, Status>>,
     done: bool,
 }
 
 impl<B> EndOnLast<B> {
-    pub fn new(inner: B) -> Self {
+    fn new(inner: B) -> Self {
         Self {
             inner,
             ahead: None,
@@ -132,13 +185,13 @@ where
 /// queued, and the next flush writes it all in one `write`. A flush never completes with
 /// bytes still buffered, so nothing waits on data the peer has not been sent; shutdown
 /// flushes first.
-pub struct CoalescingIo<T> {
+struct CoalescingIo<T> {
     inner: tokio::io::BufWriter<T>,
     yielded: bool,
 }
 
 impl<T: tokio::io::AsyncWrite> CoalescingIo<T> {
-    pub fn new(io: T) -> Self {
+    fn new(io: T) -> Self {
         Self {
             inner: tokio::io::BufWriter::with_capacity(WRITE_COALESCE_BYTES, io),
             yielded: false,

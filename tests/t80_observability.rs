@@ -102,6 +102,20 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     assert_eq!(status, 200, "{body}");
     let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
     assert_eq!(sample(&body, "escrow_raft_is_leader"), Some(0.0));
+    // The integrity totals are counters (so `rate()` and `increase()` apply to them), at 0 on
+    // a node that found nothing corrupt.
+    for name in [
+        "escrow_chunks_corrupt_found",
+        "escrow_chunks_repaired",
+        "escrow_scrub_rounds",
+    ] {
+        assert!(body.contains(&format!("# TYPE {name} counter")), "{body}");
+    }
+    assert_eq!(
+        sample(&body, "escrow_chunks_corrupt_found_total"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&body, "escrow_chunks_repaired_total"), Some(0.0));
 
     // Freshness per namespace, on a follower too: the 20 records, written just now, so fresh;
     // the vendor namespace never received anything, so it is stale.

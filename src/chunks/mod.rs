@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::domain::{hex, Digest, CHUNK_MAX_BYTES};
 
 const TMP_DIR: &str = "tmp";
@@ -53,8 +55,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ChunkError + '_ {
 pub struct ChunkStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
-    /// Corrupt copies found (on read or scrub) since start.
-    pub corrupt_found: AtomicU64,
+    /// Corrupt copies found (on read or scrub) since start; the node exports it as
+    /// `escrow_chunks_corrupt_found_total`.
+    pub corrupt_found: Counter,
     /// Held while a chunk is claimed, written or collected, so that collection cannot remove
     /// a copy an upload has just found present (see [`ChunkStore::remove_if_stale`]).
     locks: Vec<Mutex<()>>,
@@ -73,7 +76,7 @@ impl ChunkStore {
         Ok(Self {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
-            corrupt_found: AtomicU64::new(0),
+            corrupt_found: Counter::default(),
             locks: (0..CHUNK_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -224,7 +227,7 @@ impl ChunkStore {
             .root
             .join(QUARANTINE_DIR)
             .join(format!("{}-{n}", hex(hash)));
-        self.corrupt_found.fetch_add(1, Ordering::Relaxed);
+        self.corrupt_found.inc();
         tracing::warn!(chunk = %hex(hash), "corrupt chunk copy quarantined");
         match std::fs::rename(&path, &to) {
             Ok(()) => Ok(()),
@@ -334,7 +337,7 @@ mod tests {
         assert!(matches!(store.get(&hash), Err(ChunkError::Mismatch { .. })));
         assert!(!store.has(&hash), "the bad copy is out of the way");
         assert!(matches!(store.get(&hash), Err(ChunkError::Missing(_))));
-        assert_eq!(store.corrupt_found.load(Ordering::Relaxed), 1);
+        assert_eq!(store.corrupt_found.get(), 1);
         assert_eq!(store.list().unwrap().len(), 0);
     }
 

@@ -4,9 +4,9 @@
 //! [`Faults`] lets in-process tests cut links between nodes (a partition) without touching
 //! sockets; production never sets it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{
@@ -19,13 +19,13 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::ClientTlsConfig;
 
 use super::codec;
 use super::{EscrowNode, NodeId, Snapshot, TypeConfig, Vote};
 use crate::ledger::{Command, Outcome};
 use crate::pb;
-use crate::transport::GrpcChannel;
+use crate::transport::{Channels, GrpcChannel, Timeouts};
 
 /// Bytes per snapshot data frame: bounds memory on both ends of a snapshot stream.
 pub const SNAPSHOT_FRAME_BYTES: usize = 1024 * 1024;
@@ -35,8 +35,14 @@ const SNAPSHOT_FRAMES_IN_FLIGHT: usize = 4;
 pub const PEER_MESSAGE_BYTES_MAX: usize = 96 * 1024 * 1024;
 /// Deadline of one chunk RPC between nodes (a chunk is at most 2 MiB).
 const CHUNK_RPC_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connection establishment timeout for peer channels.
-const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Peer channels: connect within 3 s; a connection unanswered for 15 s (a ping every 10 s) is
+/// dropped. Only in-flight connections are pinged: Raft's heartbeats keep the ones in use busy.
+const PEER_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(3),
+    keep_alive_interval: Duration::from_secs(10),
+    keep_alive_timeout: Duration::from_secs(5),
+    keep_alive_while_idle: false,
+};
 /// Deadline for a forwarded client request, beyond the leader's own commit timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -85,8 +91,7 @@ pub enum ForwardReply {
 /// Peer channels, shared by the Raft network and the forwarding path.
 pub struct PeerClients {
     own_id: NodeId,
-    tls: ClientTlsConfig,
-    channels: Mutex<HashMap<String, GrpcChannel>>,
+    channels: Channels,
     faults: Arc<Faults>,
 }
 
@@ -94,8 +99,7 @@ impl PeerClients {
     pub fn new(own_id: NodeId, tls: ClientTlsConfig, faults: Arc<Faults>) -> Self {
         Self {
             own_id,
-            tls,
-            channels: Mutex::new(HashMap::new()),
+            channels: Channels::new(tls, PEER_TIMEOUTS),
             faults,
         }
     }
@@ -111,21 +115,7 @@ impl PeerClients {
                 self.own_id
             ))));
         }
-        let mut channels = self.channels.lock().expect("lock");
-        let channel = match channels.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-                    .and_then(|e| e.tls_config(self.tls.clone()))
-                    .map_err(|e| Unreachable::new(&e))?
-                    .connect_timeout(PEER_CONNECT_TIMEOUT)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5));
-                let c = crate::transport::connect_lazy(&endpoint);
-                channels.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
+        let channel = self.channels.get(addr).map_err(|e| Unreachable::new(&e))?;
         Ok(pb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))

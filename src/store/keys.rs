@@ -261,6 +261,11 @@ pub fn root(namespace: &str) -> Vec<u8> {
     out
 }
 
+/// The namespace a root key belongs to.
+pub fn parse_root(key: &[u8]) -> Option<String> {
+    String::from_utf8(key.strip_prefix(&[ROOT_PREFIX])?.to_vec()).ok()
+}
+
 pub fn checkpoint(index: u64) -> Vec<u8> {
     let mut out = vec![CHECKPOINT_PREFIX];
     out.extend_from_slice(&index.to_be_bytes());
@@ -306,6 +311,8 @@ mod tests {
             Some(("acme".to_string(), 3, 0x0102_0304))
         );
         assert_eq!(parse_tree_node(&node[..node.len() - 1]), None);
+        assert_eq!(parse_root(&root("acme")), Some("acme".to_string()));
+        assert_eq!(parse_root(&leaf_count("acme")), None);
     }
 
     // Goal: a record's history keys sort by revision and never fall under another record's

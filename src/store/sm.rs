@@ -570,7 +570,7 @@ impl SmReader {
         }
         // One root key per namespace, all read (`names` below keeps those of `only`).
         for (k, v) in scan(&[keys::ROOT_PREFIX])? {
-            let ns = String::from_utf8(k[1..].to_vec()).map_err(sm_err)?;
+            let ns = keys::parse_root(&k).ok_or_else(|| sm_err("malformed root key"))?;
             trees.entry(ns).or_default().root = Some(codec::decode(&v).map_err(sm_err)?);
         }
         // The newest checkpoint: what attestations sign and replicas compare.
@@ -1559,7 +1559,7 @@ impl Staged {
         self.scan(db, &[keys::ROOT_PREFIX])?
             .into_iter()
             .map(|(k, v)| {
-                let ns = String::from_utf8(k[1..].to_vec()).map_err(sm_err)?;
+                let ns = keys::parse_root(&k).ok_or_else(|| sm_err("malformed root key"))?;
                 Ok((ns, codec::decode::<NamespaceRoot>(&v).map_err(sm_err)?))
             })
             .filter(|r| !matches!(r, Ok((_, root)) if root.leaves == 0))

@@ -64,11 +64,6 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             }
             last_gc = tokio::time::Instant::now();
         }
-        core.metrics.chunks_corrupt_found.set(
-            core.chunks
-                .corrupt_found
-                .load(std::sync::atomic::Ordering::Relaxed) as i64,
-        );
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(CHUNK_SYNC_INTERVAL) => {}

@@ -1,9 +1,8 @@
 //! The scrubber: re-reads every stored chunk at a throttled rate, round after round. A copy
 //! that no longer matches its address is quarantined (never served), counted in
-//! `escrow_chunks_corrupt_found`, logged, and replaced with a copy fetched from a peer and
+//! `escrow_chunks_corrupt_found_total`, logged, and replaced with a copy fetched from a peer and
 //! verified before it is stored.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use crate::service::Core;
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     let rate = core.integrity.scrub_mb_per_s.max(1) as f64 * 1e6;
     let pause = Duration::from_secs(core.integrity.scrub_pause_s);
-    let mut repaired = 0i64;
     loop {
         let listed = {
             let chunks = core.chunks.clone();
@@ -48,8 +46,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
                     tracing::warn!(chunk = %hex(&hash), found = %found, "scrub: corrupt chunk copy; repairing from a peer");
                     match core.chunk_anywhere(hash).await {
                         Ok(b) => {
-                            repaired += 1;
-                            core.metrics.chunks_repaired.set(repaired);
+                            core.metrics.chunks_repaired.inc();
                             tracing::info!(chunk = %hex(&hash), "scrub: chunk repaired from a peer");
                             b.len()
                         }
@@ -70,9 +67,6 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
                     0
                 }
             };
-            core.metrics
-                .chunks_corrupt_found
-                .set(core.chunks.corrupt_found.load(Ordering::Relaxed) as i64);
             // Throttle: this chunk's share of a second at the configured rate.
             let wait = Duration::from_secs_f64(bytes as f64 / rate);
             tokio::select! {
