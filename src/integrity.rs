@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::domain::{Digest, NamespaceRoot};
+use crate::domain::{Checkpoint, Digest, NamespaceRoot};
 
 /// Children per tree node.
 pub const TREE_ARITY: u32 = 16;
@@ -381,6 +381,55 @@ pub fn audit_tree(namespace: &str, leaves: &LeafTree, tree: &StoredTree) -> Vec<
     faults
 }
 
+/// Checks a stored checkpoint against itself: it is stored under its own index, lists each
+/// namespace once, in name order and only with leaves (as recorded), and its cluster root is
+/// the one over its namespace roots, which is what attestations sign. Whether those namespace
+/// roots match the state is for [`audit_tree`] and the caller (the newest checkpoint only: the
+/// state has moved on since the older ones).
+pub fn audit_checkpoint(stored_at: u64, checkpoint: &Checkpoint) -> Vec<TreeFault> {
+    let mut faults = Vec::new();
+    let at = stored_at;
+    if checkpoint.index != stored_at {
+        faults.push(TreeFault {
+            object: format!("checkpoint {at} index (against its key)"),
+            expected: at.to_string(),
+            stored: checkpoint.index.to_string(),
+        });
+    }
+    for pair in checkpoint.roots.windows(2) {
+        if pair[0].0 >= pair[1].0 {
+            faults.push(TreeFault {
+                object: format!("checkpoint {at} namespace order"),
+                expected: format!("{:?} before {:?}", pair[1].0, pair[0].0),
+                stored: format!("{:?} before {:?}", pair[0].0, pair[1].0),
+            });
+        }
+    }
+    for (ns, root) in &checkpoint.roots {
+        if root.leaves == 0 {
+            faults.push(TreeFault {
+                object: format!("checkpoint {at} root of {ns:?} (a namespace without leaves)"),
+                expected: "absent".into(),
+                stored: crate::domain::hex(&root.root),
+            });
+        }
+    }
+    let expected = cluster_root(
+        checkpoint
+            .roots
+            .iter()
+            .map(|(ns, r)| (ns.as_str(), &r.root)),
+    );
+    if checkpoint.cluster_root != expected {
+        faults.push(TreeFault {
+            object: format!("cluster root in checkpoint {at} (against its namespace roots)"),
+            expected: crate::domain::hex(&expected),
+            stored: crate::domain::hex(&checkpoint.cluster_root),
+        });
+    }
+    faults
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +589,70 @@ mod tests {
         let mut no_root = good.clone();
         no_root.root = None;
         assert_eq!(audit_tree("acme", &tree, &no_root)[0].stored, "absent");
+    }
+
+    // Goal: a checkpoint that does not add up (its cluster root, its order, its key) is named;
+    // one recorded as the node records them passes.
+    #[test]
+    fn checkpoint_audit_names_what_does_not_add_up() {
+        let root = |b: u8, leaves: u64| NamespaceRoot {
+            root: [b; 32],
+            leaves,
+        };
+        let roots = vec![
+            ("acme".to_string(), root(1, 3)),
+            ("vendor".to_string(), root(2, 1)),
+        ];
+        let good = Checkpoint {
+            index: 42,
+            time_ms: 7,
+            cluster_root: cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root))),
+            roots,
+        };
+        assert_eq!(audit_checkpoint(42, &good), vec![]);
+        assert_eq!(
+            audit_checkpoint(
+                0,
+                &Checkpoint {
+                    cluster_root: cluster_root([]),
+                    ..Checkpoint::default()
+                }
+            ),
+            vec![]
+        );
+
+        let objects = |c: &Checkpoint, at: u64| -> Vec<String> {
+            audit_checkpoint(at, c)
+                .into_iter()
+                .map(|f| f.object)
+                .collect()
+        };
+        let mut flipped = good.clone();
+        flipped.cluster_root[0] ^= 1;
+        assert_eq!(
+            objects(&flipped, 42),
+            vec!["cluster root in checkpoint 42 (against its namespace roots)"]
+        );
+        // A namespace root changed after the fact no longer adds up to the signed cluster root.
+        let mut changed = good.clone();
+        changed.roots[1].1.root[0] ^= 1;
+        assert_eq!(objects(&changed, 42).len(), 1);
+        assert_eq!(
+            objects(&good, 41),
+            vec!["checkpoint 41 index (against its key)"]
+        );
+        let mut reordered = good.clone();
+        reordered.roots.reverse();
+        assert_eq!(
+            objects(&reordered, 42),
+            vec!["checkpoint 42 namespace order"]
+        );
+        let mut empty = good.clone();
+        empty.roots[0].1.leaves = 0;
+        empty.cluster_root = cluster_root(empty.roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
+        assert_eq!(
+            objects(&empty, 42),
+            vec!["checkpoint 42 root of \"acme\" (a namespace without leaves)"]
+        );
     }
 }

@@ -116,6 +116,14 @@ impl pb::integrity_server::Integrity for IntegrityService {
                 });
             }
         }
+        for fault in &check.checkpoint_faults {
+            mismatches.push(pb::ObjectMismatch {
+                namespace: String::new(),
+                object: fault.object.clone(),
+                expected: fault.expected.clone(),
+                found: fault.stored.clone(),
+            });
+        }
         // Re-hash every referenced chunk. This only reports; a bad copy wakes the scrubber,
         // which quarantines it and puts a verified copy from a peer in its place.
         let chunks = self.core.chunks.clone();
