@@ -376,6 +376,73 @@ async fn t15_batched_commands_apply_in_order() {
     assert!(reader.get_record(&path("c")).unwrap().is_none());
 }
 
+// Goal: checkpoint commands batched into one entry share its index: it is kept once, holds the
+// roots after the last of them, is dropped once CHECKPOINTS_KEPT newer ones exist, and deep
+// verify finds every kept checkpoint in order all the while.
+#[tokio::test]
+async fn t15_batched_checkpoints_share_their_entry_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
+    let put = |k: &str| Command::PutRecord {
+        path: path(k),
+        value: b"v".to_vec(),
+    };
+    let batch = Command::Batch(vec![
+        Command::AddTenant {
+            tenant: TenantId::parse("acme").unwrap(),
+        },
+        put("a"),
+        Command::Checkpoint,
+        put("b"),
+        Command::Checkpoint,
+    ]);
+    let outcomes = sm
+        .apply([Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Normal(batch),
+        }])
+        .await
+        .unwrap();
+    let Outcome::Batch(inner) = &outcomes[0] else {
+        panic!("expected batch outcome: {outcomes:?}")
+    };
+    assert_eq!(inner[2], Outcome::Checkpoint { index: 1 });
+    assert_eq!(inner[4], Outcome::Checkpoint { index: 1 });
+    let reader = sm.reader();
+    let first = reader.checkpoint(1).unwrap().expect("checkpoint 1");
+    assert_eq!(first.roots.len(), 1);
+    assert_eq!(
+        first.roots[0].1.leaves, 2,
+        "the last checkpoint's roots stand"
+    );
+    assert!(reader
+        .deep_check(None)
+        .unwrap()
+        .checkpoint_faults
+        .is_empty());
+
+    let kept = escrow::store::sm::CHECKPOINTS_KEPT as u64;
+    for index in 2..=kept + 1 {
+        sm.apply([Entry {
+            log_id: log_id(1, index),
+            payload: EntryPayload::Normal(Command::Checkpoint),
+        }])
+        .await
+        .unwrap();
+        let check = reader.deep_check(None).unwrap();
+        assert!(
+            check.checkpoint_faults.is_empty(),
+            "after checkpoint {index}: {:?}",
+            check.checkpoint_faults
+        );
+    }
+    // The kept-th newer checkpoint drops it, and on the way deep verify never found it listed
+    // twice (out of order) or listed but already dropped.
+    assert!(reader.checkpoint(1).unwrap().is_none());
+    assert!(reader.checkpoint(2).unwrap().is_some());
+}
+
 // Goal: a node that died between switching to an installed snapshot and republishing it has a
 // state machine ahead of both its log and its newest snapshot; at start that stale snapshot is
 // dropped (Raft then rebuilds one that connects to the log). A normal restart keeps it.
