@@ -65,6 +65,25 @@ fn live(reader: &escrow::store::SmReader, key: &str) -> Option<Vec<u8>> {
         .and_then(|v| v.value)
 }
 
+/// Applies `commands` as one batch entry at `index` (term 1) and returns their outcomes.
+async fn apply_batch(
+    sm: &mut StateMachineStore,
+    index: u64,
+    commands: Vec<Command>,
+) -> Vec<Outcome> {
+    let mut outcomes = sm
+        .apply([Entry {
+            log_id: log_id(1, index),
+            payload: EntryPayload::Normal(Command::Batch(commands)),
+        }])
+        .await
+        .unwrap();
+    match outcomes.pop() {
+        Some(Outcome::Batch(inner)) => inner,
+        other => panic!("expected a batch outcome: {other:?}"),
+    }
+}
+
 fn put_entry(term: u64, index: u64, key: &str) -> Entry {
     Entry {
         log_id: log_id(term, index),
@@ -312,7 +331,7 @@ async fn t15_batched_commands_apply_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let path = |k: &str| RecordPath::parse("acme", "orders", k).unwrap();
-    let batch = Command::Batch(vec![
+    let batch = vec![
         Command::AddTenant {
             tenant: TenantId::parse("acme").unwrap(),
         },
@@ -333,17 +352,8 @@ async fn t15_batched_commands_apply_in_order() {
             value: Vec::new(),
         },
         Command::Batch(Vec::new()),
-    ]);
-    let outcomes = sm
-        .apply([Entry {
-            log_id: log_id(1, 1),
-            payload: EntryPayload::Normal(batch),
-        }])
-        .await
-        .unwrap();
-    let Outcome::Batch(inner) = &outcomes[0] else {
-        panic!("expected batch outcome: {outcomes:?}")
-    };
+    ];
+    let inner = apply_batch(&mut sm, 1, batch).await;
     assert!(matches!(inner[0], Outcome::Tenant(_)));
     let inner = &inner[1..];
     assert_eq!(inner[0], Outcome::Written { revision: 1 });
@@ -388,7 +398,7 @@ async fn t15_batched_checkpoints_share_their_entry_index() {
         path: path(k),
         value: b"v".to_vec(),
     };
-    let batch = Command::Batch(vec![
+    let batch = vec![
         Command::AddTenant {
             tenant: TenantId::parse("acme").unwrap(),
         },
@@ -396,17 +406,8 @@ async fn t15_batched_checkpoints_share_their_entry_index() {
         Command::Checkpoint,
         put("b"),
         Command::Checkpoint,
-    ]);
-    let outcomes = sm
-        .apply([Entry {
-            log_id: log_id(1, 1),
-            payload: EntryPayload::Normal(batch),
-        }])
-        .await
-        .unwrap();
-    let Outcome::Batch(inner) = &outcomes[0] else {
-        panic!("expected batch outcome: {outcomes:?}")
-    };
+    ];
+    let inner = apply_batch(&mut sm, 1, batch).await;
     assert_eq!(inner[2], Outcome::Checkpoint { index: 1 });
     assert_eq!(inner[4], Outcome::Checkpoint { index: 1 });
     let reader = sm.reader();
