@@ -177,9 +177,11 @@ pub fn root_hash(namespace: &str, leaves: u64, top: &Digest) -> Digest {
     *h.finalize().as_bytes()
 }
 
-/// The cluster root over namespace roots (namespaces without leaves are left out by callers).
-pub fn cluster_root<'a>(roots: impl IntoIterator<Item = (&'a str, &'a Digest)>) -> Digest {
-    let mut sorted: Vec<(&str, &Digest)> = roots.into_iter().collect();
+/// The cluster root over namespace roots, as a checkpoint lists them (namespaces without
+/// leaves are left out by callers; any order).
+pub fn cluster_root(roots: &[(String, NamespaceRoot)]) -> Digest {
+    let mut sorted: Vec<(&str, &Digest)> =
+        roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)).collect();
     sorted.sort();
     let mut h = blake3::Hasher::new();
     h.update(b"escrow.cluster.v1");
@@ -275,13 +277,28 @@ pub struct StoredTree {
     pub root: Option<NamespaceRoot>,
 }
 
-/// One place where a stored tree disagrees with what it is built from.
+/// One place where stored integrity data (a leaf, the tree, a root, a checkpoint) disagrees
+/// with what it is derived from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeFault {
     pub object: String,
     /// What the level below (the leaves, the children, the top node) says it should be.
     pub expected: String,
     pub stored: String,
+}
+
+impl TreeFault {
+    pub fn new(
+        object: impl Into<String>,
+        expected: impl Into<String>,
+        stored: impl Into<String>,
+    ) -> Self {
+        Self {
+            object: object.into(),
+            expected: expected.into(),
+            stored: stored.into(),
+        }
+    }
 }
 
 /// Checks a namespace's stored tree against the tree over its current leaves: every bucket not
@@ -386,10 +403,9 @@ pub fn audit_tree(namespace: &str, leaves: &LeafTree, tree: &StoredTree) -> Vec<
 /// the one over its namespace roots, which is what attestations sign. Whether those namespace
 /// roots match the state is for [`audit_tree`] and the caller (the newest checkpoint only: the
 /// state has moved on since the older ones).
-pub fn audit_checkpoint(stored_at: u64, checkpoint: &Checkpoint) -> Vec<TreeFault> {
+pub fn audit_checkpoint(at: u64, checkpoint: &Checkpoint) -> Vec<TreeFault> {
     let mut faults = Vec::new();
-    let at = stored_at;
-    if checkpoint.index != stored_at {
+    if checkpoint.index != at {
         faults.push(TreeFault {
             object: format!("checkpoint {at} index (against its key)"),
             expected: at.to_string(),
@@ -414,12 +430,7 @@ pub fn audit_checkpoint(stored_at: u64, checkpoint: &Checkpoint) -> Vec<TreeFaul
             });
         }
     }
-    let expected = cluster_root(
-        checkpoint
-            .roots
-            .iter()
-            .map(|(ns, r)| (ns.as_str(), &r.root)),
-    );
+    let expected = cluster_root(&checkpoint.roots);
     if checkpoint.cluster_root != expected {
         faults.push(TreeFault {
             object: format!("cluster root in checkpoint {at} (against its namespace roots)"),
@@ -606,7 +617,7 @@ mod tests {
         let good = Checkpoint {
             index: 42,
             time_ms: 7,
-            cluster_root: cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root))),
+            cluster_root: cluster_root(&roots),
             roots,
         };
         assert_eq!(audit_checkpoint(42, &good), vec![]);
@@ -614,7 +625,7 @@ mod tests {
             audit_checkpoint(
                 0,
                 &Checkpoint {
-                    cluster_root: cluster_root([]),
+                    cluster_root: cluster_root(&[]),
                     ..Checkpoint::default()
                 }
             ),
@@ -649,7 +660,7 @@ mod tests {
         );
         let mut empty = good.clone();
         empty.roots[0].1.leaves = 0;
-        empty.cluster_root = cluster_root(empty.roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
+        empty.cluster_root = cluster_root(&empty.roots);
         assert_eq!(
             objects(&empty, 42),
             vec!["checkpoint 42 root of \"acme\" (a namespace without leaves)"]

@@ -438,8 +438,8 @@ async fn t15_batched_checkpoints_share_their_entry_index() {
             check.checkpoint_faults
         );
     }
-    // The kept-th newer checkpoint drops it, and on the way deep verify never found it listed
-    // twice (out of order) or listed but already dropped.
+    // The kept-th newer checkpoint drops it, and on the way deep verify never found an index
+    // listed twice or listed but already dropped.
     assert!(reader.checkpoint(1).unwrap().is_none());
     assert!(reader.checkpoint(2).unwrap().is_some());
 }

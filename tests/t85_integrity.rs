@@ -16,7 +16,9 @@ use std::time::Duration;
 use common::*;
 use escrow::client::EscrowClient;
 use escrow::mirror::artifacts::{download_file, upload_file};
-use escrow::verify::{attest, source_root_of_dir, source_root_of_feed, trusted_keys, verify};
+use escrow::verify::{
+    attest, source_root_of_dir, source_root_of_feed, trusted_keys, verify, VerifyReport,
+};
 
 async fn mixed_writes(client: &EscrowClient, dir: &std::path::Path) {
     for i in 0..50 {
@@ -65,6 +67,19 @@ async fn cluster_with_orders(count: usize) -> (TestCluster, EscrowClient) {
     }
     cluster.wait_applied(last).await;
     (cluster, client)
+}
+
+/// Damage the replicas' compared roots do not show: plain verify passes and deep verify fails.
+/// Returns both reports.
+async fn seen_by_deep_verify_only(client: &EscrowClient) -> (VerifyReport, VerifyReport) {
+    let shallow = verify(client, None, false).await.unwrap();
+    assert!(
+        shallow.ok,
+        "the roots replicas compare did not change, so comparing them cannot see it: {shallow:?}"
+    );
+    let deep = verify(client, None, true).await.unwrap();
+    assert!(!deep.ok);
+    (shallow, deep)
 }
 
 /// A 3-node cluster holding [`mixed_writes`]; the temporary dir holds the uploaded file.
@@ -261,13 +276,7 @@ async fn t92_deep_verify_checks_the_stored_tree_not_only_the_leaves() {
         .reader
         .corrupt_tree_node_for_tests(&tenant, 1)
         .unwrap();
-    let shallow = verify(&client, None, false).await.unwrap();
-    assert!(
-        shallow.ok,
-        "the recorded roots did not change, so comparing them alone cannot see it: {shallow:?}"
-    );
-    let deep = verify(&client, None, true).await.unwrap();
-    assert!(!deep.ok);
+    let (_, deep) = seen_by_deep_verify_only(&client).await;
     for d in &deep.disagreements {
         assert_eq!(d.node, victim.id, "{d:?}");
         assert_eq!(d.namespace, TENANT, "{d:?}");
@@ -304,11 +313,11 @@ async fn t93_deep_verify_checks_kept_checkpoints_add_up() {
         .reader
         .corrupt_checkpoint_for_tests(older.index)
         .unwrap();
-    let shallow = verify(&client, None, false).await.unwrap();
-    assert!(shallow.index > older.index);
-    assert!(shallow.ok, "the newest checkpoint is intact: {shallow:?}");
-    let deep = verify(&client, None, true).await.unwrap();
-    assert!(!deep.ok);
+    let (shallow, deep) = seen_by_deep_verify_only(&client).await;
+    assert!(
+        shallow.index > older.index,
+        "a newer checkpoint was compared"
+    );
     let faults: Vec<(u64, &str, &str)> = deep
         .disagreements
         .iter()

@@ -97,37 +97,23 @@ impl pb::integrity_server::Integrity for IntegrityService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
-        let mut mismatches = Vec::new();
-        for ns in &check.namespaces {
-            if ns.recomputed != ns.maintained.root {
-                mismatches.push(pb::ObjectMismatch {
-                    namespace: ns.namespace.clone(),
-                    object: "root (recomputed from stored data)".into(),
-                    expected: hex(&ns.maintained.root),
-                    found: hex(&ns.recomputed),
-                });
-            }
-            for (object, expected, found) in &ns.mismatches {
-                mismatches.push(pb::ObjectMismatch {
-                    namespace: ns.namespace.clone(),
-                    object: object.clone(),
-                    expected: expected.clone(),
-                    found: found.clone(),
-                });
-            }
-        }
-        for fault in &check.checkpoint_faults {
-            mismatches.push(pb::ObjectMismatch {
-                namespace: String::new(),
-                object: fault.object.clone(),
-                expected: fault.expected.clone(),
-                found: fault.stored.clone(),
-            });
-        }
+        // Namespace-less faults (the checkpoints span every namespace) go out with an empty one.
+        let mismatches = check
+            .namespaces
+            .iter()
+            .flat_map(|ns| ns.faults.iter().map(|f| (ns.namespace.as_str(), f)))
+            .chain(check.checkpoint_faults.iter().map(|f| ("", f)))
+            .map(|(namespace, f)| pb::ObjectMismatch {
+                namespace: namespace.to_string(),
+                object: f.object.clone(),
+                expected: f.expected.clone(),
+                found: f.stored.clone(),
+            })
+            .collect();
         // Re-hash every referenced chunk. This only reports; a bad copy wakes the scrubber,
         // which quarantines it and puts a verified copy from a peer in its place.
         let chunks = self.core.chunks.clone();
-        let refs = check.chunks.clone();
+        let refs = check.chunks;
         let (bad_chunks, checked, bytes) = tokio::task::spawn_blocking(move || {
             let mut bad = Vec::new();
             let mut bytes = 0u64;

@@ -84,15 +84,23 @@ pub fn record(tenant: &TenantId, id: &Digest) -> Vec<u8> {
     out
 }
 
-/// The tenant and leaf id a record head key names.
-pub fn parse_record(key: &[u8]) -> Option<(TenantId, Digest)> {
-    let body = key.strip_prefix(&[RECORD_PREFIX])?;
-    let split = body.len().checked_sub(33)?;
+/// The namespace and the `len`-byte rest of a `prefix namespace 0x00 rest` key.
+fn split_namespace(prefix: u8, key: &[u8], len: usize) -> Option<(&str, &[u8])> {
+    let body = key.strip_prefix(&[prefix])?;
+    let split = body.len().checked_sub(len + 1)?;
     if body[split] != 0 {
         return None;
     }
-    let tenant = TenantId::parse(std::str::from_utf8(&body[..split]).ok()?).ok()?;
-    Some((tenant, body[split + 1..].try_into().ok()?))
+    Some((
+        std::str::from_utf8(&body[..split]).ok()?,
+        &body[split + 1..],
+    ))
+}
+
+/// The tenant and leaf id a record head key names.
+pub fn parse_record(key: &[u8]) -> Option<(TenantId, Digest)> {
+    let (tenant, id) = split_namespace(RECORD_PREFIX, key, 32)?;
+    Some((TenantId::parse(tenant).ok()?, id.try_into().ok()?))
 }
 
 fn parse_path(body: &[u8]) -> Option<RecordPath> {
@@ -214,6 +222,12 @@ pub fn leaf(namespace: &str, id: &Digest) -> Vec<u8> {
     out
 }
 
+/// The namespace and leaf id an artifact leaf key names.
+pub fn parse_leaf(key: &[u8]) -> Option<(String, Digest)> {
+    let (namespace, id) = split_namespace(LEAF_PREFIX, key, 32)?;
+    Some((namespace.to_string(), id.try_into().ok()?))
+}
+
 pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
     let mut out = ns_prefix(NODE_TREE_PREFIX, namespace);
     out.push(level);
@@ -223,14 +237,9 @@ pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
 
 /// The namespace, level and index a tree-node key names.
 pub fn parse_tree_node(key: &[u8]) -> Option<(String, u8, u32)> {
-    let body = key.strip_prefix(&[NODE_TREE_PREFIX])?;
-    let split = body.len().checked_sub(6)?;
-    if body[split] != 0 {
-        return None;
-    }
-    let index = u32::from_be_bytes(body[split + 2..].try_into().ok()?);
-    let namespace = String::from_utf8(body[..split].to_vec()).ok()?;
-    Some((namespace, body[split + 1], index))
+    let (namespace, rest) = split_namespace(NODE_TREE_PREFIX, key, 5)?;
+    let index = u32::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((namespace.to_string(), rest[0], index))
 }
 
 pub fn dirty_buckets(namespace: &str, index: u64) -> Vec<u8> {
@@ -241,12 +250,7 @@ pub fn dirty_buckets(namespace: &str, index: u64) -> Vec<u8> {
 
 /// The namespace a dirty-buckets key belongs to.
 pub fn parse_dirty_buckets(key: &[u8]) -> Option<String> {
-    let body = key.strip_prefix(&[DIRTY_PREFIX])?;
-    let namespace = body.get(..body.len().checked_sub(9)?)?;
-    if body[namespace.len()] != 0 {
-        return None;
-    }
-    String::from_utf8(namespace.to_vec()).ok()
+    split_namespace(DIRTY_PREFIX, key, 8).map(|(namespace, _)| namespace.to_string())
 }
 
 pub fn leaf_count(namespace: &str) -> Vec<u8> {
@@ -311,6 +315,19 @@ mod tests {
             Some(("acme".to_string(), 3, 0x0102_0304))
         );
         assert_eq!(parse_tree_node(&node[..node.len() - 1]), None);
+        assert_eq!(
+            parse_leaf(&leaf("acme", &id)),
+            Some(("acme".to_string(), id))
+        );
+        assert_eq!(
+            parse_leaf(&a),
+            None,
+            "a record head is not an artifact leaf"
+        );
+        assert_eq!(
+            parse_dirty_buckets(&dirty_buckets("acme", 9)),
+            Some("acme".to_string())
+        );
         assert_eq!(parse_root(&root("acme")), Some("acme".to_string()));
         assert_eq!(parse_root(&leaf_count("acme")), None);
     }

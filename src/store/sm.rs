@@ -34,7 +34,7 @@ use crate::domain::{
     NamespaceStats, RecordKey, RecordPath, RecordVersion, SourceId, SourcePosition, TenantId,
     TenantInfo,
 };
-use crate::integrity;
+use crate::integrity::{self, TreeFault};
 use crate::ledger::{self, Command, LedgerView, Mutation, Outcome, Stamp};
 use crate::raft::codec;
 use crate::raft::{
@@ -59,15 +59,15 @@ pub struct SnapshotFileInfo {
     pub blake3: [u8; 32],
 }
 
-/// One namespace in a [`DeepCheck`]: the root of the maintained leaf index (what consensus
-/// applied), the root recomputed from the stored data, and the objects whose leaves differ
-/// (object, maintained leaf hash, recomputed).
+/// One namespace in a [`DeepCheck`]: what disagrees with what it derives from. The root
+/// recomputed from the stored data against the maintained leaf index's (what consensus
+/// applied) first, then each leaf that differs, then the stored tree's faults
+/// ([`integrity::audit_tree`]), the leaf count, and the recorded root against the newest
+/// checkpoint's.
 #[derive(Debug, Clone)]
 pub struct NamespaceCheck {
     pub namespace: String,
-    pub maintained: NamespaceRoot,
-    pub recomputed: Digest,
-    pub mismatches: Vec<(String, String, String)>,
+    pub faults: Vec<TreeFault>,
 }
 
 /// What [`SmReader::deep_check`] found, at one applied index.
@@ -77,7 +77,7 @@ pub struct DeepCheck {
     pub namespaces: Vec<NamespaceCheck>,
     /// Stored checkpoints that do not add up by themselves ([`integrity::audit_checkpoint`]),
     /// every kept one; checked only when no namespace scopes the check, as they span all.
-    pub checkpoint_faults: Vec<integrity::TreeFault>,
+    pub checkpoint_faults: Vec<TreeFault>,
     /// Every chunk referenced at that index.
     pub chunks: Vec<ChunkRef>,
 }
@@ -543,12 +543,7 @@ impl SmReader {
             }
         }
         for (k, v) in scan(&within(keys::LEAF_PREFIX))? {
-            let body = &k[1..];
-            let Some(split) = body.len().checked_sub(33) else {
-                return Err(sm_err("malformed leaf key"));
-            };
-            let ns = String::from_utf8_lossy(&body[..split]).to_string();
-            let id: Digest = body[split + 1..].try_into().map_err(sm_err)?;
+            let (ns, id) = keys::parse_leaf(&k).ok_or_else(|| sm_err("malformed leaf key"))?;
             let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
             maintained.entry(ns).or_default().insert(id, hash);
         }
@@ -587,17 +582,14 @@ impl SmReader {
         };
         let mut checkpoint_faults = Vec::new();
         if only.is_none() {
-            // An index listed twice is not a fault: nodes before the dedup in
-            // `Staged::checkpoint` listed batched checkpoints once per command.
-            if kept.windows(2).any(|w| w[0] > w[1]) {
-                checkpoint_faults.push(integrity::TreeFault {
-                    object: "list of kept checkpoints (in index order)".into(),
-                    expected: "ascending".into(),
-                    stored: format!("{kept:?}"),
-                });
+            if kept.windows(2).any(|w| w[0] >= w[1]) {
+                checkpoint_faults.push(TreeFault::new(
+                    "list of kept checkpoints (ascending, each once)",
+                    "ascending",
+                    format!("{kept:?}"),
+                ));
             }
-            let listed: BTreeSet<u64> = kept.iter().copied().collect();
-            for &index in &listed {
+            for &index in &kept {
                 // The newest was read above; the older ones only here.
                 let faults = if Some(&index) == kept.last() {
                     newest
@@ -609,11 +601,11 @@ impl SmReader {
                 };
                 match faults {
                     Some(faults) => checkpoint_faults.extend(faults),
-                    None => checkpoint_faults.push(integrity::TreeFault {
-                        object: format!("checkpoint {index} (listed as kept)"),
-                        expected: "present".into(),
-                        stored: "absent".into(),
-                    }),
+                    None => checkpoint_faults.push(TreeFault::new(
+                        format!("checkpoint {index} (listed as kept)"),
+                        "present",
+                        "absent",
+                    )),
                 }
             }
         }
@@ -634,32 +626,36 @@ impl SmReader {
                 leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
             let recomputed_root = integrity::namespace_root(&ns, &hashes);
             let index_tree = integrity::LeafTree::new(&stored);
-            let maintained_root = NamespaceRoot {
-                root: index_tree.root(&ns),
-                leaves: index_tree.leaves,
-            };
-            let mut mismatches = Vec::new();
-            if recomputed_root != maintained_root.root {
+            let maintained_root = index_tree.root(&ns);
+            let mut faults = Vec::new();
+            if recomputed_root != maintained_root {
+                faults.push(TreeFault::new(
+                    "root (recomputed from stored data)",
+                    hex(&maintained_root),
+                    hex(&recomputed_root),
+                ));
                 for (id, (hash, what)) in &leaves {
                     match stored.get(id) {
                         Some(s) if s == hash => {}
-                        Some(s) => mismatches.push((what.clone(), hex(s), hex(hash))),
-                        None => mismatches.push((what.clone(), "absent".into(), hex(hash))),
+                        Some(s) => faults.push(TreeFault::new(what.clone(), hex(s), hex(hash))),
+                        None => faults.push(TreeFault::new(what.clone(), "absent", hex(hash))),
                     }
                 }
                 for (id, s) in &stored {
                     if !leaves.contains_key(id) {
-                        mismatches.push((format!("leaf {}", hex(id)), hex(s), "absent".into()));
+                        faults.push(TreeFault::new(
+                            format!("leaf {}", hex(id)),
+                            hex(s),
+                            "absent",
+                        ));
                     }
                 }
             }
-            for fault in integrity::audit_tree(&ns, &index_tree, &tree) {
-                mismatches.push((fault.object, fault.expected, fault.stored));
-            }
+            faults.extend(integrity::audit_tree(&ns, &index_tree, &tree));
             let count: u64 = snapshot_decoded(&snap, &keys::leaf_count(&ns))?.unwrap_or(0);
             if count != stored.len() as u64 {
-                mismatches.push((
-                    "leaf count (against the leaves)".into(),
+                faults.push(TreeFault::new(
+                    "leaf count (against the leaves)",
                     stored.len().to_string(),
                     count.to_string(),
                 ));
@@ -677,7 +673,7 @@ impl SmReader {
                             format!("{} ({} leaves)", hex(&r.root), r.leaves)
                         })
                     };
-                    mismatches.push((
+                    faults.push(TreeFault::new(
                         format!(
                             "root in checkpoint {} (against the recorded root)",
                             checkpoint.index
@@ -689,9 +685,7 @@ impl SmReader {
             }
             namespaces.push(NamespaceCheck {
                 namespace: ns,
-                maintained: maintained_root,
-                recomputed: recomputed_root,
-                mismatches,
+                faults,
             });
         }
         let mut chunks = Vec::new();
@@ -1618,8 +1612,7 @@ impl Staged {
     fn checkpoint(&mut self, db: &DB, stamp: Stamp) -> Result<(), StorageError> {
         self.flush_merkle(db)?;
         let roots = self.roots(db)?;
-        let cluster_root =
-            integrity::cluster_root(roots.iter().map(|(ns, r)| (ns.as_str(), &r.root)));
+        let cluster_root = integrity::cluster_root(&roots);
         let checkpoint = Checkpoint {
             index: stamp.index,
             time_ms: stamp.time_ms,
@@ -1638,10 +1631,7 @@ impl Staged {
         }
         while kept.len() > CHECKPOINTS_KEPT {
             let old = kept.remove(0);
-            // A list written before the line above may hold an index twice.
-            if !kept.contains(&old) {
-                self.delete(keys::checkpoint(old));
-            }
+            self.delete(keys::checkpoint(old));
         }
         self.put(keys::CHECKPOINTS.to_vec(), codec::encode(&kept));
         Ok(())
