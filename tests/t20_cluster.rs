@@ -73,6 +73,93 @@ async fn t20_writes_through_any_node_are_readable_everywhere_and_survive_restart
     cluster.shutdown().await;
 }
 
+// Goal: a leader replicates its new entries without waiting for its own log flush, and counts
+// itself toward a quorum only once that flush is done (vendor/README.md). So while the
+// leader's fsyncs are held, writes are acknowledged when both followers have them durable
+// (and survive losing the leader), and are not acknowledged when one follower is down.
+//
+// Steps:
+// 1. Start 3 nodes; hold the leader's log fsyncs.
+// 2. Write 20 records through the leader: each is acknowledged (both followers flushed it).
+// 3. Stop the leader (its hold goes with it); the other two elect a leader and serve all 20.
+// 4. Restart it; hold the new leader's fsyncs and stop the third node: a write is not
+//    acknowledged within 3 s (the leader and one follower, the leader's copy not durable).
+// 5. Release the hold: a write is acknowledged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t26_leader_counts_itself_only_after_its_own_log_flush() {
+    let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let leader = cluster.index_of(cluster.wait_leader().await);
+    let hold = cluster.node(leader).log_store.hold_syncs_for_tests();
+    let client = cluster
+        .client_for(leader)
+        .with_deadline(Duration::from_secs(5));
+    let mut acked = BTreeMap::new();
+    for i in 0..20 {
+        let key = format!("held-{i}");
+        let value = random_bytes(&key, 512);
+        let revision = client
+            .put("acme", "orders", &key, value.clone())
+            .await
+            .unwrap_or_else(|e| panic!("write {key} with the leader's fsync held: {e}"));
+        acked.insert(key, (value, revision));
+    }
+
+    cluster.stop_node(leader).await;
+    drop(hold);
+    let stopped = leader as u64 + 1;
+    let new_leader = wait_for("a leader other than the stopped node", || async {
+        let id = cluster.wait_leader().await;
+        (id != stopped).then_some(cluster.index_of(id))
+    })
+    .await;
+    let reader = cluster.client_for(new_leader);
+    for (key, (value, revision)) in &acked {
+        let got = reader.get("acme", "orders", key, false).await.unwrap();
+        assert!(got.found, "acknowledged {key} lost with the leader");
+        assert_eq!(&got.value, value, "{key} changed");
+        assert_eq!(got.revision, *revision, "{key} has another revision");
+    }
+
+    cluster.restart_node(leader).await;
+    let new_leader = cluster.index_of(cluster.wait_leader().await);
+    let hold = cluster.node(new_leader).log_store.hold_syncs_for_tests();
+    let third = (0..3).find(|&i| i != new_leader).unwrap();
+    let follower = (0..3).find(|&i| i != new_leader && i != third).unwrap();
+    cluster.stop_node(third).await;
+    let follower_log = || {
+        cluster
+            .node(follower)
+            .raft
+            .metrics()
+            .borrow()
+            .last_log_index
+    };
+    let before = follower_log();
+    let client = cluster
+        .client_for(new_leader)
+        .with_deadline(Duration::from_secs(3));
+    let result = client
+        .put("acme", "orders", "unflushed", b"v".to_vec())
+        .await;
+    assert!(
+        result.is_err(),
+        "acknowledged with one durable copy: the leader counted its unflushed log ({result:?})"
+    );
+    assert!(
+        follower_log() > before,
+        "the write never reached the follower, so the test shows nothing"
+    );
+    drop(hold);
+    let client = cluster
+        .client_for(new_leader)
+        .with_deadline(Duration::from_secs(15));
+    client
+        .put("acme", "orders", "flushed", b"v".to_vec())
+        .await
+        .expect("a write once the leader's fsync is released");
+    cluster.shutdown().await;
+}
+
 /// A put that must be refused: what, tenant, key, value, code, message part.
 type BadPut = (&'static str, String, String, Vec<u8>, Code, &'static str);
 

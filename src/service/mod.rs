@@ -54,10 +54,10 @@ type Proposal = (Command, oneshot::Sender<Proposed>);
 
 /// Groups concurrent client commands into one Raft entry each round.
 ///
-/// openraft 0.9 appends one entry per `client_write` and waits for that append's fsync before
-/// taking the next, so unbatched writes commit one fsync round trip at a time. Batching here
-/// makes the Raft log carry one entry (one fsync per replica) for every group of writes that
-/// arrived while the previous group was being committed.
+/// openraft appends one entry per `client_write`, and every entry costs each replica a fixed
+/// amount of work (an fsync, a peer RPC, an apply), so unbatched writes would pay it once per
+/// write. Batching here makes the Raft log carry one entry (one fsync per replica) for every
+/// group of writes that arrived while the previous group was being committed.
 pub struct Proposer {
     tx: mpsc::Sender<Proposal>,
 }
@@ -85,9 +85,9 @@ async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             continue;
         }
         // One batch in flight: while it commits, new commands queue and form the next batch,
-        // so one fsync carries many writes under load. openraft 0.9 runs a node's log appends
-        // one after another (each waits for its fsync), so a second batch in flight would only
-        // queue behind the first while making both smaller. The batch is proposed from this
+        // so one fsync carries many writes under load. A second batch in flight made both
+        // smaller and cost more CPU per write without adding writes/s, as the node is CPU-bound
+        // at that load (README, Benchmarks). The batch is proposed from this
         // task, not a spawned one: the next batch then starts the moment this one is answered,
         // instead of waiting behind every task the answers woke (README, Benchmarks).
         let count = waiters.len();

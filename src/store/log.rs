@@ -13,7 +13,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -63,18 +63,51 @@ fn key_index(key: &[u8]) -> Result<u64, StorageError> {
 
 type SyncRequest = LogFlushed<TypeConfig>;
 
+/// A gate in front of the syncer's fsync, closed only by [`LogStore::hold_syncs_for_tests`].
+#[derive(Default)]
+struct SyncGate {
+    held: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl SyncGate {
+    fn set_held(&self, held: bool) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+        self.opened.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.opened.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Holds a log store's fsyncs (and so its append acknowledgements) until dropped.
+pub struct SyncHold(Arc<SyncGate>);
+
+impl Drop for SyncHold {
+    fn drop(&mut self) {
+        self.0.set_held(false);
+    }
+}
+
 struct Inner {
     db: Arc<DB>,
     opts: Options,
     syncer: Option<std_mpsc::SyncSender<SyncRequest>>,
     syncer_thread: Option<JoinHandle<()>>,
+    sync_gate: Arc<SyncGate>,
     committed_index: AtomicU64,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel ends the syncer after it has flushed what it holds; joining it
-        // makes sure the database is really closed when the last handle goes away.
+        // makes sure the database is really closed when the last handle goes away. A test's
+        // hold on the syncs ends here, or the join would wait for it.
+        self.sync_gate.set_held(false);
         self.syncer.take();
         if let Some(thread) = self.syncer_thread.take() {
             let _ = thread.join();
@@ -115,9 +148,11 @@ impl LogStore {
         let db = Arc::new(db);
         let (tx, rx) = std_mpsc::sync_channel::<SyncRequest>(SYNC_QUEUE_DEPTH_MAX);
         let sync_db = db.clone();
+        let sync_gate = Arc::new(SyncGate::default());
+        let gate = sync_gate.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || run_syncer(sync_db, rx))
+            .spawn(move || run_syncer(sync_db, rx, &gate))
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -125,6 +160,7 @@ impl LogStore {
                 opts,
                 syncer: Some(tx),
                 syncer_thread: Some(thread),
+                sync_gate,
                 committed_index: AtomicU64::new(0),
             }),
         })
@@ -143,6 +179,14 @@ impl LogStore {
     /// The highest log index Raft reported as committed (0 before any).
     pub fn committed_index(&self) -> u64 {
         self.inner.committed_index.load(Ordering::Relaxed)
+    }
+
+    /// Test hook: holds this store's append fsyncs, and so its flush callbacks, until the
+    /// returned guard is dropped (appended entries stay readable). Lets tests show what a
+    /// cluster acknowledges while one node's log is not yet durable.
+    pub fn hold_syncs_for_tests(&self) -> SyncHold {
+        self.inner.sync_gate.set_held(true);
+        SyncHold(self.inner.sync_gate.clone())
     }
 
     /// How many times RocksDB fsynced the write-ahead log since open.
@@ -216,8 +260,9 @@ impl LogStore {
     }
 }
 
-fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>) {
+fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate) {
     while let Ok(first) = rx.recv() {
+        gate.wait_open();
         let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
