@@ -261,6 +261,7 @@ impl LogStore {
 }
 
 fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate) {
+    let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         gate.wait_open();
         let mut waiting = vec![first];
@@ -268,8 +269,20 @@ fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate)
             waiting.push(more);
         }
         // Every request in `waiting` was queued after its entries were written, so one WAL
-        // fsync started now covers all of them.
-        let result = db.flush_wal(true);
+        // fsync started now covers all of them. After a failed fsync every later one fails
+        // too: the kernel may have dropped the dirty pages, so a later "success" would not
+        // cover the earlier entries (and a leader counts its own appends from these results).
+        let result = if let Some(e) = &failed {
+            Err(std::io::Error::other(format!(
+                "an earlier log fsync failed: {e}"
+            )))
+        } else {
+            db.flush_wal(true).map_err(|e| {
+                let e = e.to_string();
+                failed = Some(e.clone());
+                std::io::Error::other(e)
+            })
+        };
         for callback in waiting {
             let r = match &result {
                 Ok(()) => Ok(()),

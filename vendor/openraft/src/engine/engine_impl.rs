@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,18 +153,17 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
+        // Escrow patch: a leader replicates entries before its own flush, so after a crash its
+        // followers may hold entries of its vote that its own log lost. Leading again under
+        // that vote would hand out the same log ids for different entries. So a node that
+        // was leading does not restore leadership: it keeps the vote uncommitted (in memory;
+        // it still refuses other candidates of that term) and starts as a follower, and an
+        // election with a higher term picks the next leader.
         if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
-
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
-            return;
+            let term = self.state.vote_ref().leader_id().term;
+            let vote = Vote::new(term, self.config.id.clone());
+            tracing::info!("startup: was leader; leads again only after a new election: vote {}", vote);
+            self.state.vote.update(C::now(), vote);
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {
