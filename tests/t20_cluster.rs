@@ -106,10 +106,9 @@ async fn t26_leader_counts_itself_only_after_its_own_log_flush() {
 
     cluster.stop_node(leader).await;
     drop(hold);
-    let stopped = leader as u64 + 1;
     let new_leader = wait_for("a leader other than the stopped node", || async {
-        let id = cluster.wait_leader().await;
-        (id != stopped).then_some(cluster.index_of(id))
+        let i = cluster.index_of(cluster.wait_leader().await);
+        (i != leader).then_some(i)
     })
     .await;
     let reader = cluster.client_for(new_leader);

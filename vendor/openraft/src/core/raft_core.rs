@@ -89,6 +89,8 @@ use crate::storage::RaftLogReaderExt;
 use crate::storage::RaftLogStorage;
 use crate::storage::RaftStateMachine;
 use crate::type_config::alias::InstantOf;
+use crate::type_config::alias::OneshotReceiverErrorOf;
+use crate::type_config::alias::OneshotReceiverOf;
 use crate::type_config::alias::ResponderOf;
 use crate::type_config::TypeConfigExt;
 use crate::AsyncRuntime;
@@ -718,16 +720,28 @@ where
     {
         tracing::debug!("append_to_log");
 
+        let flushed = self.submit_append(entries, vote, last_log_id).await?;
+        flush_outcome::<C>(flushed.await)
+    }
+
+    /// Escrow patch: hands an append to the log store; the receiver yields its flush outcome.
+    async fn submit_append<I>(
+        &mut self,
+        entries: I,
+        vote: Vote<C::NodeId>,
+        last_log_id: LogId<C::NodeId>,
+    ) -> Result<OneshotReceiverOf<C, Result<LogIOId<C::NodeId>, std::io::Error>>, StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
         let (tx, rx) = C::AsyncRuntime::oneshot();
         let log_io_id = LogIOId::new(vote, Some(last_log_id));
 
         let callback = LogFlushed::new(log_io_id, tx);
 
         self.log_store.append(entries, callback).await?;
-        rx.await
-            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?
-            .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
-        Ok(())
+        Ok(rx)
     }
 
     /// Escrow patch: submit a leader's append without waiting for its flush.
@@ -747,27 +761,24 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (tx, rx) = C::AsyncRuntime::oneshot();
-        let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
-        let callback = LogFlushed::new(log_io_id, tx);
-        self.log_store.append(entries, callback).await?;
+        let flushed = self.submit_append(entries, vote.clone(), last_log_id.clone()).await?;
 
         let tx_notify = self.tx_notify.clone();
         // False positive lint warning(`non-binding `let` on a future`): https://github.com/rust-lang/rust-clippy/issues/9932
         #[allow(clippy::let_underscore_future)]
         let _ = C::spawn(async move {
-            let result = match rx.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(StorageIOError::write_logs(AnyError::error(e)).into()),
-                Err(e) => Err(StorageIOError::write_logs(AnyError::error(e)).into()),
-            };
             let _ = tx_notify.send(Notify::LocalLogFlushed {
                 vote,
                 log_id: last_log_id,
-                result,
+                result: flush_outcome::<C>(flushed.await),
             });
         });
         Ok(())
+    }
+
+    /// Escrow patch: whether `vote` is the vote this node currently leads under.
+    fn is_leading_under(&self, vote: &Vote<C::NodeId>) -> bool {
+        self.engine.leader.as_ref().is_some_and(|l| &l.vote == vote)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -1324,8 +1335,7 @@ where
                 // Only the leadership that made the append may count it: a leader never
                 // truncates its own log, so within one leader vote the flushed entries are
                 // still the ones in the log.
-                let leading_vote = self.engine.leader.as_ref().map(|l| l.vote.clone());
-                if leading_vote.as_ref() == Some(&vote) {
+                if self.is_leading_under(&vote) {
                     if let Ok(mut lh) = self.engine.leader_handler() {
                         lh.replication_handler().update_local_progress(Some(log_id));
                     }
@@ -1701,8 +1711,7 @@ where
                 // submitted (readable at once, so replication can send it), and the leader counts
                 // itself toward a quorum when the flush callback fires (`Notify::LocalLogFlushed`).
                 // A follower still waits: its response to the leader must follow its flush.
-                let leading_vote = self.engine.leader.as_ref().map(|l| l.vote.clone());
-                if leading_vote.as_ref() == Some(&vote) {
+                if self.is_leading_under(&vote) {
                     self.submit_leader_append(entries, vote, last_log_id).await?;
                 } else {
                     self.append_to_log(entries, vote, last_log_id.clone()).await?;
@@ -1807,4 +1816,15 @@ where
 
         Ok(None)
     }
+}
+
+/// Escrow patch: a log flush's outcome, as the core reports storage errors.
+fn flush_outcome<C>(
+    received: Result<Result<LogIOId<C::NodeId>, std::io::Error>, OneshotReceiverErrorOf<C>>,
+) -> Result<(), StorageError<C::NodeId>>
+where C: RaftTypeConfig {
+    received
+        .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?
+        .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
+    Ok(())
 }
