@@ -130,7 +130,8 @@ curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "et
 echo
 echo "value ${VALUE} B, ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
 echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
-# RocksDB chooses hardware or software CRC32C when it is compiled (.cargo/config.toml).
+# RocksDB chooses hardware or software CRC32C when it is compiled (.cargo/config.toml); its LOG
+# line reflects SSE4.2 only (the 3-way path also needs PCLMUL, checked with `nm` once).
 echo "escrow's RocksDB: $(grep -h -m1 -o 'Fast CRC32 supported: .*' "$WORK"/escrow/node1/data/log/LOG 2>/dev/null || echo 'CRC32C implementation unknown (no LOG line)')"
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
