@@ -272,26 +272,19 @@ fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate)
         // fsync started now covers all of them. After a failed fsync every later one fails
         // too: the kernel may have dropped the dirty pages, so a later "success" would not
         // cover the earlier entries (and a leader counts its own appends from these results).
-        let result = if let Some(e) = &failed {
-            Err(std::io::Error::other(format!(
-                "an earlier log fsync failed: {e}"
-            )))
-        } else {
-            db.flush_wal(true).map_err(|e| {
+        let result = match &failed {
+            Some(e) => Err(format!("an earlier log fsync failed: {e}")),
+            None => db.flush_wal(true).map_err(|e| {
                 let e = e.to_string();
                 failed = Some(e.clone());
-                std::io::Error::other(e)
-            })
+                e
+            }),
         };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "raft log fsync failed; the node cannot acknowledge writes");
+        }
         for callback in waiting {
-            let r = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            if let Err(e) = &r {
-                tracing::error!(error = %e, "raft log fsync failed; the node cannot acknowledge writes");
-            }
-            callback.log_io_completed(r);
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
     }
 }
