@@ -234,7 +234,8 @@ async fn t13_reopen_keeps_log_vote_and_state() {
 #[tokio::test]
 async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     // 72 MiB in entries of 64 KiB: the log's memtable (16 MiB) fills several times, so its
-    // write-ahead log files are retired, recycled and written over before the reopen.
+    // write-ahead log files are retired, recycled and written over, and its table files
+    // written (with direct I/O where supported), before the reopen.
     const ENTRIES: u64 = 1152;
     const PER_APPEND: u64 = 16;
     let value = |i: u64| -> Vec<u8> {
@@ -252,6 +253,12 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+        // Flushed table files are written with direct I/O wherever the filesystem takes it
+        // (this machine's does), so the read-back below covers them.
+        assert_eq!(
+            log.direct_io(),
+            escrow::store::log::direct_io_supported(&dir.path().join("log"))
+        );
         let mut next = 1;
         while next <= ENTRIES {
             let batch: Vec<Entry> = (next..next + PER_APPEND).map(entry).collect();
@@ -266,6 +273,14 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
         recycled,
         "the test wrote too little for RocksDB to recycle a log file"
     );
+    let tables = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".sst"))
+        })
+        .count();
+    assert!(tables > 0, "the test wrote too little for a memtable flush");
 
     let mut log = LogStore::open(&dir.path().join("log")).unwrap();
     let state = log.get_log_state().await.unwrap();
