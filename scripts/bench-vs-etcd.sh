@@ -31,6 +31,16 @@ cargo build --release --bins --features etcd-bench --quiet
 BIN="$RELEASE_BIN"
 
 WORK="$(mktemp -d)"
+# The three clusters keep everything written (no compaction of etcd's history, escrow's log
+# purged only after snapshots): about 150 MB per second of run time and round (10 s and 3
+# rounds took 4.1 GB on 2026-11-23), plus 1 GB of margin. A full disk kills etcd mid-run.
+DISK_NEEDED_MB=$((150 * SECONDS_PER_RUN * ROUNDS + 1024))
+DISK_FREE_MB=$(df --output=avail -BM "$WORK" | tail -1 | tr -dc '0-9')
+if (( DISK_FREE_MB < DISK_NEEDED_MB )); then
+    echo "only ${DISK_FREE_MB} MB free under $WORK; this run needs about ${DISK_NEEDED_MB} MB" >&2
+    rmdir "$WORK"
+    exit 1
+fi
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -92,7 +102,13 @@ CTL=("$BIN/escrowctl" --config "$WORK/escrow/escrowctl.toml")
 HZ=$(getconf CLK_TCK)
 ticks() {
     local total=0 pid
-    for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+    for pid in "$@"; do
+        if [[ ! -r "/proc/$pid/stat" ]]; then
+            echo "server process $pid exited during the run ($(df -h --output=avail "$WORK" | tail -1 | tr -d ' ') free under $WORK)" >&2
+            return 1
+        fi
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
     echo "$total"
 }
 # measure "SERVER_PIDS" BENCH_COMMAND...: runs the bench and prints its JSON report with the
