@@ -231,6 +231,14 @@ async fn t13_reopen_keeps_log_vote_and_state() {
 // Goal: the log writes its write-ahead log over retired files (recycling, for cheaper
 // fsyncs); a reopen after that still finds every acknowledged entry, byte for byte, and
 // nothing past the last one (a recycled file holds an older log's records after the new tail).
+/// The names of the files in `dir`.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     // 72 MiB in entries of 64 KiB: the log's memtable (16 MiB) fills several times, so its
@@ -256,11 +264,15 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
         // Flushed table files are written with direct I/O wherever the filesystem takes it, so
         // the read-back below covers them there; RocksDB got the setting the probe chose, and
         // the probe left nothing behind.
-        let options = std::fs::read_dir(dir.path().join("log"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .find(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        // A probe of its own on the same filesystem must agree with the store's choice.
+        assert_eq!(
+            log.direct_io(),
+            escrow::store::log::direct_io_supported(dir.path())
+        );
+        let options = file_names(&dir.path().join("log"))
+            .into_iter()
+            .find(|n| n.starts_with("OPTIONS-"))
+            .map(|n| std::fs::read_to_string(dir.path().join("log").join(n)).unwrap())
             .expect("RocksDB writes an OPTIONS file at open");
         let setting = format!("use_direct_io_for_flush_and_compaction={}", log.direct_io());
         assert!(options.contains(&setting), "OPTIONS lacks {setting}");
@@ -279,12 +291,9 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
         recycled,
         "the test wrote too little for RocksDB to recycle a log file"
     );
-    let tables = std::fs::read_dir(dir.path().join("log"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".sst"))
-        })
+    let tables = file_names(&dir.path().join("log"))
+        .iter()
+        .filter(|n| n.ends_with(".sst"))
         .count();
     assert!(tables > 0, "the test wrote too little for a memtable flush");
 

@@ -188,8 +188,8 @@ impl LogStore {
         // only for the modes it cannot serve.
         opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
         // Table file writes bypass the page cache (reads and the write-ahead log do not: its
-        // fsync is the acknowledgement path). Under a 64-client load this cut the node's CPU per write by
-        // about a sixth once the log had flushed a few times (README, Benchmarks).
+        // fsync is the acknowledgement path). Under a 64-client load this cut the node's CPU
+        // per write by about a sixth once the log had flushed a few times (README, Benchmarks).
         let direct_io = direct_io_supported(dir);
         opts.set_use_direct_io_for_flush_and_compaction(direct_io);
         // Entries are small and purged after each snapshot: compressing them is wasted CPU.
