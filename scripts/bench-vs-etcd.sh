@@ -32,9 +32,10 @@ BIN="$RELEASE_BIN"
 
 WORK="$(mktemp -d)"
 # The three clusters keep everything written (no compaction of etcd's history, escrow's log
-# purged only after snapshots): about 150 MB per second of run time and round (10 s and 3
-# rounds took 4.1 GB on 2026-11-23), plus 1 GB of margin. A full disk kills etcd mid-run.
-DISK_NEEDED_MB=$((150 * SECONDS_PER_RUN * ROUNDS + 1024))
+# purged only after snapshots): a whole `10 3` run peaked at 7.1 GB on 2026-11-23 (`du` of
+# the work directory every 10 s), so 250 MB per second of run time and round, plus 1 GB of
+# margin. A full disk kills etcd mid-run.
+DISK_NEEDED_MB=$((250 * SECONDS_PER_RUN * ROUNDS + 1024))
 DISK_FREE_MB=$(df --output=avail -BM "$WORK" | tail -1 | tr -dc '0-9')
 if (( DISK_FREE_MB < DISK_NEEDED_MB )); then
     echo "only ${DISK_FREE_MB} MB free under $WORK; this run needs about ${DISK_NEEDED_MB} MB" >&2
