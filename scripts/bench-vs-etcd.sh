@@ -9,7 +9,9 @@
 # so on, so none always runs first), and the table shows each figure's median over the rounds
 # (max included) with the range of the per-round ratios: this VM's speed drifts by ±20%
 # within minutes, so one round can favour either side.
-# Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
+# Values are random bytes, different for every put (customer data does not compress to
+# nothing); COMPRESSIBLE=1 writes the byte `x` repeated instead, as runs before 2026-11-23 did.
+# Usage: [COMPRESSIBLE=1] scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs
 cd "$ROOT"
@@ -32,10 +34,10 @@ BIN="$RELEASE_BIN"
 
 WORK="$(mktemp -d)"
 # The three clusters keep everything written (no compaction of etcd's history, escrow's log
-# purged only after snapshots): a whole `10 3` run peaked at 7.1 GB on 2026-11-23 (`du` of
-# the work directory every 10 s), so 250 MB per second of run time and round, plus 1 GB of
-# margin. A full disk kills etcd mid-run.
-DISK_NEEDED_MB=$((250 * SECONDS_PER_RUN * ROUNDS + 1024))
+# purged only after snapshots): a whole `10 3` run with random values peaked at 8.6 GB on
+# 2026-11-23 (disk used, sampled every 10 s), so 300 MB per second of run time and round, plus
+# 1 GB of margin. A full disk kills etcd mid-run.
+DISK_NEEDED_MB=$((300 * SECONDS_PER_RUN * ROUNDS + 1024))
 DISK_FREE_MB=$(df --output=avail -BM "$WORK" | tail -1 | tr -dc '0-9')
 if (( DISK_FREE_MB < DISK_NEEDED_MB )); then
     echo "only ${DISK_FREE_MB} MB free under $WORK; this run needs about ${DISK_NEEDED_MB} MB" >&2
@@ -145,7 +147,7 @@ done
 curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "etcd did not come up" >&2; tail "$WORK/etcd1.log" >&2; exit 1; }
 
 echo
-echo "value ${VALUE} B, ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
+echo "value ${VALUE} B ($([[ "${COMPRESSIBLE:-0}" == 1 ]] && echo "the byte x repeated" || echo "random bytes")), ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
 echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
 # RocksDB chooses hardware or software CRC32C when it is compiled (.cargo/config.toml); its LOG
 # line reflects SSE4.2 only (the 3-way path also needs PCLMUL, checked with `nm` once).
@@ -153,6 +155,7 @@ echo "escrow's RocksDB: $(grep -h -m1 -o 'Fast CRC32 supported: .*' "$WORK"/escr
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
     run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
+    [[ "${COMPRESSIBLE:-0}" == 1 ]] && run+=(--compressible)
     es=() ds=() ts=()
     for round in $(seq 0 $((ROUNDS - 1))); do
         for turn in 0 1 2; do

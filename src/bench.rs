@@ -16,6 +16,21 @@ pub struct BenchSpec {
     pub clients: usize,
     pub value_bytes: usize,
     pub duration: Duration,
+    /// Every value is the byte `x` repeated (how benchmarks were run before 2026-11-23). The
+    /// default is random bytes, different for every put: customer data does not compress to
+    /// nothing, and the state machine's LZ4 would otherwise make its flushes and compactions
+    /// look far cheaper than they are (etcd stores values uncompressed either way).
+    pub compressible: bool,
+}
+
+/// A value for one put: `len` random bytes, or `x` repeated if `compressible`.
+fn bench_value(compressible: bool, len: usize) -> Vec<u8> {
+    if compressible {
+        return vec![b'x'; len];
+    }
+    let mut value = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut value);
+    value
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +42,8 @@ pub struct BenchReport {
     pub errors: u64,
     pub seconds: f64,
     pub ops_per_sec: f64,
+    /// Whether the values were the byte `x` repeated (see [`BenchSpec::compressible`]).
+    pub compressible: bool,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -63,6 +80,7 @@ fn report(
         errors,
         seconds,
         ops_per_sec: hist.len() as f64 / seconds,
+        compressible: spec.compressible,
         p50_ms: ms(hist.value_at_quantile(0.50)),
         p99_ms: ms(hist.value_at_quantile(0.99)),
         max_ms: ms(hist.max()),
@@ -145,10 +163,10 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
     let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
         .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
         .collect::<Result<_, _>>()?;
-    let value = vec![b'x'; spec.value_bytes];
+    let (compressible, value_bytes) = (spec.compressible, spec.value_bytes);
     let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
         let client = clients[worker].clone();
-        let value = value.clone();
+        let value = bench_value(compressible, value_bytes);
         async move {
             client
                 .put(BENCH_TENANT, "kv", &format!("w{worker}-{seq}"), value)
@@ -185,10 +203,10 @@ pub async fn run_etcd(
     }
     // One connection per worker; a KvClient clone shares it, so each call takes its own.
     let kvs: Vec<etcd_client::KvClient> = clients.into_iter().map(|c| c.kv_client()).collect();
-    let value = vec![b'x'; spec.value_bytes];
+    let (compressible, value_bytes) = (spec.compressible, spec.value_bytes);
     let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
         let mut kv = kvs[worker].clone();
-        let value = value.clone();
+        let value = bench_value(compressible, value_bytes);
         async move {
             kv.put(format!("bench/kv/w{worker}-{seq}"), value, None)
                 .await
@@ -197,4 +215,19 @@ pub async fn run_etcd(
     })
     .await;
     Ok(report(target, spec, &hist, errors, elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bench_value;
+
+    #[test]
+    fn values_are_random_unless_asked_to_compress() {
+        let (a, b) = (bench_value(false, 1024), bench_value(false, 1024));
+        assert_eq!((a.len(), b.len()), (1024, 1024));
+        assert_ne!(a, b, "every put writes a different value");
+        // Random bytes: far from one repeated byte (the chance of 64 equal bytes is nil).
+        assert!(a.iter().filter(|&&x| x == a[0]).count() < 64);
+        assert_eq!(bench_value(true, 7), b"xxxxxxx".to_vec());
+    }
 }

@@ -269,6 +269,10 @@ enum BenchCmd {
         value_size: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Write the byte `x` repeated instead of random bytes (how runs before 2026-11-23
+        /// measured; compresses to almost nothing in the state machine).
+        #[arg(long)]
+        compressible: bool,
         /// Drive an etcd cluster at these endpoints instead (needs the etcd-bench feature).
         #[arg(long, value_delimiter = ',')]
         etcd: Vec<String>,
@@ -842,6 +846,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             value_size,
             seconds,
+            compressible,
             etcd,
             etcd_ca,
         }) => {
@@ -849,6 +854,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 clients: *clients,
                 value_bytes: *value_size,
                 duration: Duration::from_secs((*seconds).max(1)),
+                compressible: *compressible,
             };
             let report = if etcd.is_empty() {
                 escrow::bench::run_escrow(&config, &spec).await?
