@@ -52,8 +52,9 @@ pub struct BenchReport {
 impl BenchReport {
     pub fn line(&self) -> String {
         format!(
-            "{:<7} clients={:<3} value={}B  {:>9.0} writes/s  p50={:.2}ms p99={:.2}ms max={:.2}ms  ops={} errors={}",
-            self.target, self.clients, self.value_bytes, self.ops_per_sec, self.p50_ms, self.p99_ms, self.max_ms, self.ops, self.errors
+            "{:<7} clients={:<3} value={}B ({})  {:>9.0} writes/s  p50={:.2}ms p99={:.2}ms max={:.2}ms  ops={} errors={}",
+            self.target, self.clients, self.value_bytes, if self.compressible { "x repeated" } else { "random" },
+            self.ops_per_sec, self.p50_ms, self.p99_ms, self.max_ms, self.ops, self.errors
         )
     }
 }
