@@ -17,7 +17,11 @@ ensure_prereqs
 cd "$ROOT"
 SECONDS_PER_RUN="${1:-10}"
 ROUNDS="${2:-1}"
-[[ "${COMPRESSIBLE:-0}" =~ ^[01]$ ]] || { echo "COMPRESSIBLE must be 0 or 1" >&2; exit 2; }
+case "${COMPRESSIBLE:-0}" in
+    0) VALUE_KIND="random bytes"; VALUE_ARGS=() ;;
+    1) VALUE_KIND="the byte x repeated"; VALUE_ARGS=(--compressible) ;;
+    *) echo "COMPRESSIBLE must be 0 or 1" >&2; exit 2 ;;
+esac
 [[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "SECONDS_PER_RUN must be a positive whole number" >&2; exit 2; }
 [[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "ROUNDS must be 1 to 99" >&2; exit 2; }
 VALUE=1024
@@ -148,15 +152,14 @@ done
 curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "etcd did not come up" >&2; tail "$WORK/etcd1.log" >&2; exit 1; }
 
 echo
-echo "value ${VALUE} B ($([[ "${COMPRESSIBLE:-0}" == 1 ]] && echo "the byte x repeated" || echo "random bytes")), ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
+echo "value ${VALUE} B (${VALUE_KIND}), ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
 echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
 # RocksDB chooses hardware or software CRC32C when it is compiled (.cargo/config.toml); its LOG
 # line reflects SSE4.2 only (the 3-way path also needs PCLMUL, checked with `nm` once).
 echo "escrow's RocksDB: $(grep -h -m1 -o 'Fast CRC32 supported: .*' "$WORK"/escrow/node1/data/log/LOG 2>/dev/null || echo 'CRC32C implementation unknown (no LOG line)')"
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
-    run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json)
-    [[ "${COMPRESSIBLE:-0}" == 1 ]] && run+=(--compressible)
+    run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json "${VALUE_ARGS[@]}")
     es=() ds=() ts=()
     for round in $(seq 0 $((ROUNDS - 1))); do
         for turn in 0 1 2; do

@@ -11,7 +11,7 @@ use crate::client::{ClientConfig, EscrowClient};
 /// Most concurrent clients a benchmark may start.
 pub const BENCH_CLIENTS_MAX: usize = 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct BenchSpec {
     pub clients: usize,
     pub value_bytes: usize,
@@ -23,14 +23,16 @@ pub struct BenchSpec {
     pub compressible: bool,
 }
 
-/// A value for one put: `len` random bytes, or `x` repeated if `compressible`.
-fn bench_value(compressible: bool, len: usize) -> Vec<u8> {
-    if compressible {
-        return vec![b'x'; len];
+impl BenchSpec {
+    /// A value for one put: `value_bytes` random bytes, or `x` repeated if `compressible`.
+    fn value(&self) -> Vec<u8> {
+        if self.compressible {
+            return vec![b'x'; self.value_bytes];
+        }
+        let mut value = vec![0u8; self.value_bytes];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut value);
+        value
     }
-    let mut value = vec![0u8; len];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut value);
-    value
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,24 +103,25 @@ fn validate(spec: &BenchSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `op(worker, seq)` from `spec.clients` tasks until the duration ends.
+/// Runs `op(worker, seq, value)` from `spec.clients` tasks until the duration ends, each call
+/// with a new value ([`BenchSpec::value`]).
 async fn drive<F, Fut>(spec: &BenchSpec, op: F) -> (hdrhistogram::Histogram<u64>, u64, Duration)
 where
-    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    F: Fn(usize, u64, Vec<u8>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let started = Instant::now();
     let end = started + spec.duration;
     let mut tasks = Vec::new();
     for worker in 0..spec.clients {
-        let op = op.clone();
+        let (op, spec) = (op.clone(), *spec);
         tasks.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let mut errors = 0u64;
             let mut seq = 0u64;
             while Instant::now() < end {
                 let t = Instant::now();
-                if op(worker, seq).await {
+                if op(worker, seq, spec.value()).await {
                     let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                 } else {
                     errors += 1;
@@ -164,10 +167,8 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
     let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
         .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
         .collect::<Result<_, _>>()?;
-    let (compressible, value_bytes) = (spec.compressible, spec.value_bytes);
-    let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
+    let (hist, errors, elapsed) = drive(spec, move |worker, seq, value| {
         let client = clients[worker].clone();
-        let value = bench_value(compressible, value_bytes);
         async move {
             client
                 .put(BENCH_TENANT, "kv", &format!("w{worker}-{seq}"), value)
@@ -204,10 +205,8 @@ pub async fn run_etcd(
     }
     // One connection per worker; a KvClient clone shares it, so each call takes its own.
     let kvs: Vec<etcd_client::KvClient> = clients.into_iter().map(|c| c.kv_client()).collect();
-    let (compressible, value_bytes) = (spec.compressible, spec.value_bytes);
-    let (hist, errors, elapsed) = drive(spec, move |worker, seq| {
+    let (hist, errors, elapsed) = drive(spec, move |worker, seq, value| {
         let mut kv = kvs[worker].clone();
-        let value = bench_value(compressible, value_bytes);
         async move {
             kv.put(format!("bench/kv/w{worker}-{seq}"), value, None)
                 .await
@@ -220,15 +219,22 @@ pub async fn run_etcd(
 
 #[cfg(test)]
 mod tests {
-    use super::bench_value;
+    use super::BenchSpec;
 
     #[test]
     fn values_are_random_unless_asked_to_compress() {
-        let (a, b) = (bench_value(false, 1024), bench_value(false, 1024));
+        let spec = |compressible, value_bytes| BenchSpec {
+            clients: 1,
+            value_bytes,
+            duration: std::time::Duration::from_secs(1),
+            compressible,
+        };
+        let random = spec(false, 1024);
+        let (a, b) = (random.value(), random.value());
         assert_eq!((a.len(), b.len()), (1024, 1024));
         assert_ne!(a, b, "every put writes a different value");
         // Random bytes: far from one repeated byte (the chance of 64 equal bytes is nil).
         assert!(a.iter().filter(|&&x| x == a[0]).count() < 64);
-        assert_eq!(bench_value(true, 7), b"xxxxxxx".to_vec());
+        assert_eq!(spec(true, 7).value(), b"xxxxxxx".to_vec());
     }
 }

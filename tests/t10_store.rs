@@ -228,9 +228,6 @@ async fn t13_reopen_keeps_log_vote_and_state() {
         .is_none());
 }
 
-// Goal: the log writes its write-ahead log over retired files (recycling, for cheaper
-// fsyncs); a reopen after that still finds every acknowledged entry, byte for byte, and
-// nothing past the last one (a recycled file holds an older log's records after the new tail).
 /// The names of the files in `dir`.
 fn file_names(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -239,6 +236,9 @@ fn file_names(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+// Goal: the log writes its write-ahead log over retired files (recycling, for cheaper
+// fsyncs); a reopen after that still finds every acknowledged entry, byte for byte, and
+// nothing past the last one (a recycled file holds an older log's records after the new tail).
 #[tokio::test]
 async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     // 72 MiB in entries of 64 KiB: the log's memtable (16 MiB) fills several times, so its
@@ -276,7 +276,11 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
             .expect("RocksDB writes an OPTIONS file at open");
         let setting = format!("use_direct_io_for_flush_and_compaction={}", log.direct_io());
         assert!(options.contains(&setting), "OPTIONS lacks {setting}");
-        assert!(!dir.path().join("log").join(".direct-io-probe").exists());
+        let probe = dir
+            .path()
+            .join("log")
+            .join(escrow::store::log::DIRECT_IO_PROBE_FILE);
+        assert!(!probe.exists(), "the probe left {} behind", probe.display());
         let mut next = 1;
         while next <= ENTRIES {
             let batch: Vec<Entry> = (next..next + PER_APPEND).map(entry).collect();

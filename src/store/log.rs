@@ -57,7 +57,7 @@ const WAL_TOTAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// probe and the log stays on buffered I/O.
 const DIRECT_IO_PROBE_BLOCK: usize = 512;
 /// The probe's file in the log directory, removed right after.
-const DIRECT_IO_PROBE_FILE: &str = ".direct-io-probe";
+pub const DIRECT_IO_PROBE_FILE: &str = ".direct-io-probe";
 
 /// Whether files in `dir` take `O_DIRECT` writes at the finest alignment RocksDB may use.
 /// RocksDB refuses to open a database with direct I/O on a filesystem without `O_DIRECT`, and
