@@ -324,6 +324,10 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         days = config.mirror.retention_days,
         "retention worker started"
     );
+    tasks.push(tokio::spawn(crate::workers::blobs::run(
+        core.clone(),
+        shutdown_rx.clone(),
+    )));
 
     Ok(NodeHandle {
         id,

@@ -326,6 +326,9 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
     let entries: Vec<Entry> = puts(1..=20);
     leader.apply(entries).await.unwrap();
+    // A value this long is kept in a RocksDB blob file, which the snapshot must carry too.
+    let big = noise(21, 4096);
+    apply_batch(&mut leader, 21, vec![put_order("big", &big)]).await;
     let snapshot = {
         use openraft::RaftSnapshotBuilder;
         leader
@@ -335,8 +338,16 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
             .await
             .unwrap()
     };
-    assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 20)));
-    assert!(!snapshot.snapshot.files.is_empty());
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 21)));
+    assert!(
+        snapshot
+            .snapshot
+            .files
+            .iter()
+            .any(|f| f.name.ends_with(".blob")),
+        "no blob file in {:?}",
+        snapshot.snapshot.files
+    );
     {
         let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
         let meta = snapshot.meta.clone();
@@ -344,11 +355,12 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
             .install_snapshot(&meta, snapshot.snapshot)
             .await
             .unwrap();
-        assert_eq!(follower.reader().applied_index(), 20);
+        assert_eq!(follower.reader().applied_index(), 21);
     }
     let follower = StateMachineStore::open(follower_dir.path()).unwrap();
     let reader = follower.reader();
-    assert_eq!(reader.applied_index(), 20);
+    assert_eq!(reader.applied_index(), 21);
+    assert_eq!(live(&reader, "big"), Some(big), "big from the snapshot");
     for i in 2..=20 {
         assert_eq!(
             live(&reader, &format!("k{i}")),
@@ -635,6 +647,111 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
         results.push(kept);
     }
     assert_eq!(results[0], results[1]);
+}
+
+/// `len` bytes that do not compress (blake3's output stream for `seed`): values kept in blob
+/// files as customer data would be, not shrunk to nothing by LZ4.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_be_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+// Goal: values live in blob files, and the space of expired history versions comes back:
+// after expiry removed every replaced version, one on-demand collection leaves the blob files
+// at about the live values' size, and every live value reads back byte for byte, also after
+// a reopen.
+#[tokio::test]
+async fn t19_expired_history_gives_its_blob_space_back() {
+    const RECORDS: u64 = 300;
+    const VALUE: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let tenant = Command::AddTenant {
+        tenant: TenantId::parse("acme").unwrap(),
+    };
+    sm.apply([timed(1, 1_000, vec![tenant])]).await.unwrap();
+    // Two rounds: every record written at 2,000, then replaced at 3,000.
+    let round = |index: u64, at_ms: u64| {
+        let puts = (0..RECORDS)
+            .map(|k| put_order(&format!("k{k}"), &noise(index * RECORDS + k, VALUE)))
+            .collect();
+        timed(index, at_ms, puts)
+    };
+    sm.apply([round(2, 2_000), round(3, 3_000)]).await.unwrap();
+    let reader = sm.reader();
+    assert_eq!(
+        reader.collect_blob_garbage().unwrap(),
+        None,
+        "nothing expired, no garbage: no collection"
+    );
+    {
+        // A snapshot's checkpoint flushes the memtable: the values land in blob files.
+        use openraft::RaftSnapshotBuilder;
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+    }
+    let all = reader.blob_space().unwrap();
+    let values = RECORDS * VALUE as u64;
+    assert!(
+        all.bytes >= 2 * values,
+        "both rounds in blob files: {all:?}"
+    );
+
+    let mut index = 4;
+    let mut from = None;
+    let mut removed = 0;
+    loop {
+        match expire_step(&mut sm, index, from).await {
+            Outcome::Expired { removed: n, next } => {
+                removed += n;
+                from = next;
+            }
+            other => panic!("{other:?}"),
+        }
+        index += 1;
+        if from.is_none() {
+            break;
+        }
+    }
+    assert_eq!(removed, RECORDS, "every first-round version expired");
+
+    let c = reader
+        .collect_blob_garbage()
+        .unwrap()
+        .expect("expiry left garbage worth a collection");
+    assert!(
+        c.before.garbage_bytes >= values,
+        "the expired versions counted as garbage: {c:?}"
+    );
+    assert!(
+        c.after.bytes >= values && c.after.bytes < values + values / 2,
+        "about the live values left: {c:?}"
+    );
+    let check = |reader: &escrow::store::SmReader| {
+        for k in 0..RECORDS {
+            let key = format!("k{k}");
+            assert_eq!(
+                live(reader, &key),
+                Some(noise(3 * RECORDS + k, VALUE)),
+                "{key} after collection"
+            );
+            let history = reader
+                .record_history(&order(&key), None, 10, 1 << 20)
+                .unwrap();
+            assert_eq!(history.len(), 1, "{key}: one version left");
+        }
+    };
+    check(&reader);
+    drop((reader, sm));
+    let sm = StateMachineStore::open(dir.path()).unwrap();
+    check(&sm.reader());
 }
 
 /// Applies one expiry entry (cutoff 10,000 ms, applied at 20,000) and returns its outcome.

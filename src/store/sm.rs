@@ -13,7 +13,7 @@
 //! `sm/CURRENT`: a crash at any point leaves either the old or the new state, never a mix.
 //! Snapshots are files streamed in bounded frames; none is ever held whole in memory.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{Read, Write};
@@ -50,6 +50,13 @@ const SNAPSHOT_DB_DIR: &str = "db";
 const SNAPSHOTS_KEPT: usize = 2;
 /// Read buffer when hashing snapshot files.
 const HASH_BUFFER_BYTES: usize = 1024 * 1024;
+/// Values of at least this many bytes are kept in RocksDB blob files, out of the LSM tree.
+const BLOB_MIN_BYTES: u64 = 256;
+/// On-demand blob garbage collection runs once RocksDB knows at least this share (percent) of
+/// the blob bytes to be garbage: a collection rewrites every live value once, so each byte it
+/// rewrites gives back at least a third of a byte, and disk use stays within 4/3 of the live
+/// blobs plus the garbage RocksDB has not met yet.
+pub const BLOB_GC_GARBAGE_PERCENT: u64 = 25;
 
 /// One file of a snapshot with its size and blake3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +171,18 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Values (a record version, an artifact manifest) go to blob files: compactions then move
+    // keys and blob references, not every value at every level. Garbage collection is off
+    // here and runs on demand ([`SmReader::collect_blob_garbage`]): left on, RocksDB relocates
+    // the live blobs of its oldest files in every compaction, garbage or not.
+    opts.set_enable_blob_files(true);
+    opts.set_min_blob_size(BLOB_MIN_BYTES);
+    opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_enable_blob_gc(false);
+    // Flushes and compactions write with direct I/O where the filesystem takes it (as the
+    // log does): tables and blob files are read back through the block cache and reads.
+    let _ = std::fs::create_dir_all(path);
+    opts.set_use_direct_io_for_flush_and_compaction(super::log::direct_io_supported(path));
     // Merkle maintenance looks up many keys that do not exist (empty subtrees, new leaves):
     // bloom filters answer those without reading blocks.
     let mut block = rocksdb::BlockBasedOptions::default();
@@ -172,6 +191,33 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.1);
     DB::open(&opts, path)
+}
+
+/// Space in the state machine's blob files, as RocksDB knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlobSpace {
+    /// Bytes of all live blob files.
+    pub bytes: u64,
+    /// Bytes of those files no key refers to any more. RocksDB learns of garbage when a
+    /// compaction drops a reference (a deleted or overwritten key meets its older version).
+    pub garbage_bytes: u64,
+}
+
+/// What one on-demand blob garbage collection found and left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobCollection {
+    pub before: BlobSpace,
+    pub after: BlobSpace,
+}
+
+fn blob_space(db: &DB) -> Result<BlobSpace, StorageError> {
+    let read = |name: &str| -> Result<u64, StorageError> {
+        Ok(db.property_int_value(name).map_err(sm_err)?.unwrap_or(0))
+    };
+    Ok(BlobSpace {
+        bytes: read("rocksdb.live-blob-file-size")?,
+        garbage_bytes: read("rocksdb.live-blob-file-garbage-size")?,
+    })
 }
 
 /// State-machine writes skip RocksDB's WAL: the Raft log is the write-ahead log. After a crash
@@ -244,6 +290,10 @@ pub struct SmShared {
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
+    /// Stored bytes of blob-held history versions expired since the last blob collection on
+    /// this node (in memory only: a restart forgets them, and RocksDB then learns of that
+    /// garbage only as its own compactions meet the deletions).
+    expired_blob_bytes: AtomicU64,
 }
 
 impl SmShared {
@@ -818,6 +868,52 @@ impl SmReader {
         self.shared.chunk_refs_index.load(Ordering::Acquire)
     }
 
+    /// Space in the state machine's blob files.
+    pub fn blob_space(&self) -> Result<BlobSpace, StorageError> {
+        blob_space(&self.shared.db())
+    }
+
+    /// Gives back the space of garbage in blob files, if there is enough of it: run off the
+    /// async workers (it compacts the whole state machine, and twice when history expiry gave
+    /// garbage RocksDB has not met yet). Returns what it found and left, or None when it had
+    /// nothing to do.
+    ///
+    /// 1. If history expiry removed blob-held versions worth [`BLOB_GC_GARBAGE_PERCENT`] of
+    ///    the blob bytes since the last collection, a compaction without collection walks the
+    ///    key tree (keys and blob references only) so that RocksDB counts that garbage.
+    /// 2. If RocksDB then knows of garbage worth that share, collection is switched on for the
+    ///    oldest files up to all of them, a full compaction moves the live values still in
+    ///    those files to new ones, and collection is switched off again (it is off at open
+    ///    too, should the node stop in between). Files left holding garbage only are deleted.
+    pub fn collect_blob_garbage(&self) -> Result<Option<BlobCollection>, StorageError> {
+        let db = self.shared.db();
+        let due = |garbage: u64, total: u64| {
+            garbage > 0
+                && garbage.saturating_mul(100) >= total.saturating_mul(BLOB_GC_GARBAGE_PERCENT)
+        };
+        let expired = self.shared.expired_blob_bytes.swap(0, Ordering::Relaxed);
+        let mut compact = rocksdb::CompactOptions::default();
+        compact.set_exclusive_manual_compaction(false);
+        if due(expired, blob_space(&db)?.bytes) {
+            db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
+        }
+        let before = blob_space(&db)?;
+        if !due(before.garbage_bytes, before.bytes) {
+            return Ok(None);
+        }
+        db.set_options(&[
+            ("enable_blob_garbage_collection", "true"),
+            ("blob_garbage_collection_age_cutoff", "1.0"),
+        ])
+        .map_err(sm_err)?;
+        compact.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
+        db.set_options(&[("enable_blob_garbage_collection", "false")])
+            .map_err(sm_err)?;
+        let after = blob_space(&db)?;
+        Ok(Some(BlobCollection { before, after }))
+    }
+
     /// Whether `id` was ever a member (voter or learner) of this cluster.
     pub fn node_ever_member(&self, id: NodeId) -> Result<bool, StorageError> {
         Ok(self
@@ -938,6 +1034,7 @@ impl StateMachineStore {
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(max_seq + 1),
                 incoming_seq: AtomicU64::new(0),
+                expired_blob_bytes: AtomicU64::new(0),
             }),
         })
     }
@@ -1171,6 +1268,8 @@ struct BatchView<'a> {
     /// Tenants read from the database during this apply call (the database does not change
     /// until the call's batch is written; staged tenant changes are found in `pending` first).
     tenants: &'a RefCell<HashMap<TenantId, Option<TenantInfo>>>,
+    /// Stored bytes of the blob-held versions history expiry chose to remove in this call.
+    expired_blob_bytes: &'a Cell<u64>,
 }
 
 impl BatchView<'_> {
@@ -1278,7 +1377,7 @@ impl LedgerView for BatchView<'_> {
         let mut scan = MergedScan::new(self.db, self.pending, &prefix, &start);
         // A version has expired when a newer version of its record was committed before the
         // cutoff: no "as of" read within the retention period can need it any more.
-        let mut previous: Option<Vec<u8>> = None;
+        let mut previous: Option<(Vec<u8>, usize)> = None;
         let mut scanned = 0usize;
         while let Some((key, value)) = scan.next()? {
             let record = key[..key.len().saturating_sub(12)].to_vec();
@@ -1299,15 +1398,19 @@ impl LedgerView for BatchView<'_> {
                 scan.seek(&keys::prefix_end(&record));
                 continue;
             }
-            if let Some(p) = previous.take() {
+            if let Some((p, stored_len)) = previous.take() {
                 let same_record = p.len() >= 12 && p[..p.len() - 12] == record[..];
                 if same_record {
                     if let Some(version) = keys::parse_history(&p) {
                         found.versions.push(version);
+                        if stored_len as u64 >= BLOB_MIN_BYTES {
+                            let bytes = &self.expired_blob_bytes;
+                            bytes.set(bytes.get() + stored_len as u64);
+                        }
                     }
                 }
             }
-            previous = Some(key);
+            previous = Some((key, value.len()));
         }
         Ok(found)
     }
@@ -1360,6 +1463,8 @@ struct Staged {
     chunk_refs_added: bool,
     /// Tenant registrations read during this call (every write checks its tenant).
     tenants: RefCell<HashMap<TenantId, Option<TenantInfo>>>,
+    /// See [`BatchView::expired_blob_bytes`].
+    expired_blob_bytes: Cell<u64>,
 }
 
 impl Staged {
@@ -1652,6 +1757,7 @@ fn apply_command(
         db,
         pending: &staged.pending,
         tenants: &staged.tenants,
+        expired_blob_bytes: &staged.expired_blob_bytes,
     };
     let (mutations, outcome) = ledger::apply(&view, stamp, command)?;
     for m in mutations {
@@ -1791,6 +1897,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             tenants: RefCell::default(),
             dirty: BTreeMap::new(),
             chunk_refs_added: false,
+            expired_blob_bytes: Cell::new(0),
             position: 0,
         };
         let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);
@@ -1853,6 +1960,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         staged.put(keys::APPLIED.to_vec(), codec::encode(&last_applied));
         let staged_chunk_refs = staged.chunk_refs_added;
+        let expired_blob_bytes = staged.expired_blob_bytes.get();
         db.write_opt(staged.into_batch(), &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
@@ -1860,6 +1968,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.shared.applied_index.store(index, Ordering::Release);
         if staged_chunk_refs {
             self.shared.chunk_refs_index.store(index, Ordering::Release);
+        }
+        if expired_blob_bytes > 0 {
+            self.shared
+                .expired_blob_bytes
+                .fetch_add(expired_blob_bytes, Ordering::Relaxed);
         }
         Ok(outcomes)
     }

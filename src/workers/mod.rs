@@ -1,6 +1,7 @@
 //! Background workers: each does one bounded unit of work per step and stops with the node's
 //! shutdown channel.
 
+pub mod blobs;
 pub mod chunks;
 pub mod freshness;
 pub mod retention;
