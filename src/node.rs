@@ -350,6 +350,8 @@ impl NodeHandle {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown reported an error");
         }
+        // A blob collection (a blocking compaction) would outlive its aborted worker.
+        self.core.reader.stop_background_work();
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {

@@ -317,8 +317,8 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     }
 }
 
-// Goal: a snapshot built from a checkpoint installs on another store with the same records,
-// and survives that store's restart.
+// Goal: a snapshot built from a checkpoint installs on another store with the same records
+// (values kept in blob files included), and survives that store's restart.
 #[tokio::test]
 async fn t14_snapshot_transfer_carries_records_across_restart() {
     let leader_dir = tempfile::tempdir().unwrap();
@@ -660,12 +660,53 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-// Goal: values live in blob files, and the space of expired history versions comes back:
-// after expiry removed every replaced version, one on-demand collection leaves the blob files
-// at about the live values' size, and every live value reads back byte for byte, also after
-// a reopen.
+/// Expires, entry by entry until done, the versions replaced before `before_ms`; returns the
+/// next free index and how many versions went.
+async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) -> (u64, u64) {
+    let (mut from, mut removed) = (None, 0);
+    loop {
+        let command = Command::ExpireHistory { before_ms, from };
+        let outcomes = sm
+            .apply([timed(index, 20_000, vec![command])])
+            .await
+            .unwrap();
+        index += 1;
+        match &outcomes[0] {
+            Outcome::Batch(o) => match &o[0] {
+                Outcome::Expired { removed: n, next } => {
+                    removed += n;
+                    from = next.clone();
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        if from.is_none() {
+            return (index, removed);
+        }
+    }
+}
+
+/// The newest `OPTIONS-*` file of the state machine's database under `root` (generation 0).
+fn newest_sm_options(root: &std::path::Path) -> String {
+    let db = root.join("sm").join("0");
+    let newest = std::fs::read_dir(&db)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter_map(|n| n.strip_prefix("OPTIONS-")?.parse::<u64>().ok())
+        .max()
+        .expect("an OPTIONS file");
+    std::fs::read_to_string(db.join(format!("OPTIONS-{newest:06}"))).unwrap()
+}
+
+// Goal: values (history versions included) live in blob files, and the space of expired
+// versions comes back. Expiry's garbage adds up across checks until it is worth a collection
+// (here two expiries, each under the threshold alone); the collection leaves RocksDB's blob
+// files at about the live values' size, switches collection off again, and every live value
+// reads back byte for byte, also after a reopen.
 #[tokio::test]
 async fn t19_expired_history_gives_its_blob_space_back() {
+    use escrow::store::sm::BLOB_GC_GARBAGE_PERCENT;
     const RECORDS: u64 = 300;
     const VALUE: usize = 4096;
     let dir = tempfile::tempdir().unwrap();
@@ -674,20 +715,24 @@ async fn t19_expired_history_gives_its_blob_space_back() {
         tenant: TenantId::parse("acme").unwrap(),
     };
     sm.apply([timed(1, 1_000, vec![tenant])]).await.unwrap();
-    // Two rounds: every record written at 2,000, then replaced at 3,000.
-    let round = |index: u64, at_ms: u64| {
-        let puts = (0..RECORDS)
-            .map(|k| put_order(&format!("k{k}"), &noise(index * RECORDS + k, VALUE)))
+    let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
+    let half = RECORDS / 2;
+    // Round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
+    // second at 3,500; round 3 replaces all at 5,000.
+    let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
+        let puts = keys
+            .map(|k| put_order(&format!("k{k}"), &value(round, k)))
             .collect();
         timed(index, at_ms, puts)
     };
-    sm.apply([round(2, 2_000), round(3, 3_000)]).await.unwrap();
-    let reader = sm.reader();
-    assert_eq!(
-        reader.collect_blob_garbage().unwrap(),
-        None,
-        "nothing expired, no garbage: no collection"
-    );
+    sm.apply([
+        round(2, 2_000, 1, 0..RECORDS),
+        round(3, 3_000, 2, 0..half),
+        round(4, 3_500, 2, half..RECORDS),
+        round(5, 5_000, 3, 0..RECORDS),
+    ])
+    .await
+    .unwrap();
     {
         // A snapshot's checkpoint flushes the memtable: the values land in blob files.
         use openraft::RaftSnapshotBuilder;
@@ -697,55 +742,58 @@ async fn t19_expired_history_gives_its_blob_space_back() {
             .await
             .unwrap();
     }
-    let all = reader.blob_space().unwrap();
+    let reader = sm.reader();
     let values = RECORDS * VALUE as u64;
+    let all = reader.blob_space().unwrap();
     assert!(
-        all.bytes >= 2 * values,
-        "both rounds in blob files: {all:?}"
+        all.bytes >= 3 * values,
+        "three rounds in blob files: {all:?}"
     );
-
-    let mut index = 4;
-    let mut from = None;
-    let mut removed = 0;
-    loop {
-        match expire_step(&mut sm, index, from).await {
-            Outcome::Expired { removed: n, next } => {
-                removed += n;
-                from = next;
-            }
-            other => panic!("{other:?}"),
-        }
-        index += 1;
-        if from.is_none() {
-            break;
-        }
-    }
-    assert_eq!(removed, RECORDS, "every first-round version expired");
-
+    assert_eq!(
+        reader.collect_blob_garbage().unwrap(),
+        None,
+        "nothing expired, no garbage: no collection"
+    );
+    // The first half's round-1 versions: a sixth of the blob bytes, under the threshold.
+    assert!(100 * (values / 2) < BLOB_GC_GARBAGE_PERCENT * all.bytes);
+    let (index, removed) = expire_all(&mut sm, 6, 3_200).await;
+    assert_eq!(removed, half);
+    assert_eq!(
+        reader.collect_blob_garbage().unwrap(),
+        None,
+        "not yet worth it"
+    );
+    // The second half's: together a third, over the threshold.
+    let (_, removed) = expire_all(&mut sm, index, 3_800).await;
+    assert_eq!(removed, RECORDS - half);
     let c = reader
         .collect_blob_garbage()
         .unwrap()
-        .expect("expiry left garbage worth a collection");
+        .expect("the two expiries together are worth a collection");
     assert!(
         c.before.garbage_bytes >= values,
-        "the expired versions counted as garbage: {c:?}"
+        "both expiries counted as garbage: {c:?}"
     );
     assert!(
-        c.after.bytes >= values && c.after.bytes < values + values / 2,
-        "about the live values left: {c:?}"
+        c.after.bytes >= 2 * values && c.after.bytes < 2 * values + values / 2,
+        "about the live values (rounds 2 and 3) left: {c:?}"
+    );
+    assert_eq!(c.after.garbage_bytes, 0, "{c:?}");
+    let options = newest_sm_options(dir.path());
+    assert!(
+        options.contains("enable_blob_garbage_collection=false")
+            && !options.contains("enable_blob_garbage_collection=true"),
+        "collection is off again"
     );
     let check = |reader: &escrow::store::SmReader| {
         for k in 0..RECORDS {
             let key = format!("k{k}");
-            assert_eq!(
-                live(reader, &key),
-                Some(noise(3 * RECORDS + k, VALUE)),
-                "{key} after collection"
-            );
+            assert_eq!(live(reader, &key), Some(value(3, k)), "{key}");
             let history = reader
                 .record_history(&order(&key), None, 10, 1 << 20)
                 .unwrap();
-            assert_eq!(history.len(), 1, "{key}: one version left");
+            let kept: Vec<_> = history.into_iter().map(|(_, v)| v.value).collect();
+            assert_eq!(kept, vec![Some(value(3, k)), Some(value(2, k))], "{key}");
         }
     };
     check(&reader);

@@ -87,7 +87,7 @@ pub fn direct_io_supported(dir: &Path) -> bool {
     match result {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "direct I/O unavailable; raft log flushes go through the page cache");
+            tracing::warn!(dir = %dir.display(), error = %e, "direct I/O unavailable; flushes and compactions here go through the page cache");
             false
         }
     }

@@ -54,9 +54,13 @@ const HASH_BUFFER_BYTES: usize = 1024 * 1024;
 const BLOB_MIN_BYTES: u64 = 256;
 /// On-demand blob garbage collection runs once RocksDB knows at least this share (percent) of
 /// the blob bytes to be garbage: a collection rewrites every live value once, so each byte it
-/// rewrites gives back at least a third of a byte, and disk use stays within 4/3 of the live
-/// blobs plus the garbage RocksDB has not met yet.
+/// rewrites gives back at least a third of a byte. Between collections the blob files hold at
+/// most 4/3 of the live values plus the garbage RocksDB has not met yet; during one, the new
+/// copies exist beside the old files until the compaction ends (up to twice the live values),
+/// and the two snapshots kept on disk hold hard links to the blob files of their time.
 pub const BLOB_GC_GARBAGE_PERCENT: u64 = 25;
+/// `blob_garbage_collection_age_cutoff` while a collection runs: every blob file is eligible.
+const BLOB_GC_AGE_CUTOFF_ALL: &str = "1.0";
 
 /// One file of a snapshot with its size and blake3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,8 +183,8 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     opts.set_min_blob_size(BLOB_MIN_BYTES);
     opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_enable_blob_gc(false);
-    // Flushes and compactions write with direct I/O where the filesystem takes it (as the
-    // log does): tables and blob files are read back through the block cache and reads.
+    // Flushes and compactions write with direct I/O where the filesystem takes it, as the
+    // log's do; reads, compaction inputs included, stay buffered (`use_direct_reads` off).
     let _ = std::fs::create_dir_all(path);
     opts.set_use_direct_io_for_flush_and_compaction(super::log::direct_io_supported(path));
     // Merkle maintenance looks up many keys that do not exist (empty subtrees, new leaves):
@@ -208,6 +212,39 @@ pub struct BlobSpace {
 pub struct BlobCollection {
     pub before: BlobSpace,
     pub after: BlobSpace,
+}
+
+/// Blob garbage collection switched on for as long as this lives; dropping it switches it off
+/// again, also when the collection in between failed (left on, every automatic compaction
+/// would move the live values it meets, garbage or not).
+struct BlobCollectionOn<'a> {
+    db: &'a DB,
+}
+
+impl<'a> BlobCollectionOn<'a> {
+    fn switch_on(db: &'a DB) -> Result<Self, StorageError> {
+        // Guard first: RocksDB may apply an option in memory and then fail to record it.
+        let on = Self { db };
+        db.set_options(&[
+            ("enable_blob_garbage_collection", "true"),
+            ("blob_garbage_collection_age_cutoff", BLOB_GC_AGE_CUTOFF_ALL),
+        ])
+        .map_err(sm_err)?;
+        Ok(on)
+    }
+}
+
+impl Drop for BlobCollectionOn<'_> {
+    fn drop(&mut self) {
+        let off = [("enable_blob_garbage_collection", "false")];
+        if let Err(e) = self
+            .db
+            .set_options(&off)
+            .or_else(|_| self.db.set_options(&off))
+        {
+            tracing::error!(error = %e, "cannot switch blob garbage collection off; it stays on until the node restarts");
+        }
+    }
 }
 
 fn blob_space(db: &DB) -> Result<BlobSpace, StorageError> {
@@ -290,10 +327,16 @@ pub struct SmShared {
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
-    /// Stored bytes of blob-held history versions expired since the last blob collection on
-    /// this node (in memory only: a restart forgets them, and RocksDB then learns of that
-    /// garbage only as its own compactions meet the deletions).
+    /// Encoded bytes of blob-held history versions expired on this node since the last
+    /// compaction that made RocksDB count them ([`SmReader::collect_blob_garbage`]). An
+    /// estimate: blob files hold them compressed, and a version expired before its first flush
+    /// never reached one. In memory only: a restart forgets them (as does a snapshot install,
+    /// which replaces the database), and RocksDB then learns of that garbage only as its own
+    /// compactions meet the deletions.
     expired_blob_bytes: AtomicU64,
+    /// Held by the running blob collection: two at once would switch collection off under
+    /// each other.
+    blob_collection: Mutex<()>,
 }
 
 impl SmShared {
@@ -873,43 +916,59 @@ impl SmReader {
         blob_space(&self.shared.db())
     }
 
+    /// At node shutdown, once Raft has stopped: stops RocksDB's background work, a blob
+    /// collection's compaction included, so the database closes without waiting for it.
+    pub fn stop_background_work(&self) {
+        self.shared.db().cancel_all_background_work(true);
+    }
+
     /// Gives back the space of garbage in blob files, if there is enough of it: run off the
-    /// async workers (it compacts the whole state machine, and twice when history expiry gave
-    /// garbage RocksDB has not met yet). Returns what it found and left, or None when it had
-    /// nothing to do.
+    /// async workers (it compacts the whole state machine, and twice when history expiry left
+    /// garbage RocksDB has not met yet). Returns what it found and left, or None when it did
+    /// not collect (or another collection is running).
     ///
     /// 1. If history expiry removed blob-held versions worth [`BLOB_GC_GARBAGE_PERCENT`] of
-    ///    the blob bytes since the last collection, a compaction without collection walks the
-    ///    key tree (keys and blob references only) so that RocksDB counts that garbage.
-    /// 2. If RocksDB then knows of garbage worth that share, collection is switched on for the
-    ///    oldest files up to all of them, a full compaction moves the live values still in
-    ///    those files to new ones, and collection is switched off again (it is off at open
-    ///    too, should the node stop in between). Files left holding garbage only are deleted.
+    ///    the blob bytes since the last such compaction (an estimate, see
+    ///    [`SmShared::expired_blob_bytes`]), a compaction without collection walks the key
+    ///    tree (keys and blob references only) so that RocksDB counts that garbage.
+    /// 2. If RocksDB then knows of garbage worth that share, collection is switched on for
+    ///    every blob file, a full compaction moves the live values to new files, and
+    ///    collection is switched off again ([`BlobCollectionOn`]; it is off at open too, should
+    ///    the node stop in between). Files left holding garbage only are deleted.
+    ///
+    /// RocksDB's manual compaction reports no error through this crate's API: a compaction
+    /// that failed shows as garbage that did not go down.
     pub fn collect_blob_garbage(&self) -> Result<Option<BlobCollection>, StorageError> {
+        let Ok(_one_at_a_time) = self.shared.blob_collection.try_lock() else {
+            return Ok(None);
+        };
         let db = self.shared.db();
         let due = |garbage: u64, total: u64| {
             garbage > 0
                 && garbage.saturating_mul(100) >= total.saturating_mul(BLOB_GC_GARBAGE_PERCENT)
         };
-        let expired = self.shared.expired_blob_bytes.swap(0, Ordering::Relaxed);
         let mut compact = rocksdb::CompactOptions::default();
         compact.set_exclusive_manual_compaction(false);
+        let expired = self.shared.expired_blob_bytes.load(Ordering::Relaxed);
         if due(expired, blob_space(&db)?.bytes) {
             db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
+            self.shared
+                .expired_blob_bytes
+                .fetch_sub(expired, Ordering::Relaxed);
         }
         let before = blob_space(&db)?;
         if !due(before.garbage_bytes, before.bytes) {
             return Ok(None);
         }
-        db.set_options(&[
-            ("enable_blob_garbage_collection", "true"),
-            ("blob_garbage_collection_age_cutoff", "1.0"),
-        ])
-        .map_err(sm_err)?;
-        compact.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
-        db.set_options(&[("enable_blob_garbage_collection", "false")])
-            .map_err(sm_err)?;
+        {
+            let _on = BlobCollectionOn::switch_on(&db)?;
+            // Optimized: the last pass leaves alone the bottom files this compaction wrote,
+            // whose blobs it has just moved.
+            compact.set_bottommost_level_compaction(
+                rocksdb::BottommostLevelCompaction::ForceOptimized,
+            );
+            db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
+        }
         let after = blob_space(&db)?;
         Ok(Some(BlobCollection { before, after }))
     }
@@ -1035,6 +1094,7 @@ impl StateMachineStore {
                 snapshot_seq: AtomicU64::new(max_seq + 1),
                 incoming_seq: AtomicU64::new(0),
                 expired_blob_bytes: AtomicU64::new(0),
+                blob_collection: Mutex::new(()),
             }),
         })
     }
@@ -2064,6 +2124,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.shared.applied_index.store(index, Ordering::Release);
         // The snapshot may reference chunks this node has never seen.
         self.shared.chunk_refs_index.store(index, Ordering::Release);
+        // A blob collection running on the old generation stops here instead of rewriting a
+        // database nobody will use again (this also flushes it, as dropping it would).
+        self.shared.expired_blob_bytes.store(0, Ordering::Relaxed);
+        old.cancel_all_background_work(true);
         // The old generation is deleted once no reader holds it; otherwise at next start.
         if let Ok(old_db) = Arc::try_unwrap(old) {
             drop(old_db);
