@@ -351,7 +351,10 @@ impl NodeHandle {
             tracing::warn!(error = %e, "raft shutdown reported an error");
         }
         // A blob collection (a blocking compaction) would outlive its aborted worker.
-        self.core.reader.stop_background_work();
+        let reader = self.core.reader.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || reader.stop_background_work()).await {
+            tracing::warn!(error = %e, "stopping the state machine's background work failed");
+        }
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {

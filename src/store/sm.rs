@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::RaftStateMachine;
@@ -54,10 +54,11 @@ const HASH_BUFFER_BYTES: usize = 1024 * 1024;
 const BLOB_MIN_BYTES: u64 = 256;
 /// On-demand blob garbage collection runs once RocksDB knows at least this share (percent) of
 /// the blob bytes to be garbage: a collection rewrites every live value once, so each byte it
-/// rewrites gives back at least a third of a byte. Between collections the blob files hold at
-/// most 4/3 of the live values plus the garbage RocksDB has not met yet; during one, the new
-/// copies exist beside the old files until the compaction ends (up to twice the live values),
-/// and the two snapshots kept on disk hold hard links to the blob files of their time.
+/// rewrites gives back at least a third of a byte. When a check finds less, the blob files hold
+/// less than 4/3 of the live values plus the garbage RocksDB has not met yet; during a
+/// collection, one more copy of the live values exists beside the old files until the
+/// compaction ends, and the two snapshots kept on disk hold hard links to the blob files of
+/// their time.
 pub const BLOB_GC_GARBAGE_PERCENT: u64 = 25;
 /// `blob_garbage_collection_age_cutoff` while a collection runs: every blob file is eligible.
 const BLOB_GC_AGE_CUTOFF_ALL: &str = "1.0";
@@ -242,7 +243,7 @@ impl Drop for BlobCollectionOn<'_> {
             .set_options(&off)
             .or_else(|_| self.db.set_options(&off))
         {
-            tracing::error!(error = %e, "cannot switch blob garbage collection off; it stays on until the node restarts");
+            tracing::error!(error = %e, "cannot switch blob garbage collection off; it may stay on until the node restarts");
         }
     }
 }
@@ -337,6 +338,18 @@ pub struct SmShared {
     /// Held by the running blob collection: two at once would switch collection off under
     /// each other.
     blob_collection: Mutex<()>,
+    /// Set at node shutdown: no blob collection starts after it.
+    stopping: AtomicBool,
+}
+
+impl SmShared {
+    /// Whether a blob collection holds [`SmShared::blob_collection`] right now.
+    fn collection_running(&self) -> bool {
+        matches!(
+            self.blob_collection.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
+    }
 }
 
 impl SmShared {
@@ -916,10 +929,16 @@ impl SmReader {
         blob_space(&self.shared.db())
     }
 
-    /// At node shutdown, once Raft has stopped: stops RocksDB's background work, a blob
-    /// collection's compaction included, so the database closes without waiting for it.
+    /// At node shutdown, once Raft has stopped: no blob collection starts any more, and a
+    /// running one is cut short by stopping RocksDB's background work (after a flush), so the
+    /// database closes without waiting for a full compaction. Blocks for that flush. Only
+    /// then: with background work stopped, applies still queued in Raft's state-machine
+    /// worker stay in the memtable and are applied again from the log at the next start.
     pub fn stop_background_work(&self) {
-        self.shared.db().cancel_all_background_work(true);
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if self.shared.collection_running() {
+            self.shared.db().cancel_all_background_work(true);
+        }
     }
 
     /// Gives back the space of garbage in blob files, if there is enough of it: run off the
@@ -939,9 +958,15 @@ impl SmReader {
     /// RocksDB's manual compaction reports no error through this crate's API: a compaction
     /// that failed shows as garbage that did not go down.
     pub fn collect_blob_garbage(&self) -> Result<Option<BlobCollection>, StorageError> {
-        let Ok(_one_at_a_time) = self.shared.blob_collection.try_lock() else {
-            return Ok(None);
+        let _one_at_a_time = match self.shared.blob_collection.try_lock() {
+            Ok(guard) => guard,
+            // A collection that panicked left nothing to undo (the switch has its own guard).
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
         };
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let db = self.shared.db();
         let due = |garbage: u64, total: u64| {
             garbage > 0
@@ -952,9 +977,12 @@ impl SmReader {
         let expired = self.shared.expired_blob_bytes.load(Ordering::Relaxed);
         if due(expired, blob_space(&db)?.bytes) {
             db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
-            self.shared
-                .expired_blob_bytes
-                .fetch_sub(expired, Ordering::Relaxed);
+            // Saturating: a snapshot install may have reset the estimate meanwhile.
+            let _ = self.shared.expired_blob_bytes.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |v| Some(v.saturating_sub(expired)),
+            );
         }
         let before = blob_space(&db)?;
         if !due(before.garbage_bytes, before.bytes) {
@@ -1095,6 +1123,7 @@ impl StateMachineStore {
                 incoming_seq: AtomicU64::new(0),
                 expired_blob_bytes: AtomicU64::new(0),
                 blob_collection: Mutex::new(()),
+                stopping: AtomicBool::new(false),
             }),
         })
     }
@@ -2125,9 +2154,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The snapshot may reference chunks this node has never seen.
         self.shared.chunk_refs_index.store(index, Ordering::Release);
         // A blob collection running on the old generation stops here instead of rewriting a
-        // database nobody will use again (this also flushes it, as dropping it would).
+        // database nobody will use again (after a flush, as dropping it would do).
         self.shared.expired_blob_bytes.store(0, Ordering::Relaxed);
-        old.cancel_all_background_work(true);
+        if self.shared.collection_running() {
+            old.cancel_all_background_work(true);
+        }
         // The old generation is deleted once no reader holds it; otherwise at next start.
         if let Ok(old_db) = Arc::try_unwrap(old) {
             drop(old_db);

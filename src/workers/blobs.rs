@@ -31,13 +31,19 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             reader.collect_blob_garbage().map_err(|e| e.to_string())
         });
         match collected.await {
-            Ok(Ok(Some(c))) if c.after.garbage_bytes < c.before.garbage_bytes => tracing::info!(
-                blob_bytes_before = c.before.bytes,
-                garbage_bytes_before = c.before.garbage_bytes,
-                blob_bytes_after = c.after.bytes,
-                garbage_bytes_after = c.after.garbage_bytes,
-                "blob garbage collected"
-            ),
+            // Other compactions may count new garbage meanwhile: judge by both figures.
+            Ok(Ok(Some(c)))
+                if c.after.garbage_bytes < c.before.garbage_bytes
+                    || c.after.bytes < c.before.bytes =>
+            {
+                tracing::info!(
+                    blob_bytes_before = c.before.bytes,
+                    garbage_bytes_before = c.before.garbage_bytes,
+                    blob_bytes_after = c.after.bytes,
+                    garbage_bytes_after = c.after.garbage_bytes,
+                    "blob garbage collected"
+                )
+            }
             Ok(Ok(Some(c))) => tracing::warn!(
                 blob_bytes = c.after.bytes,
                 garbage_bytes = c.after.garbage_bytes,
