@@ -660,6 +660,28 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A fresh state machine in a temporary directory with tenant `acme` registered (index 1,
+/// at 1,000 ms).
+async fn store_with_tenant() -> (tempfile::TempDir, StateMachineStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let tenant = Command::AddTenant {
+        tenant: TenantId::parse("acme").unwrap(),
+    };
+    sm.apply([timed(1, 1_000, vec![tenant])]).await.unwrap();
+    (dir, sm)
+}
+
+/// Builds a snapshot, whose checkpoint flushes the memtable to table and blob files.
+async fn flush_by_snapshot(sm: &mut StateMachineStore) {
+    use openraft::RaftSnapshotBuilder;
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+}
+
 /// Expires, entry by entry until done, the versions replaced before `before_ms`; returns the
 /// next free index and how many versions went.
 async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) -> (u64, u64) {
@@ -709,12 +731,7 @@ async fn t19_expired_history_gives_its_blob_space_back() {
     use escrow::store::sm::BLOB_GC_GARBAGE_PERCENT;
     const RECORDS: u64 = 300;
     const VALUE: usize = 4096;
-    let dir = tempfile::tempdir().unwrap();
-    let mut sm = StateMachineStore::open(dir.path()).unwrap();
-    let tenant = Command::AddTenant {
-        tenant: TenantId::parse("acme").unwrap(),
-    };
-    sm.apply([timed(1, 1_000, vec![tenant])]).await.unwrap();
+    let (dir, mut sm) = store_with_tenant().await;
     let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
     let half = RECORDS / 2;
     // Round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
@@ -733,15 +750,8 @@ async fn t19_expired_history_gives_its_blob_space_back() {
     ])
     .await
     .unwrap();
-    {
-        // A snapshot's checkpoint flushes the memtable: the values land in blob files.
-        use openraft::RaftSnapshotBuilder;
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-    }
+    // A snapshot's checkpoint flushes the memtable: the values land in blob files.
+    flush_by_snapshot(&mut sm).await;
     let reader = sm.reader();
     let values = RECORDS * VALUE as u64;
     let all = reader.blob_space().unwrap();
@@ -809,12 +819,7 @@ async fn t19_expired_history_gives_its_blob_space_back() {
 async fn t19_stopping_during_a_blob_collection_loses_nothing() {
     const RECORDS: u64 = 2000;
     const VALUE: usize = 4096;
-    let dir = tempfile::tempdir().unwrap();
-    let mut sm = StateMachineStore::open(dir.path()).unwrap();
-    let tenant = Command::AddTenant {
-        tenant: TenantId::parse("acme").unwrap(),
-    };
-    sm.apply([timed(1, 1_000, vec![tenant])]).await.unwrap();
+    let (dir, mut sm) = store_with_tenant().await;
     let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
     // Every record written at 2,000 and replaced at 3,000, in entries of 100 puts.
     let mut index = 2;
@@ -827,14 +832,7 @@ async fn t19_stopping_during_a_blob_collection_loses_nothing() {
             index += 1;
         }
     }
-    {
-        use openraft::RaftSnapshotBuilder;
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-    }
+    flush_by_snapshot(&mut sm).await;
     let (_, removed) = expire_all(&mut sm, index, 3_500).await;
     assert_eq!(removed, RECORDS);
     let reader = sm.reader();
