@@ -2,7 +2,9 @@
 //!
 //! Steps:
 //! 1. Start 3 `escrowd run` processes and bootstrap them.
-//! 2. Start 8 writers with unique keys; each records the writes acknowledged to it.
+//! 2. Start 8 writers with unique keys; each records the writes acknowledged to it. Half of
+//!    them write 1 KiB values, which the state machine keeps in blob files, the rest short
+//!    ones, kept inline.
 //! 3. After a while, SIGKILL the leader process (no shutdown, no flush).
 //! 4. A new leader is elected; writers keep going through the surviving nodes.
 //! 5. Stop the writers, restart the killed node, and read every acknowledged write back:
@@ -15,6 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+
+/// Length of the odd writers' values: well over the state machine's blob threshold (256).
+const BLOB_HELD_VALUE_BYTES: usize = 1024;
 
 /// A write the cluster acknowledged: key and value.
 type Acked = (String, Vec<u8>);
@@ -67,7 +72,10 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let key = format!("w{w}-{i}");
-                let value = format!("value {w}/{i}").into_bytes();
+                let mut value = format!("value {w}/{i}").into_bytes();
+                if w % 2 == 1 {
+                    value.resize(BLOB_HELD_VALUE_BYTES, b'.');
+                }
                 match client.put("acme", "orders", &key, value.clone()).await {
                     Ok(_) => acked.lock().unwrap().push((key, value)),
                     Err(_) => {
