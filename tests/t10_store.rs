@@ -262,9 +262,9 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     {
         let mut log = LogStore::open(&dir.path().join("log")).unwrap();
         // Flushed table files are written with direct I/O wherever the filesystem takes it, so
-        // the read-back below covers them there; RocksDB got the setting the probe chose, and
-        // the probe left nothing behind.
-        // A probe of its own on the same filesystem must agree with the store's choice.
+        // the read-back below covers them there. A probe of its own on the same filesystem
+        // agrees with the store's choice, RocksDB got that setting, and the probe left nothing
+        // behind.
         assert_eq!(
             log.direct_io(),
             escrow::store::log::direct_io_supported(dir.path())
@@ -687,22 +687,14 @@ async fn flush_by_snapshot(sm: &mut StateMachineStore) {
 async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) -> (u64, u64) {
     let (mut from, mut removed) = (None, 0);
     loop {
-        let command = Command::ExpireHistory { before_ms, from };
-        let outcomes = sm
-            .apply([timed(index, 20_000, vec![command])])
-            .await
-            .unwrap();
-        index += 1;
-        match &outcomes[0] {
-            Outcome::Batch(o) => match &o[0] {
-                Outcome::Expired { removed: n, next } => {
-                    removed += n;
-                    from = next.clone();
-                }
-                other => panic!("{other:?}"),
-            },
+        match expire_before(sm, index, before_ms, from).await {
+            Outcome::Expired { removed: n, next } => {
+                removed += n;
+                from = next;
+            }
             other => panic!("{other:?}"),
         }
+        index += 1;
         if from.is_none() {
             return (index, removed);
         }
@@ -712,9 +704,8 @@ async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) 
 /// The newest `OPTIONS-*` file of the state machine's database under `root` (generation 0).
 fn newest_sm_options(root: &std::path::Path) -> String {
     let db = root.join("sm").join("0");
-    let newest = std::fs::read_dir(&db)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+    let newest = file_names(&db)
+        .iter()
         .filter_map(|n| n.strip_prefix("OPTIONS-")?.parse::<u64>().ok())
         .max()
         .expect("an OPTIONS file");
@@ -867,13 +858,21 @@ async fn t19_stopping_during_a_blob_collection_loses_nothing() {
 
 /// Applies one expiry entry (cutoff 10,000 ms, applied at 20,000) and returns its outcome.
 async fn expire_step(sm: &mut StateMachineStore, index: u64, from: Option<RecordPath>) -> Outcome {
+    expire_before(sm, index, 10_000, from).await
+}
+
+/// Applies one expiry entry with cutoff `before_ms` (applied at 20,000) and returns its
+/// outcome.
+async fn expire_before(
+    sm: &mut StateMachineStore,
+    index: u64,
+    before_ms: u64,
+    from: Option<RecordPath>,
+) -> Outcome {
     let entry = timed(
         index,
         20_000,
-        vec![Command::ExpireHistory {
-            before_ms: 10_000,
-            from,
-        }],
+        vec![Command::ExpireHistory { before_ms, from }],
     );
     let outcomes = sm.apply([entry]).await.unwrap();
     let Outcome::Batch(o) = &outcomes[0] else {

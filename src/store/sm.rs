@@ -199,7 +199,7 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
 }
 
 /// Space in the state machine's blob files, as RocksDB knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobSpace {
     /// Bytes of all live blob files.
     pub bytes: u64,
@@ -350,9 +350,7 @@ impl SmShared {
             Err(std::sync::TryLockError::WouldBlock)
         )
     }
-}
 
-impl SmShared {
     fn db(&self) -> Arc<DB> {
         self.db.read().expect("sm db lock poisoned").clone()
     }
