@@ -8,16 +8,24 @@
 //! within a few percent; the VM's own drift still moves it by more over minutes, so compare
 //! two builds in interleaved runs. Run it through `scripts/bench-apply.sh`.
 //!
-//! Usage: bench_apply [ENTRIES] [PUTS_PER_ENTRY] [VALUE_BYTES]   (defaults 8000, 32, 1024)
+//! With `expire` first, it then times history expiry instead: every key is written a second
+//! time (untimed), a snapshot flushes the memtable to table and blob files, the page cache is
+//! dropped if the process may (root; otherwise it says so), and expiry entries remove every
+//! first version, `ledger::EXPIRE_VERSIONS_MAX` per entry, as the retention worker's would.
+//! It prints the wall and CPU time per removed version and the slowest entry: an expiry entry
+//! is applied in line with writes, so that is how long it holds them up.
+//!
+//! Usage: bench_apply [expire] [ENTRIES] [PUTS_PER_ENTRY] [VALUE_BYTES]
+//!        (defaults 8000, 32, 1024)
 
 use anyhow::{bail, ensure, Context};
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, EntryPayload, LogId};
+use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use rand::RngCore;
 
 use escrow::domain::{RecordPath, TenantId, VALUE_LEN_MAX};
 use escrow::ledger::{Command, Outcome};
-use escrow::raft::Entry;
+use escrow::raft::{Entry, LogId};
 use escrow::service::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
 use escrow::store::StateMachineStore;
 
@@ -70,12 +78,82 @@ fn is_rejected(outcome: &Outcome) -> bool {
     }
 }
 
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+/// The puts of `entries` entries of `per_entry` puts each, random values, starting at log
+/// index `first` and leader time `first_ms` (1 ms per entry). Keys cycle through the writers'
+/// sequences, so a second call with the same sizes writes the same keys again.
+fn put_entries(
+    entries: u64,
+    per_entry: u64,
+    value_bytes: u64,
+    first: u64,
+    first_ms: u64,
+) -> anyhow::Result<Vec<Entry>> {
+    // Random values, so compression in flushes sees what real data would roughly give it.
+    let mut rng = rand::thread_rng();
+    let mut next_seq = vec![0u64; WRITERS as usize];
+    let mut batches = Vec::with_capacity(entries as usize);
+    for i in 0..entries {
+        let mut commands = Vec::with_capacity(per_entry as usize);
+        for j in 0..per_entry {
+            let writer = ((i * per_entry + j) % WRITERS) as usize;
+            next_seq[writer] += 1;
+            let mut value = vec![0u8; value_bytes as usize];
+            rng.fill_bytes(&mut value);
+            let key = format!("w{writer}-{}", next_seq[writer]);
+            commands.push(Command::PutRecord {
+                path: RecordPath::parse("bench", "kv", &key)?,
+                value,
+            });
+        }
+        batches.push(Entry {
+            log_id: log_id(first + i),
+            payload: EntryPayload::Normal(Command::Timed {
+                at_ms: first_ms + i,
+                commands,
+            }),
+        });
+    }
+    Ok(batches)
+}
+
+/// Drops the page cache (after a sync) so reads come from the disk; false if not allowed.
+fn drop_page_cache() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Applies one expiry entry at `index` with cutoff `before_ms`; returns the versions it
+/// removed and whether there is more to remove.
+async fn expire_once(
+    sm: &mut StateMachineStore,
+    index: u64,
+    before_ms: u64,
+) -> anyhow::Result<(u64, bool)> {
+    let entry = Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command::ExpireHistory { before_ms }),
+    };
+    match sm.apply([entry]).await?.as_slice() {
+        [Outcome::Expired { removed, more }] => Ok((*removed, *more)),
+        other => bail!("expiry gave {other:?}"),
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let expire = args.first().is_some_and(|a| a == "expire");
+    if expire {
+        args.remove(0);
+    }
     ensure!(
         args.len() <= 3,
-        "usage: bench_apply [ENTRIES] [PUTS_PER_ENTRY] [VALUE_BYTES]"
+        "usage: bench_apply [expire] [ENTRIES] [PUTS_PER_ENTRY] [VALUE_BYTES]"
     );
     let entries = arg(&args, 0, 8000, "ENTRIES")?;
     let per_entry = arg(&args, 1, 32, "PUTS_PER_ENTRY")?;
@@ -97,7 +175,6 @@ async fn main() -> anyhow::Result<()> {
         })?;
     let dir = tempfile::tempdir()?;
     let mut sm = StateMachineStore::open(dir.path())?;
-    let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
     let registered = sm
         .apply([Entry {
             log_id: log_id(1),
@@ -111,33 +188,11 @@ async fn main() -> anyhow::Result<()> {
         "registering the tenant gave {registered:?}"
     );
 
-    // Build every entry first so only applying is timed. Random values, so compression in
-    // flushes sees what real data would roughly give it.
-    let mut rng = rand::thread_rng();
-    let mut next_seq = vec![0u64; WRITERS as usize];
-    let mut batches = Vec::with_capacity(entries as usize);
-    for i in 0..entries {
-        let mut commands = Vec::with_capacity(per_entry as usize);
-        for j in 0..per_entry {
-            let writer = ((i * per_entry + j) % WRITERS) as usize;
-            next_seq[writer] += 1;
-            let mut value = vec![0u8; value_bytes as usize];
-            rng.fill_bytes(&mut value);
-            let key = format!("w{writer}-{}", next_seq[writer]);
-            commands.push(Command::PutRecord {
-                path: RecordPath::parse("bench", "kv", &key)?,
-                value,
-            });
-        }
-        batches.push(Entry {
-            log_id: log_id(2 + i),
-            payload: EntryPayload::Normal(Command::Timed {
-                at_ms: 1_000 + i,
-                commands,
-            }),
-        });
+    // Build every entry first so only applying is timed.
+    let batches = put_entries(entries, per_entry, value_bytes, 2, 1_000)?;
+    if expire {
+        return bench_expiry(sm, batches, entries, per_entry, value_bytes).await;
     }
-
     let mut outcomes = Vec::with_capacity(entries as usize);
     let started = std::time::Instant::now();
     let cpu_before = cpu_seconds()?;
@@ -156,6 +211,74 @@ async fn main() -> anyhow::Result<()> {
         "{{\"entries\":{entries},\"puts_per_entry\":{per_entry},\"value_bytes\":{value_bytes},\"value_bytes_total\":{prebuilt},\"us_per_put_wall\":{:.2},\"us_per_put_cpu\":{:.2}}}",
         wall * 1e6 / puts,
         cpu * 1e6 / puts
+    );
+    Ok(())
+}
+
+/// The `expire` mode: see the module doc.
+async fn bench_expiry(
+    mut sm: StateMachineStore,
+    first: Vec<Entry>,
+    entries: u64,
+    per_entry: u64,
+    value_bytes: u64,
+) -> anyhow::Result<()> {
+    let second_ms = 1_000 + entries;
+    let second = put_entries(entries, per_entry, value_bytes, 2 + entries, second_ms)?;
+    for entry in first {
+        let outcome = sm.apply([entry]).await?;
+        ensure!(
+            !outcome.iter().any(is_rejected),
+            "some puts were not written"
+        );
+    }
+    // The second round replaces every version of the first: timed too, as the write a
+    // replacement costs.
+    let cpu_before = cpu_seconds()?;
+    for entry in second {
+        let outcome = sm.apply([entry]).await?;
+        ensure!(
+            !outcome.iter().any(is_rejected),
+            "some puts were not written"
+        );
+    }
+    let replace_cpu = cpu_seconds()? - cpu_before;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    let cold = drop_page_cache();
+    if !cold {
+        eprintln!("cannot drop the page cache (not root?): the store's files may be in memory");
+    }
+    // Every second version was written before this cutoff, so every first version goes.
+    let before_ms = second_ms + entries;
+    let mut index = 2 + 2 * entries;
+    let (mut removed, mut entries_applied, mut slowest) = (0u64, 0u64, 0f64);
+    let started = std::time::Instant::now();
+    let cpu_before = cpu_seconds()?;
+    loop {
+        let t = std::time::Instant::now();
+        let (n, more) = expire_once(&mut sm, index, before_ms).await?;
+        slowest = slowest.max(t.elapsed().as_secs_f64());
+        removed += n;
+        entries_applied += 1;
+        index += 1;
+        if !more {
+            break;
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds()? - cpu_before;
+    ensure!(
+        removed == entries * per_entry,
+        "expected {} versions removed, got {removed}",
+        entries * per_entry
+    );
+    println!(
+        "{{\"mode\":\"expire\",\"puts\":{},\"value_bytes\":{value_bytes},\"us_per_replacing_put_cpu\":{:.2},\"page_cache_dropped\":{cold},\"removed\":{removed},\"expiry_entries\":{entries_applied},\"us_per_removed_wall\":{:.2},\"us_per_removed_cpu\":{:.2},\"slowest_entry_ms\":{:.1}}}",
+        2 * entries * per_entry,
+        replace_cpu * 1e6 / (entries * per_entry) as f64,
+        wall * 1e6 / removed.max(1) as f64,
+        cpu * 1e6 / removed.max(1) as f64,
+        slowest * 1e3
     );
     Ok(())
 }

@@ -70,23 +70,19 @@ pub enum Command {
     },
     /// Records every namespace's Merkle root at this entry's index (for verify and attest).
     Checkpoint,
-    /// Drops record versions committed before `before_ms` that are not their record's latest
-    /// version (the retention period has passed), at most [`EXPIRE_VERSIONS_MAX`] per entry,
-    /// looking at history from record `from` on (None: from the start) and at no more than
-    /// [`EXPIRE_SCAN_MAX`] versions.
+    /// Drops the record versions that a newer version of the same record replaced before
+    /// `before_ms` (the retention period has passed; a record's latest version stays), oldest
+    /// replacement first, at most [`EXPIRE_VERSIONS_MAX`] per entry. Each entry goes on where
+    /// the previous one stopped.
     ExpireHistory {
         before_ms: u64,
-        from: Option<RecordPath>,
     },
 }
 
 /// Record versions one [`Command::ExpireHistory`] entry removes at most; the retention worker
-/// proposes the next entry while one names a record to go on from, so no single entry holds
-/// up the state machine for long.
+/// proposes the next entry while one says there is more, so no single entry holds up the
+/// state machine for long.
 pub const EXPIRE_VERSIONS_MAX: usize = 1000;
-/// Stored versions one [`Command::ExpireHistory`] entry looks at, at most: bounds the entry's
-/// work however little of the history has expired. The outcome says where to go on.
-pub const EXPIRE_SCAN_MAX: usize = 20_000;
 
 impl Command {
     /// Bytes this command adds to a batch, for bounding entry sizes.
@@ -107,9 +103,7 @@ impl Command {
             }
             Command::DeleteArtifact { name, .. } => name.as_str().len() + 128,
             Command::Checkpoint => 64,
-            Command::ExpireHistory { from, .. } => {
-                from.as_ref().map_or(0, |p| p.key.as_str().len()) + 192
-            }
+            Command::ExpireHistory { .. } => 64,
         }
     }
 }
@@ -156,11 +150,11 @@ pub enum Outcome {
     Checkpoint {
         index: u64,
     },
-    /// Expired record versions removed; `next`: the record the next entry starts from (None
-    /// when this one reached the end of the history).
+    /// Expired record versions removed; `more`: the entry stopped at its limit with more
+    /// versions past the cutoff left for the next one.
     Expired {
         removed: u64,
-        next: Option<RecordPath>,
+        more: bool,
     },
 }
 
@@ -207,12 +201,9 @@ pub enum Mutation {
     },
     /// Record all roots as they are after the preceding changes.
     Checkpoint,
-    /// Remove one past version from a record's history.
-    DeleteVersion {
-        path: RecordPath,
-        index: u64,
-        position: u32,
-    },
+    /// Remove one past version from a record's history, and its entry in the store's list
+    /// of replaced versions.
+    DeleteVersion(ExpiredVersion),
 }
 
 /// What `apply` may read of the current state.
@@ -229,28 +220,28 @@ pub trait LedgerView {
         namespace: &TenantId,
         name: &ArtifactName,
     ) -> Result<Option<ArtifactVersion>, Self::Error>;
-    /// Up to `limit` record versions committed before `before_ms` that are not their record's
-    /// latest version, in key order: (record, index, position); looks at the history from
-    /// record `from` on and at no more than `scan_max` stored versions. Also returns the record
-    /// to go on from (None: the end of the history was reached). Implementations treat a
-    /// `limit` below 1 as 1 and a `scan_max` below 2 as 2, so every step makes progress.
-    fn expirable_versions(
-        &self,
-        before_ms: u64,
-        from: Option<&RecordPath>,
-        limit: usize,
-        scan_max: usize,
-    ) -> Result<Expirable, Self::Error>;
+    /// Up to `limit` record versions that a newer version replaced before `before_ms`, in the
+    /// order they were replaced, starting after the last one an earlier expiry removed; and
+    /// whether more are left past the limit. Implementations treat a `limit` below 1 as 1.
+    fn expirable_versions(&self, before_ms: u64, limit: usize) -> Result<Expirable, Self::Error>;
+}
+
+/// A record version to remove: the record, the version's log index and position within its
+/// entry, and the same for the version that replaced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredVersion {
+    pub path: RecordPath,
+    pub index: u64,
+    pub position: u32,
+    pub replaced_by: (u64, u32),
 }
 
 /// What [`LedgerView::expirable_versions`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expirable {
-    /// The expired versions: (record, log index, position within the entry).
-    pub versions: Vec<(RecordPath, u64, u32)>,
-    /// The record the next expiry entry starts from (None: the end of the history was
-    /// reached).
-    pub next: Option<RecordPath>,
+    pub versions: Vec<ExpiredVersion>,
+    /// More versions past the cutoff are left for the next entry.
+    pub more: bool,
 }
 
 /// Where and when a command is applied.
@@ -549,24 +540,13 @@ pub fn apply<V: LedgerView>(
             }
             put_artifact(view, stamp, namespace, name, None)
         }
-        Command::ExpireHistory { before_ms, from } => {
-            let Expirable { versions, next } = view.expirable_versions(
-                *before_ms,
-                from.as_ref(),
-                EXPIRE_VERSIONS_MAX,
-                EXPIRE_SCAN_MAX,
-            )?;
+        Command::ExpireHistory { before_ms } => {
+            let Expirable { versions, more } =
+                view.expirable_versions(*before_ms, EXPIRE_VERSIONS_MAX)?;
             let removed = versions.len() as u64;
             Ok((
-                versions
-                    .into_iter()
-                    .map(|(path, index, position)| Mutation::DeleteVersion {
-                        path,
-                        index,
-                        position,
-                    })
-                    .collect(),
-                Outcome::Expired { removed, next },
+                versions.into_iter().map(Mutation::DeleteVersion).collect(),
+                Outcome::Expired { removed, more },
             ))
         }
         Command::Checkpoint => Ok((
@@ -688,13 +668,7 @@ mod tests {
         ) -> Result<Option<ArtifactVersion>, Self::Error> {
             Ok(self.artifacts.get(&(ns.clone(), name.clone())).cloned())
         }
-        fn expirable_versions(
-            &self,
-            _: u64,
-            _: Option<&RecordPath>,
-            _: usize,
-            _: usize,
-        ) -> Result<Expirable, Self::Error> {
+        fn expirable_versions(&self, _: u64, _: usize) -> Result<Expirable, Self::Error> {
             // History lives in the store; its expiry is tested against RocksDB (t10).
             Ok(Expirable::default())
         }
@@ -734,7 +708,7 @@ mod tests {
                     } => {
                         self.artifacts.insert((namespace, name), version);
                     }
-                    Mutation::Checkpoint | Mutation::DeleteVersion { .. } => {}
+                    Mutation::Checkpoint | Mutation::DeleteVersion(_) => {}
                 }
             }
             (n, outcome)

@@ -573,9 +573,10 @@ fn put_order(key: &str, value: &[u8]) -> Command {
 }
 
 // Goal: history expiry removes exactly the versions that were replaced before the cutoff
-// (never a record's latest, so a deleted record keeps its tombstone), and gives the same result whether
-// the entries were applied one by one or together in one apply call (replicas batch entries
-// differently, so expiry must read staged and stored versions alike).
+// (never a record's latest, so a deleted record keeps its tombstone), a later expiry goes on
+// from there, and the result is the same whether the entries were applied one by one or
+// together in one apply call (replicas batch entries differently, so expiry must read staged
+// and stored replacements alike).
 #[tokio::test]
 async fn t17_history_expiry_is_exact_and_independent_of_batching() {
     let path = order;
@@ -595,14 +596,9 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
             vec![put("a", "2"), Command::DeleteRecord { path: path("b") }],
         ),
         timed(4, 3_000, vec![put("a", "3")]),
-        timed(
-            5,
-            4_000,
-            vec![Command::ExpireHistory {
-                before_ms: 2_500,
-                from: None,
-            }],
-        ),
+        timed(5, 4_000, vec![Command::ExpireHistory { before_ms: 2_500 }]),
+        timed(6, 4_000, vec![put("c", "2")]),
+        timed(7, 5_000, vec![Command::ExpireHistory { before_ms: 3_500 }]),
     ];
     let mut results = Vec::new();
     for together in [false, true] {
@@ -617,16 +613,25 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
             }
             all
         };
-        let Outcome::Batch(last) = &outcomes[4] else {
-            panic!("{outcomes:?}")
+        let expired = |i: usize| match &outcomes[i] {
+            Outcome::Batch(o) => o[0].clone(),
+            other => panic!("{other:?}"),
         };
         assert_eq!(
-            last[0],
+            expired(4),
             Outcome::Expired {
                 removed: 2,
-                next: None
+                more: false
             },
-            "together: {together}"
+            "a@2 and b@2, together: {together}"
+        );
+        assert_eq!(
+            expired(6),
+            Outcome::Expired {
+                removed: 1,
+                more: false
+            },
+            "a@3 (replaced at 3,000), not c@2 (replaced at 4,000), together: {together}"
         );
         let reader = sm.reader();
         let revisions = |k: &str| -> Vec<(u64, bool)> {
@@ -638,11 +643,16 @@ async fn t17_history_expiry_is_exact_and_independent_of_batching() {
                 .collect()
         };
         let kept = (revisions("a"), revisions("b"), revisions("c"));
-        // a@2 was replaced before the cutoff (by a@3 at 2,000): gone. a@3 was current until
-        // 3,000, inside the period: kept, so "as of" reads in the period still find it.
-        assert_eq!(kept.0, vec![(4, false), (3, false)]);
+        // a@2 was replaced before the first cutoff (by a@3 at 2,000): gone. a@3 was current
+        // until 3,000, inside the first period (kept then, so "as of" reads in the period
+        // still found it) and before the second cutoff: gone.
+        assert_eq!(kept.0, vec![(4, false)]);
         assert_eq!(kept.1, vec![(3, true)], "b keeps its tombstone");
-        assert_eq!(kept.2, vec![(2, false)], "c's only version is its latest");
+        assert_eq!(
+            kept.2,
+            vec![(6, false), (2, false)],
+            "c@2 was replaced at 4,000, inside the second period"
+        );
         assert_eq!(live(&reader, "a"), Some(b"3".to_vec()));
         results.push(kept);
     }
@@ -685,18 +695,18 @@ async fn flush_by_snapshot(sm: &mut StateMachineStore) {
 /// Expires, entry by entry until done, the versions replaced before `before_ms`; returns the
 /// next free index and how many versions went.
 async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) -> (u64, u64) {
-    let (mut from, mut removed) = (None, 0);
+    let mut removed = 0;
     loop {
-        match expire_before(sm, index, before_ms, from).await {
-            Outcome::Expired { removed: n, next } => {
+        let outcome = expire_before(sm, index, before_ms).await;
+        index += 1;
+        match outcome {
+            Outcome::Expired { removed: n, more } => {
                 removed += n;
-                from = next;
+                if !more {
+                    return (index, removed);
+                }
             }
             other => panic!("{other:?}"),
-        }
-        index += 1;
-        if from.is_none() {
-            return (index, removed);
         }
     }
 }
@@ -857,23 +867,14 @@ async fn t19_stopping_during_a_blob_collection_loses_nothing() {
 }
 
 /// Applies one expiry entry (cutoff 10,000 ms, applied at 20,000) and returns its outcome.
-async fn expire_step(sm: &mut StateMachineStore, index: u64, from: Option<RecordPath>) -> Outcome {
-    expire_before(sm, index, 10_000, from).await
+async fn expire_step(sm: &mut StateMachineStore, index: u64) -> Outcome {
+    expire_before(sm, index, 10_000).await
 }
 
 /// Applies one expiry entry with cutoff `before_ms` (applied at 20,000) and returns its
 /// outcome.
-async fn expire_before(
-    sm: &mut StateMachineStore,
-    index: u64,
-    before_ms: u64,
-    from: Option<RecordPath>,
-) -> Outcome {
-    let entry = timed(
-        index,
-        20_000,
-        vec![Command::ExpireHistory { before_ms, from }],
-    );
+async fn expire_before(sm: &mut StateMachineStore, index: u64, before_ms: u64) -> Outcome {
+    let entry = timed(index, 20_000, vec![Command::ExpireHistory { before_ms }]);
     let outcomes = sm.apply([entry]).await.unwrap();
     let Outcome::Batch(o) = &outcomes[0] else {
         panic!("{outcomes:?}")
@@ -882,9 +883,8 @@ async fn expire_before(
 }
 
 // Goal: expiry works in bounded steps that together remove exactly what one unbounded pass
-// would: an entry stops at `EXPIRE_VERSIONS_MAX` removals and says which record to go on
-// from, the next entry starting there removes the rest, and a start past a record leaves
-// that record alone.
+// would: an entry stops at `EXPIRE_VERSIONS_MAX` removals, oldest replacement first, and says
+// there is more; the next entry goes on where it stopped; the last says there is no more.
 #[tokio::test]
 async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
     use escrow::ledger::EXPIRE_VERSIONS_MAX;
@@ -899,7 +899,8 @@ async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
             tenant: TenantId::parse("acme").unwrap(),
         }],
     )];
-    // "a" and "c" get two versions more than one entry may remove, "b" two versions.
+    // "a" and "c" get two versions more than one entry may remove, "b" two versions; each
+    // entry writes a, then c, then b.
     let versions = EXPIRE_VERSIONS_MAX as u64 + 2;
     for v in 0..versions {
         let mut commands = vec![put("a", format!("a{v}")), put("c", format!("c{v}"))];
@@ -920,66 +921,82 @@ async fn t18_history_expiry_goes_on_where_the_last_entry_stopped() {
             .unwrap()
             .len()
     };
+    let limit = EXPIRE_VERSIONS_MAX as u64;
+    let replaced = 2 * (versions - 1) + 1;
 
-    // Starting at "b" leaves "a" alone.
-    let outcome = expire_step(&mut sm, next_index(), Some(path("b"))).await;
-    assert_eq!(
-        outcome,
-        Outcome::Expired {
-            removed: EXPIRE_VERSIONS_MAX as u64,
-            next: Some(path("c")),
-        },
-        "b's one old version, then c's until the limit"
-    );
-    assert_eq!(count(&sm, "a"), versions as usize, "a was before the start");
-    assert_eq!(count(&sm, "b"), 1);
-
-    // Going on from "c" removes the rest of c and reaches the end.
-    let outcome = expire_step(&mut sm, next_index(), Some(path("c"))).await;
-    assert_eq!(
-        outcome,
-        Outcome::Expired {
-            removed: 2,
-            next: None,
-        }
-    );
-    assert_eq!(count(&sm, "c"), 1, "only c's latest version is left");
-
-    // A pass from the start: a in two steps, then nothing left anywhere.
-    let first = expire_step(&mut sm, next_index(), None).await;
+    // The first entry takes the oldest replacements: the second entry's a, c and b, then a
+    // and c of each later entry until the limit, ending with an a.
+    let first = expire_step(&mut sm, next_index()).await;
     assert_eq!(
         first,
         Outcome::Expired {
-            removed: EXPIRE_VERSIONS_MAX as u64,
-            next: Some(path("a")),
+            removed: limit,
+            more: true,
         }
     );
-    let second = expire_step(&mut sm, next_index(), Some(path("a"))).await;
+    let (a_gone, c_gone) = ((limit - 3) / 2 + 2, (limit - 3) / 2 + 1);
+    assert_eq!(count(&sm, "a"), (versions - a_gone) as usize);
+    assert_eq!(count(&sm, "c"), (versions - c_gone) as usize);
+    assert_eq!(count(&sm, "b"), 1);
+
+    let second = expire_step(&mut sm, next_index()).await;
     assert_eq!(
         second,
         Outcome::Expired {
-            removed: 1,
-            next: None,
+            removed: limit,
+            more: true,
+        }
+    );
+    let third = expire_step(&mut sm, next_index()).await;
+    assert_eq!(
+        third,
+        Outcome::Expired {
+            removed: replaced - 2 * limit,
+            more: false,
         }
     );
     for k in ["a", "b", "c"] {
         assert_eq!(count(&sm, k), 1, "{k} keeps exactly its latest version");
     }
     assert_eq!(
-        expire_step(&mut sm, next_index(), None).await,
+        expire_step(&mut sm, next_index()).await,
         Outcome::Expired {
             removed: 0,
-            next: None,
+            more: false,
         }
     );
+    // After a reopen, a later replacement (stamped 20,000: the clock never goes back) and a
+    // later cutoff go on from there.
+    drop(sm);
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let i = next_index();
+    sm.apply([timed(i, 3_000, vec![put("b", "b2".into())])])
+        .await
+        .unwrap();
+    assert_eq!(
+        expire_step(&mut sm, next_index()).await,
+        Outcome::Expired {
+            removed: 0,
+            more: false,
+        },
+        "replaced at 20,000: inside the period"
+    );
+    assert_eq!(
+        expire_before(&mut sm, next_index(), 30_000).await,
+        Outcome::Expired {
+            removed: 1,
+            more: false,
+        }
+    );
+    assert_eq!(count(&sm, "b"), 1);
 }
 
-// Goal: an expiry entry stops after looking at `EXPIRE_SCAN_MAX` versions even when it found
-// nothing to remove (a history of single-version records), and the next entry goes on from
-// where it stopped and finds what lies beyond.
+// Goal: expiry's work follows the versions replaced, not the size of the history: with many
+// records never replaced and one replaced, one entry removes the one replaced version and
+// says there is no more, and every other record keeps its version.
 #[tokio::test]
-async fn t19_history_expiry_bounds_the_versions_one_entry_looks_at() {
-    use escrow::ledger::EXPIRE_SCAN_MAX;
+async fn t19_history_expiry_follows_replacements_not_history() {
+    const RECORDS: usize = 5_000;
     let path = order;
     let key = |i: usize| format!("k{i:06}");
     let timed = |index: u64, commands: Vec<Command>| timed(index, 2_000, commands);
@@ -992,8 +1009,7 @@ async fn t19_history_expiry_bounds_the_versions_one_entry_looks_at() {
             tenant: TenantId::parse("acme").unwrap(),
         }],
     )];
-    // One version each for EXPIRE_SCAN_MAX + 1 records, then "z" with an expirable version.
-    let keys: Vec<String> = (0..=EXPIRE_SCAN_MAX).map(key).collect();
+    let keys: Vec<String> = (0..RECORDS).map(key).collect();
     for chunk in keys.chunks(1_000) {
         let index = entries.len() as u64 + 1;
         entries.push(timed(index, chunk.iter().map(|k| put(k, "v")).collect()));
@@ -1003,27 +1019,21 @@ async fn t19_history_expiry_bounds_the_versions_one_entry_looks_at() {
     entries.push(timed(index + 1, vec![put("z", "2")]));
     sm.apply(entries).await.unwrap();
 
-    let first = expire_step(&mut sm, index + 2, None).await;
     assert_eq!(
-        first,
-        Outcome::Expired {
-            removed: 0,
-            next: Some(path(&key(EXPIRE_SCAN_MAX))),
-        },
-        "stops after EXPIRE_SCAN_MAX versions, at the next record"
-    );
-    let second = expire_step(&mut sm, index + 3, Some(path(&key(EXPIRE_SCAN_MAX)))).await;
-    assert_eq!(
-        second,
+        expire_step(&mut sm, index + 2).await,
         Outcome::Expired {
             removed: 1,
-            next: None,
+            more: false,
         },
-        "z's replaced version, then the end"
+        "z's replaced version, and nothing else"
     );
-    let z = sm
-        .reader()
+    let reader = sm.reader();
+    let z = reader
         .record_history(&path("z"), None, 10, 1 << 20)
         .unwrap();
     assert_eq!(z.len(), 1, "z keeps its latest version only");
+    for k in [key(0), key(RECORDS / 2), key(RECORDS - 1)] {
+        let h = reader.record_history(&path(&k), None, 10, 1 << 20).unwrap();
+        assert_eq!(h.len(), 1, "{k} keeps its only version");
+    }
 }

@@ -8,7 +8,7 @@ use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Bumped whenever an encoded type changes shape; decoders refuse versions they do not know.
-pub const FORMAT_VERSION: u8 = 6;
+pub const FORMAT_VERSION: u8 = 7;
 /// Largest payload this codec encodes or decodes, in bytes: bounds memory on hostile input.
 /// It is at least the largest peer message (checked at compile time in node.rs), so nothing the
 /// node builds can exceed it.

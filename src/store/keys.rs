@@ -12,6 +12,13 @@
 //!   history), not three. The value is in its history
 //! - `'h' tenant 0x00 collection 0x00 key 0x00 index(u64 BE) position(u32 BE)` → one version of
 //!   the record's history, oldest first; `position` orders changes within one log entry
+//! - `'x' index(u64 BE) position(u32 BE)` → a version that the version at this index and
+//!   position replaced: that version's history key, the replacing version's time and the
+//!   replaced value's length. In replacement order, so history expiry reads the oldest
+//!   replacements first and stops at the cutoff: it never scans history or reads a value
+//!   (values live in blob files, which an iterator would read)
+//! - `0x00 "expired_to"`         → the `'x'` key of the last replacement expiry removed (the
+//!   next expiry seeks past it, not through the deleted keys before it)
 //! - `'t' tenant`                → tenant registration
 //! - `'s' namespace`             → namespace figures (records, bytes, freshness)
 //! - `'q' tenant 0x00 source`    → a source stream's applied position
@@ -38,6 +45,8 @@ use crate::domain::{ArtifactName, Digest, RecordPath, SourceId, TenantId};
 pub const APPLIED: &[u8] = b"\x00applied";
 pub const MEMBERSHIP: &[u8] = b"\x00membership";
 pub const CLOCK: &[u8] = b"\x00clock";
+pub const EXPIRED_TO: &[u8] = b"\x00expired_to";
+pub const REPLACED_PREFIX: u8 = b'x';
 const NODE_PREFIX: u8 = b'n';
 pub const RECORD_PREFIX: u8 = b'r';
 pub const HISTORY_PREFIX: u8 = b'h';
@@ -126,6 +135,27 @@ pub fn history(path: &RecordPath, index: u64, position: u32) -> Vec<u8> {
     out.extend_from_slice(&index.to_be_bytes());
     out.extend_from_slice(&position.to_be_bytes());
     out
+}
+
+/// The key of the replacement by the version at `index`, `position` (see the module doc).
+pub fn replaced(index: u64, position: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13);
+    out.push(REPLACED_PREFIX);
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(&position.to_be_bytes());
+    out
+}
+
+/// The index and position a replacement key names.
+pub fn parse_replaced(key: &[u8]) -> Option<(u64, u32)> {
+    let body = key.strip_prefix(&[REPLACED_PREFIX])?;
+    if body.len() != 12 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(body[..8].try_into().ok()?),
+        u32::from_be_bytes(body[8..].try_into().ok()?),
+    ))
 }
 
 /// The position within its log entry a history key holds, if the key is long enough.

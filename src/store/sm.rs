@@ -1301,6 +1301,45 @@ struct LiveHead {
     leaf: Digest,
 }
 
+/// What a `'x'` key holds (`keys::replaced`): the version a newer one replaced, for history
+/// expiry to remove without reading history.
+#[derive(Debug, Serialize, Deserialize)]
+struct Replaced {
+    /// The replaced version's history key.
+    history_key: Vec<u8>,
+    /// When it was replaced: the replacing version's time.
+    time_ms: u64,
+    /// The replaced version's value length (0 for a tombstone), for the blob-garbage estimate.
+    value_len: u64,
+}
+
+/// Record heads read from the database during one apply call, by key: the ledger reads a
+/// record's head before a write and the store again to list the version it replaces. The
+/// database does not change until the call's batch is written, and staged heads are found
+/// in the pending changes first.
+type HeadCache = RefCell<HashMap<Vec<u8>, Option<RecordHead>>>;
+
+/// The head stored at `key` as this apply call sees it: staged, else cached, else read.
+fn staged_head(
+    db: &DB,
+    pending: &Pending,
+    cache: &HeadCache,
+    key: &[u8],
+) -> Result<Option<RecordHead>, StorageError> {
+    if let Some(v) = pending.get(key) {
+        return v
+            .as_deref()
+            .map(|b| codec::decode(b).map_err(sm_err))
+            .transpose();
+    }
+    if let Some(head) = cache.borrow().get(key) {
+        return Ok(head.clone());
+    }
+    let head: Option<RecordHead> = get_decoded(db, key)?;
+    cache.borrow_mut().insert(key.to_vec(), head.clone());
+    Ok(head)
+}
+
 /// The head key of the record at `path`.
 fn head_key(path: &RecordPath) -> Vec<u8> {
     keys::record(
@@ -1357,6 +1396,7 @@ struct BatchView<'a> {
     tenants: &'a RefCell<HashMap<TenantId, Option<TenantInfo>>>,
     /// Stored bytes of the blob-held versions history expiry chose to remove in this call.
     expired_blob_bytes: &'a Cell<u64>,
+    heads: &'a HeadCache,
 }
 
 impl BatchView<'_> {
@@ -1451,61 +1491,54 @@ impl LedgerView for BatchView<'_> {
     fn expirable_versions(
         &self,
         before_ms: u64,
-        from: Option<&RecordPath>,
         limit: usize,
-        scan_max: usize,
     ) -> Result<ledger::Expirable, StorageError> {
-        // Within a record every version but the first is either removed or ends the record's
-        // scan, so with these floors each step removes something or moves past a record.
-        let (limit, scan_max) = (limit.max(1), scan_max.max(2));
+        let limit = limit.max(1);
         let mut found = ledger::Expirable::default();
-        let prefix = [keys::HISTORY_PREFIX];
-        let start = from.map_or(prefix.to_vec(), keys::history_prefix);
+        let prefix = [keys::REPLACED_PREFIX];
+        let after: Option<(u64, u32)> = self.get(keys::EXPIRED_TO)?;
+        let start = after.map_or(prefix.to_vec(), |(index, position)| {
+            keys::replaced(index, position)
+        });
         let mut scan = MergedScan::new(self.db, self.pending, &prefix, &start);
-        // A version has expired when a newer version of its record was committed before the
-        // cutoff: no "as of" read within the retention period can need it any more.
-        let mut previous: Option<(Vec<u8>, usize)> = None;
-        let mut scanned = 0usize;
+        // Replacements are in log order and the leader's clock is monotonic in it, so the
+        // first one at or after the cutoff ends the expirable ones.
         while let Some((key, value)) = scan.next()? {
-            let record = key[..key.len().saturating_sub(12)].to_vec();
-            if scanned >= scan_max || found.versions.len() >= limit {
-                // Go on from this record's first version: versions found in it so far are
-                // removed by this entry, so the next one sees only what is left.
-                let path = keys::parse_history(&key)
-                    .map(|(path, _, _)| path)
-                    .ok_or_else(|| sm_err("malformed history key"))?;
-                found.next = Some(path);
-                return Ok(found);
-            }
-            scanned += 1;
-            let version: RecordVersion = codec::decode(&value).map_err(sm_err)?;
-            if version.time_ms >= before_ms {
-                // This and every later version of the record are inside the period.
-                previous = None;
-                scan.seek(&keys::prefix_end(&record));
+            let by =
+                keys::parse_replaced(&key).ok_or_else(|| sm_err("malformed replacement key"))?;
+            if Some(by) == after {
                 continue;
             }
-            if let Some((p, stored_len)) = previous.take() {
-                let same_record = p.len() >= 12 && p[..p.len() - 12] == record[..];
-                if same_record {
-                    if let Some(version) = keys::parse_history(&p) {
-                        found.versions.push(version);
-                        if stored_len as u64 >= BLOB_MIN_BYTES {
-                            let bytes = &self.expired_blob_bytes;
-                            bytes.set(bytes.get() + stored_len as u64);
-                        }
-                    }
-                }
+            let replaced: Replaced = codec::decode(&value).map_err(sm_err)?;
+            if replaced.time_ms >= before_ms {
+                break;
             }
-            previous = Some((key, value.len()));
+            if found.versions.len() >= limit {
+                found.more = true;
+                break;
+            }
+            let (path, index, position) = keys::parse_history(&replaced.history_key)
+                .ok_or_else(|| sm_err("malformed history key in a replacement"))?;
+            found.versions.push(ledger::ExpiredVersion {
+                path,
+                index,
+                position,
+                replaced_by: by,
+            });
+            if replaced.value_len >= BLOB_MIN_BYTES {
+                let bytes = &self.expired_blob_bytes;
+                bytes.set(bytes.get() + replaced.value_len);
+            }
         }
         Ok(found)
     }
     fn record_len(&self, path: &RecordPath) -> Result<Option<u64>, StorageError> {
-        Ok(match self.get::<RecordHead>(&head_key(path))? {
-            Some(head) => head.checked(path)?.live.map(|l| l.len),
-            None => None,
-        })
+        Ok(
+            match staged_head(self.db, self.pending, self.heads, &head_key(path))? {
+                Some(head) => head.checked(path)?.live.map(|l| l.len),
+                None => None,
+            },
+        )
     }
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, StorageError> {
         let key = keys::tenant(id);
@@ -1552,6 +1585,7 @@ struct Staged {
     tenants: RefCell<HashMap<TenantId, Option<TenantInfo>>>,
     /// See [`BatchView::expired_blob_bytes`].
     expired_blob_bytes: Cell<u64>,
+    heads: HeadCache,
 }
 
 impl Staged {
@@ -1845,6 +1879,7 @@ fn apply_command(
         pending: &staged.pending,
         tenants: &staged.tenants,
         expired_blob_bytes: &staged.expired_blob_bytes,
+        heads: &staged.heads,
     };
     let (mutations, outcome) = ledger::apply(&view, stamp, command)?;
     for m in mutations {
@@ -1866,6 +1901,8 @@ fn apply_command(
                     .hash(),
                 });
                 staged.mark_leaf(path.tenant.as_str(), &id, replaced_live, live.is_some());
+                let head_key = keys::record(&path.tenant, &id);
+                let previous = staged_head(db, &staged.pending, &staged.heads, &head_key)?;
                 let head = RecordHead {
                     collection: path.collection.clone(),
                     key: path.key.clone(),
@@ -1876,10 +1913,23 @@ fn apply_command(
                     live,
                 };
                 staged.position += 1;
-                // History expiry later in this apply call reads the staged version, exactly
-                // as a replica that applied this entry in an earlier call reads the stored one.
+                // History expiry later in this apply call reads the staged replacement,
+                // exactly as a replica that applied this entry in an earlier call reads the
+                // stored one.
+                if let Some(previous) = previous {
+                    let previous = previous.checked(&path)?;
+                    let replaced = Replaced {
+                        history_key: previous.history_key(&path),
+                        time_ms: version.time_ms,
+                        value_len: previous.live.as_ref().map_or(0, |l| l.len),
+                    };
+                    staged.put(
+                        keys::replaced(head.revision, head.position),
+                        codec::encode(&replaced),
+                    );
+                }
                 staged.put(head.history_key(&path), codec::encode(&version));
-                staged.put(keys::record(&path.tenant, &id), codec::encode(&head));
+                staged.put(head_key, codec::encode(&head));
             }
             Mutation::PutTenant(info) => staged.put(keys::tenant(&info.id), codec::encode(&info)),
             Mutation::PutStats { namespace, stats } => {
@@ -1891,11 +1941,12 @@ fn apply_command(
                 position,
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
             Mutation::Checkpoint => staged.checkpoint(db, stamp)?,
-            Mutation::DeleteVersion {
-                path,
-                index,
-                position,
-            } => staged.delete(keys::history(&path, index, position)),
+            Mutation::DeleteVersion(v) => {
+                staged.delete(keys::history(&v.path, v.index, v.position));
+                let (index, position) = v.replaced_by;
+                staged.delete(keys::replaced(index, position));
+                staged.put(keys::EXPIRED_TO.to_vec(), codec::encode(&v.replaced_by));
+            }
             Mutation::PutArtifact {
                 namespace,
                 name,
@@ -1985,6 +2036,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             dirty: BTreeMap::new(),
             chunk_refs_added: false,
             expired_blob_bytes: Cell::new(0),
+            heads: RefCell::default(),
             position: 0,
         };
         let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);

@@ -1,10 +1,10 @@
 //! Hourly upkeep on the leader:
 //! - Retention: proposes `ExpireHistory` with the cutoff `now - mirror.retention_days`, entry
-//!   after entry, each going on where the last one stopped (each looks at no more than
-//!   `ledger::EXPIRE_SCAN_MAX` versions and removes at most `ledger::EXPIRE_VERSIONS_MAX`).
-//!   A run proposes at most `ENTRIES_PER_RUN_MAX` entries; the next run goes on from there.
-//!   The cutoff and the starting record travel in the command, so every replica removes
-//!   exactly the same versions.
+//!   after entry while one says there is more (each removes at most
+//!   `ledger::EXPIRE_VERSIONS_MAX`, the oldest replacements first, going on where the last
+//!   one stopped). A run proposes at most `ENTRIES_PER_RUN_MAX` entries; the next run goes on
+//!   from there. The cutoff travels in the command and where to go on is replicated state,
+//!   so every replica removes exactly the same versions.
 //! - A checkpoint, if writes are waiting for one. Writes only mark their Merkle buckets dirty;
 //!   a checkpoint rehashes them. Without this, a cluster nobody verifies would pile up dirty
 //!   marks and pay for all of them in the next checkpoint's single apply.
@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::domain::RecordPath;
 use crate::ledger::{Command, Outcome};
 use crate::service::{now_ms, Core};
 
@@ -24,8 +23,6 @@ pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 const ENTRIES_PER_RUN_MAX: usize = 100;
 
 pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
-    // Where expiry goes on (None: from the start); kept between runs on this node only.
-    let mut cursor: Option<RecordPath> = None;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -33,30 +30,27 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         }
         let leader = core.raft.metrics().borrow().current_leader == Some(core.id);
         if !leader {
-            cursor = None;
             continue;
         }
-        cursor = expire_history(&core, cursor).await;
+        expire_history(&core).await;
         checkpoint_if_pending(&core).await;
     }
 }
 
-/// Proposes expiry of the versions past the retention period, entry by entry, starting at
-/// record `from`; returns where the next run goes on (None: this run reached the end).
-async fn expire_history(core: &Core, mut from: Option<RecordPath>) -> Option<RecordPath> {
+/// Proposes expiry of the versions past the retention period, entry by entry, until one
+/// finds no more or the run has proposed `ENTRIES_PER_RUN_MAX`.
+async fn expire_history(core: &Core) {
     let retention_ms = core.mirror.retention_days.saturating_mul(24 * 3600 * 1000);
     let before_ms = now_ms().saturating_sub(retention_ms);
     let mut removed = 0;
     for _ in 0..ENTRIES_PER_RUN_MAX {
-        let command = Command::ExpireHistory {
-            before_ms,
-            from: from.clone(),
-        };
-        match core.write(command, false).await {
-            Ok(Outcome::Expired { removed: n, next }) => {
+        match core
+            .write(Command::ExpireHistory { before_ms }, false)
+            .await
+        {
+            Ok(Outcome::Expired { removed: n, more }) => {
                 removed += n;
-                from = next;
-                if from.is_none() {
+                if !more {
                     break;
                 }
             }
@@ -77,7 +71,6 @@ async fn expire_history(core: &Core, mut from: Option<RecordPath>) -> Option<Rec
             "record versions past the retention period removed"
         );
     }
-    from
 }
 
 /// Proposes a checkpoint when writes are waiting to be folded into the Merkle trees; returns
