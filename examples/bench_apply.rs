@@ -9,7 +9,7 @@
 //! two builds in interleaved runs. Run it through `scripts/bench-apply.sh`.
 //!
 //! With `expire` first, it then times history expiry instead: every key is written a second
-//! time (untimed), a snapshot flushes the memtable to table and blob files, the page cache is
+//! time (its CPU time per put printed too: the write that replaces a version), a snapshot flushes the memtable to table and blob files, the page cache is
 //! dropped if the process may (root; otherwise it says so), and expiry entries remove every
 //! first version, `ledger::EXPIRE_VERSIONS_MAX` per entry, as the retention worker's would.
 //! It prints the wall and CPU time per removed version and the slowest entry: an expiry entry

@@ -12,11 +12,13 @@
 //!   history), not three. The value is in its history
 //! - `'h' tenant 0x00 collection 0x00 key 0x00 index(u64 BE) position(u32 BE)` → one version of
 //!   the record's history, oldest first; `position` orders changes within one log entry
-//! - `'x' index(u64 BE) position(u32 BE)` → a version that the version at this index and
-//!   position replaced: that version's history key, the replacing version's time and the
-//!   replaced value's length. In replacement order, so history expiry reads the oldest
-//!   replacements first and stops at the cutoff: it never scans history or reads a value
-//!   (values live in blob files, which an iterator would read)
+//! - `'x' index(u64 BE) position(u32 BE) history key` → the version at this index and
+//!   position replaced the version with that history key: the replacing version's time and
+//!   the replaced value's length. In replacement order, so history expiry reads the oldest
+//!   replacements first and stops at the cutoff: it never scans history or reads a blob (an
+//!   iterator reads the blob of every blob-held value it steps on, so the history key is in
+//!   the key, and the value stays far under `sm::BLOB_MIN_BYTES` whatever a record key's
+//!   length)
 //! - `0x00 "expired_to"`         → the `'x'` key of the last replacement expiry removed (the
 //!   next expiry seeks past it, not through the deleted keys before it)
 //! - `'t' tenant`                → tenant registration
@@ -137,25 +139,29 @@ pub fn history(path: &RecordPath, index: u64, position: u32) -> Vec<u8> {
     out
 }
 
-/// The key of the replacement by the version at `index`, `position` (see the module doc).
-pub fn replaced(index: u64, position: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13);
+/// The key of the replacement by the version at `index`, `position` of the version whose
+/// history key is `history_key` (see the module doc).
+pub fn replaced(index: u64, position: u32, history_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + history_key.len());
     out.push(REPLACED_PREFIX);
     out.extend_from_slice(&index.to_be_bytes());
     out.extend_from_slice(&position.to_be_bytes());
+    out.extend_from_slice(history_key);
     out
 }
 
-/// The index and position a replacement key names.
-pub fn parse_replaced(key: &[u8]) -> Option<(u64, u32)> {
+/// The replacing version's index and position and the replaced version's history key that a
+/// replacement key names.
+pub fn parse_replaced(key: &[u8]) -> Option<((u64, u32), &[u8])> {
     let body = key.strip_prefix(&[REPLACED_PREFIX])?;
-    if body.len() != 12 {
+    if body.len() <= 12 {
         return None;
     }
-    Some((
+    let by = (
         u64::from_be_bytes(body[..8].try_into().ok()?),
-        u32::from_be_bytes(body[8..].try_into().ok()?),
-    ))
+        u32::from_be_bytes(body[8..12].try_into().ok()?),
+    );
+    Some((by, &body[12..]))
 }
 
 /// The position within its log entry a history key holds, if the key is long enough.

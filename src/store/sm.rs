@@ -1301,12 +1301,10 @@ struct LiveHead {
     leaf: Digest,
 }
 
-/// What a `'x'` key holds (`keys::replaced`): the version a newer one replaced, for history
-/// expiry to remove without reading history.
+/// What a `'x'` key (`keys::replaced`, which names both versions) holds, for history expiry
+/// to remove the replaced version without reading history.
 #[derive(Debug, Serialize, Deserialize)]
 struct Replaced {
-    /// The replaced version's history key.
-    history_key: Vec<u8>,
     /// When it was replaced: the replacing version's time.
     time_ms: u64,
     /// The replaced version's value length (0 for a tombstone), for the blob-garbage estimate.
@@ -1496,19 +1494,17 @@ impl LedgerView for BatchView<'_> {
         let limit = limit.max(1);
         let mut found = ledger::Expirable::default();
         let prefix = [keys::REPLACED_PREFIX];
-        let after: Option<(u64, u32)> = self.get(keys::EXPIRED_TO)?;
-        let start = after.map_or(prefix.to_vec(), |(index, position)| {
-            keys::replaced(index, position)
-        });
+        let after: Option<Vec<u8>> = self.get(keys::EXPIRED_TO)?;
+        let start = after.clone().unwrap_or_else(|| prefix.to_vec());
         let mut scan = MergedScan::new(self.db, self.pending, &prefix, &start);
         // Replacements are in log order and the leader's clock is monotonic in it, so the
         // first one at or after the cutoff ends the expirable ones.
         while let Some((key, value)) = scan.next()? {
-            let by =
-                keys::parse_replaced(&key).ok_or_else(|| sm_err("malformed replacement key"))?;
-            if Some(by) == after {
+            if after.as_ref() == Some(&key) {
                 continue;
             }
+            let (by, history_key) =
+                keys::parse_replaced(&key).ok_or_else(|| sm_err("malformed replacement key"))?;
             let replaced: Replaced = codec::decode(&value).map_err(sm_err)?;
             if replaced.time_ms >= before_ms {
                 break;
@@ -1517,8 +1513,8 @@ impl LedgerView for BatchView<'_> {
                 found.more = true;
                 break;
             }
-            let (path, index, position) = keys::parse_history(&replaced.history_key)
-                .ok_or_else(|| sm_err("malformed history key in a replacement"))?;
+            let (path, index, position) = keys::parse_history(history_key)
+                .ok_or_else(|| sm_err("malformed history key in a replacement key"))?;
             found.versions.push(ledger::ExpiredVersion {
                 path,
                 index,
@@ -1919,14 +1915,12 @@ fn apply_command(
                 if let Some(previous) = previous {
                     let previous = previous.checked(&path)?;
                     let replaced = Replaced {
-                        history_key: previous.history_key(&path),
                         time_ms: version.time_ms,
                         value_len: previous.live.as_ref().map_or(0, |l| l.len),
                     };
-                    staged.put(
-                        keys::replaced(head.revision, head.position),
-                        codec::encode(&replaced),
-                    );
+                    let key =
+                        keys::replaced(head.revision, head.position, &previous.history_key(&path));
+                    staged.put(key, codec::encode(&replaced));
                 }
                 staged.put(head.history_key(&path), codec::encode(&version));
                 staged.put(head_key, codec::encode(&head));
@@ -1942,10 +1936,12 @@ fn apply_command(
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
             Mutation::Checkpoint => staged.checkpoint(db, stamp)?,
             Mutation::DeleteVersion(v) => {
-                staged.delete(keys::history(&v.path, v.index, v.position));
+                let history = keys::history(&v.path, v.index, v.position);
                 let (index, position) = v.replaced_by;
-                staged.delete(keys::replaced(index, position));
-                staged.put(keys::EXPIRED_TO.to_vec(), codec::encode(&v.replaced_by));
+                let replaced = keys::replaced(index, position, &history);
+                staged.delete(history);
+                staged.delete(replaced.clone());
+                staged.put(keys::EXPIRED_TO.to_vec(), codec::encode(&replaced));
             }
             Mutation::PutArtifact {
                 namespace,
