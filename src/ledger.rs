@@ -226,15 +226,10 @@ pub trait LedgerView {
     fn expirable_versions(&self, before_ms: u64, limit: usize) -> Result<Expirable, Self::Error>;
 }
 
-/// A record version to remove: the record, the version's log index and position within its
-/// entry, and the same for the version that replaced it.
+/// A record version to remove, as the store names it: the key under which it listed the
+/// replacement, which names the replaced version too.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpiredVersion {
-    pub path: RecordPath,
-    pub index: u64,
-    pub position: u32,
-    pub replaced_by: (u64, u32),
-}
+pub struct ExpiredVersion(pub Vec<u8>);
 
 /// What [`LedgerView::expirable_versions`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -114,17 +114,6 @@ pub fn parse_record(key: &[u8]) -> Option<(TenantId, Digest)> {
     Some((TenantId::parse(tenant).ok()?, id.try_into().ok()?))
 }
 
-fn parse_path(body: &[u8]) -> Option<RecordPath> {
-    let mut parts = body.splitn(3, |b| *b == 0);
-    let (t, c, k) = (parts.next()?, parts.next()?, parts.next()?);
-    RecordPath::parse(
-        std::str::from_utf8(t).ok()?,
-        std::str::from_utf8(c).ok()?,
-        std::str::from_utf8(k).ok()?,
-    )
-    .ok()
-}
-
 /// The prefix under which all of one record's history lies.
 pub fn history_prefix(path: &RecordPath) -> Vec<u8> {
     let mut out = path_key(HISTORY_PREFIX, path, 13);
@@ -150,38 +139,16 @@ pub fn replaced(index: u64, position: u32, history_key: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The replacing version's index and position and the replaced version's history key that a
-/// replacement key names.
-pub fn parse_replaced(key: &[u8]) -> Option<((u64, u32), &[u8])> {
+/// The replaced version's history key that a replacement key names.
+pub fn replaced_history(key: &[u8]) -> Option<&[u8]> {
     let body = key.strip_prefix(&[REPLACED_PREFIX])?;
-    if body.len() <= 12 {
-        return None;
-    }
-    let by = (
-        u64::from_be_bytes(body[..8].try_into().ok()?),
-        u32::from_be_bytes(body[8..12].try_into().ok()?),
-    );
-    Some((by, &body[12..]))
+    body.get(12..).filter(|history| !history.is_empty())
 }
 
 /// The position within its log entry a history key holds, if the key is long enough.
 pub fn history_position(key: &[u8]) -> Option<u32> {
     let n = key.len().checked_sub(4)?;
     Some(u32::from_be_bytes(key[n..].try_into().ok()?))
-}
-
-/// The record, revision and position a history key names.
-pub fn parse_history(key: &[u8]) -> Option<(RecordPath, u64, u32)> {
-    let body = key.strip_prefix(&[HISTORY_PREFIX])?;
-    let n = body.len().checked_sub(13)?;
-    let (path, rest) = body.split_at(n);
-    if rest[0] != 0 {
-        return None;
-    }
-    let path = parse_path(path)?;
-    let index = u64::from_be_bytes(rest[1..9].try_into().ok()?);
-    let position = u32::from_be_bytes(rest[9..13].try_into().ok()?);
-    Some((path, index, position))
 }
 
 pub fn tenant(id: &TenantId) -> Vec<u8> {
@@ -380,6 +347,22 @@ mod tests {
         assert!(!history(&longer, 1, 0).starts_with(&history_prefix(&p)));
         assert!(prefix_end(&history_prefix(&p)) > history(&p, u64::MAX, u32::MAX));
         assert_eq!(history_position(&history(&p, 77, 3)), Some(3));
-        assert_eq!(parse_history(&history(&p, 77, 3)), Some((p.clone(), 77, 3)));
+    }
+
+    // Goal: replacement keys sort in log order whatever the history key they carry, and give
+    // that history key back.
+    #[test]
+    fn replacement_keys_sort_in_log_order_and_name_the_replaced_version() {
+        let short = history(&RecordPath::parse("acme", "c", "k").unwrap(), 77, 3);
+        let long = history(
+            &RecordPath::parse("zeta", "c", &"z".repeat(900)).unwrap(),
+            1,
+            0,
+        );
+        assert!(replaced(2, 9, &long) < replaced(10, 0, &short));
+        assert!(replaced(10, 0, &long) < replaced(10, 1, &short));
+        assert_eq!(replaced_history(&replaced(10, 1, &short)), Some(&short[..]));
+        assert_eq!(replaced_history(&replaced(10, 1, &[])), None);
+        assert_eq!(replaced_history(&short), None);
     }
 }

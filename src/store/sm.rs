@@ -842,6 +842,27 @@ impl SmReader {
         db.put(key, codec::encode(&version)).map_err(sm_err)
     }
 
+    /// Test hook: replaces the stored bytes of a record's latest version with bytes that do
+    /// not decode, bypassing Raft, as disk corruption would. Never called by the node.
+    #[doc(hidden)]
+    pub fn garble_record_for_tests(&self, path: &RecordPath) -> Result<(), StorageError> {
+        let db = self.shared.db();
+        let head = get_decoded::<RecordHead>(&db, &head_key(path))?
+            .ok_or_else(|| sm_err("no such record"))?
+            .checked(path)?;
+        db.put(head.history_key(path), [0xFF]).map_err(sm_err)
+    }
+
+    /// Test hook: how many replaced versions the store lists for history expiry. Never called
+    /// by the node.
+    #[doc(hidden)]
+    pub fn replacements_listed_for_tests(&self) -> Result<usize, StorageError> {
+        let db = self.shared.db();
+        let prefix = [keys::REPLACED_PREFIX];
+        let listed = read_prefix(&mut db.raw_iterator_opt(bounded_to(&prefix)), &prefix)?;
+        Ok(listed.len())
+    }
+
     /// Test hook: flips a byte of the first stored Merkle node at `level` in `namespace`,
     /// bypassing Raft, as disk corruption or a bug in the tree's upkeep would, and returns the
     /// node's index. Never called by the node.
@@ -1317,6 +1338,19 @@ struct Replaced {
 /// in the pending changes first.
 type HeadCache = RefCell<HashMap<Vec<u8>, Option<RecordHead>>>;
 
+/// The value this apply call staged at `key`, decoded: None if it staged nothing there,
+/// `Some(Ok(None))` if it staged a delete.
+fn staged_decoded<T: serde::de::DeserializeOwned>(
+    pending: &Pending,
+    key: &[u8],
+) -> Option<Result<Option<T>, StorageError>> {
+    pending.get(key).map(|v| {
+        v.as_deref()
+            .map(|b| codec::decode(b).map_err(sm_err))
+            .transpose()
+    })
+}
+
 /// The head stored at `key` as this apply call sees it: staged, else cached, else read.
 fn staged_head(
     db: &DB,
@@ -1324,11 +1358,8 @@ fn staged_head(
     cache: &HeadCache,
     key: &[u8],
 ) -> Result<Option<RecordHead>, StorageError> {
-    if let Some(v) = pending.get(key) {
-        return v
-            .as_deref()
-            .map(|b| codec::decode(b).map_err(sm_err))
-            .transpose();
+    if let Some(staged) = staged_decoded(pending, key) {
+        return staged;
     }
     if let Some(head) = cache.borrow().get(key) {
         return Ok(head.clone());
@@ -1399,13 +1430,7 @@ struct BatchView<'a> {
 
 impl BatchView<'_> {
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        if let Some(v) = self.pending.get(key) {
-            return v
-                .as_deref()
-                .map(|b| codec::decode(b).map_err(sm_err))
-                .transpose();
-        }
-        get_decoded(self.db, key)
+        staged_decoded(self.pending, key).unwrap_or_else(|| get_decoded(self.db, key))
     }
 }
 
@@ -1494,17 +1519,13 @@ impl LedgerView for BatchView<'_> {
         let limit = limit.max(1);
         let mut found = ledger::Expirable::default();
         let prefix = [keys::REPLACED_PREFIX];
-        let after: Option<Vec<u8>> = self.get(keys::EXPIRED_TO)?;
-        let start = after.clone().unwrap_or_else(|| prefix.to_vec());
+        // The cursor's own key went with the version it listed, so the scan starts past it.
+        let start: Option<Vec<u8>> = self.get(keys::EXPIRED_TO)?;
+        let start = start.unwrap_or_else(|| prefix.to_vec());
         let mut scan = MergedScan::new(self.db, self.pending, &prefix, &start);
         // Replacements are in log order and the leader's clock is monotonic in it, so the
         // first one at or after the cutoff ends the expirable ones.
         while let Some((key, value)) = scan.next()? {
-            if after.as_ref() == Some(&key) {
-                continue;
-            }
-            let (by, history_key) =
-                keys::parse_replaced(&key).ok_or_else(|| sm_err("malformed replacement key"))?;
             let replaced: Replaced = codec::decode(&value).map_err(sm_err)?;
             if replaced.time_ms >= before_ms {
                 break;
@@ -1513,14 +1534,7 @@ impl LedgerView for BatchView<'_> {
                 found.more = true;
                 break;
             }
-            let (path, index, position) = keys::parse_history(history_key)
-                .ok_or_else(|| sm_err("malformed history key in a replacement key"))?;
-            found.versions.push(ledger::ExpiredVersion {
-                path,
-                index,
-                position,
-                replaced_by: by,
-            });
+            found.versions.push(ledger::ExpiredVersion(key));
             if replaced.value_len >= BLOB_MIN_BYTES {
                 let bytes = &self.expired_blob_bytes;
                 bytes.set(bytes.get() + replaced.value_len);
@@ -1935,13 +1949,12 @@ fn apply_command(
                 position,
             } => staged.put(keys::source(&tenant, &source), codec::encode(&position)),
             Mutation::Checkpoint => staged.checkpoint(db, stamp)?,
-            Mutation::DeleteVersion(v) => {
-                let history = keys::history(&v.path, v.index, v.position);
-                let (index, position) = v.replaced_by;
-                let replaced = keys::replaced(index, position, &history);
-                staged.delete(history);
-                staged.delete(replaced.clone());
+            Mutation::DeleteVersion(ledger::ExpiredVersion(replaced)) => {
+                let history = keys::replaced_history(&replaced)
+                    .ok_or_else(|| sm_err("malformed replacement key"))?;
+                staged.delete(history.to_vec());
                 staged.put(keys::EXPIRED_TO.to_vec(), codec::encode(&replaced));
+                staged.delete(replaced);
             }
             Mutation::PutArtifact {
                 namespace,
