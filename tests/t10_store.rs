@@ -1042,3 +1042,171 @@ async fn t19_history_expiry_follows_replacements_not_history() {
         assert_eq!(h.len(), 1, "{k} keeps its only version");
     }
 }
+
+/// A mirrored change of `acme/orders/{key}` (`None`: a delete) at stream position `seq`.
+fn order_change(key: &str, value: Option<&str>, seq: u64) -> escrow::domain::Change {
+    escrow::domain::Change {
+        collection: escrow::domain::Collection::parse("orders").unwrap(),
+        key: escrow::domain::RecordKey::parse(key).unwrap(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+        seq,
+        source_ms: 500,
+    }
+}
+
+// Goal: a record written several times within one log entry (an ingest batch that puts,
+// deletes and puts it again; a client batch that does the same) keeps every version in
+// order, its latest value, exact figures and a Merkle tree that adds up; history expiry in
+// the same entry, after such writes, removes exactly the versions they replaced; and all of
+// it is the same whether the entries were applied one by one or in one call, and after a
+// reopen.
+#[tokio::test]
+async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() {
+    let acme = TenantId::parse("acme").unwrap();
+    let put = |k: &str, v: &str| put_order(k, v.as_bytes());
+    let delete = |k: &str| Command::DeleteRecord { path: order(k) };
+    let entries = vec![
+        timed(
+            1,
+            1_000,
+            vec![Command::AddTenant {
+                tenant: acme.clone(),
+            }],
+        ),
+        timed(
+            2,
+            1_000,
+            vec![Command::Ingest {
+                tenant: acme.clone(),
+                source: escrow::domain::SourceId::parse("crm").unwrap(),
+                changes: vec![
+                    order_change("a", Some("1"), 1),
+                    order_change("a", Some("22"), 2),
+                    order_change("a", None, 3),
+                    order_change("a", Some("333"), 4),
+                ],
+            }],
+        ),
+        timed(
+            3,
+            2_000,
+            vec![
+                put("b", "1"),
+                delete("b"),
+                put("b", "22"),
+                Command::ExpireHistory { before_ms: 2_500 },
+                put("c", "1"),
+                put("c", "22"),
+            ],
+        ),
+        timed(4, 3_000, vec![put("a", "4444")]),
+        timed(5, 4_000, vec![Command::ExpireHistory { before_ms: 3_500 }]),
+    ];
+    // (position, revision, value) of each kept version, newest first.
+    type Kept = Vec<(u32, u64, Option<Vec<u8>>)>;
+    let kept = |reader: &escrow::store::SmReader, k: &str| -> Kept {
+        reader
+            .record_history(&order(k), None, 100, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|(position, v)| (position, v.revision, v.value))
+            .collect()
+    };
+    let some = |v: &str| Some(v.as_bytes().to_vec());
+
+    // Entry by entry first, looking at the state between entries.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    let mut alone = Vec::new();
+    for e in entries[..2].iter().cloned() {
+        alone.extend(sm.apply([e]).await.unwrap());
+    }
+    let Outcome::Batch(ingested) = &alone[1] else {
+        panic!("{alone:?}")
+    };
+    assert_eq!(
+        ingested[0],
+        Outcome::Ingested {
+            revision: 2,
+            applied: 4,
+            duplicates: 0,
+            position: 4,
+        }
+    );
+    assert_eq!(
+        kept(&reader, "a"),
+        vec![
+            (3, 2, some("333")),
+            (2, 2, None),
+            (1, 2, some("22")),
+            (0, 2, some("1")),
+        ],
+        "four versions at one revision, in the batch's order"
+    );
+    assert_eq!(reader.replacements_listed_for_tests().unwrap(), 3);
+    let stats = reader.stats(&acme).unwrap();
+    assert_eq!(
+        (stats.records, stats.record_bytes, stats.versions),
+        (1, 3, 4)
+    );
+    for e in entries[2..].iter().cloned() {
+        alone.extend(sm.apply([e]).await.unwrap());
+    }
+
+    // Then everything in one apply call, as a replica catching up would.
+    let dir_together = tempfile::tempdir().unwrap();
+    let mut together = StateMachineStore::open(dir_together.path()).unwrap();
+    let outcomes = together.apply(entries.clone()).await.unwrap();
+    assert_eq!(outcomes, alone, "the same outcomes either way");
+
+    let inner = |i: usize| match &alone[i] {
+        Outcome::Batch(o) => o.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        inner(2)[3],
+        Outcome::Expired {
+            removed: 5,
+            more: false
+        },
+        "a's three replaced versions and b's two, which this entry's own writes replaced; \
+         not c's, written after the expiry"
+    );
+    assert_eq!(
+        inner(2)[1],
+        Outcome::Deleted {
+            revision: 3,
+            existed: true
+        }
+    );
+    assert_eq!(
+        inner(4)[0],
+        Outcome::Expired {
+            removed: 2,
+            more: false
+        },
+        "c@1 (replaced at 2,000) and a@333 (replaced at 3,000)"
+    );
+
+    drop(together);
+    let together = StateMachineStore::open(dir_together.path()).unwrap();
+    for sm in [&sm, &together] {
+        let reader = sm.reader();
+        assert_eq!(kept(&reader, "a"), vec![(0, 4, some("4444"))]);
+        assert_eq!(kept(&reader, "b"), vec![(2, 3, some("22"))]);
+        assert_eq!(kept(&reader, "c"), vec![(4, 3, some("22"))]);
+        assert_eq!(live(&reader, "b"), some("22"));
+        assert_eq!(reader.replacements_listed_for_tests().unwrap(), 0);
+        let stats = reader.stats(&acme).unwrap();
+        assert_eq!(
+            (stats.records, stats.record_bytes, stats.versions),
+            (3, 8, 10),
+            "versions counts every version ever written, expired ones included"
+        );
+        let check = reader.deep_check(None).unwrap();
+        for ns in &check.namespaces {
+            assert!(ns.faults.is_empty(), "{}: {:?}", ns.namespace, ns.faults);
+        }
+    }
+}
