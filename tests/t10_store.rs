@@ -370,6 +370,147 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     }
 }
 
+/// Builds a snapshot of `sm`.
+async fn build_snapshot(sm: &mut StateMachineStore) -> escrow::raft::Snapshot {
+    use openraft::RaftSnapshotBuilder;
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
+/// The bytes of the files in `files` that a snapshot sharing files with `earlier` has to read
+/// to hash: every file but the table and blob files `earlier` lists too.
+fn bytes_not_shared(
+    files: &[escrow::store::SnapshotFileInfo],
+    earlier: &[escrow::store::SnapshotFileInfo],
+) -> u64 {
+    let immutable = |n: &str| n.ends_with(".sst") || n.ends_with(".blob");
+    files
+        .iter()
+        .filter(|f| !(immutable(&f.name) && earlier.iter().any(|e| e.name == f.name)))
+        .map(|f| f.size)
+        .sum()
+}
+
+// Goal: a snapshot reads only the files written since the last one to hash them (a checkpoint
+// hard-links the rest, whose hashes are known), and its list of hashes is still exactly what
+// hashing every file gives; a follower installing a snapshot reuses the hashes it verified on
+// arrival. Hashing every file at every snapshot would read the whole state machine each time.
+#[tokio::test]
+async fn t14_snapshots_hash_only_the_files_written_since_the_last() {
+    use escrow::store::sm::hash_dir;
+    let (leader_dir, mut leader) = store_with_tenant().await;
+    let mut index = 2;
+    for chunk in 0..4u64 {
+        let commands = (0..50u64)
+            .map(|i| put_order(&format!("k{chunk}-{i}"), &noise(chunk * 50 + i, 4096)))
+            .collect();
+        leader.apply([timed(index, 2_000, commands)]).await.unwrap();
+        index += 1;
+    }
+    let reader = leader.reader();
+    let first = build_snapshot(&mut leader).await;
+    let total = |files: &[escrow::store::SnapshotFileInfo]| files.iter().map(|f| f.size).sum();
+    let first_total: u64 = total(&first.snapshot.files);
+    assert_eq!(
+        reader.snapshot_bytes_hashed(),
+        first_total,
+        "the first snapshot reads every file"
+    );
+    assert!(first_total > 800_000, "{first_total}");
+
+    leader
+        .apply([timed(
+            index,
+            3_000,
+            vec![put_order("late", &noise(999, 4096))],
+        )])
+        .await
+        .unwrap();
+    let second = build_snapshot(&mut leader).await;
+    let hashed = reader.snapshot_bytes_hashed() - first_total;
+    let fresh = hash_dir(&second.snapshot.path, None).unwrap().files;
+    assert_eq!(
+        second.snapshot.files, fresh,
+        "reused hashes are the files' hashes"
+    );
+    assert_eq!(
+        hashed,
+        bytes_not_shared(&fresh, &first.snapshot.files),
+        "only files the first snapshot does not hold are read"
+    );
+    assert!(
+        hashed * 4 < total(&fresh),
+        "{hashed} of {} bytes read",
+        total(&fresh)
+    );
+
+    // A follower installing the snapshot reads only the files it must write itself.
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
+    let meta = second.meta.clone();
+    let sent = second.snapshot.files.clone();
+    follower
+        .install_snapshot(&meta, second.snapshot)
+        .await
+        .unwrap();
+    let published = follower.get_current_snapshot().await.unwrap().unwrap();
+    let fresh = hash_dir(&published.snapshot.path, None).unwrap().files;
+    assert_eq!(published.snapshot.files, fresh);
+    assert_eq!(
+        follower.reader().snapshot_bytes_hashed(),
+        bytes_not_shared(&fresh, &sent)
+    );
+    assert_eq!(
+        live(&follower.reader(), "late"),
+        Some(noise(999, 4096)),
+        "the installed state serves the last write"
+    );
+    drop((leader_dir, follower_dir));
+}
+
+// Goal: a hash is reused only for a table or blob file that is the very same file (same
+// inode) as a known one: a different file with the same name and size (another database's
+// numbering, a rewritten copy) is read, and so is a shared file of a kind RocksDB appends to.
+#[test]
+fn t14_hash_reuse_needs_the_same_file() {
+    use escrow::store::sm::{hash_dir, KnownHashes};
+    let known_dir = tempfile::tempdir().unwrap();
+    std::fs::write(known_dir.path().join("000007.sst"), b"table A").unwrap();
+    std::fs::write(known_dir.path().join("MANIFEST-000005"), b"manifest").unwrap();
+    let known = hash_dir(known_dir.path(), None).unwrap();
+    assert_eq!(known.bytes_hashed, 15);
+    let known_hashes = || {
+        Some(KnownHashes {
+            dir: known_dir.path(),
+            files: &known.files,
+        })
+    };
+
+    let linked = tempfile::tempdir().unwrap();
+    for name in ["000007.sst", "MANIFEST-000005"] {
+        std::fs::hard_link(known_dir.path().join(name), linked.path().join(name)).unwrap();
+    }
+    let reused = hash_dir(linked.path(), known_hashes()).unwrap();
+    assert_eq!(reused.files, known.files);
+    assert_eq!(
+        reused.bytes_hashed, 8,
+        "the manifest is read, the table is not"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("000007.sst"), b"table B").unwrap();
+    let hashed = hash_dir(other.path(), known_hashes()).unwrap();
+    assert_eq!(hashed.bytes_hashed, 7);
+    assert_eq!(
+        hashed.files[0].blake3,
+        *blake3::hash(b"table B").as_bytes(),
+        "same name and size, another file: its own hash"
+    );
+}
+
 // Goal: commands batched into one entry apply in order, see each other's effects, get one
 // outcome each, and share the entry's index as revision.
 #[tokio::test]

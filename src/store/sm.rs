@@ -134,9 +134,57 @@ fn snap_err(e: impl fmt::Display) -> StorageError {
     StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
 }
 
-/// Lists the files of a checkpoint directory with their sizes and blake3 hashes.
-pub fn hash_dir(dir: &Path) -> std::io::Result<Vec<SnapshotFileInfo>> {
+/// Hashes already known for the files of a directory (an earlier snapshot's, or a received
+/// snapshot's, verified on arrival), which [`hash_dir`] reuses for the files it shares.
+pub struct KnownHashes<'a> {
+    pub dir: &'a Path,
+    pub files: &'a [SnapshotFileInfo],
+}
+
+/// A checkpoint directory's files with their sizes and blake3 hashes, and how many bytes were
+/// read to hash them.
+pub struct HashedDir {
+    pub files: Vec<SnapshotFileInfo>,
+    pub bytes_hashed: u64,
+}
+
+/// Whether RocksDB never changes a file of this name once written: table and blob files
+/// (the MANIFEST is appended to, CURRENT and OPTIONS are replaced).
+fn immutable_db_file(name: &str) -> bool {
+    name.ends_with(".sst") || name.ends_with(".blob")
+}
+
+/// Whether `a` and `b` are one file (two hard links to the same inode).
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// Lists the files of a checkpoint directory with their sizes and blake3 hashes. A table or
+/// blob file that is the same file (a hard link to the same inode) as one of `known`'s gets
+/// its known hash without being read: a checkpoint hard-links the live files, so consecutive
+/// snapshots share all but the files written in between, and hashing every file at every
+/// snapshot would cost a read of the whole state machine. The known file is still linked from
+/// its directory when compared, so its inode cannot have been reused for another file.
+pub fn hash_dir(dir: &Path, known: Option<KnownHashes<'_>>) -> std::io::Result<HashedDir> {
+    let known_files: HashMap<&str, &SnapshotFileInfo> = known
+        .as_ref()
+        .map(|k| k.files.iter().map(|f| (f.name.as_str(), f)).collect())
+        .unwrap_or_default();
+    let reusable = |name: &str, meta: &std::fs::Metadata| -> Option<SnapshotFileInfo> {
+        let info = known_files.get(name)?;
+        let known_meta = std::fs::metadata(known.as_ref()?.dir.join(name)).ok()?;
+        (immutable_db_file(name) && info.size == meta.len() && same_file(meta, &known_meta))
+            .then(|| (*info).clone())
+    };
     let mut files = Vec::new();
+    let mut bytes_hashed = 0u64;
     let mut buf = vec![0u8; HASH_BUFFER_BYTES];
     let mut names: Vec<_> = std::fs::read_dir(dir)?
         .map(|e| e.map(|e| e.file_name()))
@@ -147,10 +195,15 @@ pub fn hash_dir(dir: &Path) -> std::io::Result<Vec<SnapshotFileInfo>> {
             .into_string()
             .map_err(|n| std::io::Error::other(format!("non-UTF-8 file name {n:?}")))?;
         let path = dir.join(&name);
-        if !path.is_file() {
+        let meta = std::fs::metadata(&path)?;
+        if !meta.is_file() {
             return Err(std::io::Error::other(format!(
                 "unexpected non-file {name} in snapshot"
             )));
+        }
+        if let Some(info) = reusable(&name, &meta) {
+            files.push(info);
+            continue;
         }
         let mut file = std::fs::File::open(&path)?;
         let mut hasher = blake3::Hasher::new();
@@ -163,13 +216,17 @@ pub fn hash_dir(dir: &Path) -> std::io::Result<Vec<SnapshotFileInfo>> {
             hasher.update(&buf[..n]);
             size += n as u64;
         }
+        bytes_hashed += size;
         files.push(SnapshotFileInfo {
             name,
             size,
             blake3: *hasher.finalize().as_bytes(),
         });
     }
-    Ok(files)
+    Ok(HashedDir {
+        files,
+        bytes_hashed,
+    })
 }
 
 fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
@@ -328,6 +385,9 @@ pub struct SmShared {
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
+    /// Bytes read to hash snapshot files since the store opened (files shared with an earlier
+    /// snapshot are not read again).
+    snapshot_bytes_hashed: AtomicU64,
     /// Encoded bytes of blob-held history versions expired on this node since the last
     /// compaction that made RocksDB count them ([`SmReader::collect_blob_garbage`]). An
     /// estimate: blob files hold them compressed, and a version expired before its first flush
@@ -933,6 +993,11 @@ impl SmReader {
         Ok(get_decoded(&self.shared.db(), &keys::source(tenant, source))?.unwrap_or_default())
     }
 
+    /// Bytes read to hash snapshot files since the store opened.
+    pub fn snapshot_bytes_hashed(&self) -> u64 {
+        self.shared.snapshot_bytes_hashed.load(Ordering::Relaxed)
+    }
+
     /// The last applied log index (0 before anything was applied).
     pub fn applied_index(&self) -> u64 {
         self.shared.applied_index.load(Ordering::Acquire)
@@ -1140,6 +1205,7 @@ impl StateMachineStore {
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(max_seq + 1),
                 incoming_seq: AtomicU64::new(0),
+                snapshot_bytes_hashed: AtomicU64::new(0),
                 expired_blob_bytes: AtomicU64::new(0),
                 blob_collection: Mutex::new(()),
                 stopping: AtomicBool::new(false),
@@ -1185,6 +1251,8 @@ struct PendingSnapshot {
     tmp: PathBuf,
     seq: u64,
     meta: SnapshotMeta,
+    /// A directory sharing files with the checkpoint, and their hashes ([`KnownHashes`]).
+    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
 }
 
 type PublishedSnapshot = (SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>);
@@ -1197,6 +1265,7 @@ fn take_checkpoint(
     last_log_id: Option<LogId>,
     membership: StoredMembership,
     snapshot_id: Option<String>,
+    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
 ) -> Result<PendingSnapshot, StorageError> {
     let seq = shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
     let tmp = shared.root.join(SNAPSHOTS_DIR).join(format!("tmp-{seq}"));
@@ -1214,7 +1283,12 @@ fn take_checkpoint(
         last_membership: membership,
         snapshot_id: snapshot_id.unwrap_or_else(|| format!("{term}-{index}-{seq}")),
     };
-    Ok(PendingSnapshot { tmp, seq, meta })
+    Ok(PendingSnapshot {
+        tmp,
+        seq,
+        meta,
+        known,
+    })
 }
 
 /// [`publish_snapshot`] on a blocking thread: it reads every file of the checkpoint.
@@ -1233,8 +1307,28 @@ fn publish_snapshot(
     shared: &SmShared,
     pending: PendingSnapshot,
 ) -> Result<PublishedSnapshot, StorageError> {
-    let PendingSnapshot { tmp, seq, meta } = pending;
-    let files = hash_dir(&tmp.join(SNAPSHOT_DB_DIR)).map_err(snap_err)?;
+    let PendingSnapshot {
+        tmp,
+        seq,
+        meta,
+        known,
+    } = pending;
+    let known = known
+        .as_ref()
+        .map(|(dir, files)| KnownHashes { dir, files });
+    let hashed = hash_dir(&tmp.join(SNAPSHOT_DB_DIR), known).map_err(snap_err)?;
+    let files = hashed.files;
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    shared
+        .snapshot_bytes_hashed
+        .fetch_add(hashed.bytes_hashed, Ordering::Relaxed);
+    tracing::info!(
+        snapshot_id = %meta.snapshot_id,
+        files = files.len(),
+        bytes = total,
+        bytes_hashed = hashed.bytes_hashed,
+        "snapshot files hashed"
+    );
     let stored = StoredSnapshot {
         meta: meta.clone(),
         files: files.clone(),
@@ -2128,6 +2222,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let db = self.shared.db();
         let (applied, membership) = self.shared.applied.lock().expect("lock").clone();
+        // The current snapshot shares every table and blob file not written since.
+        let known = self
+            .shared
+            .current_snapshot
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|(_, dir, files)| (dir.clone(), files.clone()));
         SnapshotBuilder {
             shared: self.shared.clone(),
             pending: Some(take_checkpoint(
@@ -2136,6 +2238,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied,
                 membership,
                 None,
+                known,
             )),
         }
     }
@@ -2229,12 +2332,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         // Keep the installed state as this node's current snapshot, so it can serve it on.
+        // The received files were verified on arrival and are the new generation's files
+        // (moved or copied into it), which the checkpoint links again.
+        let known = Some((target.clone(), snapshot.files.clone()));
         let pending = take_checkpoint(
             &self.shared,
             &db,
             applied,
             membership,
             Some(meta.snapshot_id.clone()),
+            known,
         )?;
         publish_snapshot_blocking(self.shared.clone(), pending).await?;
         tracing::info!(snapshot_id = %meta.snapshot_id, generation = new_generation, "snapshot installed");
