@@ -139,6 +139,43 @@ async fn t11_writes_are_synced_before_acknowledgement() {
 }
 
 // Goal: concurrent appends share fsyncs (group commit) and every one is still acknowledged.
+// Goal: once an append fsync fails, nothing is acknowledged again, not even appends whose
+// own fsync would succeed: after a failed fsync the kernel may have dropped the dirty pages,
+// so a later success would not cover the earlier entries (and a leader counts its own appends
+// toward a commit from these acknowledgements).
+#[tokio::test]
+async fn t11_a_failed_fsync_is_never_followed_by_an_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+    log.blocking_append([put_entry(1, 1, "k1")]).await.unwrap();
+
+    log.fail_next_sync_for_tests();
+    let failed = log.blocking_append([put_entry(1, 2, "k2")]).await;
+    assert!(
+        failed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("injected")),
+        "{failed:?}"
+    );
+    for i in 3..=4 {
+        let before = log.wal_syncs();
+        let later = log
+            .blocking_append([put_entry(1, i, &format!("k{i}"))])
+            .await;
+        assert!(
+            later
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("an earlier log fsync failed")),
+            "append {i}: {later:?}"
+        );
+        assert_eq!(
+            log.wal_syncs(),
+            before,
+            "append {i}: no fsync tried after a failure"
+        );
+    }
+}
+
 #[tokio::test]
 async fn t12_group_commit_acknowledges_every_append() {
     let dir = tempfile::tempdir().unwrap();

@@ -120,12 +120,18 @@ type SyncRequest = LogFlushed<TypeConfig>;
 struct SyncGate {
     held: Mutex<bool>,
     opened: Condvar,
+    /// Set by [`LogStore::fail_next_sync_for_tests`]: the next fsync reports a failure.
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 impl SyncGate {
     fn set_held(&self, held: bool) {
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
         self.opened.notify_all();
+    }
+
+    fn take_injected_failure(&self) -> bool {
+        self.fail_next.swap(false, Ordering::SeqCst)
     }
 
     fn wait_open(&self) {
@@ -248,6 +254,12 @@ impl LogStore {
         SyncHold(self.inner.sync_gate.clone())
     }
 
+    /// Test hook: the next append fsync reports a failure (as a failing disk would), so tests
+    /// can show that the appends it covers, and every later one, are never acknowledged.
+    pub fn fail_next_sync_for_tests(&self) {
+        self.inner.sync_gate.fail_next.store(true, Ordering::SeqCst);
+    }
+
     /// Whether flushes and compactions write with direct I/O ([`direct_io_supported`]).
     pub fn direct_io(&self) -> bool {
         self.inner.direct_io
@@ -338,11 +350,17 @@ fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate)
         // cover the earlier entries (and a leader counts its own appends from these results).
         let result = match &failed {
             Some(e) => Err(format!("an earlier log fsync failed: {e}")),
-            None => db.flush_wal(true).map_err(|e| {
-                let e = e.to_string();
-                failed = Some(e.clone());
-                e
-            }),
+            None => {
+                let synced = if gate.take_injected_failure() {
+                    Err("fsync failure injected by a test".to_string())
+                } else {
+                    db.flush_wal(true).map_err(|e| e.to_string())
+                };
+                if let Err(e) = &synced {
+                    failed = Some(e.clone());
+                }
+                synced
+            }
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log fsync failed; the node cannot acknowledge writes");
