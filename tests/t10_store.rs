@@ -138,7 +138,6 @@ async fn t11_writes_are_synced_before_acknowledgement() {
     assert_eq!(state.last_log_id, Some(log_id(1, 3)));
 }
 
-// Goal: concurrent appends share fsyncs (group commit) and every one is still acknowledged.
 // Goal: once an append fsync fails, nothing is acknowledged again, not even appends whose
 // own fsync would succeed: after a failed fsync the kernel may have dropped the dirty pages,
 // so a later success would not cover the earlier entries (and a leader counts its own appends
@@ -176,6 +175,7 @@ async fn t11_a_failed_fsync_is_never_followed_by_an_acknowledgement() {
     }
 }
 
+// Goal: concurrent appends share fsyncs (group commit) and every one is still acknowledged.
 #[tokio::test]
 async fn t12_group_commit_acknowledges_every_append() {
     let dir = tempfile::tempdir().unwrap();
@@ -359,7 +359,6 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
 #[tokio::test]
 async fn t14_snapshot_transfer_carries_records_across_restart() {
     let leader_dir = tempfile::tempdir().unwrap();
-    let follower_dir = tempfile::tempdir().unwrap();
     let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
     let entries: Vec<Entry> = puts(1..=20);
     leader.apply(entries).await.unwrap();
@@ -385,15 +384,9 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
         "no blob file in {:?}",
         snapshot.snapshot.files
     );
-    {
-        let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
-        let meta = snapshot.meta.clone();
-        follower
-            .install_snapshot(&meta, snapshot.snapshot)
-            .await
-            .unwrap();
-        assert_eq!(follower.reader().applied_index(), 21);
-    }
+    let (follower_dir, follower) = install_on_new_store(snapshot).await;
+    assert_eq!(follower.reader().applied_index(), 21);
+    drop(follower);
     let follower = StateMachineStore::open(follower_dir.path()).unwrap();
     let reader = follower.reader();
     assert_eq!(reader.applied_index(), 21);
@@ -415,6 +408,40 @@ async fn build_snapshot(sm: &mut StateMachineStore) -> escrow::raft::Snapshot {
         .build_snapshot()
         .await
         .unwrap()
+}
+
+/// Installs `snapshot` on a new store in a temporary directory.
+async fn install_on_new_store(
+    snapshot: escrow::raft::Snapshot,
+) -> (tempfile::TempDir, StateMachineStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let meta = snapshot.meta.clone();
+    sm.install_snapshot(&meta, snapshot.snapshot).await.unwrap();
+    (dir, sm)
+}
+
+/// Installs `snapshot` on a new store as one received over the network would be: its files
+/// copied into the store's incoming area, their hashes as sent.
+async fn receive_on_new_store(
+    snapshot: escrow::raft::Snapshot,
+) -> (tempfile::TempDir, StateMachineStore, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let incoming = sm.begin_receiving_snapshot().await.unwrap();
+    for f in &snapshot.snapshot.files {
+        std::fs::copy(
+            snapshot.snapshot.path.join(&f.name),
+            incoming.path.join(&f.name),
+        )
+        .unwrap();
+    }
+    let received = Box::new(escrow::store::SnapshotDir {
+        path: incoming.path.clone(),
+        files: snapshot.snapshot.files.clone(),
+    });
+    sm.install_snapshot(&snapshot.meta, received).await.unwrap();
+    (dir, sm, incoming.path)
 }
 
 /// The bytes of the files in `files` that a snapshot sharing files with `earlier` has to read
@@ -484,15 +511,11 @@ async fn t14_snapshots_hash_only_the_files_written_since_the_last() {
         total(&fresh)
     );
 
-    // A follower installing the snapshot reads only the files it must write itself.
-    let follower_dir = tempfile::tempdir().unwrap();
-    let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
-    let meta = second.meta.clone();
+    // A follower installing a received snapshot reads only the files it must write itself,
+    // and leaves nothing of the incoming copy behind.
     let sent = second.snapshot.files.clone();
-    follower
-        .install_snapshot(&meta, second.snapshot)
-        .await
-        .unwrap();
+    let (follower_dir, mut follower, incoming) = receive_on_new_store(second).await;
+    assert!(!incoming.exists(), "{} left behind", incoming.display());
     let published = follower.get_current_snapshot().await.unwrap().unwrap();
     let fresh = hash_dir(&published.snapshot.path, None).unwrap().files;
     assert_eq!(published.snapshot.files, fresh);
@@ -532,17 +555,59 @@ async fn t14_a_snapshot_holds_what_was_applied_until_it_was_built() {
         "a builder builds once"
     );
 
-    let follower_dir = tempfile::tempdir().unwrap();
-    let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
-    let meta = snapshot.meta.clone();
-    follower
-        .install_snapshot(&meta, snapshot.snapshot)
-        .await
-        .unwrap();
+    let (_follower_dir, follower) = install_on_new_store(snapshot).await;
     let reader = follower.reader();
     assert_eq!(reader.applied_index(), 3);
     assert_eq!(live(&reader, "early"), Some(b"1".to_vec()));
     assert_eq!(live(&reader, "late"), Some(noise(3, 4096)));
+}
+
+// Goal: a snapshot built while entries are being applied names exactly the state it holds
+// (an install checks the two agree) and holds every entry up to it, none after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t14_a_snapshot_built_during_applies_names_the_state_it_holds() {
+    use openraft::RaftSnapshotBuilder;
+    // Applies go on until the build is done (and then some), at most this many entries.
+    const ENTRIES_MAX: u64 = 20_000;
+    let (_dir, mut leader) = store_with_tenant().await;
+    leader
+        .apply([timed(2, 2_000, vec![put_order("k2", &noise(2, 2048))])])
+        .await
+        .unwrap();
+    let mut builder = leader.get_snapshot_builder().await;
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    let mut applied = 2;
+    let mut after_build = 0;
+    while applied < ENTRIES_MAX && after_build < 20 {
+        applied += 1;
+        let key = format!("k{applied}");
+        leader
+            .apply([timed(
+                applied,
+                2_000,
+                vec![put_order(&key, &noise(applied, 2048))],
+            )])
+            .await
+            .unwrap();
+        if build.is_finished() {
+            after_build += 1;
+        }
+    }
+    let snapshot = build.await.unwrap().unwrap();
+    let last = snapshot.meta.last_log_id.expect("a last log id").index;
+    let (_follower_dir, follower) = install_on_new_store(snapshot).await;
+    let reader = follower.reader();
+    assert_eq!(reader.applied_index(), last);
+    assert!(last < applied, "the build ended before the applies did");
+    for i in 2..=applied {
+        let key = format!("k{i}");
+        let expected = (i <= last).then(|| noise(i, 2048));
+        assert_eq!(
+            live(&reader, &key),
+            expected,
+            "{key} in a snapshot at {last}"
+        );
+    }
 }
 
 // Goal: a hash is reused only for a table or blob file that is the very same file (same

@@ -385,9 +385,6 @@ pub struct SmShared {
     current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
-    /// Held by an apply while it writes its batch, and by a snapshot builder while it takes
-    /// its checkpoint and reads the applied state from the same database: the two then agree.
-    write_gate: Mutex<()>,
     /// Held by a snapshot install throughout and by a snapshot builder while it takes its
     /// checkpoint, so a builder never flushes a database an install is switching away from.
     checkpoint_gate: tokio::sync::Mutex<()>,
@@ -1211,7 +1208,6 @@ impl StateMachineStore {
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(max_seq + 1),
                 incoming_seq: AtomicU64::new(0),
-                write_gate: Mutex::new(()),
                 checkpoint_gate: tokio::sync::Mutex::new(()),
                 snapshot_bytes_hashed: AtomicU64::new(0),
                 expired_blob_bytes: AtomicU64::new(0),
@@ -1270,8 +1266,7 @@ type PublishedSnapshot = (SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>);
 fn take_checkpoint(
     shared: &SmShared,
     db: &DB,
-    last_log_id: Option<LogId>,
-    membership: StoredMembership,
+    state: Option<(Option<LogId>, StoredMembership)>,
     snapshot_id: Option<String>,
     known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
 ) -> Result<PendingSnapshot, StorageError> {
@@ -1284,6 +1279,10 @@ fn take_checkpoint(
     DbCheckpoint::new(db)
         .and_then(|c| c.create_checkpoint(tmp.join(SNAPSHOT_DB_DIR)))
         .map_err(snap_err)?;
+    let (last_log_id, membership) = match state {
+        Some(state) => state,
+        None => checkpoint_applied_state(&tmp.join(SNAPSHOT_DB_DIR))?,
+    };
     let index = last_log_id.map(|l| l.index).unwrap_or(0);
     let term = last_log_id.map(|l| l.leader_id.term).unwrap_or(0);
     let meta = SnapshotMeta {
@@ -1297,6 +1296,18 @@ fn take_checkpoint(
         meta,
         known,
     })
+}
+
+/// Table files a read-only open of a checkpoint keeps open (it reads two small keys).
+const CHECKPOINT_READ_OPEN_FILES: i32 = 16;
+
+/// The applied log id and membership a checkpoint holds, read from the checkpoint itself.
+fn checkpoint_applied_state(dir: &Path) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let mut opts = Options::default();
+    opts.set_max_open_files(CHECKPOINT_READ_OPEN_FILES);
+    opts.set_skip_stats_update_on_db_open(true);
+    let db = DB::open_for_read_only(&opts, dir, false).map_err(snap_err)?;
+    read_applied(&db)
 }
 
 /// [`publish_snapshot`] on a blocking thread: it reads every file of the checkpoint.
@@ -2106,30 +2117,31 @@ fn apply_commands(
     Ok(Outcome::Batch(outcomes))
 }
 
-/// Builds a snapshot on a blocking thread while applies go on: the memtable is flushed first,
-/// then, with applies' writes held for as long as it takes to flush what came since, the
-/// checkpoint is taken and its applied state read from the same database, so the checkpoint
-/// and the meta describe exactly the same state (some entries later than when the builder was
-/// asked for, which Raft takes as it takes any snapshot). Taking the whole checkpoint in the
-/// state-machine task held every apply for its flush: 25–120 ms per node at each snapshot
+/// Builds a snapshot on a blocking thread while applies go on
+/// ([`take_checkpoint_beside_applies`]): the meta is read from the checkpoint, so it names
+/// exactly the state the checkpoint holds (some entries later than when Raft asked for the
+/// builder, which Raft takes as it takes any snapshot). Taking the checkpoint in the
+/// state-machine task held every apply for its flush: 26–240 ms per node at each snapshot
 /// under a 64-client load, on all nodes at once.
 pub struct SnapshotBuilder {
     shared: Arc<SmShared>,
-    /// The current snapshot when the builder was created ([`KnownHashes`]).
-    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
     used: bool,
 }
 
-/// Flushes `db`, then takes its checkpoint under the write gate ([`SmShared::write_gate`]).
-fn take_checkpoint_beside_applies(
-    shared: &SmShared,
-    db: &DB,
-    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
-) -> Result<PendingSnapshot, StorageError> {
-    db.flush().map_err(snap_err)?;
-    let _gate = shared.write_gate.lock().expect("lock");
-    let (applied, membership) = read_applied(db)?;
-    take_checkpoint(shared, db, applied, membership, None, known)
+/// Takes a checkpoint of the database while applies go on, and reads the applied state it
+/// holds from the checkpoint itself, so meta and content agree whatever was applied meanwhile;
+/// the current snapshot is the one whose hashes it may reuse. Holds the checkpoint gate
+/// throughout, so no install switches the database meanwhile.
+fn take_checkpoint_beside_applies(shared: &SmShared) -> Result<PendingSnapshot, StorageError> {
+    let _no_install = shared.checkpoint_gate.blocking_lock();
+    let db = shared.db();
+    let known = shared
+        .current_snapshot
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map(|(_, dir, files)| (dir.clone(), files.clone()));
+    take_checkpoint(shared, &db, None, None, known)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -2138,12 +2150,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             return Err(snap_err("snapshot builder used twice"));
         }
         let shared = self.shared.clone();
-        let known = self.known.take();
         let (meta, path, files) = tokio::task::spawn_blocking(move || {
-            let pending = {
-                let _install = shared.checkpoint_gate.blocking_lock();
-                take_checkpoint_beside_applies(&shared, &shared.db(), known)?
-            };
+            let pending = take_checkpoint_beside_applies(&shared)?;
             publish_snapshot(&shared, pending)
         })
         .await
@@ -2239,11 +2247,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         staged.put(keys::APPLIED.to_vec(), codec::encode(&last_applied));
         let staged_chunk_refs = staged.chunk_refs_added;
         let expired_blob_bytes = staged.expired_blob_bytes.get();
-        {
-            let _gate = self.shared.write_gate.lock().expect("lock");
-            db.write_opt(staged.into_batch(), &sm_write_options())
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        }
+        db.write_opt(staged.into_batch(), &sm_write_options())
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);
         self.shared.applied_index.store(index, Ordering::Release);
@@ -2259,17 +2264,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // The current snapshot shares every table and blob file not written since.
-        let known = self
-            .shared
-            .current_snapshot
-            .lock()
-            .expect("lock")
-            .as_ref()
-            .map(|(_, dir, files)| (dir.clone(), files.clone()));
         SnapshotBuilder {
             shared: self.shared.clone(),
-            known,
             used: false,
         }
     }
@@ -2295,8 +2291,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if target.exists() {
             std::fs::remove_dir_all(&target).map_err(snap_err)?;
         }
-        // A snapshot received over the network sits in our own incoming area and is moved;
-        // any other directory (another store's snapshot) is copied and left intact.
+        // A snapshot received over the network sits in our own incoming area: its files are
+        // hard-linked into the new generation and stay, as they arrived and were verified,
+        // under the incoming directory until the installed state is republished, which takes
+        // their hashes from there ([`KnownHashes`]). Any other directory (another store's
+        // snapshot) is copied and left intact.
         let snaps_dir = self.shared.root.join(SNAPSHOTS_DIR);
         let owned = snapshot
             .path
@@ -2304,20 +2303,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .filter(|p| p.parent() == Some(snaps_dir.as_path()))
             .and_then(|p| p.file_name())
             .is_some_and(|n| n.to_string_lossy().starts_with("incoming-"));
-        if owned {
-            std::fs::rename(&snapshot.path, &target).map_err(snap_err)?;
-        } else {
-            std::fs::create_dir_all(&target).map_err(snap_err)?;
-            for entry in std::fs::read_dir(&snapshot.path).map_err(snap_err)? {
-                let entry = entry.map_err(snap_err)?;
-                let copy = target.join(entry.file_name());
-                std::fs::copy(entry.path(), &copy).map_err(snap_err)?;
-                std::fs::File::open(&copy)
+        std::fs::create_dir_all(&target).map_err(snap_err)?;
+        for entry in std::fs::read_dir(&snapshot.path).map_err(snap_err)? {
+            let entry = entry.map_err(snap_err)?;
+            let to = target.join(entry.file_name());
+            if !(owned && std::fs::hard_link(entry.path(), &to).is_ok()) {
+                std::fs::copy(entry.path(), &to).map_err(snap_err)?;
+                std::fs::File::open(&to)
                     .and_then(|f| f.sync_all())
                     .map_err(snap_err)?;
             }
-            fsync_dir(&target).map_err(snap_err)?;
         }
+        fsync_dir(&target).map_err(snap_err)?;
         fsync_dir(&sm_dir).map_err(snap_err)?;
         let db = open_sm_db(&target).map_err(snap_err)?;
         // Assert right after reading: the checkpoint is at the index its meta claims.
@@ -2359,24 +2356,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             drop(old_db);
             let _ = std::fs::remove_dir_all(sm_dir.join(old_generation.to_string()));
         }
+        // Keep the installed state as this node's current snapshot, so it can serve it on.
+        // Files the checkpoint links again are the received ones where they were linked.
+        let known = Some((snapshot.path.clone(), snapshot.files.clone()));
+        let pending = take_checkpoint(
+            &self.shared,
+            &db,
+            Some((applied, membership)),
+            Some(meta.snapshot_id.clone()),
+            known,
+        )?;
+        let published = publish_snapshot_blocking(self.shared.clone(), pending).await;
         if owned {
             if let Some(incoming) = snapshot.path.parent() {
                 let _ = std::fs::remove_dir_all(incoming);
             }
         }
-        // Keep the installed state as this node's current snapshot, so it can serve it on.
-        // The received files were verified on arrival and are the new generation's files
-        // (moved or copied into it), which the checkpoint links again.
-        let known = Some((target.clone(), snapshot.files.clone()));
-        let pending = take_checkpoint(
-            &self.shared,
-            &db,
-            applied,
-            membership,
-            Some(meta.snapshot_id.clone()),
-            known,
-        )?;
-        publish_snapshot_blocking(self.shared.clone(), pending).await?;
+        published?;
         tracing::info!(snapshot_id = %meta.snapshot_id, generation = new_generation, "snapshot installed");
         Ok(())
     }
