@@ -50,6 +50,13 @@ const SNAPSHOT_DB_DIR: &str = "db";
 const SNAPSHOTS_KEPT: usize = 2;
 /// Read buffer when hashing snapshot files.
 const HASH_BUFFER_BYTES: usize = 1024 * 1024;
+/// Level-0 files that start a compaction (RocksDB's default is 4). Record keys are spread
+/// over the whole key range (leaf ids, record paths), and while the store's table data is
+/// small every level-0 compaction goes straight to the bottom level and rewrites all of it;
+/// merging twice as many files at once halves that work. Over ten 10 s runs at 64 clients on
+/// one dev cluster: 4.4 s of compaction CPU on three nodes against 9.0–9.3 s. Point reads
+/// check up to this many level-0 files, bloom filters first.
+const L0_COMPACTION_TRIGGER: i32 = 8;
 /// Values of at least this many bytes are kept in RocksDB blob files, out of the LSM tree.
 const BLOB_MIN_BYTES: u64 = 256;
 /// On-demand blob garbage collection runs once RocksDB knows at least this share (percent) of
@@ -250,6 +257,7 @@ fn open_sm_db(path: &Path) -> Result<DB, rocksdb::Error> {
     let mut block = rocksdb::BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&block);
+    opts.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_TRIGGER);
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.1);
     DB::open(&opts, path)
