@@ -9,9 +9,10 @@
 //! two builds in interleaved runs. Run it through `scripts/bench-apply.sh`.
 //!
 //! With `expire` first, it then times history expiry instead: every key is written a second
-//! time (its CPU time per put printed too: the write that replaces a version), a snapshot flushes the memtable to table and blob files, the page cache is
-//! dropped if the process may (root; otherwise it says so), and expiry entries remove every
-//! first version, `ledger::EXPIRE_VERSIONS_MAX` per entry, as the retention worker's would.
+//! time (its CPU time per put printed too: the write that replaces a version), a snapshot
+//! flushes the memtable to table and blob files, the page cache is dropped if the process
+//! may (root; otherwise it says so), and expiry entries remove every first version,
+//! `ledger::EXPIRE_VERSIONS_MAX` per entry, as the retention worker's would.
 //! It prints the wall and CPU time per removed version and the slowest entry: an expiry entry
 //! is applied in line with writes, so that is how long it holds them up.
 //!
@@ -122,9 +123,23 @@ fn put_entries(
 
 /// Drops the page cache (after a sync) so reads come from the disk; false if not allowed.
 fn drop_page_cache() -> bool {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+    let synced = std::process::Command::new("sync")
+        .status()
+        .is_ok_and(|s| s.success());
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Applies `entries` one by one, as Raft hands committed entries over; fails if any put was
+/// rejected.
+async fn apply_puts(sm: &mut StateMachineStore, entries: Vec<Entry>) -> anyhow::Result<()> {
+    for entry in entries {
+        let outcome = sm.apply([entry]).await?;
+        ensure!(
+            !outcome.iter().any(is_rejected),
+            "some puts were not written"
+        );
+    }
+    Ok(())
 }
 
 /// Applies one expiry entry at `index` with cutoff `before_ms`; returns the versions it
@@ -230,23 +245,11 @@ async fn bench_expiry(
 ) -> anyhow::Result<()> {
     let second_ms = 1_000 + entries;
     let second = put_entries(entries, per_entry, value_bytes, 2 + entries, second_ms)?;
-    for entry in first {
-        let outcome = sm.apply([entry]).await?;
-        ensure!(
-            !outcome.iter().any(is_rejected),
-            "some puts were not written"
-        );
-    }
+    apply_puts(&mut sm, first).await?;
     // The second round replaces every version of the first: timed too, as the write a
     // replacement costs.
     let cpu_before = cpu_seconds()?;
-    for entry in second {
-        let outcome = sm.apply([entry]).await?;
-        ensure!(
-            !outcome.iter().any(is_rejected),
-            "some puts were not written"
-        );
-    }
+    apply_puts(&mut sm, second).await?;
     let replace_cpu = cpu_seconds()? - cpu_before;
     sm.get_snapshot_builder().await.build_snapshot().await?;
     let cold = drop_page_cache();

@@ -365,15 +365,7 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     // A value this long is kept in a RocksDB blob file, which the snapshot must carry too.
     let big = noise(21, 4096);
     apply_batch(&mut leader, 21, vec![put_order("big", &big)]).await;
-    let snapshot = {
-        use openraft::RaftSnapshotBuilder;
-        leader
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap()
-    };
+    let snapshot = build_snapshot(&mut leader).await;
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 21)));
     assert!(
         snapshot
@@ -775,26 +767,15 @@ async fn t15_batched_checkpoints_share_their_entry_index() {
 // dropped (Raft then rebuilds one that connects to the log). A normal restart keeps it.
 #[tokio::test]
 async fn t16_interrupted_snapshot_install_drops_the_stale_snapshot() {
-    use openraft::RaftSnapshotBuilder;
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
     let mut leader = StateMachineStore::open(leader_dir.path()).unwrap();
     leader.apply(puts(1..=20)).await.unwrap();
-    let snap20 = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap20 = build_snapshot(&mut leader).await;
 
     let mut follower = StateMachineStore::open(follower_dir.path()).unwrap();
     follower.apply(puts(1..=5)).await.unwrap();
-    follower
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    build_snapshot(&mut follower).await;
     let meta = snap20.meta.clone();
     follower
         .install_snapshot(&meta, snap20.snapshot)
@@ -962,16 +943,6 @@ async fn store_with_tenant() -> (tempfile::TempDir, StateMachineStore) {
     (dir, sm)
 }
 
-/// Builds a snapshot, whose checkpoint flushes the memtable to table and blob files.
-async fn flush_by_snapshot(sm: &mut StateMachineStore) {
-    use openraft::RaftSnapshotBuilder;
-    sm.get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-}
-
 /// Expires, entry by entry until done, the versions replaced before `before_ms`; returns the
 /// next free index and how many versions went.
 async fn expire_all(sm: &mut StateMachineStore, mut index: u64, before_ms: u64) -> (u64, u64) {
@@ -1032,7 +1003,7 @@ async fn t19_expired_history_gives_its_blob_space_back() {
     .await
     .unwrap();
     // A snapshot's checkpoint flushes the memtable: the values land in blob files.
-    flush_by_snapshot(&mut sm).await;
+    build_snapshot(&mut sm).await;
     let reader = sm.reader();
     let values = RECORDS * VALUE as u64;
     let all = reader.blob_space().unwrap();
@@ -1113,7 +1084,8 @@ async fn t19_stopping_during_a_blob_collection_loses_nothing() {
             index += 1;
         }
     }
-    flush_by_snapshot(&mut sm).await;
+    // The snapshot's checkpoint flushes the memtable to table and blob files.
+    build_snapshot(&mut sm).await;
     let (_, removed) = expire_all(&mut sm, index, 3_500).await;
     assert_eq!(removed, RECORDS);
     let reader = sm.reader();

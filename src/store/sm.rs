@@ -185,10 +185,11 @@ pub fn hash_dir(dir: &Path, known: Option<KnownHashes<'_>>) -> std::io::Result<H
         .map(|k| k.files.iter().map(|f| (f.name.as_str(), f)).collect())
         .unwrap_or_default();
     let reusable = |name: &str, meta: &std::fs::Metadata| -> Option<SnapshotFileInfo> {
-        let info = known_files.get(name)?;
+        let info = known_files
+            .get(name)
+            .filter(|info| immutable_db_file(name) && info.size == meta.len())?;
         let known_meta = std::fs::metadata(known.as_ref()?.dir.join(name)).ok()?;
-        (immutable_db_file(name) && info.size == meta.len() && same_file(meta, &known_meta))
-            .then(|| (*info).clone())
+        same_file(meta, &known_meta).then(|| (*info).clone())
     };
     let mut files = Vec::new();
     let mut bytes_hashed = 0u64;
@@ -1269,12 +1270,11 @@ struct PendingSnapshot {
 
 type PublishedSnapshot = (SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>);
 
-/// Takes a RocksDB checkpoint of `db` (a memtable flush plus hard links: fast) describing
-/// exactly `last_log_id` and `membership`.
+/// Takes a RocksDB checkpoint of `db` (a memtable flush plus hard links: fast); its meta
+/// names the applied log id and membership the checkpoint holds.
 fn take_checkpoint(
     shared: &SmShared,
     db: &DB,
-    state: Option<(Option<LogId>, StoredMembership)>,
     snapshot_id: Option<String>,
     known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
 ) -> Result<PendingSnapshot, StorageError> {
@@ -1287,10 +1287,8 @@ fn take_checkpoint(
     DbCheckpoint::new(db)
         .and_then(|c| c.create_checkpoint(tmp.join(SNAPSHOT_DB_DIR)))
         .map_err(snap_err)?;
-    let (last_log_id, membership) = match state {
-        Some(state) => state,
-        None => checkpoint_applied_state(&tmp.join(SNAPSHOT_DB_DIR))?,
-    };
+    // Read from the checkpoint itself: applies may go on while it is taken.
+    let (last_log_id, membership) = checkpoint_applied_state(&tmp.join(SNAPSHOT_DB_DIR))?;
     let index = last_log_id.map(|l| l.index).unwrap_or(0);
     let term = last_log_id.map(|l| l.leader_id.term).unwrap_or(0);
     let meta = SnapshotMeta {
@@ -2149,7 +2147,7 @@ fn take_checkpoint_beside_applies(shared: &SmShared) -> Result<PendingSnapshot, 
         .expect("lock")
         .as_ref()
         .map(|(_, dir, files)| (dir.clone(), files.clone()));
-    take_checkpoint(shared, &db, None, None, known)
+    take_checkpoint(shared, &db, None, known)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -2348,7 +2346,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             &mut *self.shared.generation.lock().expect("lock"),
             new_generation,
         );
-        *self.shared.applied.lock().expect("lock") = (applied, membership.clone());
+        *self.shared.applied.lock().expect("lock") = (applied, membership);
         let index = applied.map(|l| l.index).unwrap_or(0);
         self.shared.applied_index.store(index, Ordering::Release);
         // The snapshot may reference chunks this node has never seen.
@@ -2367,13 +2365,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Keep the installed state as this node's current snapshot, so it can serve it on.
         // Files the checkpoint links again are the received ones where they were linked.
         let known = Some((snapshot.path.clone(), snapshot.files.clone()));
-        let pending = take_checkpoint(
-            &self.shared,
-            &db,
-            Some((applied, membership)),
-            Some(meta.snapshot_id.clone()),
-            known,
-        )?;
+        let pending = take_checkpoint(&self.shared, &db, Some(meta.snapshot_id.clone()), known)?;
         let published = publish_snapshot_blocking(self.shared.clone(), pending).await;
         if owned {
             if let Some(incoming) = snapshot.path.parent() {
