@@ -2127,7 +2127,7 @@ fn apply_commands(
 /// ([`take_checkpoint_beside_applies`]): the meta is read from the checkpoint, so it names
 /// exactly the state the checkpoint holds (some entries later than when Raft asked for the
 /// builder, which Raft takes as it takes any snapshot). Taking the checkpoint in the
-/// state-machine task held every apply for its flush: 26–240 ms per node at each snapshot
+/// state-machine task held every apply for its flush: about 25–240 ms per node at each snapshot
 /// under a 64-client load, on all nodes at once.
 pub struct SnapshotBuilder {
     shared: Arc<SmShared>,
