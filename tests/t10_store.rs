@@ -265,6 +265,103 @@ async fn t13_reopen_keeps_log_vote_and_state() {
         .is_none());
 }
 
+/// Checks what a log purged up to `purged`, with entries up to `last`, shows: the marker, the
+/// last log id, and entries after the marker only.
+async fn assert_purged_view(log: &mut LogStore, purged: u64, last: u64) {
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, purged)));
+    assert_eq!(state.last_log_id, Some(log_id(1, last)));
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(indexes, (purged + 1..=last).collect::<Vec<_>>());
+    assert!(log
+        .try_get_log_entries(1..=purged)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(log.first_index().unwrap(), Some(purged + 1));
+}
+
+/// The (first, last) index ranges of the log's table files, in order.
+fn table_ranges(log: &LogStore) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = log
+        .table_files_for_tests()
+        .unwrap()
+        .into_iter()
+        .map(|(_, first, last)| (first, last))
+        .collect();
+    ranges.sort();
+    ranges
+}
+
+// Goal: a purge hides every entry up to its marker at once, and gives back the space of the
+// table files that hold purged entries only by dropping them whole (a range tombstone instead
+// made RocksDB compact after each purge, reading every purged entry once more); both hold
+// across a reopen, and a purge past the last entry (a snapshot install's) leaves an empty log
+// that goes on from the marker.
+#[tokio::test]
+async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        // Four table files below level 0 (1-25, 26-50, 51-75, 76-100), 101-110 in the memtable.
+        for chunk in 0..4u64 {
+            let (first, last) = (chunk * 25 + 1, chunk * 25 + 25);
+            log.blocking_append(puts(first..=last)).await.unwrap();
+            log.flush_and_compact_for_tests(first, last).unwrap();
+        }
+        log.blocking_append(puts(101..=110)).await.unwrap();
+        assert_eq!(
+            table_ranges(&log),
+            vec![(1, 25), (26, 50), (51, 75), (76, 100)]
+        );
+        let files = log.table_files_for_tests().unwrap();
+        assert!(
+            files.iter().all(|f| f.0 > 0),
+            "a file in level 0: {files:?}"
+        );
+
+        log.purge(log_id(1, 60)).await.unwrap();
+        assert_eq!(
+            table_ranges(&log),
+            vec![(51, 75), (76, 100)],
+            "the files holding purged entries only are gone; 51-60 stay stored, unreadable"
+        );
+        assert_purged_view(&mut log, 60, 110).await;
+    }
+    let mut log = LogStore::open(&path).unwrap();
+    assert_purged_view(&mut log, 60, 110).await;
+
+    log.purge(log_id(1, 200)).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 200)));
+    assert_eq!(
+        state.last_log_id,
+        Some(log_id(1, 200)),
+        "stored entries 61-110 are purged"
+    );
+    assert!(log.try_get_log_entries(0..).await.unwrap().is_empty());
+    assert_eq!(log.first_index().unwrap(), None);
+    log.blocking_append(vec![put_entry(1, 201, "k201")])
+        .await
+        .unwrap();
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 201))
+    );
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        vec![201]
+    );
+}
+
 /// The names of the files in `dir`.
 fn file_names(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)

@@ -6,6 +6,13 @@
 //!   of concurrent appends (group commit), so one fsync can acknowledge many batches.
 //! - `save_vote`, `truncate` and `purge` write with `sync = true` before returning.
 //!
+//! A purge writes its marker and nothing else in the write path: reads start after the
+//! marker, and the table files holding only purged entries are dropped whole
+//! (`DeleteFilesInRange`). A range tombstone instead made RocksDB compact after every purge,
+//! reading each purged entry once more to drop it and rewriting the kept ones it overlapped.
+//! Purged entries in files that also hold kept ones, in level-0 files or in the memtable stay
+//! on disk, unreadable, until a later purge covers their whole file.
+//!
 //! Flushes and compactions write their table files with direct I/O where the filesystem
 //! allows it ([`direct_io_supported`]): entries are read back from tables rarely (a follower
 //! catching up, a restart; applying reads them from the memtable), so copying every flushed
@@ -158,6 +165,8 @@ struct Inner {
     syncer_thread: Option<JoinHandle<()>>,
     sync_gate: Arc<SyncGate>,
     committed_index: AtomicU64,
+    /// The first index after the purge marker (0 before any purge): reads start here.
+    unpurged_from: AtomicU64,
     direct_io: bool,
 }
 
@@ -218,7 +227,7 @@ impl LogStore {
             .name("raft-log-sync".into())
             .spawn(move || run_syncer(sync_db, rx, &gate))
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 db,
                 opts,
@@ -226,9 +235,18 @@ impl LogStore {
                 syncer_thread: Some(thread),
                 sync_gate,
                 committed_index: AtomicU64::new(0),
+                unpurged_from: AtomicU64::new(0),
                 direct_io,
             }),
-        })
+        };
+        let purged: Option<LogId> = store.get_meta(KEY_LAST_PURGED)?;
+        if let Some(purged) = purged {
+            store
+                .inner
+                .unpurged_from
+                .store(purged.index + 1, Ordering::SeqCst);
+        }
+        Ok(store)
     }
 
     fn db(&self) -> &DB {
@@ -258,6 +276,38 @@ impl LogStore {
     /// can show that the appends it covers, and every later one, are never acknowledged.
     pub fn fail_next_sync_for_tests(&self) {
         self.inner.sync_gate.fail_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Test hook: writes the entries' memtable to a level-0 table file, then compacts the
+    /// entries `first..=last` (that file, when it holds exactly them) to the bottom level, so
+    /// tests can lay entries out in table files of known ranges.
+    pub fn flush_and_compact_for_tests(&self, first: u64, last: u64) -> Result<(), StorageError> {
+        let cf = self.cf(CF_ENTRIES);
+        self.db()
+            .flush_cf(cf)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.db()
+            .compact_range_cf(cf, Some(index_key(first)), Some(index_key(last)));
+        Ok(())
+    }
+
+    /// Test hook: the table files holding entries, as (level, first index, last index) each,
+    /// purged entries included.
+    pub fn table_files_for_tests(&self) -> Result<Vec<(i32, u64, u64)>, StorageError> {
+        let files = self
+            .db()
+            .live_files()
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        files
+            .into_iter()
+            .filter(|f| f.column_family_name == CF_ENTRIES)
+            .map(|f| {
+                let index = |key: Option<Vec<u8>>| -> Result<u64, StorageError> {
+                    key_index(&key.unwrap_or_default())
+                };
+                Ok((f.level, index(f.start_key)?, index(f.end_key)?))
+            })
+            .collect()
     }
 
     /// Whether flushes and compactions write with direct I/O ([`direct_io_supported`]).
@@ -292,6 +342,12 @@ impl LogStore {
         }
     }
 
+    /// The first index reads may return: the one after the purge marker.
+    fn unpurged_from(&self) -> u64 {
+        self.inner.unpurged_from.load(Ordering::SeqCst)
+    }
+
+    /// The last entry stored, purged or not.
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let mut iter = self
             .db()
@@ -310,9 +366,15 @@ impl LogStore {
     /// The purge marker and the last log id (the last entry, else the purge marker).
     fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        // A purged entry may still be stored (see the module doc): the last log id is the last
+        // entry only when it comes after the marker.
+        let last_log_id = match (self.last_entry_log_id()?, last_purged) {
+            (Some(entry), Some(purged)) if entry.index <= purged.index => Some(purged),
+            (entry, purged) => entry.or(purged),
+        };
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: self.last_entry_log_id()?.or(last_purged),
+            last_log_id,
         })
     }
 
@@ -321,11 +383,12 @@ impl LogStore {
         Ok(self.log_state()?.last_log_id.map(|l| l.index).unwrap_or(0))
     }
 
-    /// The first index still present in the log, for tests and status.
+    /// The first index in the log after the purge marker, for tests and status.
     pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
-        let mut iter = self
-            .db()
-            .iterator_cf(self.cf(CF_ENTRIES), IteratorMode::Start);
+        let mut iter = self.db().iterator_cf(
+            self.cf(CF_ENTRIES),
+            IteratorMode::From(&index_key(self.unpurged_from()), Direction::Forward),
+        );
         match iter.next() {
             None => Ok(None),
             Some(item) => {
@@ -380,7 +443,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
-        };
+        }
+        .max(self.unpurged_from());
         let end = match range.end_bound() {
             Bound::Included(&i) => Some(i + 1),
             Bound::Excluded(&i) => Some(i),
@@ -498,12 +562,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), KEY_LAST_PURGED, codec::encode(&log_id));
-        batch.delete_range_cf(
+        self.write_synced(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.inner
+            .unpurged_from
+            .fetch_max(log_id.index + 1, Ordering::SeqCst);
+        // The space: table files below level 0 whose keys all lie in [0, purged], both ends
+        // included. Their entries are unreadable already, so a failure costs disk, not data.
+        if let Err(e) = self.db().delete_file_in_range_cf(
             self.cf(CF_ENTRIES),
             index_key(0),
-            index_key(log_id.index + 1),
-        );
-        self.write_synced(batch)
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+            index_key(log_id.index),
+        ) {
+            tracing::warn!(error = %e, purged = log_id.index, "cannot drop the purged log's table files; they stay on disk until a later purge");
+        }
+        Ok(())
     }
 }
