@@ -302,8 +302,8 @@ fn table_ranges(log: &LogStore) -> Vec<(u64, u64)> {
 // Goal: a purge hides every entry up to its marker at once, and gives back the space of the
 // table files that hold purged entries only by dropping them whole (a range tombstone instead
 // made RocksDB compact after each purge, reading every purged entry once more); both hold
-// across a reopen, and a purge past the last entry (a snapshot install's) leaves an empty log
-// that goes on from the marker.
+// across a reopen, a purge behind the marker changes nothing, and a purge past the last entry
+// (a snapshot install's) leaves an empty log that goes on from the marker.
 #[tokio::test]
 async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -335,6 +335,12 @@ async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
         );
         assert_purged_view(&mut log, 60, 110).await;
     }
+    let mut log = LogStore::open(&path).unwrap();
+    assert_purged_view(&mut log, 60, 110).await;
+    // A purge behind the marker changes nothing, also across a reopen.
+    log.purge(log_id(1, 30)).await.unwrap();
+    assert_purged_view(&mut log, 60, 110).await;
+    drop(log);
     let mut log = LogStore::open(&path).unwrap();
     assert_purged_view(&mut log, 60, 110).await;
 

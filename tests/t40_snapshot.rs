@@ -46,7 +46,7 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
     let first = leader_node.log_store.first_index().unwrap();
     assert!(
         first.is_none_or(|f| f > 1),
-        "the leader still holds entry 1 ({first:?})"
+        "entry 1 is still readable on the leader ({first:?})"
     );
 
     let ports = node_ports(1)[0];

@@ -10,8 +10,10 @@
 //! marker, and the table files holding only purged entries are dropped whole
 //! (`DeleteFilesInRange`). A range tombstone instead made RocksDB compact after every purge,
 //! reading each purged entry once more to drop it and rewriting the kept ones it overlapped.
-//! Purged entries in files that also hold kept ones, in level-0 files or in the memtable stay
-//! on disk, unreadable, until a later purge covers their whole file.
+//! Purged entries stay on disk, unreadable, where a file also holds kept ones (dropped by a
+//! later purge), in level 0 or the memtable (dropped once flushed and moved below level 0, at
+//! 4 level-0 files) or in a file being compacted (the next purge): a bounded amount, about the
+//! memtables, 3 level-0 files and one file per level.
 //!
 //! Flushes and compactions write their table files with direct I/O where the filesystem
 //! allows it ([`direct_io_supported`]): entries are read back from tables rarely (a follower
@@ -31,9 +33,7 @@ use std::thread::JoinHandle;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::statistics::Ticker;
-use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
-};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, StorageError, TypeConfig, Vote};
@@ -347,6 +347,17 @@ impl LogStore {
         self.inner.unpurged_from.load(Ordering::SeqCst)
     }
 
+    /// An iterator over the entries from `start`, or from the first after the purge marker if
+    /// that is later. The iterator is created before the marker is read: a purge raises the
+    /// marker before it drops files, so the files this iterator sees hold every entry after
+    /// the marker it reads, and a read racing a purge can end up with fewer entries at the
+    /// front, never with a gap.
+    fn entries_from(&self, start: u64) -> rocksdb::DBRawIteratorWithThreadMode<'_, DB> {
+        let mut iter = self.db().raw_iterator_cf(self.cf(CF_ENTRIES));
+        iter.seek(index_key(start.max(self.unpurged_from())));
+        iter
+    }
+
     /// The last entry stored, purged or not.
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let mut iter = self
@@ -363,7 +374,7 @@ impl LogStore {
         }
     }
 
-    /// The purge marker and the last log id (the last entry, else the purge marker).
+    /// The purge marker and the last log id (the last entry after the marker, else the marker).
     fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         // A purged entry may still be stored (see the module doc): the last log id is the last
@@ -385,15 +396,12 @@ impl LogStore {
 
     /// The first index in the log after the purge marker, for tests and status.
     pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
-        let mut iter = self.db().iterator_cf(
-            self.cf(CF_ENTRIES),
-            IteratorMode::From(&index_key(self.unpurged_from()), Direction::Forward),
-        );
-        match iter.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (key, _) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                Ok(Some(key_index(&key)?))
+        let iter = self.entries_from(0);
+        match iter.key() {
+            Some(key) => Ok(Some(key_index(key)?)),
+            None => {
+                iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(None)
             }
         }
     }
@@ -443,26 +451,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
-        }
-        .max(self.unpurged_from());
+        };
         let end = match range.end_bound() {
             Bound::Included(&i) => Some(i + 1),
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
         let mut out = Vec::new();
-        let iter = self.db().iterator_cf(
-            self.cf(CF_ENTRIES),
-            IteratorMode::From(&index_key(start), Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            let index = key_index(&key)?;
+        let mut iter = self.entries_from(start);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            let index = key_index(key)?;
             if end.is_some_and(|end| index >= end) {
                 break;
             }
             let entry: Entry =
-                codec::decode(&value).map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
+                codec::decode(value).map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
             // Assert right after reading: the stored key and the entry agree.
             if entry.log_id.index != index {
                 return Err(StorageIOError::read_log_at_index(
@@ -475,7 +478,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .into());
             }
             out.push(entry);
+            iter.next();
         }
+        iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(out)
     }
 }
@@ -560,6 +565,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Raft never purges backwards; a marker moved back would expose stored purged entries
+        // after a restart, with gaps where their files were dropped.
+        if log_id.index < self.unpurged_from() {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), KEY_LAST_PURGED, codec::encode(&log_id));
         self.write_synced(batch)
