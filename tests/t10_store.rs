@@ -368,6 +368,56 @@ async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
     );
 }
 
+// Goal: a truncate deletes from its index to the last stored entry, not to the end of the
+// index space (such a tombstone overlaps every table file flushed after it); the entries
+// rewritten after it read back in their new term, also after a reopen, and a truncate past
+// the last entry changes nothing.
+#[tokio::test]
+async fn t13_truncate_deletes_up_to_the_last_entry_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let expected: Vec<LogId> = (1..=5)
+        .map(|i| log_id(1, i))
+        .chain((6..=8).map(|i| log_id(2, i)))
+        .collect();
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.blocking_append(puts(1..=10)).await.unwrap();
+        log.truncate(log_id(1, 6)).await.unwrap();
+        let rewritten: Vec<Entry> = (6..=8).map(|i| put_entry(2, i, &format!("k{i}"))).collect();
+        log.blocking_append(rewritten).await.unwrap();
+        log.flush_and_compact_for_tests(1, 10).unwrap();
+        let files = log.table_files_for_tests().unwrap();
+        assert!(!files.is_empty());
+        assert!(
+            files.iter().all(|&(_, _, last)| last <= 11),
+            "a table file reaches past the log: {files:?}"
+        );
+        let ids: Vec<LogId> = log
+            .try_get_log_entries(0..)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id)
+            .collect();
+        assert_eq!(ids, expected);
+    }
+    let mut log = LogStore::open(&path).unwrap();
+    log.truncate(log_id(2, 20)).await.unwrap();
+    let ids: Vec<LogId> = log
+        .try_get_log_entries(0..)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id)
+        .collect();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(2, 8))
+    );
+}
+
 /// The names of the files in `dir`.
 fn file_names(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)

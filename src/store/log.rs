@@ -553,13 +553,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The tombstone ends after the last stored entry: one reaching to the end of the index
+        // space would overlap every table file flushed after it, turning the log's trivial
+        // moves into compactions until it reached the bottom level.
+        let last = match self.last_entry_log_id()? {
+            Some(last) if last.index >= log_id.index => last.index,
+            _ => return Ok(()),
+        };
         let mut batch = WriteBatch::default();
+        // delete_range's end is exclusive; u64::MAX itself can never be a real index.
         batch.delete_range_cf(
             self.cf(CF_ENTRIES),
             index_key(log_id.index),
-            index_key(u64::MAX),
+            index_key(last.saturating_add(1)),
         );
-        // delete_range's end is exclusive; u64::MAX itself can never be a real index.
         self.write_synced(batch)
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
