@@ -368,6 +368,12 @@ async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
     );
 }
 
+/// The log ids of every readable entry, in order.
+async fn readable_ids(log: &mut LogStore) -> Vec<LogId> {
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    entries.iter().map(|e| e.log_id).collect()
+}
+
 // Goal: a truncate deletes from its index to the last stored entry, not to the end of the
 // index space (such a tombstone overlaps every table file flushed after it); the entries
 // rewritten after it read back in their new term, also after a reopen, and a truncate past
@@ -393,25 +399,11 @@ async fn t13_truncate_deletes_up_to_the_last_entry_only() {
             files.iter().all(|&(_, _, last)| last <= 11),
             "a table file reaches past the log: {files:?}"
         );
-        let ids: Vec<LogId> = log
-            .try_get_log_entries(0..)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id)
-            .collect();
-        assert_eq!(ids, expected);
+        assert_eq!(readable_ids(&mut log).await, expected);
     }
     let mut log = LogStore::open(&path).unwrap();
     log.truncate(log_id(2, 20)).await.unwrap();
-    let ids: Vec<LogId> = log
-        .try_get_log_entries(0..)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id)
-        .collect();
-    assert_eq!(ids, expected);
+    assert_eq!(readable_ids(&mut log).await, expected);
     assert_eq!(
         log.get_log_state().await.unwrap().last_log_id,
         Some(log_id(2, 8))
