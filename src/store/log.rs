@@ -4,7 +4,8 @@
 //! - `append` makes entries readable before it returns, and fires the flush callback only after
 //!   the write-ahead log holding them was fsynced. A dedicated syncer thread coalesces the syncs
 //!   of concurrent appends (group commit), so one fsync can acknowledge many batches.
-//! - `save_vote`, `truncate` and `purge` write with `sync = true` before returning.
+//! - `save_vote`, `purge` and a `truncate` that deletes anything write with `sync = true`
+//!   before returning (a truncate past the last stored entry has nothing to write).
 //!
 //! A purge writes its marker and nothing else in the write path: reads start after the
 //! marker, and the table files holding only purged entries are dropped whole
@@ -358,6 +359,19 @@ impl LogStore {
         iter
     }
 
+    /// The index of the last entry stored, purged or not, from its key alone.
+    fn last_entry_index(&self) -> Result<Option<u64>, StorageError> {
+        let mut iter = self.db().raw_iterator_cf(self.cf(CF_ENTRIES));
+        iter.seek_to_last();
+        match iter.key() {
+            Some(key) => Ok(Some(key_index(key)?)),
+            None => {
+                iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(None)
+            }
+        }
+    }
+
     /// The last entry stored, purged or not.
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let mut iter = self
@@ -556,8 +570,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The tombstone ends after the last stored entry: one reaching to the end of the index
         // space would overlap every table file flushed after it, turning the log's trivial
         // moves into compactions until it reached the bottom level.
-        let last = match self.last_entry_log_id()? {
-            Some(last) if last.index >= log_id.index => last.index,
+        let last = match self.last_entry_index()? {
+            Some(last) if last >= log_id.index => last,
             _ => return Ok(()),
         };
         let mut batch = WriteBatch::default();
