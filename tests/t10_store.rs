@@ -95,7 +95,8 @@ fn put_entry(term: u64, index: u64, key: &str) -> Entry {
 }
 
 // Goal: an append is acknowledged only after a WAL fsync; vote, truncate (of stored entries)
-// and purge are synced before they return. RocksDB's `rocksdb.wal.synced` ticker counts real fsyncs of the WAL.
+// and purge are synced before they return. RocksDB's `rocksdb.wal.synced` ticker counts real
+// fsyncs of the WAL.
 #[tokio::test]
 async fn t11_writes_are_synced_before_acknowledgement() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,20 +266,20 @@ async fn t13_reopen_keeps_log_vote_and_state() {
         .is_none());
 }
 
+/// The log ids of every readable entry, in order.
+async fn readable_ids(log: &mut LogStore) -> Vec<LogId> {
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    entries.iter().map(|e| e.log_id).collect()
+}
+
 /// Checks what a log purged up to `purged`, with entries up to `last`, shows: the marker, the
 /// last log id, and entries after the marker only.
 async fn assert_purged_view(log: &mut LogStore, purged: u64, last: u64) {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, purged)));
     assert_eq!(state.last_log_id, Some(log_id(1, last)));
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
-    assert_eq!(indexes, (purged + 1..=last).collect::<Vec<_>>());
+    let ids: Vec<LogId> = (purged + 1..=last).map(|i| log_id(1, i)).collect();
+    assert_eq!(readable_ids(log).await, ids);
     assert!(log
         .try_get_log_entries(1..=purged)
         .await
@@ -361,17 +362,7 @@ async fn t13_purge_drops_whole_table_files_and_hides_the_rest() {
         log.get_log_state().await.unwrap().last_log_id,
         Some(log_id(1, 201))
     );
-    let entries = log.try_get_log_entries(0..).await.unwrap();
-    assert_eq!(
-        entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-        vec![201]
-    );
-}
-
-/// The log ids of every readable entry, in order.
-async fn readable_ids(log: &mut LogStore) -> Vec<LogId> {
-    let entries = log.try_get_log_entries(0..).await.unwrap();
-    entries.iter().map(|e| e.log_id).collect()
+    assert_eq!(readable_ids(&mut log).await, vec![log_id(1, 201)]);
 }
 
 // Goal: a truncate deletes from its index to the last stored entry, not to the end of the
@@ -760,18 +751,16 @@ fn t14_hash_reuse_needs_the_same_file() {
     std::fs::write(known_dir.path().join("MANIFEST-000005"), b"manifest").unwrap();
     let known = hash_dir(known_dir.path(), None).unwrap();
     assert_eq!(known.bytes_hashed, 15);
-    let known_hashes = || {
-        Some(KnownHashes {
-            dir: known_dir.path(),
-            files: &known.files,
-        })
+    let known_hashes = KnownHashes {
+        dir: known_dir.path().to_path_buf(),
+        files: known.files.clone(),
     };
 
     let linked = tempfile::tempdir().unwrap();
     for name in ["000007.sst", "MANIFEST-000005"] {
         std::fs::hard_link(known_dir.path().join(name), linked.path().join(name)).unwrap();
     }
-    let reused = hash_dir(linked.path(), known_hashes()).unwrap();
+    let reused = hash_dir(linked.path(), Some(&known_hashes)).unwrap();
     assert_eq!(reused.files, known.files);
     assert_eq!(
         reused.bytes_hashed, 8,
@@ -780,7 +769,7 @@ fn t14_hash_reuse_needs_the_same_file() {
 
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("000007.sst"), b"table B").unwrap();
-    let hashed = hash_dir(other.path(), known_hashes()).unwrap();
+    let hashed = hash_dir(other.path(), Some(&known_hashes)).unwrap();
     assert_eq!(hashed.bytes_hashed, 7);
     assert_eq!(
         hashed.files[0].blake3,

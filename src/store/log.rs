@@ -121,6 +121,20 @@ fn key_index(key: &[u8]) -> Result<u64, StorageError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// The index of the entry `iter` is on, None when it is on none (after checking it did not
+/// stop on an error).
+fn index_at(
+    iter: &rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+) -> Result<Option<u64>, StorageError> {
+    match iter.key() {
+        Some(key) => Ok(Some(key_index(key)?)),
+        None => {
+            iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
+            Ok(None)
+        }
+    }
+}
+
 type SyncRequest = LogFlushed<TypeConfig>;
 
 /// A gate in front of the syncer's fsync, closed only by [`LogStore::hold_syncs_for_tests`].
@@ -363,13 +377,7 @@ impl LogStore {
     fn last_entry_index(&self) -> Result<Option<u64>, StorageError> {
         let mut iter = self.db().raw_iterator_cf(self.cf(CF_ENTRIES));
         iter.seek_to_last();
-        match iter.key() {
-            Some(key) => Ok(Some(key_index(key)?)),
-            None => {
-                iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
-                Ok(None)
-            }
-        }
+        index_at(&iter)
     }
 
     /// The last entry stored, purged or not.
@@ -410,14 +418,7 @@ impl LogStore {
 
     /// The first index in the log after the purge marker, for tests and status.
     pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
-        let iter = self.entries_from(0);
-        match iter.key() {
-            Some(key) => Ok(Some(key_index(key)?)),
-            None => {
-                iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
-                Ok(None)
-            }
-        }
+        index_at(&self.entries_from(0))
     }
 }
 

@@ -143,9 +143,9 @@ fn snap_err(e: impl fmt::Display) -> StorageError {
 
 /// Hashes already known for the files of a directory (an earlier snapshot's, or a received
 /// snapshot's, verified on arrival), which [`hash_dir`] reuses for the files it shares.
-pub struct KnownHashes<'a> {
-    pub dir: &'a Path,
-    pub files: &'a [SnapshotFileInfo],
+pub struct KnownHashes {
+    pub dir: PathBuf,
+    pub files: Vec<SnapshotFileInfo>,
 }
 
 /// A checkpoint directory's files with their sizes and blake3 hashes, and how many bytes were
@@ -179,16 +179,15 @@ fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
 /// snapshots share all but the files written in between, and hashing every file at every
 /// snapshot would cost a read of the whole state machine. The known file is still linked from
 /// its directory when compared, so its inode cannot have been reused for another file.
-pub fn hash_dir(dir: &Path, known: Option<KnownHashes<'_>>) -> std::io::Result<HashedDir> {
+pub fn hash_dir(dir: &Path, known: Option<&KnownHashes>) -> std::io::Result<HashedDir> {
     let known_files: HashMap<&str, &SnapshotFileInfo> = known
-        .as_ref()
         .map(|k| k.files.iter().map(|f| (f.name.as_str(), f)).collect())
         .unwrap_or_default();
     let reusable = |name: &str, meta: &std::fs::Metadata| -> Option<SnapshotFileInfo> {
         let info = known_files
             .get(name)
             .filter(|info| immutable_db_file(name) && info.size == meta.len())?;
-        let known_meta = std::fs::metadata(known.as_ref()?.dir.join(name)).ok()?;
+        let known_meta = std::fs::metadata(known?.dir.join(name)).ok()?;
         same_file(meta, &known_meta).then(|| (*info).clone())
     };
     let mut files = Vec::new();
@@ -1264,8 +1263,8 @@ struct PendingSnapshot {
     tmp: PathBuf,
     seq: u64,
     meta: SnapshotMeta,
-    /// A directory sharing files with the checkpoint, and their hashes ([`KnownHashes`]).
-    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
+    /// A directory sharing files with the checkpoint, and their hashes.
+    known: Option<KnownHashes>,
 }
 
 type PublishedSnapshot = (SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>);
@@ -1276,7 +1275,7 @@ fn take_checkpoint(
     shared: &SmShared,
     db: &DB,
     snapshot_id: Option<String>,
-    known: Option<(PathBuf, Vec<SnapshotFileInfo>)>,
+    known: Option<KnownHashes>,
 ) -> Result<PendingSnapshot, StorageError> {
     let seq = shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
     let tmp = shared.root.join(SNAPSHOTS_DIR).join(format!("tmp-{seq}"));
@@ -1338,10 +1337,7 @@ fn publish_snapshot(
         meta,
         known,
     } = pending;
-    let known = known
-        .as_ref()
-        .map(|(dir, files)| KnownHashes { dir, files });
-    let hashed = hash_dir(&tmp.join(SNAPSHOT_DB_DIR), known).map_err(snap_err)?;
+    let hashed = hash_dir(&tmp.join(SNAPSHOT_DB_DIR), known.as_ref()).map_err(snap_err)?;
     let files = hashed.files;
     let total: u64 = files.iter().map(|f| f.size).sum();
     shared
@@ -2146,7 +2142,10 @@ fn take_checkpoint_beside_applies(shared: &SmShared) -> Result<PendingSnapshot, 
         .lock()
         .expect("lock")
         .as_ref()
-        .map(|(_, dir, files)| (dir.clone(), files.clone()));
+        .map(|(_, dir, files)| KnownHashes {
+            dir: dir.clone(),
+            files: files.clone(),
+        });
     take_checkpoint(shared, &db, None, known)
 }
 
@@ -2364,7 +2363,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         // Keep the installed state as this node's current snapshot, so it can serve it on.
         // Files the checkpoint links again are the received ones where they were linked.
-        let known = Some((snapshot.path.clone(), snapshot.files.clone()));
+        let known = Some(KnownHashes {
+            dir: snapshot.path.clone(),
+            files: snapshot.files.clone(),
+        });
         let pending = take_checkpoint(&self.shared, &db, Some(meta.snapshot_id.clone()), known)?;
         let published = publish_snapshot_blocking(self.shared.clone(), pending).await;
         if owned {
