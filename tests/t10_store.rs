@@ -403,6 +403,64 @@ async fn t13_truncate_deletes_up_to_the_last_entry_only() {
     );
 }
 
+// Goal: a leader change's truncate and a later purge together never bring back an entry of the
+// old term: the stored old entries past the rewritten ones stay hidden after a purge below them
+// (which drops the table files it may), after new entries are appended, after the files are
+// compacted together, and after a reopen; the last log id is always a live one.
+#[tokio::test]
+async fn t13_purge_after_truncate_never_uncovers_old_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let term2 = |range: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+        range.map(|i| put_entry(2, i, &format!("k{i}"))).collect()
+    };
+    let ids2 = |range: std::ops::RangeInclusive<u64>| -> Vec<LogId> {
+        range.map(|i| log_id(2, i)).collect()
+    };
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        // Term 1's entries in two table files below level 0 (1-25, 26-50).
+        log.blocking_append(puts(1..=25)).await.unwrap();
+        log.flush_and_compact_for_tests(1, 25).unwrap();
+        log.blocking_append(puts(26..=50)).await.unwrap();
+        log.flush_and_compact_for_tests(26, 50).unwrap();
+        // A new leader truncates at 41 and rewrites 41-45; the tombstone and the new entries
+        // are flushed to level 0 only (the compaction's range holds nothing), so the old
+        // 41-50 stay stored below them.
+        log.truncate(log_id(1, 41)).await.unwrap();
+        log.blocking_append(term2(41..=45)).await.unwrap();
+        log.flush_and_compact_for_tests(1_000, 1_000).unwrap();
+        assert!(
+            table_ranges(&log).contains(&(26, 50)),
+            "the old entries are still stored: {:?}",
+            log.table_files_for_tests().unwrap()
+        );
+
+        log.purge(log_id(2, 45)).await.unwrap();
+        assert!(
+            !table_ranges(&log).contains(&(1, 25)),
+            "the file of purged entries only is dropped"
+        );
+        assert!(readable_ids(&mut log).await.is_empty());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(2, 45)), "not term 1's 50");
+
+        log.blocking_append(term2(46..=47)).await.unwrap();
+        assert_eq!(readable_ids(&mut log).await, ids2(46..=47));
+        log.flush_and_compact_for_tests(1, 60).unwrap();
+        assert_eq!(readable_ids(&mut log).await, ids2(46..=47));
+    }
+    let mut log = LogStore::open(&path).unwrap();
+    assert_eq!(readable_ids(&mut log).await, ids2(46..=47));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(2, 45)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 47)));
+    assert!(
+        log.try_get_log_entries(48..=50).await.unwrap().is_empty(),
+        "term 1's 48-50 stay deleted"
+    );
+}
+
 /// The names of the files in `dir`.
 fn file_names(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
