@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::statistics::Ticker;
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, StorageError, TypeConfig, Vote};
@@ -293,16 +293,23 @@ impl LogStore {
         self.inner.sync_gate.fail_next.store(true, Ordering::SeqCst);
     }
 
-    /// Test hook: writes the entries' memtable to a level-0 table file, then compacts the
-    /// entries `first..=last` (that file, when it holds exactly them) to the bottom level, so
-    /// tests can lay entries out in table files of known ranges.
+    /// Test hook: writes the entries' memtable to a level-0 table file.
+    pub fn flush_for_tests(&self) -> Result<(), StorageError> {
+        self.db()
+            .flush_cf(self.cf(CF_ENTRIES))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    /// Test hook: [`Self::flush_for_tests`], then compacts the entries `first..=last` (that
+    /// file, when it holds exactly them) to the bottom level, so tests can lay entries out in
+    /// table files of known ranges.
     pub fn flush_and_compact_for_tests(&self, first: u64, last: u64) -> Result<(), StorageError> {
-        let cf = self.cf(CF_ENTRIES);
-        self.db()
-            .flush_cf(cf)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.db()
-            .compact_range_cf(cf, Some(index_key(first)), Some(index_key(last)));
+        self.flush_for_tests()?;
+        self.db().compact_range_cf(
+            self.cf(CF_ENTRIES),
+            Some(index_key(first)),
+            Some(index_key(last)),
+        );
         Ok(())
     }
 
@@ -373,25 +380,30 @@ impl LogStore {
         iter
     }
 
-    /// The index of the last entry stored, purged or not, from its key alone.
-    fn last_entry_index(&self) -> Result<Option<u64>, StorageError> {
+    /// An iterator on the last entry stored, purged or not (on none when the log is empty).
+    fn last_entry(&self) -> rocksdb::DBRawIteratorWithThreadMode<'_, DB> {
         let mut iter = self.db().raw_iterator_cf(self.cf(CF_ENTRIES));
         iter.seek_to_last();
-        index_at(&iter)
+        iter
     }
 
-    /// The last entry stored, purged or not.
+    /// The index of the last entry stored, purged or not, from its key alone.
+    fn last_entry_index(&self) -> Result<Option<u64>, StorageError> {
+        index_at(&self.last_entry())
+    }
+
+    /// The log id of the last entry stored, purged or not.
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let mut iter = self
-            .db()
-            .iterator_cf(self.cf(CF_ENTRIES), IteratorMode::End);
-        match iter.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+        let iter = self.last_entry();
+        match iter.value() {
+            Some(value) => {
                 let entry: Entry =
-                    codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                    codec::decode(value).map_err(|e| StorageIOError::read_logs(&e))?;
                 Ok(Some(entry.log_id))
+            }
+            None => {
+                iter.status().map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(None)
             }
         }
     }
