@@ -77,6 +77,12 @@ pub struct InitialMember {
     pub client: String,
 }
 
+/// Default of `raft.snapshot_every_log_bytes`.
+pub const SNAPSHOT_EVERY_LOG_BYTES_DEFAULT: u64 = 1 << 30;
+/// Least `raft.snapshot_every_log_bytes`: the log's size is an estimate that may run over by
+/// its memtables' size (16 MiB each), so a smaller bound would only snapshot without cause.
+pub const SNAPSHOT_EVERY_LOG_BYTES_MIN: u64 = 16 << 20;
+
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -89,6 +95,10 @@ pub struct RaftSettings {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many applied entries since the last one.
     pub snapshot_every_entries: u64,
+    /// Build a snapshot, too, once the log after the last one holds about this many bytes
+    /// (checked every `workers::snapshots::CHECK_INTERVAL`): an entry is a batch of up to a
+    /// few MiB, so a count of entries alone leaves the log's disk space unbounded.
+    pub snapshot_every_log_bytes: u64,
     /// Log entries kept behind the snapshot for followers that are only a little behind.
     pub log_entries_kept_after_snapshot: u64,
 }
@@ -100,6 +110,7 @@ impl Default for RaftSettings {
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
+            snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_DEFAULT,
             log_entries_kept_after_snapshot: 5_000,
         }
     }
@@ -230,6 +241,11 @@ impl Config {
         if r.snapshot_every_entries == 0 {
             return Err(invalid("raft.snapshot_every_entries must be ≥ 1".into()));
         }
+        if r.snapshot_every_log_bytes < SNAPSHOT_EVERY_LOG_BYTES_MIN {
+            return Err(invalid(format!(
+                "raft.snapshot_every_log_bytes must be ≥ {SNAPSHOT_EVERY_LOG_BYTES_MIN} (16 MiB)"
+            )));
+        }
         if self.integrity.scrub_mb_per_s == 0 {
             return Err(invalid("integrity.scrub_mb_per_s must be ≥ 1".into()));
         }
@@ -279,5 +295,64 @@ pub fn validate_host_port(addr: &str) -> Result<(), String> {
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(format!("port {port:?} is not a number from 1 to 65535")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dev node's config as `escrowd dev` writes it, loaded back.
+    fn dev_config(dir: &Path) -> (Config, PathBuf) {
+        let ports = crate::dev::NodePorts::dev(crate::dev::DEV_PORT_BASE, 1);
+        let path =
+            crate::dev::write_node_files(dir, 1, ports, &[], &RaftSettings::default()).unwrap();
+        (Config::load(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn a_log_byte_bound_under_its_minimum_is_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, path) = dev_config(dir.path());
+        assert_eq!(
+            config.raft.snapshot_every_log_bytes,
+            SNAPSHOT_EVERY_LOG_BYTES_DEFAULT
+        );
+        config.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN;
+        config.validate(&path).unwrap();
+        config.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN - 1;
+        let err = config.validate(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("raft.snapshot_every_log_bytes must be ≥ 16777216"),
+            "{err}"
+        );
+        // From the file, too: the key is read and checked like any other.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("snapshot_every_log_bytes"), "{text}");
+        let text = text.replace(
+            &format!("snapshot_every_log_bytes = {SNAPSHOT_EVERY_LOG_BYTES_DEFAULT}"),
+            "snapshot_every_log_bytes = 1024",
+        );
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("snapshot_every_log_bytes"), "{err}");
+    }
+
+    /// The commented example configs in `cluster/` are valid configs, with the defaults.
+    #[test]
+    fn the_example_cluster_configs_load() {
+        for n in 1..=3 {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("cluster/node{n}.toml"));
+            let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let defaults = RaftSettings::default();
+            assert_eq!(
+                config.raft.snapshot_every_log_bytes,
+                defaults.snapshot_every_log_bytes
+            );
+            assert_eq!(
+                config.raft.snapshot_every_entries,
+                defaults.snapshot_every_entries
+            );
+        }
     }
 }

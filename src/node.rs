@@ -328,6 +328,12 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         core.clone(),
         shutdown_rx.clone(),
     )));
+    tasks.push(tokio::spawn(crate::workers::snapshots::run(
+        raft.clone(),
+        log_store.clone(),
+        config.raft.snapshot_every_log_bytes,
+        shutdown_rx.clone(),
+    )));
 
     Ok(NodeHandle {
         id,

@@ -1657,3 +1657,44 @@ async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() 
         }
     }
 }
+
+// Goal: the log's size estimate behind snapshots by size (`approximate_bytes_after`) never
+// falls short of the entries after an index by more than rounding, and overshoots by the
+// memtable at most: what is in the memtable counts whole, what is in table files counts by
+// index.
+#[tokio::test]
+async fn t15_log_size_estimate_covers_the_entries_after_an_index() {
+    const VALUE: usize = 32 * 1024;
+    const ENTRIES: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+    let entries: Vec<Entry> = (1..=ENTRIES)
+        .map(|i| Entry {
+            log_id: log_id(1, i),
+            payload: EntryPayload::Normal(Command::PutRecord {
+                path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
+                value: vec![i as u8; VALUE],
+            }),
+        })
+        .collect();
+    let total = ENTRIES * VALUE as u64;
+    log.blocking_append(entries).await.unwrap();
+    // All in the memtable: every index counts it whole, never less than the entries.
+    for after in [0, ENTRIES / 2, ENTRIES] {
+        let est = log.approximate_bytes_after(after).unwrap();
+        assert!(
+            (total..=total + (16 << 20)).contains(&est),
+            "in the memtable, after {after}: estimate {est} for {total} bytes of entries"
+        );
+    }
+    // In a table file: the entries after the index, to within 2% and one block.
+    log.flush_for_tests().unwrap();
+    for after in [0, ENTRIES / 4, ENTRIES / 2, ENTRIES, u64::MAX] {
+        let est = log.approximate_bytes_after(after).unwrap();
+        let truth = ENTRIES.saturating_sub(after) * VALUE as u64;
+        assert!(
+            est.abs_diff(truth) <= truth / 50 + 64 * 1024,
+            "in a table file, after {after}: estimate {est} for {truth} bytes of entries"
+        );
+    }
+}

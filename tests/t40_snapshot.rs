@@ -6,6 +6,9 @@
 //! 3. Start node 4 and `cluster add` it: it can only catch up through a streamed snapshot.
 //! 4. Check node 4 holds every record, installed a snapshot and never saw entry 1.
 //! 5. Remove node 4; adding id 4 again is refused (ids are never reused).
+//!
+//! Also: corrupt snapshot streams are refused (t41), and a log past its byte bound is
+//! snapshotted and purged although its entry count never triggers (t42).
 
 mod common;
 
@@ -251,4 +254,75 @@ fn target_data_dir(cluster: &TestCluster, i: usize) -> std::path::PathBuf {
     escrow::config::Config::load(&cluster.files.node_configs[i])
         .unwrap()
         .data_dir
+}
+
+// Goal: the log's disk space is bounded in bytes, not only in entries (an entry is a batch
+// of up to a few MiB). With an entry count that never triggers, every node builds a snapshot
+// once the log after its last one passes `raft.snapshot_every_log_bytes`, not before, and
+// purges its log behind it; every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
+    use escrow::config::SNAPSHOT_EVERY_LOG_BYTES_MIN;
+    const VALUE: usize = escrow::domain::VALUE_LEN_MAX;
+    let raft = RaftSettings {
+        snapshot_every_entries: 1_000_000,
+        snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_MIN,
+        log_entries_kept_after_snapshot: 0,
+        ..test_raft()
+    };
+    let cluster = TestCluster::started_and_initialized(3, raft).await;
+    cluster.wait_leader().await;
+    let client = cluster.client();
+    let value = |i: usize| random_bytes(&format!("t42-{i}"), VALUE);
+    let mut last = 0;
+    // A quarter of the bound: no node snapshots, however often it looks.
+    let below = (SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE) / 4;
+    for i in 0..below {
+        last = client
+            .put("acme", "big", &format!("k{i}"), value(i))
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    tokio::time::sleep(escrow::workers::snapshots::CHECK_INTERVAL * 3).await;
+    for i in 0..3 {
+        let m = cluster.node(i).raft.metrics().borrow().clone();
+        assert_eq!(
+            m.snapshot, None,
+            "node {} snapshotted below the bound",
+            m.id
+        );
+    }
+    // Past the bound, twice over.
+    let total = below + 2 * SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE;
+    for i in below..total {
+        last = client
+            .put("acme", "big", &format!("k{i}"), value(i))
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    for i in 0..3 {
+        let node = cluster.node(i);
+        let snapshot = wait_for("a snapshot by size and a purge behind it", || async {
+            let m = node.raft.metrics().borrow().clone();
+            match (m.snapshot, m.purged) {
+                (Some(s), Some(p)) if s.index > below as u64 && p.index >= s.index => Some(s.index),
+                _ => None,
+            }
+        })
+        .await;
+        let first = node.log_store.first_index().unwrap();
+        assert!(
+            first.is_none_or(|f| f > snapshot),
+            "node {}: entries up to the snapshot at {snapshot} are still readable from {first:?}",
+            node.id
+        );
+        for k in 0..total {
+            let (_, got) = local_record(node, "big", &format!("k{k}"))
+                .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
+            assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
+        }
+    }
+    cluster.shutdown().await;
 }

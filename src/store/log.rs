@@ -432,6 +432,31 @@ impl LogStore {
     pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
         index_at(&self.entries_from(0))
     }
+
+    /// About how many bytes the stored entries after `index` take: their table files' share
+    /// (RocksDB's estimate from the files' indexes; entries are stored uncompressed) plus the
+    /// whole memtable, which may also hold entries up to `index`. So the figure may exceed the
+    /// truth by up to the memtables' size (`ENTRIES_MEMTABLE_BYTES` each), never fall short
+    /// of it by more than the estimate's rounding. Reads only in-memory metadata.
+    pub fn approximate_bytes_after(&self, index: u64) -> Result<u64, StorageError> {
+        let cf = self.cf(CF_ENTRIES);
+        let Some(from) = index.checked_add(1) else {
+            return Ok(0);
+        };
+        let (start, end) = (index_key(from), [0xffu8; 9]);
+        let range = rocksdb::Range::new(&start, &end);
+        let files = self.db().get_approximate_sizes_cf(cf, &[range]);
+        let memtables = self
+            .db()
+            .property_int_value_cf(cf, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+            .map_err(|e| StorageIOError::read_logs(&e))?
+            .unwrap_or(0);
+        Ok(files
+            .first()
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(memtables))
+    }
 }
 
 fn run_syncer(db: Arc<DB>, rx: std_mpsc::Receiver<SyncRequest>, gate: &SyncGate) {

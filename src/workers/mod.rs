@@ -6,3 +6,4 @@ pub mod chunks;
 pub mod freshness;
 pub mod retention;
 pub mod scrub;
+pub mod snapshots;
