@@ -80,8 +80,9 @@ pub struct InitialMember {
 /// Default of `raft.snapshot_every_log_bytes`.
 pub const SNAPSHOT_EVERY_LOG_BYTES_DEFAULT: u64 = 1 << 30;
 /// Least `raft.snapshot_every_log_bytes`: the log's size is an estimate that may run over by
-/// its memtables' size (16 MiB each), so a smaller bound would only snapshot without cause.
-pub const SNAPSHOT_EVERY_LOG_BYTES_MIN: u64 = 16 << 20;
+/// its memtables' size (up to two of 16 MiB), so a bound near that would snapshot whenever the
+/// memtables fill, whatever the log after the snapshot holds.
+pub const SNAPSHOT_EVERY_LOG_BYTES_MIN: u64 = 64 << 20;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,7 +244,7 @@ impl Config {
         }
         if r.snapshot_every_log_bytes < SNAPSHOT_EVERY_LOG_BYTES_MIN {
             return Err(invalid(format!(
-                "raft.snapshot_every_log_bytes must be ≥ {SNAPSHOT_EVERY_LOG_BYTES_MIN} (16 MiB)"
+                "raft.snapshot_every_log_bytes must be ≥ {SNAPSHOT_EVERY_LOG_BYTES_MIN} (64 MiB)"
             )));
         }
         if self.integrity.scrub_mb_per_s == 0 {
@@ -323,7 +324,7 @@ mod tests {
         config.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN - 1;
         let err = config.validate(&path).unwrap_err().to_string();
         assert!(
-            err.contains("raft.snapshot_every_log_bytes must be ≥ 16777216"),
+            err.contains("raft.snapshot_every_log_bytes must be ≥ 67108864"),
             "{err}"
         );
         // From the file, too: the key is read and checked like any other.

@@ -1658,7 +1658,7 @@ async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() 
     }
 }
 
-// Goal: the log's size estimate behind snapshots by size (`approximate_bytes_after`) never
+// Goal: the log's size estimate behind snapshots by size (`approximate_bytes_between`) never
 // falls short of the entries after an index by more than rounding, and overshoots by the
 // memtable at most: what is in the memtable counts whole, what is in table files counts by
 // index.
@@ -1679,22 +1679,32 @@ async fn t15_log_size_estimate_covers_the_entries_after_an_index() {
         .collect();
     let total = ENTRIES * VALUE as u64;
     log.blocking_append(entries).await.unwrap();
-    // All in the memtable: every index counts it whole, never less than the entries.
+    // All in the memtable: every range counts it whole, never less than the entries.
     for after in [0, ENTRIES / 2, ENTRIES] {
-        let est = log.approximate_bytes_after(after).unwrap();
+        let est = log.approximate_bytes_between(after, ENTRIES).unwrap();
         assert!(
             (total..=total + (16 << 20)).contains(&est),
             "in the memtable, after {after}: estimate {est} for {total} bytes of entries"
         );
     }
-    // In a table file: the entries after the index, to within 2% and one block.
+    // In a table file: the entries in the range, to within 2% and one block.
     log.flush_for_tests().unwrap();
-    for after in [0, ENTRIES / 4, ENTRIES / 2, ENTRIES, u64::MAX] {
-        let est = log.approximate_bytes_after(after).unwrap();
-        let truth = ENTRIES.saturating_sub(after) * VALUE as u64;
+    let ranges = [
+        (0, ENTRIES),
+        (ENTRIES / 4, ENTRIES),
+        (ENTRIES / 2, ENTRIES),
+        (0, ENTRIES / 2),
+        (ENTRIES / 4, ENTRIES / 2),
+        (ENTRIES, ENTRIES),
+        (ENTRIES, u64::MAX),
+        (u64::MAX, u64::MAX),
+    ];
+    for (after, through) in ranges {
+        let est = log.approximate_bytes_between(after, through).unwrap();
+        let truth = through.min(ENTRIES).saturating_sub(after) * VALUE as u64;
         assert!(
             est.abs_diff(truth) <= truth / 50 + 64 * 1024,
-            "in a table file, after {after}: estimate {est} for {truth} bytes of entries"
+            "in a table file, {after} to {through}: estimate {est} for {truth} bytes of entries"
         );
     }
 }

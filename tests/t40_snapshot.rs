@@ -258,12 +258,15 @@ fn target_data_dir(cluster: &TestCluster, i: usize) -> std::path::PathBuf {
 
 // Goal: the log's disk space is bounded in bytes, not only in entries (an entry is a batch
 // of up to a few MiB). With an entry count that never triggers, every node builds a snapshot
-// once the log after its last one passes `raft.snapshot_every_log_bytes`, not before, and
-// purges its log behind it; every acknowledged write is still there.
+// once the applied log after its last one passes `raft.snapshot_every_log_bytes`, not before
+// and not again without new writes, and purges its log behind it; every acknowledged write is
+// still there. The bound (64 MiB) is above the log's two memtables, so only entries in table
+// files can pass it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     use escrow::config::SNAPSHOT_EVERY_LOG_BYTES_MIN;
     const VALUE: usize = escrow::domain::VALUE_LEN_MAX;
+    let checks = escrow::workers::snapshots::CHECK_INTERVAL * 3;
     let raft = RaftSettings {
         snapshot_every_entries: 1_000_000,
         snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_MIN,
@@ -284,7 +287,8 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
             .unwrap();
     }
     cluster.wait_applied(last).await;
-    tokio::time::sleep(escrow::workers::snapshots::CHECK_INTERVAL * 3).await;
+    let below_index = last;
+    tokio::time::sleep(checks).await;
     for i in 0..3 {
         let m = cluster.node(i).raft.metrics().borrow().clone();
         assert_eq!(
@@ -302,12 +306,13 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
             .unwrap();
     }
     cluster.wait_applied(last).await;
+    let mut snapshots = Vec::new();
     for i in 0..3 {
         let node = cluster.node(i);
         let snapshot = wait_for("a snapshot by size and a purge behind it", || async {
             let m = node.raft.metrics().borrow().clone();
             match (m.snapshot, m.purged) {
-                (Some(s), Some(p)) if s.index > below as u64 && p.index >= s.index => Some(s.index),
+                (Some(s), Some(p)) if s.index > below_index && p.index >= s.index => Some(s.index),
                 _ => None,
             }
         })
@@ -323,6 +328,29 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
                 .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
             assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
         }
+        snapshots.push(snapshot);
+    }
+    // What the snapshots left behind is under the bound: no node builds another, with or
+    // without a few small writes.
+    tokio::time::sleep(checks).await;
+    for k in 0..3 {
+        last = client
+            .put("acme", "small", &format!("s{k}"), b"small".to_vec())
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(last).await;
+    tokio::time::sleep(checks).await;
+    for (i, before) in snapshots.into_iter().enumerate() {
+        let m = cluster.node(i).raft.metrics().borrow().clone();
+        let now = m.snapshot.map(|s| s.index);
+        // A node that snapshotted before the last big writes were applied may take one more
+        // once (they may still pass the bound); never one past the small writes' index.
+        assert!(
+            now.is_some_and(|n| n >= before && n < last),
+            "node {}: snapshot {now:?} after {before} without new bytes",
+            m.id
+        );
     }
     cluster.shutdown().await;
 }

@@ -433,29 +433,34 @@ impl LogStore {
         index_at(&self.entries_from(0))
     }
 
-    /// About how many bytes the stored entries after `index` take: their table files' share
-    /// (RocksDB's estimate from the files' indexes; entries are stored uncompressed) plus the
-    /// whole memtable, which may also hold entries up to `index`. So the figure may exceed the
-    /// truth by up to the memtables' size (`ENTRIES_MEMTABLE_BYTES` each), never fall short
-    /// of it by more than the estimate's rounding. Reads only in-memory metadata.
-    pub fn approximate_bytes_after(&self, index: u64) -> Result<u64, StorageError> {
+    /// About how many bytes the stored entries in `after + 1 ..= through` take: their table
+    /// files' share (RocksDB's estimate from the files' indexes; entries are stored
+    /// uncompressed) plus the whole memtables, which may also hold entries outside the range.
+    /// So the figure may exceed the truth by up to the memtables' size (`ENTRIES_MEMTABLE_BYTES`
+    /// each: the active one and one being flushed), never fall short of it by more than the
+    /// estimate's rounding. Reads only in-memory metadata.
+    pub fn approximate_bytes_between(&self, after: u64, through: u64) -> Result<u64, StorageError> {
         let cf = self.cf(CF_ENTRIES);
-        let Some(from) = index.checked_add(1) else {
-            return Ok(0);
+        let files = match after.checked_add(1) {
+            Some(from) if from <= through => {
+                let start = index_key(from).to_vec();
+                // Past the last index: one byte longer than any key, so after all of them.
+                let end = through
+                    .checked_add(1)
+                    .map_or(vec![0xff; 9], |e| index_key(e).to_vec());
+                let sizes = self
+                    .db()
+                    .get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
+                sizes.first().copied().unwrap_or(0)
+            }
+            _ => 0,
         };
-        let (start, end) = (index_key(from), [0xffu8; 9]);
-        let range = rocksdb::Range::new(&start, &end);
-        let files = self.db().get_approximate_sizes_cf(cf, &[range]);
         let memtables = self
             .db()
             .property_int_value_cf(cf, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
             .map_err(|e| StorageIOError::read_logs(&e))?
             .unwrap_or(0);
-        Ok(files
-            .first()
-            .copied()
-            .unwrap_or(0)
-            .saturating_add(memtables))
+        Ok(files.saturating_add(memtables))
     }
 }
 

@@ -1,9 +1,9 @@
 //! Snapshots by log size on every node. openraft 0.9's policy counts entries only
 //! (`raft.snapshot_every_entries`), and an entry is a batch of up to a few MiB, so the log
 //! between two snapshots could grow to tens of GiB before the next one. About every
-//! [`CHECK_INTERVAL`] this worker estimates the bytes the log holds after the last snapshot
-//! ([`LogStore::approximate_bytes_after`]) and asks Raft for a snapshot once they reach
-//! `raft.snapshot_every_log_bytes`. The snapshot is built and the log purged behind it exactly
+//! [`CHECK_INTERVAL`] this worker estimates the bytes of the applied entries the log holds
+//! after the last snapshot ([`LogStore::approximate_bytes_between`]) and asks Raft for a
+//! snapshot once they reach `raft.snapshot_every_log_bytes`. The snapshot is built and the log purged behind it exactly
 //! as for the entry count. Reads the log's on-disk layout, so it works the same after a
 //! restart.
 
@@ -35,7 +35,9 @@ pub async fn run(raft: Raft, log: LogStore, limit_bytes: u64, mut shutdown: watc
         if applied <= snapshot {
             continue;
         }
-        let bytes = match log.approximate_bytes_after(snapshot) {
+        // Only what a snapshot now would cover: an unapplied tail (a leader catching up
+        // after a stretch without quorum) would otherwise ask again at every small apply.
+        let bytes = match log.approximate_bytes_between(snapshot, applied) {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot estimate the log's size; the snapshot by size waits for the next check");
