@@ -1659,11 +1659,11 @@ async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() 
 }
 
 // Goal: the log's size estimate behind snapshots by size (`approximate_bytes_between`) never
-// falls short of the entries after an index by more than rounding, and overshoots by the
+// falls short of the entries in a range of indexes by more than rounding, and overshoots by the
 // memtable at most: what is in the memtable counts whole, what is in table files counts by
 // index.
 #[tokio::test]
-async fn t15_log_size_estimate_covers_the_entries_after_an_index() {
+async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
     const VALUE: usize = 32 * 1024;
     const ENTRIES: u64 = 200;
     let dir = tempfile::tempdir().unwrap();

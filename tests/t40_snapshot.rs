@@ -27,19 +27,12 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
     let cluster = TestCluster::started_and_initialized(3, raft.clone()).await;
     let leader = cluster.wait_leader().await;
     let client = cluster.client();
-    let mut last = 0;
-    for i in 0..300 {
-        last = client
-            .put(
-                "acme",
-                "orders",
-                &format!("k{i}"),
-                format!("v{i}").into_bytes(),
-            )
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    let last = cluster
+        .put_all_and_wait(
+            "orders",
+            (0..300).map(|i| (format!("k{i}"), format!("v{i}").into_bytes())),
+        )
+        .await;
     let leader_node = cluster.node(cluster.index_of(leader));
     wait_for("the leader to purge its log start", || async {
         let m = leader_node.raft.metrics().borrow().clone();
@@ -275,19 +268,11 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     };
     let cluster = TestCluster::started_and_initialized(3, raft).await;
     cluster.wait_leader().await;
-    let client = cluster.client();
     let value = |i: usize| random_bytes(&format!("t42-{i}"), VALUE);
-    let mut last = 0;
+    let big = |range: std::ops::Range<usize>| range.map(move |i| (format!("k{i}"), value(i)));
     // A quarter of the bound: no node snapshots, however often it looks.
     let below = (SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE) / 4;
-    for i in 0..below {
-        last = client
-            .put("acme", "big", &format!("k{i}"), value(i))
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
-    let below_index = last;
+    let below_index = cluster.put_all_and_wait("big", big(0..below)).await;
     tokio::time::sleep(checks).await;
     for i in 0..3 {
         let m = cluster.node(i).raft.metrics().borrow().clone();
@@ -299,13 +284,7 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     }
     // Past the bound, twice over.
     let total = below + 2 * SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE;
-    for i in below..total {
-        last = client
-            .put("acme", "big", &format!("k{i}"), value(i))
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    cluster.put_all_and_wait("big", big(below..total)).await;
     let mut snapshots = Vec::new();
     for i in 0..3 {
         let node = cluster.node(i);
@@ -333,13 +312,12 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     // What the snapshots left behind is under the bound: no node builds another, with or
     // without a few small writes.
     tokio::time::sleep(checks).await;
-    for k in 0..3 {
-        last = client
-            .put("acme", "small", &format!("s{k}"), b"small".to_vec())
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    let last = cluster
+        .put_all_and_wait(
+            "small",
+            (0..3).map(|k| (format!("s{k}"), b"small".to_vec())),
+        )
+        .await;
     tokio::time::sleep(checks).await;
     for (i, before) in snapshots.into_iter().enumerate() {
         let m = cluster.node(i).raft.metrics().borrow().clone();

@@ -60,15 +60,9 @@ fn sample(body: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t80_metrics_health_and_readiness_over_tls() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
-    let client = cluster.client();
-    let mut last = 0;
-    for i in 0..20 {
-        last = client
-            .put("acme", "orders", &format!("k{i}"), b"v".to_vec())
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
+    let last = cluster
+        .put_all_and_wait("orders", (0..20).map(|i| (format!("k{i}"), b"v".to_vec())))
+        .await;
     let leader = cluster.wait_leader().await;
     let ca = std::fs::read(cluster.files.dir.join("pki/ca.pem")).unwrap();
     let leader_node = cluster.node(cluster.index_of(leader));

@@ -57,15 +57,13 @@ fn corrupt_record(node: &escrow::node::NodeHandle, key: &str) {
 /// A 3-node cluster holding `count` records `TENANT/orders/k{i}` = "good", applied everywhere.
 async fn cluster_with_orders(count: usize) -> (TestCluster, EscrowClient) {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    cluster
+        .put_all_and_wait(
+            "orders",
+            (0..count).map(|i| (format!("k{i}"), b"good".to_vec())),
+        )
+        .await;
     let client = cluster.client();
-    let mut last = 0;
-    for i in 0..count {
-        last = client
-            .put(TENANT, "orders", &format!("k{i}"), b"good".to_vec())
-            .await
-            .unwrap();
-    }
-    cluster.wait_applied(last).await;
     (cluster, client)
 }
 

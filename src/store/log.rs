@@ -441,19 +441,15 @@ impl LogStore {
     /// estimate's rounding. Reads only in-memory metadata.
     pub fn approximate_bytes_between(&self, after: u64, through: u64) -> Result<u64, StorageError> {
         let cf = self.cf(CF_ENTRIES);
-        let files = match after.checked_add(1) {
-            Some(from) if from <= through => {
-                let start = index_key(from).to_vec();
-                // Past the last index: one byte longer than any key, so after all of them.
-                let end = through
-                    .checked_add(1)
-                    .map_or(vec![0xff; 9], |e| index_key(e).to_vec());
-                let sizes = self
-                    .db()
-                    .get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
-                sizes.first().copied().unwrap_or(0)
-            }
-            _ => 0,
+        // The end is exclusive; at u64::MAX it leaves out that index, which is never a real one.
+        let files = if after < through {
+            let (start, end) = (index_key(after + 1), index_key(through.saturating_add(1)));
+            let sizes = self
+                .db()
+                .get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
+            sizes.first().copied().unwrap_or(0)
+        } else {
+            0
         };
         let memtables = self
             .db()

@@ -3,9 +3,9 @@
 //! between two snapshots could grow to tens of GiB before the next one. About every
 //! [`CHECK_INTERVAL`] this worker estimates the bytes of the applied entries the log holds
 //! after the last snapshot ([`LogStore::approximate_bytes_between`]) and asks Raft for a
-//! snapshot once they reach `raft.snapshot_every_log_bytes`. The snapshot is built and the log purged behind it exactly
-//! as for the entry count. Reads the log's on-disk layout, so it works the same after a
-//! restart.
+//! snapshot once they reach `raft.snapshot_every_log_bytes`. The snapshot is built and the log
+//! purged behind it exactly as for the entry count. Reads the log's on-disk layout, so it works
+//! the same after a restart.
 
 use std::time::Duration;
 
@@ -16,6 +16,11 @@ use crate::store::LogStore;
 
 /// Pause between two estimates of the log's size (each reads in-memory RocksDB metadata).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest wait for a requested snapshot before the size is estimated again (a snapshot of a
+/// large store hashes its new files, which can take a while; Raft ignores a second request
+/// while the first is being built).
+const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);
 
 pub async fn run(raft: Raft, log: LogStore, limit_bytes: u64, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -69,8 +74,3 @@ pub async fn run(raft: Raft, log: LogStore, limit_bytes: u64, mut shutdown: watc
         }
     }
 }
-
-/// Longest wait for a requested snapshot before the size is estimated again (a snapshot of a
-/// large store hashes its new files, which can take a while; Raft ignores a second request
-/// while the first is being built).
-const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);

@@ -217,13 +217,25 @@ impl TestCluster {
     /// Writes `acme/orders/key` = "v" through any node and waits until every running node
     /// applied it; returns its revision.
     pub async fn put_and_wait(&self, key: &str) -> u64 {
-        let revision = self
-            .client()
-            .put("acme", "orders", key, b"v".to_vec())
+        self.put_all_and_wait("orders", [(key.to_string(), b"v".to_vec())])
             .await
-            .unwrap();
-        self.wait_applied(revision).await;
-        revision
+    }
+
+    /// Writes `acme/<collection>/<key>` = value for each pair, one after the other, through
+    /// any node, and waits until every running node applied the last; returns its revision
+    /// (0 when there was none).
+    pub async fn put_all_and_wait(
+        &self,
+        collection: &str,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> u64 {
+        let client = self.client();
+        let mut last = 0;
+        for (key, value) in records {
+            last = client.put(TENANT, collection, &key, value).await.unwrap();
+        }
+        self.wait_applied(last).await;
+        last
     }
 
     /// Index (0-based) of the node with id `id`.
