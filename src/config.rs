@@ -83,6 +83,8 @@ pub const SNAPSHOT_EVERY_LOG_BYTES_DEFAULT: u64 = 1 << 30;
 /// its memtables' size (up to two of 16 MiB), so a bound near that would snapshot whenever the
 /// memtables fill, whatever the log after the snapshot holds.
 pub const SNAPSHOT_EVERY_LOG_BYTES_MIN: u64 = 64 << 20;
+/// Default of `raft.log_bytes_kept_after_snapshot`.
+pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 256 << 20;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +104,10 @@ pub struct RaftSettings {
     pub snapshot_every_log_bytes: u64,
     /// Log entries kept behind the snapshot for followers that are only a little behind.
     pub log_entries_kept_after_snapshot: u64,
+    /// At most about this many bytes of those kept entries (in table files; checked every
+    /// `workers::snapshots::CHECK_INTERVAL`): the older ones are purged too, and a follower
+    /// further behind catches up through the snapshot.
+    pub log_bytes_kept_after_snapshot: u64,
 }
 
 impl Default for RaftSettings {
@@ -113,6 +119,7 @@ impl Default for RaftSettings {
             snapshot_every_entries: 20_000,
             snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_DEFAULT,
             log_entries_kept_after_snapshot: 5_000,
+            log_bytes_kept_after_snapshot: LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT,
         }
     }
 }
@@ -353,6 +360,14 @@ mod tests {
             assert_eq!(
                 config.raft.snapshot_every_entries,
                 defaults.snapshot_every_entries
+            );
+            assert_eq!(
+                config.raft.log_entries_kept_after_snapshot,
+                defaults.log_entries_kept_after_snapshot
+            );
+            assert_eq!(
+                config.raft.log_bytes_kept_after_snapshot,
+                defaults.log_bytes_kept_after_snapshot
             );
         }
     }

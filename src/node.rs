@@ -331,7 +331,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     tasks.push(tokio::spawn(crate::workers::snapshots::run(
         raft.clone(),
         log_store.clone(),
-        config.raft.snapshot_every_log_bytes,
+        crate::workers::snapshots::LogBounds::of(&config.raft),
         shutdown_rx.clone(),
     )));
 

@@ -1708,3 +1708,45 @@ async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
         );
     }
 }
+
+// Goal: the purge point behind `raft.log_bytes_kept_after_snapshot` keeps about the bound's
+// worth of the newest entries up to the snapshot and purges the rest (to within the estimate's
+// rounding: two entries and 2%); nothing when they fit or are still in the memtable.
+#[tokio::test]
+async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
+    const VALUE: u64 = 32 * 1024;
+    const ENTRIES: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+    let entries: Vec<Entry> = (1..=ENTRIES)
+        .map(|i| Entry {
+            log_id: log_id(1, i),
+            payload: EntryPayload::Normal(Command::PutRecord {
+                path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
+                value: vec![i as u8; VALUE as usize],
+            }),
+        })
+        .collect();
+    log.blocking_append(entries).await.unwrap();
+    // In the memtable the entries are not counted: nothing to purge yet.
+    assert_eq!(log.purge_point_keeping(0, ENTRIES, 0), None);
+    log.flush_for_tests().unwrap();
+    // (after, snapshot, bound in entries): entries `upto + 1 ..= snapshot` are kept.
+    for (after, snapshot, keep) in [(0, ENTRIES, 32), (0, 150, 10), (50, 150, 60), (0, 150, 0)] {
+        let upto = log
+            .purge_point_keeping(after, snapshot, keep * VALUE)
+            .unwrap_or_else(|| panic!("{after}..{snapshot} keeping {keep}: nothing purged"));
+        let kept = snapshot - upto;
+        assert!(
+            upto > after && kept.abs_diff(keep) <= 2 + keep / 50,
+            "{after}..{snapshot} keeping {keep} entries: purge up to {upto} keeps {kept}"
+        );
+    }
+    // Entries that fit the bound, or no entries at all, purge nothing.
+    assert_eq!(
+        log.purge_point_keeping(0, ENTRIES, ENTRIES * VALUE * 2),
+        None
+    );
+    assert_eq!(log.purge_point_keeping(100, 100, 0), None);
+    assert_eq!(log.purge_point_keeping(ENTRIES, u64::MAX, 0), None);
+}

@@ -332,3 +332,77 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     }
     cluster.shutdown().await;
 }
+
+// Goal: the log's byte bounds work from what is on disk, so a node restarted with a log past
+// them snapshots and purges without any new write: the applied log past
+// `raft.snapshot_every_log_bytes` is snapshotted, and the entries kept behind the snapshot are
+// cut to about `raft.log_bytes_kept_after_snapshot` (their count bound never limits here);
+// every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t43_after_a_restart_the_log_byte_bounds_snapshot_and_purge_the_log_on_disk() {
+    use escrow::config::SNAPSHOT_EVERY_LOG_BYTES_MIN;
+    const VALUE: usize = escrow::domain::VALUE_LEN_MAX;
+    const KEPT_BYTES: u64 = 16 << 20;
+    // Entries still in the log's memtables (two of 16 MiB at most) are kept uncounted.
+    let kept_entries_max = (KEPT_BYTES + (32 << 20)) / VALUE as u64 + 4;
+    let kept_entries_min = KEPT_BYTES / VALUE as u64 - 2;
+    let raft = RaftSettings {
+        snapshot_every_entries: 1_000_000,
+        log_entries_kept_after_snapshot: 1_000_000,
+        ..test_raft()
+    };
+    let mut cluster = TestCluster::started_and_initialized(3, raft).await;
+    cluster.wait_leader().await;
+    let value = |i: usize| random_bytes(&format!("t43-{i}"), VALUE);
+    let count = 3 * SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE / 2;
+    let last = cluster
+        .put_all_and_wait("big", (0..count).map(|i| (format!("k{i}"), value(i))))
+        .await;
+    tokio::time::sleep(escrow::workers::snapshots::CHECK_INTERVAL * 2).await;
+    for i in 0..3 {
+        let m = cluster.node(i).raft.metrics().borrow().clone();
+        assert_eq!(
+            m.snapshot, None,
+            "node {}: snapshot under the default bound",
+            m.id
+        );
+    }
+    for i in 0..3 {
+        cluster.stop_node(i).await;
+        cluster.edit_node_config(i, |c| {
+            c.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN;
+            c.raft.log_bytes_kept_after_snapshot = KEPT_BYTES;
+        });
+    }
+    for i in 0..3 {
+        cluster.restart_node(i).await;
+    }
+    for i in 0..3 {
+        let node = cluster.node(i);
+        let (snapshot, purged) =
+            wait_for("a snapshot by size and a purge by kept bytes", || async {
+                let m = node.raft.metrics().borrow().clone();
+                match (m.snapshot, m.purged) {
+                    (Some(s), Some(p)) if s.index >= last && p.index > 0 => {
+                        Some((s.index, p.index))
+                    }
+                    _ => None,
+                }
+            })
+            .await;
+        let kept = snapshot - purged;
+        assert!(
+            (kept_entries_min..=kept_entries_max).contains(&kept),
+            "node {}: {kept} entries of {VALUE} bytes kept behind the snapshot at {snapshot} \
+             (bound {KEPT_BYTES} bytes)",
+            node.id
+        );
+        assert_eq!(node.log_store.first_index().unwrap(), Some(purged + 1));
+        for k in 0..count {
+            let (_, got) = local_record(node, "big", &format!("k{k}"))
+                .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
+            assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
+        }
+    }
+    cluster.shutdown().await;
+}

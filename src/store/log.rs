@@ -5,7 +5,8 @@
 //!   the write-ahead log holding them was fsynced. A dedicated syncer thread coalesces the syncs
 //!   of concurrent appends (group commit), so one fsync can acknowledge many batches.
 //! - `save_vote`, `purge` and a `truncate` that deletes anything write with `sync = true`
-//!   before returning (a truncate past the last stored entry has nothing to write).
+//!   before returning (a truncate past the last stored entry has nothing to write), on a
+//!   blocking thread so the fsync does not hold the runtime's worker.
 //!
 //! A purge writes its marker and nothing else in the write path: reads start after the
 //! marker, and the table files holding only purged entries are dropped whole
@@ -433,30 +434,75 @@ impl LogStore {
         index_at(&self.entries_from(0))
     }
 
-    /// About how many bytes the stored entries in `after + 1 ..= through` take: their table
-    /// files' share (RocksDB's estimate from the files' indexes; entries are stored
-    /// uncompressed) plus the whole memtables, which may also hold entries outside the range.
-    /// So the figure may exceed the truth by up to the memtables' size (`ENTRIES_MEMTABLE_BYTES`
-    /// each: the active one and one being flushed), never fall short of it by more than the
-    /// estimate's rounding. Reads only in-memory metadata.
-    pub fn approximate_bytes_between(&self, after: u64, through: u64) -> Result<u64, StorageError> {
-        let cf = self.cf(CF_ENTRIES);
+    /// About how many bytes the stored entries in `after + 1 ..= through` take in table files
+    /// (RocksDB's estimate from the files' indexes; entries are stored uncompressed). Entries
+    /// still in the memtables are not counted. Reads only the files' metadata.
+    pub fn approximate_table_bytes(&self, after: u64, through: u64) -> u64 {
+        if after >= through {
+            return 0;
+        }
         // The end is exclusive; at u64::MAX it leaves out that index, which is never a real one.
-        let files = if after < through {
-            let (start, end) = (index_key(after + 1), index_key(through.saturating_add(1)));
-            let sizes = self
-                .db()
-                .get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
-            sizes.first().copied().unwrap_or(0)
-        } else {
-            0
-        };
+        let (start, end) = (index_key(after + 1), index_key(through.saturating_add(1)));
+        self.db()
+            .get_approximate_sizes_cf(self.cf(CF_ENTRIES), &[rocksdb::Range::new(&start, &end)])
+            .first()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// About how many bytes the stored entries in `after + 1 ..= through` take: their table
+    /// files' share ([`LogStore::approximate_table_bytes`]) plus the whole memtables, which may
+    /// also hold entries outside the range. So the figure may exceed the truth by up to the
+    /// memtables' size (`ENTRIES_MEMTABLE_BYTES` each: the active one and one being flushed),
+    /// never fall short of it by more than the estimate's rounding.
+    pub fn approximate_bytes_between(&self, after: u64, through: u64) -> Result<u64, StorageError> {
         let memtables = self
             .db()
-            .property_int_value_cf(cf, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+            .property_int_value_cf(
+                self.cf(CF_ENTRIES),
+                rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES,
+            )
             .map_err(|e| StorageIOError::read_logs(&e))?
             .unwrap_or(0);
-        Ok(files.saturating_add(memtables))
+        Ok(self
+            .approximate_table_bytes(after, through)
+            .saturating_add(memtables))
+    }
+
+    /// The lowest index `upto` in `after ..= through` such that the entries in
+    /// `upto + 1 ..= through` take at most `keep_bytes` of table files: a purge up to it keeps
+    /// about `keep_bytes` of entries up to `through`. None when the entries after `after`
+    /// already fit. Entries still in the memtables are not counted (they are the newest, so
+    /// at most that much more is kept). A binary search over the estimate, which falls as
+    /// `upto` rises: about 64 estimates for the whole index space, each reading metadata only.
+    pub fn purge_point_keeping(&self, after: u64, through: u64, keep_bytes: u64) -> Option<u64> {
+        if self.approximate_table_bytes(after, through) <= keep_bytes {
+            return None;
+        }
+        // Invariant: more than `keep_bytes` after `low`, at most that after `high`.
+        let (mut low, mut high) = (after, through);
+        while high - low > 1 {
+            let mid = low + (high - low) / 2;
+            if self.approximate_table_bytes(mid, through) <= keep_bytes {
+                high = mid;
+            } else {
+                low = mid;
+            }
+        }
+        Some(high)
+    }
+
+    /// Runs `write` on a blocking thread: a synced write (and a purge's file drops) would
+    /// otherwise hold the runtime's worker thread, and every task queued on it, for the
+    /// fsync. Raft awaits the result, so the order of log operations is unchanged.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&LogStore) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || write(&store))
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?
     }
 }
 
@@ -550,10 +596,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_META), KEY_VOTE, codec::encode(vote));
-        self.write_synced(batch)
-            .map_err(|e| StorageIOError::write_vote(&e).into())
+        let encoded = codec::encode(vote);
+        self.blocking(move |log| {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(log.cf(CF_META), KEY_VOTE, encoded);
+            log.write_synced(batch)
+                .map_err(|e| StorageIOError::write_vote(&e).into())
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -606,12 +656,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.blocking(move |log| log.truncate_synced(log_id)).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.blocking(move |log| log.purge_synced(log_id)).await
+    }
+}
+
+impl LogStore {
+    fn truncate_synced(&self, log_id: LogId) -> Result<(), StorageError> {
         // The tombstone ends after the last stored entry: one reaching to the end of the index
         // space would overlap every table file flushed after it, turning the log's trivial
         // moves into compactions until it reached the bottom level.
         let last = match self.last_entry_index()? {
             Some(last) if last >= log_id.index => last,
-            _ => return Ok(()),
+            _ => {
+                tracing::debug!(
+                    from = log_id.index,
+                    "log truncate past the last stored entry: nothing to delete"
+                );
+                return Ok(());
+            }
         };
         let mut batch = WriteBatch::default();
         // delete_range's end is exclusive; u64::MAX itself can never be a real index.
@@ -624,7 +690,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    fn purge_synced(&self, log_id: LogId) -> Result<(), StorageError> {
         // Raft never purges backwards; a marker moved back would expose stored purged entries
         // after a restart, with gaps where their files were dropped.
         if log_id.index < self.unpurged_from() {

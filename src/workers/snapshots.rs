@@ -1,16 +1,22 @@
-//! Snapshots by log size on every node. openraft 0.9's policy counts entries only
-//! (`raft.snapshot_every_entries`), and an entry is a batch of up to a few MiB, so the log
-//! between two snapshots could grow to tens of GiB before the next one. About every
-//! [`CHECK_INTERVAL`] this worker estimates the bytes of the applied entries the log holds
-//! after the last snapshot ([`LogStore::approximate_bytes_between`]) and asks Raft for a
-//! snapshot once they reach `raft.snapshot_every_log_bytes`. The snapshot is built and the log
-//! purged behind it exactly as for the entry count. Reads the log's on-disk layout, so it works
-//! the same after a restart.
+//! The log's disk space in bytes, on every node. openraft 0.9 counts entries only
+//! (`raft.snapshot_every_entries`, `raft.log_entries_kept_after_snapshot`), and an entry is a
+//! batch of up to a few MiB, so the log could grow to tens of GiB between two snapshots and
+//! keep GiB behind one. About every [`CHECK_INTERVAL`] this worker:
+//! - estimates the bytes of the applied entries after the last snapshot
+//!   ([`LogStore::approximate_bytes_between`]) and asks Raft for a snapshot once they reach
+//!   `raft.snapshot_every_log_bytes`; the snapshot is built and the log purged behind it
+//!   exactly as for the entry count;
+//! - estimates the bytes of the entries kept behind the snapshot and, past
+//!   `raft.log_bytes_kept_after_snapshot`, asks Raft to purge the oldest of them
+//!   ([`LogStore::purge_point_keeping`]); Raft purges once no replication reads them.
+//!
+//! It reads the log's on-disk layout, so it works the same after a restart.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::config::RaftSettings;
 use crate::raft::Raft;
 use crate::store::LogStore;
 
@@ -22,20 +28,65 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// while the first is being built).
 const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);
 
-pub async fn run(raft: Raft, log: LogStore, limit_bytes: u64, mut shutdown: watch::Receiver<bool>) {
+/// The log's byte bounds, from the `raft` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct LogBounds {
+    /// `raft.snapshot_every_log_bytes`: applied entries after the last snapshot.
+    pub snapshot_every: u64,
+    /// `raft.log_bytes_kept_after_snapshot`: entries kept behind it.
+    pub kept_after_snapshot: u64,
+}
+
+impl LogBounds {
+    pub fn of(raft: &RaftSettings) -> Self {
+        Self {
+            snapshot_every: raft.snapshot_every_log_bytes,
+            kept_after_snapshot: raft.log_bytes_kept_after_snapshot,
+        }
+    }
+}
+
+pub async fn run(
+    raft: Raft,
+    log: LogStore,
+    bounds: LogBounds,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // The last purge asked for: Raft remembers it until no replication reads the entries, and
+    // logs every request, so each point is asked for once.
+    let mut purge_asked = 0;
+    // The snapshot index when a snapshot was last asked for: asking again before a new one
+    // exists (a build past SNAPSHOT_WAIT_MAX) is logged at debug level only.
+    let mut snapshot_asked_after = None;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(CHECK_INTERVAL) => {}
         }
-        let (snapshot, applied) = {
+        let (snapshot, purged, applied) = {
             let m = raft.metrics();
             let m = m.borrow();
             (
                 m.snapshot.map_or(0, |l| l.index),
+                m.purged.map_or(0, |l| l.index),
                 m.last_applied.map_or(0, |l| l.index),
             )
         };
+        if let Some(upto) = log.purge_point_keeping(purged, snapshot, bounds.kept_after_snapshot) {
+            if upto > purge_asked {
+                tracing::info!(
+                    upto,
+                    snapshot,
+                    limit_bytes = bounds.kept_after_snapshot,
+                    "log behind the snapshot past its size bound; purging its oldest entries"
+                );
+                if raft.trigger().purge_log(upto).await.is_err() {
+                    tracing::warn!("cannot ask Raft for a purge; it has stopped");
+                    return;
+                }
+                purge_asked = upto;
+            }
+        }
         // Nothing applied since the last snapshot: a new one would hold the same state.
         if applied <= snapshot {
             continue;
@@ -49,17 +100,24 @@ pub async fn run(raft: Raft, log: LogStore, limit_bytes: u64, mut shutdown: watc
                 continue;
             }
         };
-        if bytes < limit_bytes {
+        if bytes < bounds.snapshot_every {
             continue;
         }
+        if snapshot_asked_after.replace(snapshot) == Some(snapshot) {
+            tracing::debug!(
+                after_index = snapshot,
+                "log still past its size bound; asking for the snapshot again"
+            );
+        } else {
+            tracing::info!(
+                log_bytes = bytes,
+                limit_bytes = bounds.snapshot_every,
+                after_index = snapshot,
+                applied,
+                "log past its size bound since the last snapshot; building one"
+            );
+        }
         // Raft ignores the request while a snapshot is being built.
-        tracing::info!(
-            log_bytes = bytes,
-            limit_bytes,
-            after_index = snapshot,
-            applied,
-            "log past its size bound since the last snapshot; building one"
-        );
         if let Err(e) = raft.trigger().snapshot().await {
             tracing::warn!(error = %e, "cannot ask Raft for a snapshot; it has stopped");
             return;

@@ -271,6 +271,14 @@ impl TestCluster {
         );
     }
 
+    /// Changes node `i`'s config file (read at its next restart).
+    pub fn edit_node_config(&self, i: usize, edit: impl FnOnce(&mut Config)) {
+        let path = &self.files.node_configs[i];
+        let mut config = Config::load(path).unwrap();
+        edit(&mut config);
+        std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+    }
+
     pub async fn shutdown(mut self) {
         for i in 0..self.nodes.len() {
             self.stop_node(i).await;
