@@ -1658,6 +1658,20 @@ async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() 
     }
 }
 
+/// Appends entries 1..=`count` in term 1, each one put of a `value_len`-byte value.
+async fn append_puts(log: &mut LogStore, count: u64, value_len: usize) {
+    let entries: Vec<Entry> = (1..=count)
+        .map(|i| Entry {
+            log_id: log_id(1, i),
+            payload: EntryPayload::Normal(Command::PutRecord {
+                path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
+                value: vec![i as u8; value_len],
+            }),
+        })
+        .collect();
+    log.blocking_append(entries).await.unwrap();
+}
+
 // Goal: the log's size estimate behind snapshots by size (`approximate_bytes_between`) never
 // falls short of the entries in a range of indexes by more than rounding, and overshoots by the
 // memtable at most: what is in the memtable counts whole, what is in table files counts by
@@ -1668,17 +1682,8 @@ async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
     const ENTRIES: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let mut log = LogStore::open(&dir.path().join("log")).unwrap();
-    let entries: Vec<Entry> = (1..=ENTRIES)
-        .map(|i| Entry {
-            log_id: log_id(1, i),
-            payload: EntryPayload::Normal(Command::PutRecord {
-                path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
-                value: vec![i as u8; VALUE],
-            }),
-        })
-        .collect();
     let total = ENTRIES * VALUE as u64;
-    log.blocking_append(entries).await.unwrap();
+    append_puts(&mut log, ENTRIES, VALUE).await;
     // All in the memtable: every range counts it whole, never less than the entries.
     for after in [0, ENTRIES / 2, ENTRIES] {
         let est = log.approximate_bytes_between(after, ENTRIES).unwrap();
@@ -1718,16 +1723,7 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
     const ENTRIES: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let mut log = LogStore::open(&dir.path().join("log")).unwrap();
-    let entries: Vec<Entry> = (1..=ENTRIES)
-        .map(|i| Entry {
-            log_id: log_id(1, i),
-            payload: EntryPayload::Normal(Command::PutRecord {
-                path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
-                value: vec![i as u8; VALUE as usize],
-            }),
-        })
-        .collect();
-    log.blocking_append(entries).await.unwrap();
+    append_puts(&mut log, ENTRIES, VALUE as usize).await;
     // In the memtable the entries are not counted: nothing to purge yet.
     assert_eq!(log.purge_point_keeping(0, ENTRIES, 0), None);
     log.flush_for_tests().unwrap();

@@ -14,6 +14,7 @@ mod common;
 
 use common::*;
 use escrow::config::RaftSettings;
+use escrow::node::NodeHandle;
 use escrow::pb;
 use tonic::Code;
 
@@ -249,6 +250,23 @@ fn target_data_dir(cluster: &TestCluster, i: usize) -> std::path::PathBuf {
         .data_dir
 }
 
+/// No running node has a snapshot (`when`: the situation, for the message).
+fn assert_no_snapshot(cluster: &TestCluster, when: &str) {
+    for node in cluster.nodes.iter().flatten() {
+        let m = node.raft.metrics().borrow().clone();
+        assert_eq!(m.snapshot, None, "node {} snapshotted {when}", m.id);
+    }
+}
+
+/// `node` holds `big/k0` .. `big/k{count - 1}` with the bytes `value` gives for each.
+fn assert_values(node: &NodeHandle, count: usize, value: impl Fn(usize) -> Vec<u8>) {
+    for k in 0..count {
+        let (_, got) = local_record(node, "big", &format!("k{k}"))
+            .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
+        assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
+    }
+}
+
 // Goal: the log's disk space is bounded in bytes, not only in entries (an entry is a batch
 // of up to a few MiB). With an entry count that never triggers, every node builds a snapshot
 // once the applied log after its last one passes `raft.snapshot_every_log_bytes`, not before
@@ -274,14 +292,7 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     let below = (SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE) / 4;
     let below_index = cluster.put_all_and_wait("big", big(0..below)).await;
     tokio::time::sleep(checks).await;
-    for i in 0..3 {
-        let m = cluster.node(i).raft.metrics().borrow().clone();
-        assert_eq!(
-            m.snapshot, None,
-            "node {} snapshotted below the bound",
-            m.id
-        );
-    }
+    assert_no_snapshot(&cluster, "below the bound");
     // Past the bound, twice over.
     let total = below + 2 * SNAPSHOT_EVERY_LOG_BYTES_MIN as usize / VALUE;
     cluster.put_all_and_wait("big", big(below..total)).await;
@@ -302,11 +313,7 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
             "node {}: entries up to the snapshot at {snapshot} are still readable from {first:?}",
             node.id
         );
-        for k in 0..total {
-            let (_, got) = local_record(node, "big", &format!("k{k}"))
-                .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
-            assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
-        }
+        assert_values(node, total, value);
         snapshots.push(snapshot);
     }
     // What the snapshots left behind is under the bound: no node builds another, with or
@@ -359,14 +366,7 @@ async fn t43_after_a_restart_the_log_byte_bounds_snapshot_and_purge_the_log_on_d
         .put_all_and_wait("big", (0..count).map(|i| (format!("k{i}"), value(i))))
         .await;
     tokio::time::sleep(escrow::workers::snapshots::CHECK_INTERVAL * 2).await;
-    for i in 0..3 {
-        let m = cluster.node(i).raft.metrics().borrow().clone();
-        assert_eq!(
-            m.snapshot, None,
-            "node {}: snapshot under the default bound",
-            m.id
-        );
-    }
+    assert_no_snapshot(&cluster, "under the default bound");
     for i in 0..3 {
         cluster.stop_node(i).await;
         cluster.edit_node_config(i, |c| {
@@ -398,11 +398,7 @@ async fn t43_after_a_restart_the_log_byte_bounds_snapshot_and_purge_the_log_on_d
             node.id
         );
         assert_eq!(node.log_store.first_index().unwrap(), Some(purged + 1));
-        for k in 0..count {
-            let (_, got) = local_record(node, "big", &format!("k{k}"))
-                .unwrap_or_else(|| panic!("node {}: k{k} is missing", node.id));
-            assert!(got == value(k), "node {}: k{k} has other bytes", node.id);
-        }
+        assert_values(node, count, value);
     }
     cluster.shutdown().await;
 }
