@@ -85,6 +85,10 @@ pub const SNAPSHOT_EVERY_LOG_BYTES_DEFAULT: u64 = 1 << 30;
 pub const SNAPSHOT_EVERY_LOG_BYTES_MIN: u64 = 64 << 20;
 /// Default of `raft.log_bytes_kept_after_snapshot`.
 pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 256 << 20;
+/// Least `raft.log_bytes_kept_after_snapshot`: a value meant in MiB but written in bytes would
+/// purge the log up to every snapshot, so any follower a little behind (or restarting) would
+/// need a whole snapshot to catch up.
+pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN: u64 = 16 << 20;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,7 +110,7 @@ pub struct RaftSettings {
     pub log_entries_kept_after_snapshot: u64,
     /// At most about this many bytes of those kept entries (in table files; checked every
     /// `workers::snapshots::CHECK_INTERVAL`): the older ones are purged too, and a follower
-    /// further behind catches up through the snapshot.
+    /// further behind catches up through the snapshot. At least 16 MiB.
     pub log_bytes_kept_after_snapshot: u64,
 }
 
@@ -254,6 +258,11 @@ impl Config {
                 "raft.snapshot_every_log_bytes must be ≥ {SNAPSHOT_EVERY_LOG_BYTES_MIN} (64 MiB)"
             )));
         }
+        if r.log_bytes_kept_after_snapshot < LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN {
+            return Err(invalid(format!(
+                "raft.log_bytes_kept_after_snapshot must be ≥ {LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN} (16 MiB)"
+            )));
+        }
         if self.integrity.scrub_mb_per_s == 0 {
             return Err(invalid("integrity.scrub_mb_per_s must be ≥ 1".into()));
         }
@@ -344,6 +353,37 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("snapshot_every_log_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_kept_log_byte_bound_under_its_minimum_is_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, path) = dev_config(dir.path());
+        assert_eq!(
+            config.raft.log_bytes_kept_after_snapshot,
+            LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT
+        );
+        config.raft.log_bytes_kept_after_snapshot = LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN;
+        config.validate(&path).unwrap();
+        config.raft.log_bytes_kept_after_snapshot = LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN - 1;
+        let err = config.validate(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("raft.log_bytes_kept_after_snapshot must be ≥ 16777216"),
+            "{err}"
+        );
+        // From the file, too: a value meant in MiB, written as bytes.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace(
+            &format!("log_bytes_kept_after_snapshot = {LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT}"),
+            "log_bytes_kept_after_snapshot = 256",
+        );
+        assert!(
+            text.contains("log_bytes_kept_after_snapshot = 256\n"),
+            "{text}"
+        );
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("log_bytes_kept_after_snapshot"), "{err}");
     }
 
     /// The commented example configs in `cluster/` are valid configs, with the defaults.

@@ -104,7 +104,13 @@ fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
         election_timeout_min: r.election_timeout_min_ms,
         election_timeout_max: r.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
-        max_in_snapshot_log_to_keep: r.log_entries_kept_after_snapshot,
+        // Purges behind a snapshot are the snapshots worker's alone (it keeps
+        // `log_entries_kept_after_snapshot` entries and about `log_bytes_kept_after_snapshot`
+        // bytes, whichever is less), so openraft's policy never schedules one: a second source
+        // of purge points could move a pending one backwards (openraft 0.9 compares its
+        // policy's point with the last purge done, not with the one pending, and
+        // debug-asserts that the pending one never moves back).
+        max_in_snapshot_log_to_keep: u64::MAX,
         max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
         // A snapshot stream of a large state machine takes a while on a slow link.
         install_snapshot_timeout: 600_000,

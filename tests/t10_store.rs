@@ -1737,6 +1737,9 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
             upto > after && kept.abs_diff(keep) <= 2 + keep / 50,
             "{after}..{snapshot} keeping {keep} entries: purge up to {upto} keeps {kept}"
         );
+        // The lowest such point by the estimate: one entry lower keeps more than the bound.
+        assert!(log.approximate_table_bytes(upto, snapshot) <= keep * VALUE);
+        assert!(log.approximate_table_bytes(upto - 1, snapshot) > keep * VALUE);
     }
     // Entries that fit the bound, or no entries at all, purge nothing.
     assert_eq!(
@@ -1744,5 +1747,6 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
         None
     );
     assert_eq!(log.purge_point_keeping(100, 100, 0), None);
+    assert_eq!(log.purge_point_keeping(150, 100, 0), None);
     assert_eq!(log.purge_point_keeping(ENTRIES, u64::MAX, 0), None);
 }

@@ -270,18 +270,20 @@ fn assert_values(node: &NodeHandle, count: usize, value: impl Fn(usize) -> Vec<u
 // Goal: the log's disk space is bounded in bytes, not only in entries (an entry is a batch
 // of up to a few MiB). With an entry count that never triggers, every node builds a snapshot
 // once the applied log after its last one passes `raft.snapshot_every_log_bytes`, not before
-// and not again without new writes, and purges its log behind it; every acknowledged write is
-// still there. The bound (64 MiB) is above the log's two memtables, so only entries in table
-// files can pass it.
+// and not again without new writes, and purges its log behind it down to exactly
+// `raft.log_entries_kept_after_snapshot` entries (their bytes stay under the default byte
+// bound); every acknowledged write is still there. The bound (64 MiB) is above the log's two
+// memtables, so only entries in table files can pass it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
     use escrow::config::SNAPSHOT_EVERY_LOG_BYTES_MIN;
     const VALUE: usize = escrow::domain::VALUE_LEN_MAX;
+    const KEPT: u64 = 20;
     let checks = escrow::workers::snapshots::CHECK_INTERVAL * 3;
     let raft = RaftSettings {
         snapshot_every_entries: 1_000_000,
         snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_MIN,
-        log_entries_kept_after_snapshot: 0,
+        log_entries_kept_after_snapshot: KEPT,
         ..test_raft()
     };
     let cluster = TestCluster::started_and_initialized(3, raft).await;
@@ -302,15 +304,17 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
         let snapshot = wait_for("a snapshot by size and a purge behind it", || async {
             let m = node.raft.metrics().borrow().clone();
             match (m.snapshot, m.purged) {
-                (Some(s), Some(p)) if s.index > below_index && p.index >= s.index => Some(s.index),
+                (Some(s), Some(p)) if s.index > below_index && p.index + KEPT == s.index => {
+                    Some(s.index)
+                }
                 _ => None,
             }
         })
         .await;
-        let first = node.log_store.first_index().unwrap();
-        assert!(
-            first.is_none_or(|f| f > snapshot),
-            "node {}: entries up to the snapshot at {snapshot} are still readable from {first:?}",
+        assert_eq!(
+            node.log_store.first_index().unwrap(),
+            Some(snapshot - KEPT + 1),
+            "node {}: the entries readable behind the snapshot at {snapshot}",
             node.id
         );
         assert_values(node, total, value);

@@ -500,7 +500,9 @@ impl LogStore {
         write: impl FnOnce(&LogStore) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || write(&store))
+        // The caller's span (the Raft core's, naming the node) for what the write logs.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| write(&store)))
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?
     }

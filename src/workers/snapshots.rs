@@ -1,14 +1,15 @@
-//! The log's disk space in bytes, on every node. openraft 0.9 counts entries only
-//! (`raft.snapshot_every_entries`, `raft.log_entries_kept_after_snapshot`), and an entry is a
-//! batch of up to a few MiB, so the log could grow to tens of GiB between two snapshots and
-//! keep GiB behind one. About every [`CHECK_INTERVAL`] this worker:
+//! The log's disk space, on every node. openraft 0.9 snapshots by a count of entries
+//! (`raft.snapshot_every_entries`), and an entry is a batch of up to a few MiB, so the log
+//! could grow to tens of GiB between two snapshots. About every [`CHECK_INTERVAL`] this worker:
 //! - estimates the bytes of the applied entries after the last snapshot
 //!   ([`LogStore::approximate_bytes_between`]) and asks Raft for a snapshot once they reach
-//!   `raft.snapshot_every_log_bytes`; the snapshot is built and the log purged behind it
-//!   exactly as for the entry count;
-//! - estimates the bytes of the entries kept behind the snapshot and, past
-//!   `raft.log_bytes_kept_after_snapshot`, asks Raft to purge the oldest of them
-//!   ([`LogStore::purge_point_keeping`]); Raft purges once no replication reads them.
+//!   `raft.snapshot_every_log_bytes`;
+//! - purges the log behind the last snapshot, keeping `raft.log_entries_kept_after_snapshot`
+//!   entries and about `raft.log_bytes_kept_after_snapshot` bytes of them
+//!   ([`LogStore::purge_point_keeping`]), whichever is less, for followers a little behind
+//!   (one further behind catches up through the snapshot). It is the only source of such
+//!   purges (`node::raft_config` turns openraft's policy off). A leader's Raft purges once no
+//!   replication reads the entries, a follower's at once.
 //!
 //! It reads the log's on-disk layout, so it works the same after a restart.
 
@@ -28,22 +29,34 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// while the first is being built).
 const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);
 
-/// The log's byte bounds, from the `raft` settings.
+/// The log's bounds this worker keeps, from the `raft` settings.
 #[derive(Debug, Clone, Copy)]
 pub struct LogBounds {
     /// `raft.snapshot_every_log_bytes`: applied entries after the last snapshot.
-    pub snapshot_every: u64,
-    /// `raft.log_bytes_kept_after_snapshot`: entries kept behind it.
-    pub kept_after_snapshot: u64,
+    pub snapshot_every_bytes: u64,
+    /// `raft.log_entries_kept_after_snapshot`: entries kept behind it.
+    pub kept_entries: u64,
+    /// `raft.log_bytes_kept_after_snapshot`: bytes of those.
+    pub kept_bytes: u64,
 }
 
 impl LogBounds {
     pub fn of(raft: &RaftSettings) -> Self {
         Self {
-            snapshot_every: raft.snapshot_every_log_bytes,
-            kept_after_snapshot: raft.log_bytes_kept_after_snapshot,
+            snapshot_every_bytes: raft.snapshot_every_log_bytes,
+            kept_entries: raft.log_entries_kept_after_snapshot,
+            kept_bytes: raft.log_bytes_kept_after_snapshot,
         }
     }
+}
+
+/// The index to purge up to behind the snapshot at `snapshot` (`purged`: the last purge), if
+/// any: the later of the points keeping `bounds.kept_entries` entries and about
+/// `bounds.kept_bytes` bytes.
+fn purge_point(log: &LogStore, bounds: LogBounds, purged: u64, snapshot: u64) -> Option<u64> {
+    let by_count = snapshot.saturating_sub(bounds.kept_entries);
+    let by_bytes = log.purge_point_keeping(purged, snapshot, bounds.kept_bytes);
+    Some(by_bytes.map_or(by_count, |b| b.max(by_count))).filter(|&upto| upto > purged)
 }
 
 pub async fn run(
@@ -52,8 +65,8 @@ pub async fn run(
     bounds: LogBounds,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // The last purge asked for: Raft remembers it until no replication reads the entries, and
-    // logs every request, so each point is asked for once.
+    // The last purge asked for: Raft keeps it pending until no replication reads the entries,
+    // and logs every request, so each point is asked for once.
     let mut purge_asked = 0;
     // The snapshot index when a snapshot was last asked for: asking again before a new one
     // exists (a build past SNAPSHOT_WAIT_MAX) is logged at debug level only.
@@ -72,13 +85,14 @@ pub async fn run(
                 m.last_applied.map_or(0, |l| l.index),
             )
         };
-        if let Some(upto) = log.purge_point_keeping(purged, snapshot, bounds.kept_after_snapshot) {
+        if let Some(upto) = purge_point(&log, bounds, purged, snapshot) {
             if upto > purge_asked {
                 tracing::info!(
                     upto,
                     snapshot,
-                    limit_bytes = bounds.kept_after_snapshot,
-                    "log behind the snapshot past its size bound; purging its oldest entries"
+                    kept_entries = bounds.kept_entries,
+                    kept_bytes = bounds.kept_bytes,
+                    "purging the log behind the snapshot"
                 );
                 if raft.trigger().purge_log(upto).await.is_err() {
                     tracing::warn!("cannot ask Raft for a purge; it has stopped");
@@ -100,7 +114,7 @@ pub async fn run(
                 continue;
             }
         };
-        if bytes < bounds.snapshot_every {
+        if bytes < bounds.snapshot_every_bytes {
             continue;
         }
         if snapshot_asked_after.replace(snapshot) == Some(snapshot) {
@@ -111,7 +125,7 @@ pub async fn run(
         } else {
             tracing::info!(
                 log_bytes = bytes,
-                limit_bytes = bounds.snapshot_every,
+                limit_bytes = bounds.snapshot_every_bytes,
                 after_index = snapshot,
                 applied,
                 "log past its size bound since the last snapshot; building one"
