@@ -443,6 +443,9 @@ impl LogStore {
         }
         // The end is exclusive; at u64::MAX it leaves out that index, which is never a real one.
         let (start, end) = (index_key(after + 1), index_key(through.saturating_add(1)));
+        // rust-rocksdb drops the error RocksDB may report here (only for invalid arguments,
+        // which these are not), so a failure would read as 0 bytes: no snapshot by size at
+        // that check, and a purge point no later than the true one (never too much purged).
         self.db()
             .get_approximate_sizes_cf(self.cf(CF_ENTRIES), &[rocksdb::Range::new(&start, &end)])
             .first()

@@ -390,7 +390,7 @@ pub struct SmShared {
     /// The applied index at which the set of referenced chunks last grew (an artifact version
     /// was applied, a snapshot installed, or the store opened).
     chunk_refs_index: AtomicU64,
-    current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)>>,
+    current_snapshot: Mutex<Option<PublishedSnapshot>>,
     snapshot_seq: AtomicU64,
     incoming_seq: AtomicU64,
     /// Held by a snapshot install throughout and by a snapshot builder while it takes its
