@@ -11,7 +11,10 @@
 # within minutes, so one round can favour either side.
 # Values are random bytes, different for every put (customer data does not compress to
 # nothing); COMPRESSIBLE=1 writes the byte `x` repeated instead, as runs before 2026-11-23 did.
-# Usage: [COMPRESSIBLE=1] scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]   (defaults 10 and 1)
+# Keys repeat across runs (`w<client>-<n>`), so every run after the first at a point replaces
+# what earlier ones wrote; NEW_KEYS=1 gives every run keys of its own (all first writes).
+# Usage: [COMPRESSIBLE=1] [NEW_KEYS=1] scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]
+#        (defaults 10 and 1)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs
 cd "$ROOT"
@@ -21,6 +24,11 @@ case "${COMPRESSIBLE:-0}" in
     0) VALUE_KIND="random bytes"; VALUE_ARGS=() ;;
     1) VALUE_KIND="the byte x repeated"; VALUE_ARGS=(--compressible) ;;
     *) echo "COMPRESSIBLE must be 0 or 1" >&2; exit 2 ;;
+esac
+case "${NEW_KEYS:-0}" in
+    0) KEY_KIND="keys repeating across runs" ;;
+    1) KEY_KIND="new keys every run"; VALUE_ARGS+=(--new-keys) ;;
+    *) echo "NEW_KEYS must be 0 or 1" >&2; exit 2 ;;
 esac
 [[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "SECONDS_PER_RUN must be a positive whole number" >&2; exit 2; }
 [[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "ROUNDS must be 1 to 99" >&2; exit 2; }
@@ -152,7 +160,7 @@ done
 curl -sf "http://127.0.0.1:$((ETCD_PORT+1))/health" | grep -q true || { echo "etcd did not come up" >&2; tail "$WORK/etcd1.log" >&2; exit 1; }
 
 echo
-echo "value ${VALUE} B (${VALUE_KIND}), ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
+echo "value ${VALUE} B (${VALUE_KIND}; ${KEY_KIND}), ${SECONDS_PER_RUN} s per run, ${ROUNDS} round(s) per point (medians), 3 nodes each on loopback, $(nproc) cores"
 echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS to clients, mTLS between peers"
 # RocksDB chooses hardware or software CRC32C when it is compiled (.cargo/config.toml); its LOG
 # line reflects SSE4.2 only (the 3-way path also needs PCLMUL, checked with `nm` once).

@@ -21,6 +21,10 @@ pub struct BenchSpec {
     /// nothing, and the state machine's LZ4 would otherwise make its flushes and compactions
     /// look far cheaper than they are (etcd stores values uncompressed either way).
     pub compressible: bool,
+    /// Every run writes keys no earlier run wrote (a random run prefix), so every put is a
+    /// first write. The default keys (`w{client}-{n}`) repeat across runs: a run after the
+    /// first replaces what the earlier ones wrote.
+    pub new_keys: bool,
 }
 
 impl BenchSpec {
@@ -107,21 +111,26 @@ fn validate(spec: &BenchSpec) -> anyhow::Result<()> {
 /// with a new value ([`BenchSpec::value`]).
 async fn drive<F, Fut>(spec: &BenchSpec, op: F) -> (hdrhistogram::Histogram<u64>, u64, Duration)
 where
-    F: Fn(usize, u64, Vec<u8>) -> Fut + Clone + Send + 'static,
+    F: Fn(usize, String, Vec<u8>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    let prefix = if spec.new_keys {
+        format!("r{:08x}-", rand::random::<u32>())
+    } else {
+        String::new()
+    };
     let started = Instant::now();
     let end = started + spec.duration;
     let mut tasks = Vec::new();
     for worker in 0..spec.clients {
-        let (op, spec) = (op.clone(), *spec);
+        let (op, spec, prefix) = (op.clone(), *spec, prefix.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let mut errors = 0u64;
             let mut seq = 0u64;
             while Instant::now() < end {
                 let t = Instant::now();
-                if op(worker, seq, spec.value()).await {
+                if op(worker, format!("{prefix}w{worker}-{seq}"), spec.value()).await {
                     let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                 } else {
                     errors += 1;
@@ -167,14 +176,9 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
     let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
         .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
         .collect::<Result<_, _>>()?;
-    let (hist, errors, elapsed) = drive(spec, move |worker, seq, value| {
+    let (hist, errors, elapsed) = drive(spec, move |worker, key, value| {
         let client = clients[worker].clone();
-        async move {
-            client
-                .put(BENCH_TENANT, "kv", &format!("w{worker}-{seq}"), value)
-                .await
-                .is_ok()
-        }
+        async move { client.put(BENCH_TENANT, "kv", &key, value).await.is_ok() }
     })
     .await;
     Ok(report("escrow", spec, &hist, errors, elapsed))
@@ -205,13 +209,9 @@ pub async fn run_etcd(
     }
     // One connection per worker; a KvClient clone shares it, so each call takes its own.
     let kvs: Vec<etcd_client::KvClient> = clients.into_iter().map(|c| c.kv_client()).collect();
-    let (hist, errors, elapsed) = drive(spec, move |worker, seq, value| {
+    let (hist, errors, elapsed) = drive(spec, move |worker, key, value| {
         let mut kv = kvs[worker].clone();
-        async move {
-            kv.put(format!("bench/kv/w{worker}-{seq}"), value, None)
-                .await
-                .is_ok()
-        }
+        async move { kv.put(format!("bench/kv/{key}"), value, None).await.is_ok() }
     })
     .await;
     Ok(report(target, spec, &hist, errors, elapsed))
@@ -219,7 +219,43 @@ pub async fn run_etcd(
 
 #[cfg(test)]
 mod tests {
-    use super::BenchSpec;
+    use super::{drive, BenchSpec};
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    /// The keys one short run of two clients writes.
+    async fn keys_of_a_run(new_keys: bool) -> BTreeSet<String> {
+        let spec = BenchSpec {
+            clients: 2,
+            value_bytes: 8,
+            duration: std::time::Duration::from_millis(20),
+            compressible: false,
+            new_keys,
+        };
+        let keys = Arc::new(Mutex::new(BTreeSet::new()));
+        let seen = keys.clone();
+        drive(&spec, move |_, key, _| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().insert(key);
+                tokio::task::yield_now().await;
+                true
+            }
+        })
+        .await;
+        let keys = keys.lock().unwrap().clone();
+        keys
+    }
+
+    #[tokio::test]
+    async fn new_keys_give_every_run_keys_of_its_own() {
+        let (a, b) = (keys_of_a_run(false).await, keys_of_a_run(false).await);
+        assert!(a.contains("w0-0") && a.contains("w1-0") && b.contains("w0-0"));
+        let (a, b) = (keys_of_a_run(true).await, keys_of_a_run(true).await);
+        assert!(!a.is_empty() && !b.is_empty());
+        assert!(a.is_disjoint(&b), "two runs with new keys share keys");
+        assert!(a.iter().all(|k| k.starts_with('r') && k.contains("-w")));
+    }
 
     #[test]
     fn values_are_random_unless_asked_to_compress() {
@@ -228,6 +264,7 @@ mod tests {
             value_bytes,
             duration: std::time::Duration::from_secs(1),
             compressible,
+            new_keys: false,
         };
         let random = spec(false, 1024);
         let (a, b) = (random.value(), random.value());

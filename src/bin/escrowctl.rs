@@ -273,6 +273,10 @@ enum BenchCmd {
         /// measured; compresses to almost nothing in the state machine).
         #[arg(long)]
         compressible: bool,
+        /// Write keys no earlier run wrote (a random run prefix), so every put is a first
+        /// write; by default keys repeat across runs and later runs replace earlier values.
+        #[arg(long)]
+        new_keys: bool,
         /// Drive an etcd cluster at these endpoints instead (needs the etcd-bench feature).
         #[arg(long, value_delimiter = ',')]
         etcd: Vec<String>,
@@ -847,6 +851,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             value_size,
             seconds,
             compressible,
+            new_keys,
             etcd,
             etcd_ca,
         }) => {
@@ -855,6 +860,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 value_bytes: *value_size,
                 duration: Duration::from_secs((*seconds).max(1)),
                 compressible: *compressible,
+                new_keys: *new_keys,
             };
             let report = if etcd.is_empty() {
                 escrow::bench::run_escrow(&config, &spec).await?
