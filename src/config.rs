@@ -327,63 +327,54 @@ mod tests {
         (Config::load(&path).unwrap(), path)
     }
 
-    #[test]
-    fn a_log_byte_bound_under_its_minimum_is_refused_with_the_limit() {
+    /// A `raft` byte bound (`key`, read by `field`) has `default`, takes `min` and refuses one
+    /// byte less with a message naming the limit, from a struct and from the file (there
+    /// written as `bad`, a value meant in MiB).
+    fn assert_raft_minimum(
+        key: &str,
+        field: fn(&mut RaftSettings) -> &mut u64,
+        default: u64,
+        min: u64,
+        bad: u64,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (mut config, path) = dev_config(dir.path());
-        assert_eq!(
-            config.raft.snapshot_every_log_bytes,
-            SNAPSHOT_EVERY_LOG_BYTES_DEFAULT
-        );
-        config.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN;
+        assert_eq!(*field(&mut config.raft), default);
+        *field(&mut config.raft) = min;
         config.validate(&path).unwrap();
-        config.raft.snapshot_every_log_bytes = SNAPSHOT_EVERY_LOG_BYTES_MIN - 1;
+        *field(&mut config.raft) = min - 1;
         let err = config.validate(&path).unwrap_err().to_string();
         assert!(
-            err.contains("raft.snapshot_every_log_bytes must be ≥ 67108864"),
+            err.contains(&format!("raft.{key} must be ≥ {min}")),
             "{err}"
         );
-        // From the file, too: the key is read and checked like any other.
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("snapshot_every_log_bytes"), "{text}");
-        let text = text.replace(
-            &format!("snapshot_every_log_bytes = {SNAPSHOT_EVERY_LOG_BYTES_DEFAULT}"),
-            "snapshot_every_log_bytes = 1024",
-        );
-        std::fs::write(&path, text).unwrap();
+        let (from, to) = (format!("{key} = {default}\n"), format!("{key} = {bad}\n"));
+        assert!(text.contains(&from), "{text}");
+        std::fs::write(&path, text.replace(&from, &to)).unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
-        assert!(err.contains("snapshot_every_log_bytes"), "{err}");
+        assert!(
+            err.contains(&format!("raft.{key} must be ≥ {min}")),
+            "{err}"
+        );
     }
 
     #[test]
-    fn a_kept_log_byte_bound_under_its_minimum_is_refused_with_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut config, path) = dev_config(dir.path());
-        assert_eq!(
-            config.raft.log_bytes_kept_after_snapshot,
-            LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT
+    fn the_log_byte_bounds_under_their_minimums_are_refused_with_the_limit() {
+        assert_raft_minimum(
+            "snapshot_every_log_bytes",
+            |r| &mut r.snapshot_every_log_bytes,
+            SNAPSHOT_EVERY_LOG_BYTES_DEFAULT,
+            SNAPSHOT_EVERY_LOG_BYTES_MIN,
+            1024,
         );
-        config.raft.log_bytes_kept_after_snapshot = LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN;
-        config.validate(&path).unwrap();
-        config.raft.log_bytes_kept_after_snapshot = LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN - 1;
-        let err = config.validate(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("raft.log_bytes_kept_after_snapshot must be ≥ 16777216"),
-            "{err}"
+        assert_raft_minimum(
+            "log_bytes_kept_after_snapshot",
+            |r| &mut r.log_bytes_kept_after_snapshot,
+            LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT,
+            LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN,
+            256,
         );
-        // From the file, too: a value meant in MiB, written as bytes.
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replace(
-            &format!("log_bytes_kept_after_snapshot = {LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT}"),
-            "log_bytes_kept_after_snapshot = 256",
-        );
-        assert!(
-            text.contains("log_bytes_kept_after_snapshot = 256\n"),
-            "{text}"
-        );
-        std::fs::write(&path, text).unwrap();
-        let err = Config::load(&path).unwrap_err().to_string();
-        assert!(err.contains("log_bytes_kept_after_snapshot"), "{err}");
     }
 
     /// The commented example configs in `cluster/` are valid configs, with the defaults.
