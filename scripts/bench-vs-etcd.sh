@@ -11,8 +11,8 @@
 # within minutes, so one round can favour either side.
 # Values are random bytes, different for every put (customer data does not compress to
 # nothing); COMPRESSIBLE=1 writes the byte `x` repeated instead, as runs before 2026-11-23 did.
-# Keys repeat across runs (`w<client>-<n>`), so every run after the first at a point replaces
-# what earlier ones wrote; NEW_KEYS=1 gives every run keys of its own (all first writes).
+# Keys repeat across runs and points (`w<client>-<n>`), so a run rewrites the keys earlier runs
+# wrote as far as they got; NEW_KEYS=1 gives every run keys of its own (all first writes).
 # Usage: [COMPRESSIBLE=1] [NEW_KEYS=1] scripts/bench-vs-etcd.sh [SECONDS_PER_RUN] [ROUNDS]
 #        (defaults 10 and 1)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -21,13 +21,13 @@ cd "$ROOT"
 SECONDS_PER_RUN="${1:-10}"
 ROUNDS="${2:-1}"
 case "${COMPRESSIBLE:-0}" in
-    0) VALUE_KIND="random bytes"; VALUE_ARGS=() ;;
-    1) VALUE_KIND="the byte x repeated"; VALUE_ARGS=(--compressible) ;;
+    0) VALUE_KIND="random bytes"; BENCH_ARGS=() ;;
+    1) VALUE_KIND="the byte x repeated"; BENCH_ARGS=(--compressible) ;;
     *) echo "COMPRESSIBLE must be 0 or 1" >&2; exit 2 ;;
 esac
 case "${NEW_KEYS:-0}" in
     0) KEY_KIND="keys repeating across runs" ;;
-    1) KEY_KIND="new keys every run"; VALUE_ARGS+=(--new-keys) ;;
+    1) KEY_KIND="new keys every run"; BENCH_ARGS+=(--new-keys) ;;
     *) echo "NEW_KEYS must be 0 or 1" >&2; exit 2 ;;
 esac
 [[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "SECONDS_PER_RUN must be a positive whole number" >&2; exit 2; }
@@ -167,7 +167,7 @@ echo "escrow: TLS to clients, mTLS between nodes; etcd: plaintext; etcd+tls: TLS
 echo "escrow's RocksDB: $(grep -h -m1 -o 'Fast CRC32 supported: .*' "$WORK"/escrow/node1/data/log/LOG 2>/dev/null || echo 'CRC32C implementation unknown (no LOG line)')"
 printf '%-7s | %-30s | %-30s | %-30s | %s\n' clients "escrow w/s (p50/p99, max ms)" "etcd w/s (p50/p99, max ms)" "etcd+tls w/s (p50/p99, max ms)" "escrow/etcd, escrow/etcd+tls"
 for c in $CLIENTS; do
-    run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json "${VALUE_ARGS[@]}")
+    run=("${CTL[@]}" bench put --clients "$c" --value-size "$VALUE" --seconds "$SECONDS_PER_RUN" --json "${BENCH_ARGS[@]}")
     es=() ds=() ts=()
     for round in $(seq 0 $((ROUNDS - 1))); do
         for turn in 0 1 2; do

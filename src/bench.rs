@@ -107,8 +107,9 @@ fn validate(spec: &BenchSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `op(worker, seq, value)` from `spec.clients` tasks until the duration ends, each call
-/// with a new value ([`BenchSpec::value`]).
+/// Runs `op(worker, key, value)` from `spec.clients` tasks until the duration ends (each task
+/// at least once), each call with a new key (`w<worker>-<n>`, after a random run prefix with
+/// [`BenchSpec::new_keys`]) and a new value ([`BenchSpec::value`]).
 async fn drive<F, Fut>(spec: &BenchSpec, op: F) -> (hdrhistogram::Histogram<u64>, u64, Duration)
 where
     F: Fn(usize, String, Vec<u8>) -> Fut + Clone + Send + 'static,
@@ -128,7 +129,7 @@ where
             let mut hist = new_histogram();
             let mut errors = 0u64;
             let mut seq = 0u64;
-            while Instant::now() < end {
+            loop {
                 let t = Instant::now();
                 if op(worker, format!("{prefix}w{worker}-{seq}"), spec.value()).await {
                     let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
@@ -136,6 +137,9 @@ where
                     errors += 1;
                 }
                 seq += 1;
+                if Instant::now() >= end {
+                    break;
+                }
             }
             (hist, errors)
         }));
