@@ -1750,3 +1750,78 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
     assert_eq!(log.purge_point_keeping(150, 100, 0), None);
     assert_eq!(log.purge_point_keeping(ENTRIES, u64::MAX, 0), None);
 }
+
+// Goal: the estimate of blob bytes history expiry removed survives a restart (and travels with
+// a snapshot), so garbage expired before it still counts toward a collection: two expiries of
+// a sixth of the blob bytes each, with a restart between them, are collected together, and
+// the estimate the collection lowered stays lowered.
+#[tokio::test]
+async fn t19_expired_blob_bytes_count_across_a_restart() {
+    const RECORDS: u64 = 300;
+    const VALUE: usize = 4096;
+    let (dir, mut sm) = store_with_tenant().await;
+    let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
+    let half = RECORDS / 2;
+    let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
+        let puts = keys
+            .map(|k| put_order(&format!("k{k}"), &value(round, k)))
+            .collect();
+        timed(index, at_ms, puts)
+    };
+    sm.apply([
+        round(2, 2_000, 1, 0..RECORDS),
+        round(3, 3_000, 2, 0..half),
+        round(4, 3_500, 2, half..RECORDS),
+        round(5, 5_000, 3, 0..RECORDS),
+    ])
+    .await
+    .unwrap();
+    build_snapshot(&mut sm).await;
+    let values = RECORDS * VALUE as u64;
+    let (index, removed) = expire_all(&mut sm, 6, 3_200).await;
+    assert_eq!(removed, half);
+    assert_eq!(
+        sm.reader().collect_blob_garbage().unwrap(),
+        None,
+        "a sixth: not yet"
+    );
+    let expired = sm.reader().expired_blob_bytes();
+    assert!(expired >= values / 2, "{expired} bytes expired");
+    // A snapshot carries it with the blob files it describes.
+    let (_other_dir, other) = install_on_new_store(build_snapshot(&mut sm).await).await;
+    assert_eq!(
+        other.reader().expired_blob_bytes(),
+        expired,
+        "after an install"
+    );
+    drop(sm);
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    assert_eq!(
+        sm.reader().expired_blob_bytes(),
+        expired,
+        "after the restart"
+    );
+    let (_, removed) = expire_all(&mut sm, index, 3_800).await;
+    assert_eq!(removed, RECORDS - half);
+    let c = sm
+        .reader()
+        .collect_blob_garbage()
+        .unwrap()
+        .expect("the expiries before and after the restart are worth a collection together");
+    assert!(
+        c.before.garbage_bytes >= values,
+        "both expiries counted as garbage: {c:?}"
+    );
+    // The compaction that made RocksDB count them lowered the estimate, also on disk.
+    assert_eq!(sm.reader().expired_blob_bytes(), 0);
+    drop(sm);
+    let sm = StateMachineStore::open(dir.path()).unwrap();
+    assert_eq!(
+        sm.reader().expired_blob_bytes(),
+        0,
+        "after a second restart"
+    );
+    for k in 0..RECORDS {
+        assert_eq!(live(&sm.reader(), &format!("k{k}")), Some(value(3, k)));
+    }
+}

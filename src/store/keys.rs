@@ -48,6 +48,10 @@ pub const APPLIED: &[u8] = b"\x00applied";
 pub const MEMBERSHIP: &[u8] = b"\x00membership";
 pub const CLOCK: &[u8] = b"\x00clock";
 pub const EXPIRED_TO: &[u8] = b"\x00expired_to";
+/// This node's estimate of blob-held bytes history expiry removed since the last compaction
+/// that made RocksDB count them (`SmShared::expired_blob_bytes`). Node-local, not replicated
+/// state: each node lowers it after its own compactions.
+pub const EXPIRED_BLOB_BYTES: &[u8] = b"\x00expired_blob_bytes";
 pub const REPLACED_PREFIX: u8 = b'x';
 const NODE_PREFIX: u8 = b'n';
 pub const RECORD_PREFIX: u8 = b'r';

@@ -402,9 +402,11 @@ pub struct SmShared {
     /// Encoded bytes of blob-held history versions expired on this node since the last
     /// compaction that made RocksDB count them ([`SmReader::collect_blob_garbage`]). An
     /// estimate: blob files hold them compressed, and a version expired before its first flush
-    /// never reached one. In memory only: a restart forgets them (as does a snapshot install,
-    /// which replaces the database), and RocksDB then learns of that garbage only as its own
-    /// compactions meet the deletions.
+    /// never reached one. Kept in the database too ([`keys::EXPIRED_BLOB_BYTES`]: written in
+    /// the batch of each expiry that adds to it and after the compaction that lowers it), so
+    /// a restart keeps it, and a snapshot install takes the sender's, which describes the
+    /// blob files it installs. Applies and a compaction racing may leave the stored figure a
+    /// little off until the next of either; it only decides when to compact.
     expired_blob_bytes: AtomicU64,
     /// Held by the running blob collection: two at once would switch collection off under
     /// each other.
@@ -1024,6 +1026,12 @@ impl SmReader {
         blob_space(&self.shared.db())
     }
 
+    /// Bytes of blob-held versions history expiry removed that RocksDB may not count as
+    /// garbage yet ([`SmShared::expired_blob_bytes`], an estimate).
+    pub fn expired_blob_bytes(&self) -> u64 {
+        self.shared.expired_blob_bytes.load(Ordering::Relaxed)
+    }
+
     /// At node shutdown, once Raft has stopped: no blob collection starts any more, and a
     /// running one is cut short by stopping RocksDB's background work (after a flush), so the
     /// database closes without waiting for a full compaction. Blocks for that flush. Only
@@ -1072,12 +1080,20 @@ impl SmReader {
         let expired = self.shared.expired_blob_bytes.load(Ordering::Relaxed);
         if due(expired, blob_space(&db)?.bytes) {
             db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
-            // Saturating: a snapshot install may have reset the estimate meanwhile.
-            let _ = self.shared.expired_blob_bytes.fetch_update(
+            // Saturating: a snapshot install may have replaced the estimate meanwhile.
+            let left = |v: u64| v.saturating_sub(expired);
+            let before = self.shared.expired_blob_bytes.fetch_update(
                 Ordering::Relaxed,
                 Ordering::Relaxed,
-                |v| Some(v.saturating_sub(expired)),
+                |v| Some(left(v)),
             );
+            let now = left(before.unwrap_or_else(|v| v));
+            db.put_opt(
+                keys::EXPIRED_BLOB_BYTES,
+                codec::encode(&now),
+                &sm_write_options(),
+            )
+            .map_err(sm_err)?;
         }
         let before = blob_space(&db)?;
         if !due(before.garbage_bytes, before.bytes) {
@@ -1143,6 +1159,16 @@ fn get_decoded<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The stored [`SmShared::expired_blob_bytes`] (0 if none). An unreadable figure reads as 0
+/// with a warning: it only decides when to compact, so it never stops a start or an install.
+fn stored_expired_blob_bytes(db: &DB) -> u64 {
+    get_decoded(db, keys::EXPIRED_BLOB_BYTES).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the expired blob bytes estimate; starting it from 0");
+        None
+    })
+    .unwrap_or(0)
+}
+
 /// The state machine handed to openraft.
 pub struct StateMachineStore {
     shared: Arc<SmShared>,
@@ -1176,9 +1202,10 @@ impl StateMachineStore {
         }
         let db = open_sm_db(&sm_dir.join(generation.to_string())).map_err(sm_err)?;
         let applied = read_applied(&db)?;
+        let expired_blob_bytes = stored_expired_blob_bytes(&db);
 
         // Load the newest complete snapshot; drop partial ones.
-        let mut current: Option<(SnapshotMeta, PathBuf, Vec<SnapshotFileInfo>)> = None;
+        let mut current: Option<PublishedSnapshot> = None;
         let mut max_seq = 0u64;
         for entry in std::fs::read_dir(&snaps_dir).map_err(sm_err)? {
             let entry = entry.map_err(sm_err)?;
@@ -1218,7 +1245,7 @@ impl StateMachineStore {
                 incoming_seq: AtomicU64::new(0),
                 checkpoint_gate: tokio::sync::Mutex::new(()),
                 snapshot_bytes_hashed: AtomicU64::new(0),
-                expired_blob_bytes: AtomicU64::new(0),
+                expired_blob_bytes: AtomicU64::new(expired_blob_bytes),
                 blob_collection: Mutex::new(()),
                 stopping: AtomicBool::new(false),
             }),
@@ -2252,6 +2279,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         staged.put(keys::APPLIED.to_vec(), codec::encode(&last_applied));
         let staged_chunk_refs = staged.chunk_refs_added;
         let expired_blob_bytes = staged.expired_blob_bytes.get();
+        if expired_blob_bytes > 0 {
+            let total = self
+                .shared
+                .expired_blob_bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(expired_blob_bytes);
+            staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(&total));
+        }
         db.write_opt(staged.into_batch(), &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
@@ -2350,9 +2385,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.shared.applied_index.store(index, Ordering::Release);
         // The snapshot may reference chunks this node has never seen.
         self.shared.chunk_refs_index.store(index, Ordering::Release);
+        // The sender's estimate, for the blob files installed with it.
+        self.shared
+            .expired_blob_bytes
+            .store(stored_expired_blob_bytes(&db), Ordering::Relaxed);
         // A blob collection running on the old generation stops here instead of rewriting a
         // database nobody will use again (after a flush, as dropping it would do).
-        self.shared.expired_blob_bytes.store(0, Ordering::Relaxed);
         if self.shared.collection_running() {
             old.cancel_all_background_work(true);
         }
