@@ -1168,6 +1168,40 @@ fn newest_sm_options(root: &std::path::Path) -> String {
     std::fs::read_to_string(db.join(format!("OPTIONS-{newest:06}"))).unwrap()
 }
 
+/// Records in [`three_rounds_in_blob_files`], and their values' size.
+const BLOB_RECORDS: u64 = 300;
+const BLOB_VALUE: usize = 4096;
+
+/// Record `k`'s value written in `round`.
+fn round_value(round: u64, k: u64) -> Vec<u8> {
+    noise(round * BLOB_RECORDS + k, BLOB_VALUE)
+}
+
+/// A store with the tenant and [`BLOB_RECORDS`] records written in three rounds (entries 2–5):
+/// round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
+/// second at 3,500; round 3 replaces all at 5,000. A snapshot's checkpoint has flushed the
+/// memtable, so the values are in blob files.
+async fn three_rounds_in_blob_files() -> (tempfile::TempDir, StateMachineStore) {
+    let (dir, mut sm) = store_with_tenant().await;
+    let half = BLOB_RECORDS / 2;
+    let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
+        let puts = keys
+            .map(|k| put_order(&format!("k{k}"), &round_value(round, k)))
+            .collect();
+        timed(index, at_ms, puts)
+    };
+    sm.apply([
+        round(2, 2_000, 1, 0..BLOB_RECORDS),
+        round(3, 3_000, 2, 0..half),
+        round(4, 3_500, 2, half..BLOB_RECORDS),
+        round(5, 5_000, 3, 0..BLOB_RECORDS),
+    ])
+    .await
+    .unwrap();
+    build_snapshot(&mut sm).await;
+    (dir, sm)
+}
+
 // Goal: values (history versions included) live in blob files, and the space of expired
 // versions comes back. Expiry's garbage adds up across checks until it is worth a collection
 // (here two expiries, each under the threshold alone); the collection leaves RocksDB's blob
@@ -1176,29 +1210,11 @@ fn newest_sm_options(root: &std::path::Path) -> String {
 #[tokio::test]
 async fn t19_expired_history_gives_its_blob_space_back() {
     use escrow::store::sm::BLOB_GC_GARBAGE_PERCENT;
-    const RECORDS: u64 = 300;
-    const VALUE: usize = 4096;
-    let (dir, mut sm) = store_with_tenant().await;
-    let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
+    const RECORDS: u64 = BLOB_RECORDS;
+    const VALUE: usize = BLOB_VALUE;
+    let (dir, mut sm) = three_rounds_in_blob_files().await;
+    let value = round_value;
     let half = RECORDS / 2;
-    // Round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
-    // second at 3,500; round 3 replaces all at 5,000.
-    let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
-        let puts = keys
-            .map(|k| put_order(&format!("k{k}"), &value(round, k)))
-            .collect();
-        timed(index, at_ms, puts)
-    };
-    sm.apply([
-        round(2, 2_000, 1, 0..RECORDS),
-        round(3, 3_000, 2, 0..half),
-        round(4, 3_500, 2, half..RECORDS),
-        round(5, 5_000, 3, 0..RECORDS),
-    ])
-    .await
-    .unwrap();
-    // A snapshot's checkpoint flushes the memtable: the values land in blob files.
-    build_snapshot(&mut sm).await;
     let reader = sm.reader();
     let values = RECORDS * VALUE as u64;
     let all = reader.blob_space().unwrap();
@@ -1757,26 +1773,11 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
 // the estimate the collection lowered stays lowered.
 #[tokio::test]
 async fn t19_expired_blob_bytes_count_across_a_restart() {
-    const RECORDS: u64 = 300;
-    const VALUE: usize = 4096;
-    let (dir, mut sm) = store_with_tenant().await;
-    let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
+    const RECORDS: u64 = BLOB_RECORDS;
+    const VALUE: usize = BLOB_VALUE;
+    let (dir, mut sm) = three_rounds_in_blob_files().await;
+    let value = round_value;
     let half = RECORDS / 2;
-    let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
-        let puts = keys
-            .map(|k| put_order(&format!("k{k}"), &value(round, k)))
-            .collect();
-        timed(index, at_ms, puts)
-    };
-    sm.apply([
-        round(2, 2_000, 1, 0..RECORDS),
-        round(3, 3_000, 2, 0..half),
-        round(4, 3_500, 2, half..RECORDS),
-        round(5, 5_000, 3, 0..RECORDS),
-    ])
-    .await
-    .unwrap();
-    build_snapshot(&mut sm).await;
     let values = RECORDS * VALUE as u64;
     let (index, removed) = expire_all(&mut sm, 6, 3_200).await;
     assert_eq!(removed, half);
