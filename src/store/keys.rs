@@ -21,6 +21,8 @@
 //!   length)
 //! - `0x00 "expired_to"`         → the `'x'` key of the last replacement expiry removed (the
 //!   next expiry seeks past it, not through the deleted keys before it)
+//! - `0x00 "expired_blob_bytes"` → node-local, not replicated: this node's estimate of
+//!   blob-held bytes expired that RocksDB may not count as garbage yet (u64)
 //! - `'t' tenant`                → tenant registration
 //! - `'s' namespace`             → namespace figures (records, bytes, freshness)
 //! - `'q' tenant 0x00 source`    → a source stream's applied position

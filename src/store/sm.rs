@@ -405,9 +405,10 @@ pub struct SmShared {
     /// never reached one. Kept in the database too ([`keys::EXPIRED_BLOB_BYTES`]: written in
     /// the batch of each expiry that adds to it and after the compaction that lowers it), so
     /// a restart keeps it, and a snapshot install takes the sender's, which describes the
-    /// blob files it installs. Applies and a compaction racing may leave the stored figure a
-    /// little off until the next of either; it only decides when to compact.
-    expired_blob_bytes: AtomicU64,
+    /// blob files it installs. The lock is held while the figure is changed and stored, so
+    /// memory and database agree (a crash may still lose a lowered figure written outside an
+    /// apply before its flush: one compaction too many). Lock order: `db`, then this.
+    expired_blob_bytes: Mutex<u64>,
     /// Held by the running blob collection: two at once would switch collection off under
     /// each other.
     blob_collection: Mutex<()>,
@@ -1029,7 +1030,7 @@ impl SmReader {
     /// Bytes of blob-held versions history expiry removed that RocksDB may not count as
     /// garbage yet ([`SmShared::expired_blob_bytes`], an estimate).
     pub fn expired_blob_bytes(&self) -> u64 {
-        self.shared.expired_blob_bytes.load(Ordering::Relaxed)
+        *self.shared.expired_blob_bytes.lock().expect("lock")
     }
 
     /// At node shutdown, once Raft has stopped: no blob collection starts any more, and a
@@ -1077,23 +1078,10 @@ impl SmReader {
         };
         let mut compact = rocksdb::CompactOptions::default();
         compact.set_exclusive_manual_compaction(false);
-        let expired = self.shared.expired_blob_bytes.load(Ordering::Relaxed);
+        let expired = self.expired_blob_bytes();
         if due(expired, blob_space(&db)?.bytes) {
             db.compact_range_opt::<&[u8], &[u8]>(None, None, &compact);
-            // Saturating: a snapshot install may have replaced the estimate meanwhile.
-            let left = |v: u64| v.saturating_sub(expired);
-            let before = self.shared.expired_blob_bytes.fetch_update(
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-                |v| Some(left(v)),
-            );
-            let now = left(before.unwrap_or_else(|v| v));
-            db.put_opt(
-                keys::EXPIRED_BLOB_BYTES,
-                codec::encode(&now),
-                &sm_write_options(),
-            )
-            .map_err(sm_err)?;
+            self.lower_expired_blob_bytes(&db, expired);
         }
         let before = blob_space(&db)?;
         if !due(before.garbage_bytes, before.bytes) {
@@ -1110,6 +1098,30 @@ impl SmReader {
         }
         let after = blob_space(&db)?;
         Ok(Some(BlobCollection { before, after }))
+    }
+
+    /// After the compaction that made RocksDB count `counted` expired bytes as garbage: lowers
+    /// the estimate by them and stores it, flushed (one small table file next to a full
+    /// compaction), unless a snapshot install replaced the database meanwhile (its estimate is
+    /// the sender's). A failure costs at most one compaction too many after a restart.
+    fn lower_expired_blob_bytes(&self, db: &Arc<DB>, counted: u64) {
+        let current = self.shared.db.read().expect("sm db lock poisoned");
+        if !Arc::ptr_eq(&current, db) {
+            return;
+        }
+        let mut estimate = self.shared.expired_blob_bytes.lock().expect("lock");
+        let lowered = estimate.saturating_sub(counted);
+        let stored = db
+            .put_opt(
+                keys::EXPIRED_BLOB_BYTES,
+                codec::encode(&lowered),
+                &sm_write_options(),
+            )
+            .and_then(|()| db.flush());
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "cannot store the lowered expired blob bytes estimate; a restart may compact once more than needed");
+        }
+        *estimate = lowered;
     }
 
     /// Whether `id` was ever a member (voter or learner) of this cluster.
@@ -1245,7 +1257,7 @@ impl StateMachineStore {
                 incoming_seq: AtomicU64::new(0),
                 checkpoint_gate: tokio::sync::Mutex::new(()),
                 snapshot_bytes_hashed: AtomicU64::new(0),
-                expired_blob_bytes: AtomicU64::new(expired_blob_bytes),
+                expired_blob_bytes: Mutex::new(expired_blob_bytes),
                 blob_collection: Mutex::new(()),
                 stopping: AtomicBool::new(false),
             }),
@@ -2279,13 +2291,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         staged.put(keys::APPLIED.to_vec(), codec::encode(&last_applied));
         let staged_chunk_refs = staged.chunk_refs_added;
         let expired_blob_bytes = staged.expired_blob_bytes.get();
-        if expired_blob_bytes > 0 {
-            let total = self
-                .shared
-                .expired_blob_bytes
-                .load(Ordering::Relaxed)
-                .saturating_add(expired_blob_bytes);
-            staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(&total));
+        // Held through the write when this batch adds to the estimate, so no compaction
+        // lowers it in between (this task owns the database: no install runs meanwhile).
+        let mut estimate = (expired_blob_bytes > 0).then(|| {
+            let guard = self.shared.expired_blob_bytes.lock().expect("lock");
+            let total = guard.saturating_add(expired_blob_bytes);
+            (guard, total)
+        });
+        if let Some((_, total)) = &estimate {
+            staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(total));
         }
         db.write_opt(staged.into_batch(), &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
@@ -2295,11 +2309,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if staged_chunk_refs {
             self.shared.chunk_refs_index.store(index, Ordering::Release);
         }
-        if expired_blob_bytes > 0 {
-            self.shared
-                .expired_blob_bytes
-                .fetch_add(expired_blob_bytes, Ordering::Relaxed);
+        if let Some((guard, total)) = estimate.as_mut() {
+            **guard = *total;
         }
+        drop(estimate);
         Ok(outcomes)
     }
 
@@ -2375,7 +2388,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .map_err(snap_err)?;
 
         let db = Arc::new(db);
-        let old = std::mem::replace(&mut *self.shared.db.write().expect("lock"), db.clone());
+        let old = {
+            let mut current = self.shared.db.write().expect("lock");
+            // The sender's estimate, for the blob files installed with it; set with the switch,
+            // so a collection on the old generation cannot lower it.
+            *self.shared.expired_blob_bytes.lock().expect("lock") = stored_expired_blob_bytes(&db);
+            std::mem::replace(&mut *current, db.clone())
+        };
         let old_generation = std::mem::replace(
             &mut *self.shared.generation.lock().expect("lock"),
             new_generation,
@@ -2385,10 +2404,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.shared.applied_index.store(index, Ordering::Release);
         // The snapshot may reference chunks this node has never seen.
         self.shared.chunk_refs_index.store(index, Ordering::Release);
-        // The sender's estimate, for the blob files installed with it.
-        self.shared
-            .expired_blob_bytes
-            .store(stored_expired_blob_bytes(&db), Ordering::Relaxed);
         // A blob collection running on the old generation stops here instead of rewriting a
         // database nobody will use again (after a flush, as dropping it would do).
         if self.shared.collection_running() {
