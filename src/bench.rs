@@ -22,8 +22,8 @@ pub struct BenchSpec {
     /// look far cheaper than they are (etcd stores values uncompressed either way).
     pub compressible: bool,
     /// Every run writes keys no earlier run wrote (a random run prefix), so every put is a
-    /// first write. The default keys (`w{client}-{n}`) repeat across runs: a run after the
-    /// first replaces what the earlier ones wrote.
+    /// first write. The default keys (`w{client}-{n}`) repeat across runs, so a run rewrites
+    /// the keys earlier runs wrote as far as they got.
     pub new_keys: bool,
 }
 

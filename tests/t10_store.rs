@@ -1168,53 +1168,39 @@ fn newest_sm_options(root: &std::path::Path) -> String {
     std::fs::read_to_string(db.join(format!("OPTIONS-{newest:06}"))).unwrap()
 }
 
-/// Records in [`three_rounds_in_blob_files`], and their values' size.
-const BLOB_RECORDS: u64 = 300;
-const BLOB_VALUE: usize = 4096;
-
-/// Record `k`'s value written in `round`.
-fn round_value(round: u64, k: u64) -> Vec<u8> {
-    noise(round * BLOB_RECORDS + k, BLOB_VALUE)
-}
-
-/// A store with the tenant and [`BLOB_RECORDS`] records written in three rounds (entries 2–5):
-/// round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
-/// second at 3,500; round 3 replaces all at 5,000. A snapshot's checkpoint has flushed the
-/// memtable, so the values are in blob files.
-async fn three_rounds_in_blob_files() -> (tempfile::TempDir, StateMachineStore) {
+// Goal: values (history versions included) live in blob files, and the space of expired
+// versions comes back. Expiry's garbage adds up across checks until it is worth a collection
+// (here two expiries, each under the threshold alone, with a restart between them: the
+// estimate of expired bytes is stored, and a snapshot carries it); the collection leaves
+// RocksDB's blob files at about the live values' size, switches collection off again, lowers
+// the estimate on disk too, and every live value reads back byte for byte, also after a
+// reopen.
+#[tokio::test]
+async fn t19_expired_history_gives_its_blob_space_back() {
+    use escrow::store::sm::BLOB_GC_GARBAGE_PERCENT;
+    const RECORDS: u64 = 300;
+    const VALUE: usize = 4096;
     let (dir, mut sm) = store_with_tenant().await;
-    let half = BLOB_RECORDS / 2;
+    let value = |round: u64, k: u64| noise(round * RECORDS + k, VALUE);
+    let half = RECORDS / 2;
+    // Round 1 writes every record at 2,000; round 2 replaces the first half at 3,000 and the
+    // second at 3,500; round 3 replaces all at 5,000.
     let round = |index: u64, at_ms: u64, round: u64, keys: std::ops::Range<u64>| {
         let puts = keys
-            .map(|k| put_order(&format!("k{k}"), &round_value(round, k)))
+            .map(|k| put_order(&format!("k{k}"), &value(round, k)))
             .collect();
         timed(index, at_ms, puts)
     };
     sm.apply([
-        round(2, 2_000, 1, 0..BLOB_RECORDS),
+        round(2, 2_000, 1, 0..RECORDS),
         round(3, 3_000, 2, 0..half),
-        round(4, 3_500, 2, half..BLOB_RECORDS),
-        round(5, 5_000, 3, 0..BLOB_RECORDS),
+        round(4, 3_500, 2, half..RECORDS),
+        round(5, 5_000, 3, 0..RECORDS),
     ])
     .await
     .unwrap();
+    // A snapshot's checkpoint flushes the memtable: the values land in blob files.
     build_snapshot(&mut sm).await;
-    (dir, sm)
-}
-
-// Goal: values (history versions included) live in blob files, and the space of expired
-// versions comes back. Expiry's garbage adds up across checks until it is worth a collection
-// (here two expiries, each under the threshold alone); the collection leaves RocksDB's blob
-// files at about the live values' size, switches collection off again, and every live value
-// reads back byte for byte, also after a reopen.
-#[tokio::test]
-async fn t19_expired_history_gives_its_blob_space_back() {
-    use escrow::store::sm::BLOB_GC_GARBAGE_PERCENT;
-    const RECORDS: u64 = BLOB_RECORDS;
-    const VALUE: usize = BLOB_VALUE;
-    let (dir, mut sm) = three_rounds_in_blob_files().await;
-    let value = round_value;
-    let half = RECORDS / 2;
     let reader = sm.reader();
     let values = RECORDS * VALUE as u64;
     let all = reader.blob_space().unwrap();
@@ -1236,6 +1222,20 @@ async fn t19_expired_history_gives_its_blob_space_back() {
         None,
         "not yet worth it"
     );
+    // The estimate behind that sum survives a restart and travels with a snapshot, whose blob
+    // files it describes.
+    let expired = reader.expired_blob_bytes();
+    assert!(expired >= values / 2, "{expired} bytes expired");
+    let (_other_dir, other) = install_on_new_store(build_snapshot(&mut sm).await).await;
+    assert_eq!(
+        other.reader().expired_blob_bytes(),
+        expired,
+        "after an install"
+    );
+    drop((reader, sm));
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    assert_eq!(reader.expired_blob_bytes(), expired, "after a restart");
     // The second half's: together a third, over the threshold.
     let (_, removed) = expire_all(&mut sm, index, 3_800).await;
     assert_eq!(removed, RECORDS - half);
@@ -1252,6 +1252,11 @@ async fn t19_expired_history_gives_its_blob_space_back() {
         "about the live values (rounds 2 and 3) left: {c:?}"
     );
     assert_eq!(c.after.garbage_bytes, 0, "{c:?}");
+    assert_eq!(
+        reader.expired_blob_bytes(),
+        0,
+        "lowered by the compaction that counted it"
+    );
     let options = newest_sm_options(dir.path());
     assert!(
         options.contains("enable_blob_garbage_collection=false")
@@ -1273,6 +1278,7 @@ async fn t19_expired_history_gives_its_blob_space_back() {
     drop((reader, sm));
     let sm = StateMachineStore::open(dir.path()).unwrap();
     check(&sm.reader());
+    assert_eq!(sm.reader().expired_blob_bytes(), 0, "lowered on disk too");
 }
 
 // Goal: a node stopping while a blob collection runs cuts it short without harm: the
@@ -1765,64 +1771,4 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
     assert_eq!(log.purge_point_keeping(100, 100, 0), None);
     assert_eq!(log.purge_point_keeping(150, 100, 0), None);
     assert_eq!(log.purge_point_keeping(ENTRIES, u64::MAX, 0), None);
-}
-
-// Goal: the estimate of blob bytes history expiry removed survives a restart (and travels with
-// a snapshot), so garbage expired before it still counts toward a collection: two expiries of
-// a sixth of the blob bytes each, with a restart between them, are collected together, and
-// the estimate the collection lowered stays lowered.
-#[tokio::test]
-async fn t19_expired_blob_bytes_count_across_a_restart() {
-    const RECORDS: u64 = BLOB_RECORDS;
-    const VALUE: usize = BLOB_VALUE;
-    let (dir, mut sm) = three_rounds_in_blob_files().await;
-    let value = round_value;
-    let half = RECORDS / 2;
-    let values = RECORDS * VALUE as u64;
-    let (index, removed) = expire_all(&mut sm, 6, 3_200).await;
-    assert_eq!(removed, half);
-    assert_eq!(
-        sm.reader().collect_blob_garbage().unwrap(),
-        None,
-        "a sixth: not yet"
-    );
-    let expired = sm.reader().expired_blob_bytes();
-    assert!(expired >= values / 2, "{expired} bytes expired");
-    // A snapshot carries it with the blob files it describes.
-    let (_other_dir, other) = install_on_new_store(build_snapshot(&mut sm).await).await;
-    assert_eq!(
-        other.reader().expired_blob_bytes(),
-        expired,
-        "after an install"
-    );
-    drop(sm);
-    let mut sm = StateMachineStore::open(dir.path()).unwrap();
-    assert_eq!(
-        sm.reader().expired_blob_bytes(),
-        expired,
-        "after the restart"
-    );
-    let (_, removed) = expire_all(&mut sm, index, 3_800).await;
-    assert_eq!(removed, RECORDS - half);
-    let c = sm
-        .reader()
-        .collect_blob_garbage()
-        .unwrap()
-        .expect("the expiries before and after the restart are worth a collection together");
-    assert!(
-        c.before.garbage_bytes >= values,
-        "both expiries counted as garbage: {c:?}"
-    );
-    // The compaction that made RocksDB count them lowered the estimate, also on disk.
-    assert_eq!(sm.reader().expired_blob_bytes(), 0);
-    drop(sm);
-    let sm = StateMachineStore::open(dir.path()).unwrap();
-    assert_eq!(
-        sm.reader().expired_blob_bytes(),
-        0,
-        "after a second restart"
-    );
-    for k in 0..RECORDS {
-        assert_eq!(live(&sm.reader(), &format!("k{k}")), Some(value(3, k)));
-    }
 }

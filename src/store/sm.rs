@@ -2293,14 +2293,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let expired_blob_bytes = staged.expired_blob_bytes.get();
         // Held through the write when this batch adds to the estimate, so no compaction
         // lowers it in between (this task owns the database: no install runs meanwhile).
-        let mut estimate = (expired_blob_bytes > 0).then(|| {
+        let estimate = (expired_blob_bytes > 0).then(|| {
             let guard = self.shared.expired_blob_bytes.lock().expect("lock");
             let total = guard.saturating_add(expired_blob_bytes);
+            staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(&total));
             (guard, total)
         });
-        if let Some((_, total)) = &estimate {
-            staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(total));
-        }
         db.write_opt(staged.into_batch(), &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
@@ -2309,10 +2307,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if staged_chunk_refs {
             self.shared.chunk_refs_index.store(index, Ordering::Release);
         }
-        if let Some((guard, total)) = estimate.as_mut() {
-            **guard = *total;
+        if let Some((mut guard, total)) = estimate {
+            *guard = total;
         }
-        drop(estimate);
         Ok(outcomes)
     }
 

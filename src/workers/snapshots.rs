@@ -52,11 +52,13 @@ impl LogBounds {
 
 /// The index to purge up to behind the snapshot at `snapshot` (`purged`: the last purge), if
 /// any: the later of the points keeping `bounds.kept_entries` entries and about
-/// `bounds.kept_bytes` bytes.
+/// `bounds.kept_bytes` bytes. The byte search starts at the count's point, as nothing before
+/// it is kept anyway.
 fn purge_point(log: &LogStore, bounds: LogBounds, purged: u64, snapshot: u64) -> Option<u64> {
-    let by_count = snapshot.saturating_sub(bounds.kept_entries);
-    let by_bytes = log.purge_point_keeping(purged, snapshot, bounds.kept_bytes);
-    Some(by_bytes.map_or(by_count, |b| b.max(by_count))).filter(|&upto| upto > purged)
+    let by_count = snapshot.saturating_sub(bounds.kept_entries).max(purged);
+    log.purge_point_keeping(by_count, snapshot, bounds.kept_bytes)
+        .or(Some(by_count))
+        .filter(|&upto| upto > purged)
 }
 
 pub async fn run(
