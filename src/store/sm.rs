@@ -1505,68 +1505,6 @@ fn staged_decoded<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// The head keys of the records `command` changes (a batch's commands included), in no order.
-fn touched_head_keys(command: &Command, keys: &mut Vec<Vec<u8>>) {
-    match command {
-        Command::PutRecord { path, .. } | Command::DeleteRecord { path } => {
-            keys.push(head_key(path))
-        }
-        Command::Batch(commands) | Command::Timed { commands, .. } => {
-            for command in commands {
-                touched_head_keys(command, keys);
-            }
-        }
-        Command::Ingest {
-            tenant, changes, ..
-        } => keys.extend(changes.iter().map(|c| {
-            keys::record(
-                tenant,
-                &integrity::record_leaf_id(c.collection.as_str(), c.key.as_str()),
-            )
-        })),
-        _ => {}
-    }
-}
-
-/// Reads the stored heads of the records `command` changes into `cache` with one batched
-/// read (RocksDB's MultiGet: one pass over the memtables and each table file for the whole
-/// sorted batch) instead of one lookup per record as the ledger comes to them. Keys this call
-/// already staged or read are skipped. A head that does not decode is left out, so the read
-/// that needs it reports the error as before.
-fn prefetch_heads(
-    db: &DB,
-    pending: &Pending,
-    cache: &HeadCache,
-    command: &Command,
-) -> Result<(), StorageError> {
-    let mut keys = Vec::new();
-    touched_head_keys(command, &mut keys);
-    {
-        let cache = cache.borrow();
-        keys.retain(|k| !pending.contains_key(k) && !cache.contains_key(k));
-    }
-    if keys.len() < 2 {
-        return Ok(());
-    }
-    keys.sort_unstable();
-    keys.dedup();
-    // The std::vector MultiGet behind this is RocksDB's batched one (`DB::MultiGet` in
-    // rocksdb/db.h), for the default column family.
-    let found = db.multi_get(&keys);
-    let mut cache = cache.borrow_mut();
-    for (key, value) in keys.into_iter().zip(found) {
-        let head = match value.map_err(sm_err)? {
-            None => None,
-            Some(bytes) => match codec::decode(&bytes) {
-                Ok(head) => Some(head),
-                Err(_) => continue,
-            },
-        };
-        cache.insert(key, head);
-    }
-    Ok(())
-}
-
 /// The head stored at `key` as this apply call sees it: staged, else cached, else read.
 fn staged_head(
     db: &DB,
@@ -2325,7 +2263,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         index: entry.log_id.index,
                         time_ms: clock,
                     };
-                    prefetch_heads(&db, &staged.pending, &staged.heads, command)?;
                     match command {
                         Command::Timed { commands, .. } | Command::Batch(commands) => {
                             apply_commands(&db, &mut staged, stamp, commands)?
