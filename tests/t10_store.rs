@@ -1680,18 +1680,26 @@ async fn t17_a_record_rewritten_within_one_entry_keeps_every_version_in_order() 
     }
 }
 
-/// Appends entries 1..=`count` in term 1, each one put of a `value_len`-byte value.
-async fn append_puts(log: &mut LogStore, count: u64, value_len: usize) {
-    let entries: Vec<Entry> = (1..=count)
+/// Entries in the log of [`log_of_puts`], and the bytes of the value each one puts.
+const PUTS: u64 = 200;
+const PUT_BYTES: u64 = 32 * 1024;
+
+/// A new log holding entries 1..=[`PUTS`] in term 1, each one put of [`PUT_BYTES`] bytes, all
+/// still in the memtable.
+async fn log_of_puts() -> (tempfile::TempDir, LogStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+    let entries: Vec<Entry> = (1..=PUTS)
         .map(|i| Entry {
             log_id: log_id(1, i),
             payload: EntryPayload::Normal(Command::PutRecord {
                 path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
-                value: vec![i as u8; value_len],
+                value: vec![i as u8; PUT_BYTES as usize],
             }),
         })
         .collect();
     log.blocking_append(entries).await.unwrap();
+    (dir, log)
 }
 
 // Goal: the log's size estimate behind snapshots by size (`approximate_bytes_between`) never
@@ -1700,15 +1708,11 @@ async fn append_puts(log: &mut LogStore, count: u64, value_len: usize) {
 // index.
 #[tokio::test]
 async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
-    const VALUE: usize = 32 * 1024;
-    const ENTRIES: u64 = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
-    let total = ENTRIES * VALUE as u64;
-    append_puts(&mut log, ENTRIES, VALUE).await;
+    let (_dir, log) = log_of_puts().await;
+    let total = PUTS * PUT_BYTES;
     // All in the memtable: every range counts it whole, never less than the entries.
-    for after in [0, ENTRIES / 2, ENTRIES] {
-        let est = log.approximate_bytes_between(after, ENTRIES).unwrap();
+    for after in [0, PUTS / 2, PUTS] {
+        let est = log.approximate_bytes_between(after, PUTS).unwrap();
         assert!(
             (total..=total + (16 << 20)).contains(&est),
             "in the memtable, after {after}: estimate {est} for {total} bytes of entries"
@@ -1717,18 +1721,18 @@ async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
     // In a table file: the entries in the range, to within 2% and one block.
     log.flush_for_tests().unwrap();
     let ranges = [
-        (0, ENTRIES),
-        (ENTRIES / 4, ENTRIES),
-        (ENTRIES / 2, ENTRIES),
-        (0, ENTRIES / 2),
-        (ENTRIES / 4, ENTRIES / 2),
-        (ENTRIES, ENTRIES),
-        (ENTRIES, u64::MAX),
+        (0, PUTS),
+        (PUTS / 4, PUTS),
+        (PUTS / 2, PUTS),
+        (0, PUTS / 2),
+        (PUTS / 4, PUTS / 2),
+        (PUTS, PUTS),
+        (PUTS, u64::MAX),
         (u64::MAX, u64::MAX),
     ];
     for (after, through) in ranges {
         let est = log.approximate_bytes_between(after, through).unwrap();
-        let truth = through.min(ENTRIES).saturating_sub(after) * VALUE as u64;
+        let truth = through.min(PUTS).saturating_sub(after) * PUT_BYTES;
         assert!(
             est.abs_diff(truth) <= truth / 50 + 64 * 1024,
             "in a table file, {after} to {through}: estimate {est} for {truth} bytes of entries"
@@ -1741,18 +1745,14 @@ async fn t15_log_size_estimate_covers_the_entries_in_a_range() {
 // rounding: two entries and 2%); nothing when they fit or are still in the memtable.
 #[tokio::test]
 async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
-    const VALUE: u64 = 32 * 1024;
-    const ENTRIES: u64 = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
-    append_puts(&mut log, ENTRIES, VALUE as usize).await;
+    let (_dir, log) = log_of_puts().await;
     // In the memtable the entries are not counted: nothing to purge yet.
-    assert_eq!(log.purge_point_keeping(0, ENTRIES, 0), None);
+    assert_eq!(log.purge_point_keeping(0, PUTS, 0), None);
     log.flush_for_tests().unwrap();
     // (after, snapshot, bound in entries): entries `upto + 1 ..= snapshot` are kept.
-    for (after, snapshot, keep) in [(0, ENTRIES, 32), (0, 150, 10), (50, 150, 60), (0, 150, 0)] {
+    for (after, snapshot, keep) in [(0, PUTS, 32), (0, 150, 10), (50, 150, 60), (0, 150, 0)] {
         let upto = log
-            .purge_point_keeping(after, snapshot, keep * VALUE)
+            .purge_point_keeping(after, snapshot, keep * PUT_BYTES)
             .unwrap_or_else(|| panic!("{after}..{snapshot} keeping {keep}: nothing purged"));
         let kept = snapshot - upto;
         assert!(
@@ -1760,15 +1760,12 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
             "{after}..{snapshot} keeping {keep} entries: purge up to {upto} keeps {kept}"
         );
         // The lowest such point by the estimate: one entry lower keeps more than the bound.
-        assert!(log.approximate_table_bytes(upto, snapshot) <= keep * VALUE);
-        assert!(log.approximate_table_bytes(upto - 1, snapshot) > keep * VALUE);
+        assert!(log.approximate_table_bytes(upto, snapshot) <= keep * PUT_BYTES);
+        assert!(log.approximate_table_bytes(upto - 1, snapshot) > keep * PUT_BYTES);
     }
     // Entries that fit the bound, or no entries at all, purge nothing.
-    assert_eq!(
-        log.purge_point_keeping(0, ENTRIES, ENTRIES * VALUE * 2),
-        None
-    );
+    assert_eq!(log.purge_point_keeping(0, PUTS, PUTS * PUT_BYTES * 2), None);
     assert_eq!(log.purge_point_keeping(100, 100, 0), None);
     assert_eq!(log.purge_point_keeping(150, 100, 0), None);
-    assert_eq!(log.purge_point_keeping(ENTRIES, u64::MAX, 0), None);
+    assert_eq!(log.purge_point_keeping(PUTS, u64::MAX, 0), None);
 }

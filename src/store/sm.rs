@@ -1105,23 +1105,24 @@ impl SmReader {
     /// compaction), unless a snapshot install replaced the database meanwhile (its estimate is
     /// the sender's). A failure costs at most one compaction too many after a restart.
     fn lower_expired_blob_bytes(&self, db: &Arc<DB>, counted: u64) {
-        let current = self.shared.db.read().expect("sm db lock poisoned");
-        if !Arc::ptr_eq(&current, db) {
-            return;
-        }
-        let mut estimate = self.shared.expired_blob_bytes.lock().expect("lock");
-        let lowered = estimate.saturating_sub(counted);
-        let stored = db
-            .put_opt(
+        let stored = {
+            let current = self.shared.db.read().expect("sm db lock poisoned");
+            if !Arc::ptr_eq(&current, db) {
+                return;
+            }
+            let mut estimate = self.shared.expired_blob_bytes.lock().expect("lock");
+            *estimate = estimate.saturating_sub(counted);
+            db.put_opt(
                 keys::EXPIRED_BLOB_BYTES,
-                codec::encode(&lowered),
+                codec::encode(&*estimate),
                 &sm_write_options(),
             )
-            .and_then(|()| db.flush());
-        if let Err(e) = stored {
+        };
+        // Outside the locks: an apply adding to the estimate meanwhile stores its own figure
+        // after this one, and the flush persists whichever is newest.
+        if let Err(e) = stored.and_then(|()| db.flush()) {
             tracing::warn!(error = %e, "cannot store the lowered expired blob bytes estimate; a restart may compact once more than needed");
         }
-        *estimate = lowered;
     }
 
     /// Whether `id` was ever a member (voter or learner) of this cluster.
