@@ -68,6 +68,35 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     assert_eq!(got["found"], true);
     assert_eq!(got["value"], "hello");
     assert_eq!(got["revision"], revision);
+    // Without --json the value's bytes exactly, no newline added when piped.
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &rec].concat());
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"hello");
+    // --out with a bare file name writes it, whole, in the working directory.
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(escrowctl_bin())
+        .current_dir(work.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args([&["record", "get"][..], &rec, &["--out", "value.bin"]].concat())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run escrowctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        std::fs::read(work.path().join("value.bin")).unwrap(),
+        b"hello"
+    );
+    let names: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["value.bin"], "nothing else left behind");
 
     let out = escrowctl(
         &cfg,

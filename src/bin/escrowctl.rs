@@ -143,7 +143,9 @@ enum RecordCmd {
         /// Serve from the answering node's applied state (may be stale).
         #[arg(long)]
         local: bool,
-        /// Write the value to this file instead of stdout.
+        /// Write the value to this file instead of stdout (whole or not at all: written
+        /// beside it, synced, then renamed over it). On stdout the value's bytes are written
+        /// as stored, with a newline added only when stdout is a terminal.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -509,7 +511,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if let Some(path) = out {
-                std::fs::write(path, &r.value)?;
+                // Whole or not at all: a reader of `path` never sees part of the value.
+                escrow::store::write_atomically(path, &r.value)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
             if cli.json {
                 let value = String::from_utf8(r.value.clone()).ok();
@@ -518,8 +522,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json!({ "found": true, "revision": r.revision, "time": format_ms(r.time_ms), "time_ms": r.time_ms, "read_index": r.read_index, "size": r.value.len(), "value": value })
                 );
             } else if out.is_none() {
-                use std::io::Write;
-                std::io::stdout().write_all(&r.value)?;
+                use std::io::{IsTerminal, Write};
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&r.value)?;
+                // The bytes exactly as stored when piped; in a terminal, the prompt on a line
+                // of its own.
+                if stdout.is_terminal() && !r.value.ends_with(b"\n") {
+                    stdout.write_all(b"\n")?;
+                }
+                stdout.flush()?;
             }
         }
         Cmd::Record(RecordCmd::Delete { record }) => {
