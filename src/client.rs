@@ -737,17 +737,13 @@ impl EscrowClient {
             (m, r)
         });
         let results = futures::future::join_all(probes).await;
-        let mut leader = None;
-        let mut term = 0;
+        let mut reports = Vec::new();
         let mut nodes = Vec::new();
         for (m, r) in results {
             let role = if m.voter { "voter" } else { "learner" }.to_string();
             match r {
                 Ok(s) => {
-                    if s.term >= term {
-                        term = s.term;
-                        leader = (s.leader != 0).then_some(s.leader);
-                    }
+                    reports.push((s.term, s.leader));
                     nodes.push(NodeView {
                         identity_key: s.identity_key.clone(),
                         id: s.id,
@@ -782,11 +778,41 @@ impl EscrowClient {
             }
         }
         nodes.sort_by_key(|n| n.id);
+        let (term, leader) = known_leader(&reports);
         Ok(ClusterStatus {
             cluster_name: first.cluster_name,
             leader,
             term,
             nodes,
         })
+    }
+}
+
+/// The leader known in the newest term among the nodes' reports (term, leader id or 0), and
+/// that term; with no leader known, the newest term reported. A node that knows no leader does
+/// not hide the one the others follow: without pre-vote, a node cut off from its peers keeps
+/// raising its term as a candidate.
+fn known_leader(reports: &[(u64, u64)]) -> (u64, Option<u64>) {
+    reports
+        .iter()
+        .filter(|(_, leader)| *leader != 0)
+        .max_by_key(|(term, _)| *term)
+        .map(|&(term, leader)| (term, Some(leader)))
+        .unwrap_or_else(|| (reports.iter().map(|(t, _)| *t).max().unwrap_or(0), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_leader;
+
+    #[test]
+    fn the_leader_is_the_newest_known_one_and_a_leaderless_higher_term_does_not_hide_it() {
+        // Node 3 cut off, campaigning in ever higher terms; 1 and 2 follow leader 1 in term 4.
+        assert_eq!(known_leader(&[(4, 1), (4, 1), (9, 0)]), (4, Some(1)));
+        // A newer leader beats an old one still believing it leads.
+        assert_eq!(known_leader(&[(4, 1), (5, 2), (5, 2)]), (5, Some(2)));
+        // Nobody knows a leader: none, and the newest term.
+        assert_eq!(known_leader(&[(4, 0), (6, 0)]), (6, None));
+        assert_eq!(known_leader(&[]), (0, None));
     }
 }

@@ -222,8 +222,32 @@ impl Config {
             path: path.to_path_buf(),
             cause: Box::new(cause),
         })?;
+        let mut config = config;
+        config.resolve_paths(path);
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Makes relative paths (data dir, TLS files, token file) relative to the config file's
+    /// directory, not to wherever the node was started from: started elsewhere, a voter would
+    /// otherwise open a fresh, empty data dir and vote without its log.
+    fn resolve_paths(&mut self, path: &Path) {
+        let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let base = match file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        for p in [
+            &mut self.data_dir,
+            &mut self.tls.ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.auth.ops_token_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -240,7 +264,7 @@ impl Config {
             validate_host_port(addr).map_err(|r| invalid(format!("advertise {addr:?}: {r}")))?;
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms.saturating_mul(2) {
             return Err(invalid(
                 "raft.election_timeout_min_ms must exceed twice raft.heartbeat_ms".into(),
             ));
@@ -401,5 +425,39 @@ mod tests {
                 defaults.log_bytes_kept_after_snapshot
             );
         }
+    }
+
+    // Goal: relative paths in a node config are taken from the config file's directory, so a
+    // node started from anywhere opens its own data dir and keys; absolute ones stay.
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, _) = dev_config(dir.path());
+        let ca = config.tls.ca.clone();
+        config.data_dir = "data".into();
+        config.tls.cert = "pki/node.pem".into();
+        config.tls.key = "../keys/node.key".into();
+        config.auth.ops_token_file = "secrets/ops.token".into();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let path = etc.join("node.toml");
+        std::fs::write(&path, toml::to_string_pretty(&config).unwrap()).unwrap();
+        let base = etc.canonicalize().unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded.data_dir, base.join("data"));
+        assert_eq!(loaded.tls.cert, base.join("pki/node.pem"));
+        assert_eq!(loaded.tls.key, base.join("../keys/node.key"));
+        assert_eq!(loaded.auth.ops_token_file, base.join("secrets/ops.token"));
+        assert!(ca.is_absolute());
+        assert_eq!(loaded.tls.ca, ca);
+    }
+
+    #[test]
+    fn a_heartbeat_too_large_to_double_is_refused_not_overflowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, path) = dev_config(dir.path());
+        config.raft.heartbeat_ms = u64::MAX;
+        let err = config.validate(&path).unwrap_err().to_string();
+        assert!(err.contains("election_timeout_min_ms"), "{err}");
     }
 }

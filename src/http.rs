@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -19,7 +20,13 @@ use crate::service::Core;
 /// Connections served at once; more wait in the kernel backlog.
 const HTTP_CONNECTIONS_MAX: usize = 256;
 /// Time allowed for a TLS handshake.
-const HTTP_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HTTP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a request's headers, counted from when the connection waits for them (an
+/// idle keep-alive connection included): idle connections must not hold the permits above.
+pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection older than this finishes the request in hand and is closed (after at most
+/// [`HTTP_HEADER_READ_TIMEOUT`] more), whatever its client does; scrapers reconnect.
+pub const HTTP_CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
 
 pub fn router(core: Arc<Core>) -> Router {
     Router::new()
@@ -78,8 +85,12 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            _ = shutdown.changed() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
@@ -95,10 +106,22 @@ pub async fn serve(
                 Err(_) => return,
             };
             let service = hyper_util::service::TowerToHyperService::new(router);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HTTP_HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = tokio::time::sleep(HTTP_CONNECTION_MAX_AGE) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(HTTP_HEADER_READ_TIMEOUT, conn.as_mut()).await {
+                        Ok(ended) => ended,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "http connection ended with an error");
             }
         });

@@ -3,7 +3,8 @@
 //! Steps:
 //! 1. Start 3 nodes that snapshot every 50 entries and keep no log behind the snapshot.
 //! 2. Write 300 records so the leader's log is purged past its start.
-//! 3. Start node 4 and `cluster add` it: it can only catch up through a streamed snapshot.
+//! 3. Start node 4 and `cluster add` it as a learner: it can only catch up through a streamed
+//!    snapshot. The same add without `--learner` then promotes it.
 //! 4. Check node 4 holds every record, installed a snapshot and never saw entry 1.
 //! 5. Remove node 4; adding id 4 again is refused (ids are never reused).
 //!
@@ -59,11 +60,31 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
         client_addr: format!("127.0.0.1:{}", ports.client),
         voter: true,
     };
+    // First as a learner (as an add cut short before its promotion leaves it), then the same
+    // add again promotes it.
+    let reply = client.add_node(member.clone(), true).await.unwrap();
+    assert!(
+        reply.members.iter().any(|m| m.id == 4 && !m.voter),
+        "node 4 is a learner: {:?}",
+        reply.members
+    );
+    let err = client.add_node(member.clone(), true).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");
+    let moved = pb::Member {
+        client_addr: "127.0.0.1:1".into(),
+        ..member.clone()
+    };
+    let err = client.add_node(moved, false).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     let reply = client.add_node(member.clone(), false).await.unwrap();
     assert!(
         reply.members.iter().any(|m| m.id == 4 && m.voter),
-        "node 4 is a voter"
+        "node 4 is a voter: {:?}",
+        reply.members
     );
+    let err = client.add_node(member.clone(), false).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");
+    assert!(err.to_string().contains("already a voter"), "{err}");
 
     wait_for("node 4 to apply everything", || async {
         (new_node.core.reader.applied_index() >= last).then_some(())

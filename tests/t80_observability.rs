@@ -19,6 +19,26 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn https_get(ca_pem: &[u8], addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut tls = tls_connect(ca_pem, addr).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// A TLS connection to the HTTP listener at `addr`, trusting the cluster CA.
+async fn tls_connect(
+    ca_pem: &[u8],
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
@@ -33,19 +53,7 @@ async fn https_get(ca_pem: &[u8], addr: std::net::SocketAddr, path: &str) -> (u1
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    connector.connect(name, tcp).await.unwrap()
 }
 
 /// The value of the first sample of `name` (any labels) in a Prometheus text body.
@@ -144,5 +152,42 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
     assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    cluster.shutdown().await;
+}
+
+// Goal: connections that send nothing (a fresh one, or a keep-alive one after its answer) are
+// closed after the header read timeout, so idle clients cannot take the listener's connection
+// permits and lock out /healthz, /readyz and /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t81_idle_http_connections_are_closed() {
+    use escrow::http::HTTP_HEADER_READ_TIMEOUT;
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let ca = std::fs::read(cluster.files.dir.join("pki/ca.pem")).unwrap();
+    let addr = cluster.node(0).http_addr;
+    let mut silent = tls_connect(&ca, addr).await;
+    let mut kept_alive = tls_connect(&ca, addr).await;
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let limit = HTTP_HEADER_READ_TIMEOUT + std::time::Duration::from_secs(10);
+    for (what, conn) in [("silent", &mut silent), ("kept alive", &mut kept_alive)] {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(limit, conn.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "the {what} connection is still open after {:?}",
+            started.elapsed()
+        );
+        if what == "kept alive" {
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+    }
+    assert!(started.elapsed() >= HTTP_HEADER_READ_TIMEOUT - std::time::Duration::from_secs(1));
+    // The listener still answers.
+    let (status, body) = https_get(&ca, addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
     cluster.shutdown().await;
 }

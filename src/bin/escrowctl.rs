@@ -25,12 +25,21 @@ struct Cli {
     /// Print one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
-    /// Deadline for the operation in seconds, retries included.
-    #[arg(long, global = true, default_value_t = 20)]
-    timeout: u64,
+    /// Deadline for the operation in seconds, retries included. Default: 20, and for
+    /// `cluster add` the node's whole catch-up time (a learner is promoted only once it has
+    /// caught up, which can take a snapshot's transfer).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_MAX_SECS))]
+    timeout: Option<u64>,
     #[command(subcommand)]
     command: Cmd,
 }
+
+/// `--timeout` when not given, except for `cluster add`.
+const TIMEOUT_DEFAULT_SECS: u64 = 20;
+/// The longest `--timeout` taken: a day.
+const TIMEOUT_MAX_SECS: u64 = 24 * 3600;
+/// `cluster add` waits the leader's catch-up limit and this much more for the promotion.
+const ADD_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -87,7 +96,9 @@ enum ClusterCmd {
     Init,
     /// Leader, members, roles, applied indexes, reachability.
     Status,
-    /// Add a node as learner, wait until it caught up, then promote it to voter.
+    /// Add a node as learner, wait until it caught up, then promote it to voter. The same add
+    /// for a node that is a learner already (`--learner` earlier, or an add cut short before
+    /// its promotion) waits for it to catch up and promotes it.
     Add {
         #[arg(long)]
         id: u64,
@@ -365,7 +376,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = client_config(&cli)?;
-    let client = EscrowClient::new(&config)?.with_deadline(Duration::from_secs(cli.timeout.max(1)));
+    let timeout = match (cli.timeout, &cli.command) {
+        (Some(secs), _) => Duration::from_secs(secs),
+        (None, Cmd::Cluster(ClusterCmd::Add { .. })) => {
+            escrow::service::client::LEARNER_CATCH_UP_TIMEOUT + ADD_TIMEOUT_MARGIN
+        }
+        (None, _) => Duration::from_secs(TIMEOUT_DEFAULT_SECS),
+    };
+    let client = EscrowClient::new(&config)?.with_deadline(timeout);
     match &cli.command {
         Cmd::Cluster(ClusterCmd::Init) => {
             let r = client.init().await?;

@@ -316,7 +316,7 @@ impl ClusterService {
                 Ok(Err(_)) => return Err(status::fatal("raft stopped")),
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
-                        "node {id} did not catch up within {}s; it stays a learner",
+                        "node {id} did not catch up within {}s; it stays a learner (the same add again promotes it once it has caught up)",
                         LEARNER_CATCH_UP_TIMEOUT.as_secs()
                     )))
                 }
@@ -430,34 +430,63 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .map_err(|r| Status::invalid_argument(format!("{what} {addr:?}: {r}")))?;
         }
         self.require_leader()?;
-        let current = self.core.raft.metrics().borrow().membership_config.clone();
-        if current.membership().get_node(&id).is_some() {
-            return Err(Status::already_exists(format!(
-                "node {id} is already a member of this cluster"
-            )));
-        }
-        if self
-            .core
-            .reader
-            .node_ever_member(id)
-            .map_err(status::storage)?
-        {
-            return Err(Status::already_exists(format!(
-                "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
-            )));
-        }
-        let node = EscrowNode {
-            raft_addr: member.raft_addr,
-            client_addr: member.client_addr,
+        let (current, last_log_index) = {
+            let m = self.core.raft.metrics().borrow().clone();
+            (m.membership_config.clone(), m.last_log_index.unwrap_or(0))
         };
-        tracing::info!(node = id, "adding learner");
-        let added = self
-            .core
-            .raft
-            .add_learner(id, node, false)
-            .await
-            .map_err(Self::change_error)?;
-        self.wait_caught_up(id, added.log_id.index).await?;
+        let membership = current.membership();
+        // The entry the node must have before it gets a vote: the one that added it, or for a
+        // learner added earlier (whose add ended before its promotion), everything the leader
+        // holds now.
+        let caught_up_at = if let Some(existing) = membership.get_node(&id) {
+            if membership.voter_ids().any(|v| v == id) {
+                return Err(Status::already_exists(format!(
+                    "node {id} is already a voter in this cluster"
+                )));
+            }
+            if existing.raft_addr != member.raft_addr || existing.client_addr != member.client_addr
+            {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is a learner with raft address {} and client address {}; \
+                     an add with other addresses cannot promote it (remove it and add a new id)",
+                    existing.raft_addr, existing.client_addr
+                )));
+            }
+            if req.learner_only {
+                return Err(Status::already_exists(format!(
+                    "node {id} is already a learner in this cluster"
+                )));
+            }
+            tracing::info!(
+                node = id,
+                "learner already a member; waiting for it to catch up"
+            );
+            last_log_index
+        } else {
+            if self
+                .core
+                .reader
+                .node_ever_member(id)
+                .map_err(status::storage)?
+            {
+                return Err(Status::already_exists(format!(
+                    "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
+                )));
+            }
+            let node = EscrowNode {
+                raft_addr: member.raft_addr,
+                client_addr: member.client_addr,
+            };
+            tracing::info!(node = id, "adding learner");
+            let added = self
+                .core
+                .raft
+                .add_learner(id, node, false)
+                .await
+                .map_err(Self::change_error)?;
+            added.log_id.index
+        };
+        self.wait_caught_up(id, caught_up_at).await?;
         if !req.learner_only {
             tracing::info!(node = id, "promoting learner to voter");
             self.core
