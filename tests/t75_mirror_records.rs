@@ -348,3 +348,51 @@ async fn t77_following_agent_picks_up_appended_lines() {
 
     cluster.shutdown().await;
 }
+
+// Goal: SIGTERM ends a following agent promptly even while it cannot reach the cluster and is
+// retrying a batch (it used to retry on, deaf to the signal): exit 0 with a summary, and
+// nothing checkpointed that the cluster did not acknowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t78_sigterm_stops_an_agent_retrying_an_unreachable_cluster() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let work = tempfile::tempdir().unwrap();
+    let mut config = escrow::client::ClientConfig::load(&cluster.files.client_config).unwrap();
+    config.endpoints = vec![format!("127.0.0.1:{}", free_ports(1)[0])];
+    let cfg = work.path().join("escrowctl.toml");
+    std::fs::write(&cfg, toml::to_string(&config).unwrap()).unwrap();
+    let feed = work.path().join("feed.jsonl");
+    let state = work.path().join("state.json");
+    write_feed(&feed, 1..=10);
+    let mut child = agent(&cfg, &feed, &state, TENANT, &["--json"])
+        .spawn()
+        .unwrap();
+    // Long enough for the first ingest to fail and the agent to be retrying.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the agent gave up");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the agent ignored SIGTERM for 10 s while retrying");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["applied"], 0, "{report}");
+    assert_eq!(report["batches"], 0, "{report}");
+    assert_eq!(
+        state_offset(&state),
+        0,
+        "nothing acknowledged, nothing checkpointed"
+    );
+    cluster.shutdown().await;
+}

@@ -26,6 +26,9 @@ use crate::domain::ArtifactName;
 pub const FILES_IN_FLIGHT: usize = 8;
 /// Quiet time after a file-system event before a pass starts (changes come in bursts).
 pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(500);
+/// The longest a pass waits for events to settle: a tree that changes without pause is still
+/// mirrored this often.
+pub const EVENT_SETTLE_MAX: Duration = Duration::from_secs(30);
 /// Default interval of the full rescan in follow mode.
 pub const RESCAN_DEFAULT: Duration = Duration::from_secs(600);
 /// Uploads between two saves of the state file.
@@ -96,6 +99,9 @@ pub struct DirReport {
     pub skipped: Vec<Skipped>,
     /// Files that could not be mirrored in the last pass (retried on the next).
     pub failed: Vec<Skipped>,
+    /// A stop request cut the last pass short: what was uploaded is kept (and recorded in the
+    /// state file); the rest, and the tombstones of files gone, wait for the next run.
+    pub stopped: bool,
 }
 
 /// Progress callbacks.
@@ -207,6 +213,24 @@ pub async fn pass(
     options: &DirOptions,
     progress: &dyn DirProgress,
 ) -> Result<DirReport, String> {
+    let mut never = super::Stop::new(std::future::pending());
+    pass_until(client, options, progress, &mut never).await
+}
+
+/// [`pass`], unless a stop request ends it early ([`DirReport::stopped`]), with the state of
+/// what was uploaded saved.
+pub async fn pass_until<F: std::future::Future<Output = ()>>(
+    client: &EscrowClient,
+    options: &DirOptions,
+    progress: &dyn DirProgress,
+    stop: &mut super::Stop<F>,
+) -> Result<DirReport, String> {
+    let stopped = || DirReport {
+        namespace: options.namespace.clone(),
+        passes: 1,
+        stopped: true,
+        ..Default::default()
+    };
     let root = std::fs::canonicalize(&options.root)
         .map_err(|e| format!("cannot open {}: {e}", options.root.display()))?;
     if !root.is_dir() {
@@ -221,13 +245,22 @@ pub async fn pass(
             files: BTreeMap::new(),
         });
     let walk_root = root.clone();
-    let (files, skipped) = tokio::task::spawn_blocking(move || walk(&walk_root))
+    let Some(walked) = stop
+        .until(tokio::task::spawn_blocking(move || walk(&walk_root)))
         .await
+    else {
+        return Ok(stopped());
+    };
+    let (files, skipped) = walked
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot walk {}: {e}", root.display()))?;
-    let escrowed: HashMap<String, String> = client
-        .list_artifacts(&options.namespace, false)
+    let Some(listed) = stop
+        .until(client.list_artifacts(&options.namespace, false))
         .await
+    else {
+        return Ok(stopped());
+    };
+    let escrowed: HashMap<String, String> = listed
         .map_err(|e| e.to_string())?
         .into_iter()
         .filter_map(|a| {
@@ -265,7 +298,7 @@ pub async fn pass(
         })
         .buffer_unordered(FILES_IN_FLIGHT);
     let mut since_save = 0;
-    while let Some((f, result)) = uploads.next().await {
+    while let Some(Some((f, result))) = stop.until(uploads.next()).await {
         progress.file_done(f.size);
         match result {
             Ok(r) => {
@@ -298,6 +331,13 @@ pub async fn pass(
         }
     }
     drop(uploads);
+    if stop.requested() {
+        report.stopped = true;
+        state
+            .save(&options.state_file)
+            .map_err(|e| format!("cannot save {}: {e}", options.state_file.display()))?;
+        return Ok(report);
+    }
 
     // Files gone from the tree become tombstones (earlier versions stay escrowed). A path that
     // was skipped this pass is not "gone".
@@ -315,7 +355,14 @@ pub async fn pass(
     for name in escrowed.keys() {
         let under_unreadable = unreadable.iter().any(|d| name.starts_with(d.as_str()));
         if !present.contains(name.as_str()) && !under_unreadable {
-            match client.delete_artifact(&options.namespace, name).await {
+            let Some(deleted) = stop
+                .until(client.delete_artifact(&options.namespace, name))
+                .await
+            else {
+                report.stopped = true;
+                break;
+            };
+            match deleted {
                 Ok(_) => {
                     report.deleted += 1;
                     state.files.remove(name);
@@ -342,8 +389,9 @@ pub async fn run_dir(
     progress: &dyn DirProgress,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<DirReport, String> {
-    let mut report = pass(client, options, progress).await?;
-    if options.once {
+    let mut stop = super::Stop::new(stop);
+    let mut report = pass_until(client, options, progress, &mut stop).await?;
+    if options.once || report.stopped {
         return Ok(report);
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -355,29 +403,46 @@ pub async fn run_dir(
     watcher
         .watch(&options.root, notify::RecursiveMode::Recursive)
         .map_err(|e| format!("cannot watch {}: {e}", options.root.display()))?;
-    tokio::pin!(stop);
     let mut passes = report.passes;
     loop {
-        tokio::select! {
-            _ = &mut stop => return Ok(report),
-            event = rx.recv() => {
-                if event.is_none() {
-                    return Err("the file watcher stopped".into());
+        let woke = stop
+            .until(async {
+                tokio::select! {
+                    event = rx.recv() => Some(event),
+                    _ = tokio::time::sleep(options.rescan) => None,
                 }
-                // Let a burst of changes settle, then take it in one pass.
-                loop {
-                    tokio::select! {
-                        more = rx.recv() => if more.is_none() { break },
-                        _ = tokio::time::sleep(EVENT_DEBOUNCE) => break,
-                    }
+            })
+            .await;
+        match woke {
+            None => return Ok(report),
+            Some(None) => {}
+            Some(Some(None)) => return Err("the file watcher stopped".into()),
+            Some(Some(Some(_))) => {
+                // Let a burst of changes settle (at most EVENT_SETTLE_MAX), then take it in
+                // one pass.
+                let settle = async {
+                    let _ = tokio::time::timeout(EVENT_SETTLE_MAX, async {
+                        loop {
+                            tokio::select! {
+                                more = rx.recv() => if more.is_none() { break },
+                                _ = tokio::time::sleep(EVENT_DEBOUNCE) => break,
+                            }
+                        }
+                    })
+                    .await;
+                };
+                if stop.until(settle).await.is_none() {
+                    return Ok(report);
                 }
             }
-            _ = tokio::time::sleep(options.rescan) => {}
         }
-        match pass(client, options, progress).await {
+        match pass_until(client, options, progress, &mut stop).await {
             Ok(r) => {
                 passes += 1;
                 report = DirReport { passes, ..r };
+                if report.stopped {
+                    return Ok(report);
+                }
                 if !report.failed.is_empty() {
                     tracing::warn!(
                         failed = report.failed.len(),

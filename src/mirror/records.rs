@@ -344,8 +344,7 @@ pub async fn run_feed(
     let mut line = Vec::new();
     // Bytes of an incomplete last line seen while following; re-read once more arrives.
     let mut partial: Vec<u8> = Vec::new();
-    tokio::pin!(stop);
-    let mut stopping = false;
+    let mut stop = super::Stop::new(stop);
     loop {
         let (n, complete) = read_line(&mut reader, &mut line).await.map_err(read_err)?;
         if n > 0 && (complete || options.once || line.len() > LINE_BYTES_MAX) {
@@ -360,8 +359,20 @@ pub async fn run_feed(
                         let size = change.key.len() + change.value.len();
                         if batch.bytes + size > INGEST_BYTES_MAX {
                             // Send what came before; this change opens the next batch.
-                            send(client, options, &mut state, &mut batch, &mut report).await?;
+                            let sent = send(
+                                client,
+                                options,
+                                &mut state,
+                                &mut batch,
+                                &mut report,
+                                &mut stop,
+                            )
+                            .await?;
                             progress.update(&report);
+                            if !sent || stop.requested() {
+                                // This line was not sent: the next run reads it again.
+                                return Ok(report);
+                            }
                         }
                         batch.bytes += size;
                         batch.end_seq = change.seq;
@@ -371,13 +382,35 @@ pub async fn run_feed(
                     batch.end_line = number;
                     report.lines += 1;
                     if batch.changes.len() >= batch_changes {
-                        send(client, options, &mut state, &mut batch, &mut report).await?;
+                        let sent = send(
+                            client,
+                            options,
+                            &mut state,
+                            &mut batch,
+                            &mut report,
+                            &mut stop,
+                        )
+                        .await?;
                         progress.update(&report);
+                        if !sent || stop.requested() {
+                            return Ok(report);
+                        }
                     }
                     continue;
                 }
                 Err(reason) => {
-                    send(client, options, &mut state, &mut batch, &mut report).await?;
+                    if !send(
+                        client,
+                        options,
+                        &mut state,
+                        &mut batch,
+                        &mut report,
+                        &mut stop,
+                    )
+                    .await?
+                    {
+                        return Ok(report);
+                    }
                     return Err(FeedError::Malformed {
                         path: feed_name,
                         line: number,
@@ -391,27 +424,35 @@ pub async fn run_feed(
             partial.extend_from_slice(&line);
         }
         // End of the available data: send what is pending.
-        send(client, options, &mut state, &mut batch, &mut report).await?;
+        let sent = send(
+            client,
+            options,
+            &mut state,
+            &mut batch,
+            &mut report,
+            &mut stop,
+        )
+        .await?;
         progress.update(&report);
-        if options.once || stopping {
+        if !sent || options.once || stop.requested() {
             return Ok(report);
         }
-        tokio::select! {
-            _ = &mut stop => stopping = true,
-            _ = tokio::time::sleep(FOLLOW_POLL) => {}
-        }
+        // A stop while waiting reads once more (what arrived meanwhile), sends it, and ends.
+        stop.within(FOLLOW_POLL).await;
     }
 }
 
 /// Sends the batch, retrying while the cluster is unavailable (unless `once`), then
-/// checkpoints the offset after its last line.
-async fn send(
+/// checkpoints the offset after its last line. `false` when a stop came first: the batch is not
+/// checkpointed, so the next run sends it again (the cluster skips what it already applied).
+async fn send<F: std::future::Future<Output = ()>>(
     client: &EscrowClient,
     options: &FeedOptions,
     state: &mut FeedState,
     batch: &mut Batch,
     report: &mut FeedReport,
-) -> Result<(), FeedError> {
+    stop: &mut super::Stop<F>,
+) -> Result<bool, FeedError> {
     if batch.changes.is_empty() {
         if batch.end_offset != state.offset {
             // Only blank lines since the last checkpoint.
@@ -421,19 +462,24 @@ async fn send(
             state.save(&options.state_file)?;
             report.offset = state.offset;
         }
-        return Ok(());
+        return Ok(true);
     }
     let changes = std::mem::take(&mut batch.changes);
     batch.bytes = 0;
     let reply = loop {
-        match client
-            .ingest(&options.tenant, &options.source, changes.clone())
+        let Some(sent) = stop
+            .until(client.ingest(&options.tenant, &options.source, changes.clone()))
             .await
-        {
+        else {
+            return Ok(false);
+        };
+        match sent {
             Ok(r) => break r,
             Err(e) if retry_later(&e) && !options.once => {
                 tracing::warn!(error = %e, "batch not acknowledged; resending");
-                tokio::time::sleep(RETRY_PAUSE).await;
+                if stop.within(RETRY_PAUSE).await {
+                    return Ok(false);
+                }
             }
             Err(cause) => {
                 return Err(FeedError::Refused {
@@ -452,7 +498,8 @@ async fn send(
     state.line = batch.end_line;
     state.seq = batch.end_seq;
     report.offset = state.offset;
-    state.save(&options.state_file)
+    state.save(&options.state_file)?;
+    Ok(true)
 }
 
 /// Errors worth waiting out: no leader, nodes down, a deadline passed.
