@@ -4,11 +4,12 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_prereqs
 cd "$ROOT"
-DIR="${1:-${ESCROW_DEV_DIR:-$HOME/.local/share/escrow/dev}}"
+DIR="${1:-$(dev_dir_default)}"
 shift || true
 mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
 PIDFILE="$DIR/escrowd.pid"
-if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+if [ -f "$PIDFILE" ] && dev_pid_alive "$(cat "$PIDFILE")" "$DIR"; then
     echo "already running with PID $(cat "$PIDFILE")"; exit 0
 fi
 cargo build --bins --quiet

@@ -19,6 +19,24 @@ RELEASE_BIN="$CARGO_TARGET_DIR/${CARGO_BUILD_TARGET:-}/release"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# The dev dir escrowd and escrowctl use by default: $ESCROW_DEV_DIR, else
+# $XDG_DATA_HOME/escrow/dev, else ~/.local/share/escrow/dev.
+dev_dir_default() {
+    if [ -n "${ESCROW_DEV_DIR:-}" ]; then echo "$ESCROW_DEV_DIR"
+    elif [ -n "${XDG_DATA_HOME:-}" ]; then echo "$XDG_DATA_HOME/escrow/dev"
+    else echo "$HOME/.local/share/escrow/dev"; fi
+}
+
+# dev_pid_alive PID DIR: whether PID runs `escrowd dev --dir DIR` (checked on its command
+# line: a PID file left from before a reboot may name another process by now).
+dev_pid_alive() {
+    local pid="$1" dir="$2" cmd
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+    [[ "$cmd" == *"/escrowd dev --dir $dir "* ]]
+}
+
 # Runs apt-get as root (directly, or through sudo when available).
 apt_install() {
     local sudo=""

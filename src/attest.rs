@@ -176,6 +176,16 @@ pub fn verify(
     required: Option<usize>,
 ) -> Result<(), AttestError> {
     let bad = |m: String| Err(AttestError::Invalid(m));
+    let trusted_count = trusted.keys.len();
+    if trusted_count == 0 {
+        return bad("the trusted-keys file lists no keys".into());
+    }
+    let required = required.unwrap_or(trusted_count);
+    if required == 0 || required > trusted_count {
+        return bad(format!(
+            "{required} signatures required, but it must be 1 to the {trusted_count} trusted keys"
+        ));
+    }
     if doc.statement.cluster != trusted.cluster {
         return bad(format!(
             "the statement is about cluster {:?}, the keys are for {:?}",
@@ -215,7 +225,6 @@ pub fn verify(
         .filter(|id| !signed.contains_key(id))
         .map(u64::to_string)
         .collect();
-    let required = required.unwrap_or(trusted.keys.len());
     if signed.len() < required {
         return bad(format!(
             "{} of the {required} signatures required; no signature from node(s) {}",
@@ -314,6 +323,21 @@ mod tests {
             signature: doc.statement.sign(&stranger),
         });
         assert!(verify(&extra, &trusted, Some(1)).is_err());
+
+        // Nothing trusted, or no signature required, proves nothing: refused.
+        let unsigned = Attestation {
+            signatures: Vec::new(),
+            ..doc.clone()
+        };
+        let err = verify(&unsigned, &trusted, Some(0)).unwrap_err();
+        assert!(err.to_string().contains("must be 1 to the 3"), "{err}");
+        assert!(verify(&doc, &trusted, Some(4)).is_err());
+        let nobody = TrustedKeys {
+            keys: Default::default(),
+            ..trusted.clone()
+        };
+        let err = verify(&unsigned, &nobody, None).unwrap_err();
+        assert!(err.to_string().contains("lists no keys"), "{err}");
     }
 
     // Goal: the identity key survives a restart and is written owner-only.

@@ -65,18 +65,10 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, AuthError> {
     read_file(path)
 }
 
-/// Writes a secret file readable by its owner only (created with mode 0600).
+/// Writes a secret file readable by its owner only (mode 0600), whole or not at all: a
+/// crash leaves the old file or the new one, never a truncated secret a later start trusts.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()
+    crate::store::write_secret_atomically(path, contents)
 }
 
 /// A node's TLS material: the cluster CA and its own certificate and key.

@@ -10,6 +10,8 @@ use crate::client::{ClientConfig, EscrowClient};
 
 /// Most concurrent clients a benchmark may start.
 pub const BENCH_CLIENTS_MAX: usize = 1024;
+/// The longest benchmark run: a day.
+pub const BENCH_DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 pub struct BenchSpec {
@@ -97,6 +99,9 @@ fn report(
 fn validate(spec: &BenchSpec) -> anyhow::Result<()> {
     if spec.clients == 0 || spec.clients > BENCH_CLIENTS_MAX {
         anyhow::bail!("--clients must be 1 to {BENCH_CLIENTS_MAX}");
+    }
+    if spec.duration.is_zero() || spec.duration > BENCH_DURATION_MAX {
+        anyhow::bail!("--seconds must be 1 to {}", BENCH_DURATION_MAX.as_secs());
     }
     if spec.value_bytes == 0 || spec.value_bytes > crate::domain::VALUE_LEN_MAX {
         anyhow::bail!(

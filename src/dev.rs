@@ -204,6 +204,33 @@ pub async fn start_nodes(
     Ok(nodes)
 }
 
+/// The file in a dev dir recording the node count and port base it was created with.
+const LAYOUT_FILE: &str = "dev-layout";
+
+/// A dev dir's cluster keeps its members' addresses in its Raft membership, so it must be
+/// started with the node count and port base it was created with: other ports would leave the
+/// nodes dialling addresses nobody listens on, and more nodes would start outside the cluster.
+/// Records them at the first start; refuses a start with others, naming them.
+fn check_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
+    let path = dir.join(LAYOUT_FILE);
+    let wanted = format!("nodes = {nodes}\nport_base = {port_base}\n");
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) if recorded == wanted => Ok(()),
+        Ok(recorded) => anyhow::bail!(
+            "{} was created with {}; start it with the same --nodes and --port-base, or use another --dir",
+            dir.display(),
+            recorded.trim().replace('\n', ", ")
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            crate::store::write_atomically(&path, wanted.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// `escrowd dev`: prepare the dir, start the nodes, bootstrap on first start, serve until
 /// Ctrl-C, then stop cleanly.
 pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
@@ -216,6 +243,7 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
             65535 - 10 * (DEV_NODES_MAX as u16 + 1)
         );
     }
+    check_layout(dir, nodes, port_base)?;
     let ports: Vec<NodePorts> = (1..=nodes as u64)
         .map(|id| NodePorts::dev(port_base, id))
         .collect();
@@ -241,7 +269,13 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
         .map(|m| m.current_leader)
         .ok()
         .flatten();
-    println!("escrow dev cluster is up: {nodes} node(s), leader {leader:?}");
+    match leader {
+        Some(id) => println!("escrow dev cluster is up: {nodes} node(s), leader node {id}"),
+        None => println!(
+            "escrow dev cluster is up: {nodes} node(s), no leader yet after {}s (see the log; `escrowctl cluster status` shows when one is elected)",
+            DEV_LEADER_WAIT.as_secs()
+        ),
+    }
     println!("  data and config: {}", files.dir.display());
     for h in &handles {
         println!(
@@ -254,6 +288,7 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
         files.client_config.display()
     );
     println!("             escrowctl cluster status");
+    println!("             escrowctl tenant add acme");
     println!("             escrowctl record put --tenant acme --collection orders --key o-1 --value hello");
     println!("Ctrl-C stops the cluster; its data is kept for the next start.");
 

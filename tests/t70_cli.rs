@@ -104,9 +104,20 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     );
     let del: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(del["existed"], true);
+    // Not found: the document on stdout, and exit 1 with the reason, as without --json.
     let out = escrowctl(&cfg, &[&["record", "get"][..], &rec, &["--json"]].concat());
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["found"], false);
+    assert_eq!(got["deleted"], true);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not found") && stderr.contains("deleted at revision"),
+        "{stderr}"
+    );
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &rec].concat());
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
 
     // Bad input: non-zero exit, one line on stderr naming the problem, nothing on stdout.
     let out = escrowctl(
@@ -284,6 +295,12 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     );
     let cfg = dir.path().canonicalize().unwrap().join("escrowctl.toml");
     assert!(lines.iter().any(|l| l.contains("ESCROWCTL_CONFIG")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("escrowctl tenant add acme")),
+        "{lines:?}"
+    );
 
     let rec = [
         "--tenant",
@@ -315,6 +332,23 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
         String::from_utf8_lossy(&out.stderr)
     );
     sigterm(&mut child);
+
+    // Other ports or another node count would leave the cluster's members unreachable: refused,
+    // naming what the dir was created with, and nothing started.
+    let out = Command::new(escrowd_bin())
+        .args(["dev", "--nodes", "3", "--port-base"])
+        .arg((base + 100).to_string())
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("nodes = 3, port_base = {base}")),
+        "{stderr}"
+    );
 
     let (mut child, _) = start_dev(dir.path(), base);
     let out = escrowctl(&cfg, &[&["record", "get"][..], &rec, &["--json"]].concat());

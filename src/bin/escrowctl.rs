@@ -218,9 +218,10 @@ enum AttestCmd {
         /// Trusted keys, as `escrowctl attest keys` prints them.
         #[arg(long)]
         keys: PathBuf,
-        /// Accept fewer signatures than trusted keys (default: every trusted key must sign).
-        #[arg(long)]
-        min_signatures: Option<usize>,
+        /// Accept fewer signatures than trusted keys, at least 1 (default: every trusted key
+        /// must sign).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        min_signatures: Option<u64>,
     },
     /// Print the nodes' public keys as a trusted-keys file.
     Keys,
@@ -362,7 +363,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{} is not an attestation: {e}", file.display()))?;
         let trusted: escrow::attest::TrustedKeys = serde_json::from_slice(&read(keys)?)
             .map_err(|e| anyhow::anyhow!("{} is not a trusted-keys file: {e}", keys.display()))?;
-        escrow::attest::verify(&doc, &trusted, *min_signatures)?;
+        let required = min_signatures.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        escrow::attest::verify(&doc, &trusted, required)?;
         print(
             cli.json,
             json!({ "valid": true, "index": doc.statement.index, "signatures": doc.signatures.len(), "cluster_root": doc.statement.cluster_root }),
@@ -514,7 +516,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{}",
                         json!({ "found": false, "deleted": r.deleted, "revision": r.revision, "read_index": r.read_index })
                     );
-                    return Ok(());
+                    // And exit 1 with the reason, as without --json.
                 }
                 anyhow::bail!(
                     "not found: {}/{}/{}{}",

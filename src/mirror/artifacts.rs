@@ -271,8 +271,25 @@ pub async fn download_file(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "artifact".into());
-    let tmp = dir.join(format!(".{file_name}.escrow-part"));
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(write_err)?);
+    // A name of its own, created exclusively: two downloads to one path never share it. A
+    // file replaced keeps its permissions (a 0600 copy of customer data stays 0600).
+    let tmp = dir.join(format!(
+        ".{file_name}.{:016x}.escrow-part",
+        rand::random::<u64>()
+    ));
+    let keep = std::fs::metadata(out).ok().map(|m| m.permissions());
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(write_err)?;
+    if let Some(permissions) = keep {
+        if let Err(e) = created.set_permissions(permissions) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+    }
+    let mut file = std::io::BufWriter::new(created);
     let mut whole = blake3::Hasher::new();
     let version_no = v.version;
     let mut reads = stream::iter(m.chunks.iter().enumerate())
