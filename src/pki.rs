@@ -136,8 +136,10 @@ impl Ca {
     }
 }
 
+/// Writes a certificate whole or not at all (a half certificate beside its key would fail
+/// every later start).
 fn write_public(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    std::fs::write(path, contents).map_err(|cause| PkiError::Write {
+    crate::store::write_atomically(path, contents).map_err(|cause| PkiError::Write {
         path: path.to_path_buf(),
         cause,
     })
