@@ -232,7 +232,9 @@ impl Config {
     /// directory, not to wherever the node was started from: started elsewhere, a voter would
     /// otherwise open a fresh, empty data dir and vote without its log.
     fn resolve_paths(&mut self, path: &Path) {
-        let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        // The directory the file is named in (a symlinked config's own directory, not its
+        // target's), made absolute.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base = match file.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -442,7 +444,7 @@ mod tests {
         std::fs::create_dir(&etc).unwrap();
         let path = etc.join("node.toml");
         std::fs::write(&path, toml::to_string_pretty(&config).unwrap()).unwrap();
-        let base = etc.canonicalize().unwrap();
+        let base = std::path::absolute(&etc).unwrap();
         let loaded = Config::load(&path).unwrap();
         assert_eq!(loaded.data_dir, base.join("data"));
         assert_eq!(loaded.tls.cert, base.join("pki/node.pem"));

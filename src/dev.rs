@@ -210,25 +210,32 @@ const LAYOUT_FILE: &str = "dev-layout";
 /// A dev dir's cluster keeps its members' addresses in its Raft membership, so it must be
 /// started with the node count and port base it was created with: other ports would leave the
 /// nodes dialling addresses nobody listens on, and more nodes would start outside the cluster.
-/// Records them at the first start; refuses a start with others, naming them.
-fn check_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
+/// Refuses a start with others than those recorded, naming them; `Ok(false)` when none are
+/// recorded yet ([`record_layout`] once the cluster is up).
+fn check_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<bool> {
     let path = dir.join(LAYOUT_FILE);
-    let wanted = format!("nodes = {nodes}\nport_base = {port_base}\n");
     match std::fs::read_to_string(&path) {
-        Ok(recorded) if recorded == wanted => Ok(()),
+        Ok(recorded) if recorded == layout(nodes, port_base) => Ok(true),
         Ok(recorded) => anyhow::bail!(
             "{} was created with {}; start it with the same --nodes and --port-base, or use another --dir",
             dir.display(),
             recorded.trim().replace('\n', ", ")
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            crate::store::write_atomically(&path, wanted.as_bytes())
-                .with_context(|| format!("cannot write {}", path.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+fn layout(nodes: usize, port_base: u16) -> String {
+    format!("nodes = {nodes}\nport_base = {port_base}\n")
+}
+
+/// Records the layout of a cluster that came up (a first start that failed, say on a busy
+/// port, leaves the dir free to start with others).
+fn record_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
+    let path = dir.join(LAYOUT_FILE);
+    crate::store::write_atomically(&path, layout(nodes, port_base).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `escrowd dev`: prepare the dir, start the nodes, bootstrap on first start, serve until
@@ -243,12 +250,15 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
             65535 - 10 * (DEV_NODES_MAX as u16 + 1)
         );
     }
-    check_layout(dir, nodes, port_base)?;
+    let layout_recorded = check_layout(dir, nodes, port_base)?;
     let ports: Vec<NodePorts> = (1..=nodes as u64)
         .map(|id| NodePorts::dev(port_base, id))
         .collect();
     let files = write_cluster_files(dir, &ports, &RaftSettings::default())?;
     let handles = start_nodes(&files, Arc::new(Faults::default())).await?;
+    if !layout_recorded {
+        record_layout(&files.dir, nodes, port_base)?;
+    }
     let first = &handles[0];
     let initialized = first.raft.is_initialized().await?;
     if !initialized {

@@ -313,7 +313,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // A read of stdin (a record feed from a pipe) cannot be cancelled: do not wait for it.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("escrowctl: {}", format!("{e:#}").replace('\n', " "));
@@ -531,9 +534,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if let Some(path) = out {
-                // Whole or not at all: a reader of `path` never sees part of the value.
-                escrow::store::write_atomically(path, &r.value)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                // Whole or not at all: a reader of `path` never sees part of the value. A
+                // target that is not a regular file (a device such as /dev/stdout, a FIFO, a
+                // symlink) is written through, never replaced.
+                let regular_or_new = match std::fs::symlink_metadata(path) {
+                    Ok(m) => m.file_type().is_file(),
+                    Err(_) => true,
+                };
+                if regular_or_new {
+                    escrow::store::write_atomically(path, &r.value)
+                } else {
+                    std::fs::write(path, &r.value)
+                }
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
             if cli.json {
                 let value = String::from_utf8(r.value.clone()).ok();
@@ -1111,7 +1124,12 @@ async fn mirror_dir(
         json_out,
         serde_json::to_value(&report)?,
         format!(
-            "{} files ({} bytes): {} new versions, {} unchanged, {} deleted; sent {} chunks ({} bytes); {} skipped, {} failed",
+            "{}{} files ({} bytes): {} new versions, {} unchanged, {} deleted; sent {} chunks ({} bytes); {} skipped, {} failed",
+            if report.stopped {
+                "stopped before the pass finished (the next run goes on): "
+            } else {
+                ""
+            },
             report.files,
             report.bytes,
             report.uploaded,

@@ -346,7 +346,12 @@ pub async fn run_feed(
     let mut partial: Vec<u8> = Vec::new();
     let mut stop = super::Stop::new(stop);
     loop {
-        let (n, complete) = read_line(&mut reader, &mut line).await.map_err(read_err)?;
+        let Some(read) = stop.until(read_line(&mut reader, &mut line)).await else {
+            // Stopped while waiting for input (an idle pipe): what was read and not yet
+            // acknowledged is not checkpointed; a file feed's next run reads it again.
+            return Ok(report);
+        };
+        let (n, complete) = read.map_err(read_err)?;
         if n > 0 && (complete || options.once || line.len() > LINE_BYTES_MAX) {
             let mut whole = std::mem::take(&mut partial);
             whole.extend_from_slice(&line);
@@ -437,7 +442,8 @@ pub async fn run_feed(
         if !sent || options.once || stop.requested() {
             return Ok(report);
         }
-        // A stop while waiting reads once more (what arrived meanwhile), sends it, and ends.
+        // A stop while waiting ends the feed at the top of the loop; what arrived meanwhile
+        // is read by the next run.
         stop.within(FOLLOW_POLL).await;
     }
 }

@@ -440,6 +440,19 @@ impl pb::cluster_server::Cluster for ClusterService {
         // holds now.
         let caught_up_at = if let Some(existing) = membership.get_node(&id) {
             if membership.voter_ids().any(|v| v == id) {
+                if membership.get_joint_config().len() > 1 {
+                    // An add cut short between the joint and the final config (a leader change,
+                    // a deadline): finish it.
+                    tracing::info!(node = id, "finishing the promotion of node");
+                    self.core
+                        .raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(Self::change_error)?;
+                    return Ok(Response::new(pb::AddNodeReply {
+                        members: self.membership_reply(),
+                    }));
+                }
                 return Err(Status::already_exists(format!(
                     "node {id} is already a voter in this cluster"
                 )));
