@@ -9,8 +9,8 @@ PIDFILE="$DIR/escrowd.pid"
 [ -f "$PIDFILE" ] || { echo "no $PIDFILE: nothing to stop"; exit 0; }
 PID="$(cat "$PIDFILE")"
 if ! dev_pid_alive "$PID" "$DIR"; then
-    echo "PID $PID is not escrowd dev for $DIR (stale PID file); nothing to stop"
-elif kill -0 "$PID" 2>/dev/null; then
+    echo "PID $PID is not a running escrowd dev for $DIR (stale PID file); nothing to stop"
+else
     kill -TERM "$PID"
     for _ in $(seq 1 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.2; done
     if kill -0 "$PID" 2>/dev/null; then echo "PID $PID did not stop in 30s; sending SIGKILL" >&2; kill -KILL "$PID"; fi

@@ -218,11 +218,10 @@ impl Config {
             path: path.to_path_buf(),
             cause,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: path.to_path_buf(),
             cause: Box::new(cause),
         })?;
-        let mut config = config;
         config.resolve_paths(path);
         config.validate(path)?;
         Ok(config)
@@ -235,10 +234,7 @@ impl Config {
         // The directory the file is named in (a symlinked config's own directory, not its
         // target's), made absolute.
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let base = match file.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         for p in [
             &mut self.data_dir,
             &mut self.tls.ca,

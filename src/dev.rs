@@ -210,18 +210,17 @@ const LAYOUT_FILE: &str = "dev-layout";
 /// A dev dir's cluster keeps its members' addresses in its Raft membership, so it must be
 /// started with the node count and port base it was created with: other ports would leave the
 /// nodes dialling addresses nobody listens on, and more nodes would start outside the cluster.
-/// Refuses a start with others than those recorded, naming them; `Ok(false)` when none are
-/// recorded yet ([`record_layout`] once the cluster is up).
-fn check_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<bool> {
+/// Refuses a start with others than those recorded ([`record_layout`]), naming them.
+fn check_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
     let path = dir.join(LAYOUT_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(recorded) if recorded == layout(nodes, port_base) => Ok(true),
+        Ok(recorded) if recorded == layout(nodes, port_base) => Ok(()),
         Ok(recorded) => anyhow::bail!(
             "{} was created with {}; start it with the same --nodes and --port-base, or use another --dir",
             dir.display(),
             recorded.trim().replace('\n', ", ")
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
@@ -230,8 +229,8 @@ fn layout(nodes: usize, port_base: u16) -> String {
     format!("nodes = {nodes}\nport_base = {port_base}\n")
 }
 
-/// Records the layout of a cluster that came up (a first start that failed, say on a busy
-/// port, leaves the dir free to start with others).
+/// Records the layout of a cluster that came up, at every start (a first start that failed,
+/// say on a busy port, leaves the dir free to start with others).
 fn record_layout(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()> {
     let path = dir.join(LAYOUT_FILE);
     crate::store::write_atomically(&path, layout(nodes, port_base).as_bytes())
@@ -250,15 +249,13 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
             65535 - 10 * (DEV_NODES_MAX as u16 + 1)
         );
     }
-    let layout_recorded = check_layout(dir, nodes, port_base)?;
+    check_layout(dir, nodes, port_base)?;
     let ports: Vec<NodePorts> = (1..=nodes as u64)
         .map(|id| NodePorts::dev(port_base, id))
         .collect();
     let files = write_cluster_files(dir, &ports, &RaftSettings::default())?;
     let handles = start_nodes(&files, Arc::new(Faults::default())).await?;
-    if !layout_recorded {
-        record_layout(&files.dir, nodes, port_base)?;
-    }
+    record_layout(&files.dir, nodes, port_base)?;
     let first = &handles[0];
     let initialized = first.raft.is_initialized().await?;
     if !initialized {

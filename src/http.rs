@@ -115,10 +115,9 @@ pub async fn serve(
                 ended = conn.as_mut() => ended,
                 _ = tokio::time::sleep(HTTP_CONNECTION_MAX_AGE) => {
                     conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(HTTP_HEADER_READ_TIMEOUT, conn.as_mut()).await {
-                        Ok(ended) => ended,
-                        Err(_) => Ok(()),
-                    }
+                    tokio::time::timeout(HTTP_HEADER_READ_TIMEOUT, conn.as_mut())
+                        .await
+                        .unwrap_or(Ok(()))
                 }
             };
             if let Err(e) = ended {

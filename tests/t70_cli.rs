@@ -269,19 +269,6 @@ fn start_dev(dir: &std::path::Path, base: u16) -> (std::process::Child, Vec<Stri
     (child, lines)
 }
 
-fn sigterm(child: &mut std::process::Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "escrowd dev did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // Goal: `escrowd dev` starts a working 3-node cluster, prints how to reach it, stops cleanly
 // and resumes its data on the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,7 +318,7 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    sigterm(&mut child);
+    sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
 
     // Other ports or another node count would leave the cluster's members unreachable: refused,
     // naming what the dir was created with, and nothing started.
@@ -359,5 +346,5 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["value"], "kept");
-    sigterm(&mut child);
+    sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
 }

@@ -328,10 +328,7 @@ async fn t77_following_agent_picks_up_appended_lines() {
     })
     .await;
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    sigterm_and_wait(&mut child, Duration::from_secs(30), "the following agent");
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -369,21 +366,7 @@ async fn t78_sigterm_stops_an_agent_retrying_an_unreachable_cluster() {
     // Long enough for the first ingest to fail and the agent to be retrying.
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the agent gave up");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let signalled = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if signalled.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("the agent ignored SIGTERM for 10 s while retrying");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10), "the retrying agent");
     let out = child.wait_with_output().unwrap();
     assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

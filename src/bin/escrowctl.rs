@@ -220,8 +220,8 @@ enum AttestCmd {
         keys: PathBuf,
         /// Accept fewer signatures than trusted keys, at least 1 (default: every trusted key
         /// must sign).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        min_signatures: Option<u64>,
+        #[arg(long)]
+        min_signatures: Option<usize>,
     },
     /// Print the nodes' public keys as a trusted-keys file.
     Keys,
@@ -366,8 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{} is not an attestation: {e}", file.display()))?;
         let trusted: escrow::attest::TrustedKeys = serde_json::from_slice(&read(keys)?)
             .map_err(|e| anyhow::anyhow!("{} is not a trusted-keys file: {e}", keys.display()))?;
-        let required = min_signatures.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-        escrow::attest::verify(&doc, &trusted, required)?;
+        escrow::attest::verify(&doc, &trusted, *min_signatures)?;
         print(
             cli.json,
             json!({ "valid": true, "index": doc.statement.index, "signatures": doc.signatures.len(), "cluster_root": doc.statement.cluster_root }),

@@ -381,6 +381,16 @@ pub async fn pass_until<F: std::future::Future<Output = ()>>(
     Ok(report)
 }
 
+/// Why a following directory agent woke up.
+enum Woke {
+    /// The file watcher saw changes.
+    Changes,
+    /// Time for the full rescan.
+    Rescan,
+    /// The file watcher is gone.
+    WatcherGone,
+}
+
 /// Runs passes until `once` is done or `stop` resolves. Returns the last pass's report with
 /// the pass count of the run.
 pub async fn run_dir(
@@ -408,29 +418,26 @@ pub async fn run_dir(
         let woke = stop
             .until(async {
                 tokio::select! {
-                    event = rx.recv() => Some(event),
-                    _ = tokio::time::sleep(options.rescan) => None,
+                    event = rx.recv() => if event.is_some() { Woke::Changes } else { Woke::WatcherGone },
+                    _ = tokio::time::sleep(options.rescan) => Woke::Rescan,
                 }
             })
             .await;
         match woke {
             None => return Ok(report),
-            Some(None) => {}
-            Some(Some(None)) => return Err("the file watcher stopped".into()),
-            Some(Some(Some(_))) => {
+            Some(Woke::WatcherGone) => return Err("the file watcher stopped".into()),
+            Some(Woke::Rescan) => {}
+            Some(Woke::Changes) => {
                 // Let a burst of changes settle (at most EVENT_SETTLE_MAX), then take it in
                 // one pass.
-                let settle = async {
-                    let _ = tokio::time::timeout(EVENT_SETTLE_MAX, async {
-                        loop {
-                            tokio::select! {
-                                more = rx.recv() => if more.is_none() { break },
-                                _ = tokio::time::sleep(EVENT_DEBOUNCE) => break,
-                            }
+                let settle = tokio::time::timeout(EVENT_SETTLE_MAX, async {
+                    loop {
+                        tokio::select! {
+                            more = rx.recv() => if more.is_none() { break },
+                            _ = tokio::time::sleep(EVENT_DEBOUNCE) => break,
                         }
-                    })
-                    .await;
-                };
+                    }
+                });
                 if stop.until(settle).await.is_none() {
                     return Ok(report);
                 }

@@ -344,9 +344,14 @@ pub async fn run_feed(
     let mut line = Vec::new();
     // Bytes of an incomplete last line seen while following; re-read once more arrives.
     let mut partial: Vec<u8> = Vec::new();
-    let mut stop = super::Stop::new(stop);
+    let mut sender = Sender {
+        client,
+        options,
+        progress,
+        stop: super::Stop::new(stop),
+    };
     loop {
-        let Some(read) = stop.until(read_line(&mut reader, &mut line)).await else {
+        let Some(read) = sender.stop.until(read_line(&mut reader, &mut line)).await else {
             // Stopped while waiting for input (an idle pipe): what was read and not yet
             // acknowledged is not checkpointed; a file feed's next run reads it again.
             return Ok(report);
@@ -364,17 +369,7 @@ pub async fn run_feed(
                         let size = change.key.len() + change.value.len();
                         if batch.bytes + size > INGEST_BYTES_MAX {
                             // Send what came before; this change opens the next batch.
-                            let sent = send(
-                                client,
-                                options,
-                                &mut state,
-                                &mut batch,
-                                &mut report,
-                                &mut stop,
-                            )
-                            .await?;
-                            progress.update(&report);
-                            if !sent || stop.requested() {
+                            if !sender.send(&mut state, &mut batch, &mut report).await? {
                                 // This line was not sent: the next run reads it again.
                                 return Ok(report);
                             }
@@ -386,34 +381,15 @@ pub async fn run_feed(
                     batch.end_offset += consumed;
                     batch.end_line = number;
                     report.lines += 1;
-                    if batch.changes.len() >= batch_changes {
-                        let sent = send(
-                            client,
-                            options,
-                            &mut state,
-                            &mut batch,
-                            &mut report,
-                            &mut stop,
-                        )
-                        .await?;
-                        progress.update(&report);
-                        if !sent || stop.requested() {
-                            return Ok(report);
-                        }
+                    if batch.changes.len() >= batch_changes
+                        && !sender.send(&mut state, &mut batch, &mut report).await?
+                    {
+                        return Ok(report);
                     }
                     continue;
                 }
                 Err(reason) => {
-                    if !send(
-                        client,
-                        options,
-                        &mut state,
-                        &mut batch,
-                        &mut report,
-                        &mut stop,
-                    )
-                    .await?
-                    {
+                    if !sender.transmit(&mut state, &mut batch, &mut report).await? {
                         return Ok(report);
                     }
                     return Err(FeedError::Malformed {
@@ -429,83 +405,97 @@ pub async fn run_feed(
             partial.extend_from_slice(&line);
         }
         // End of the available data: send what is pending.
-        let sent = send(
-            client,
-            options,
-            &mut state,
-            &mut batch,
-            &mut report,
-            &mut stop,
-        )
-        .await?;
-        progress.update(&report);
-        if !sent || options.once || stop.requested() {
+        if !sender.send(&mut state, &mut batch, &mut report).await? || options.once {
             return Ok(report);
         }
         // A stop while waiting ends the feed at the top of the loop; what arrived meanwhile
         // is read by the next run.
-        stop.within(FOLLOW_POLL).await;
+        sender.stop.within(FOLLOW_POLL).await;
     }
 }
 
-/// Sends the batch, retrying while the cluster is unavailable (unless `once`), then
-/// checkpoints the offset after its last line. `false` when a stop came first: the batch is not
-/// checkpointed, so the next run sends it again (the cluster skips what it already applied).
-async fn send<F: std::future::Future<Output = ()>>(
-    client: &EscrowClient,
-    options: &FeedOptions,
-    state: &mut FeedState,
-    batch: &mut Batch,
-    report: &mut FeedReport,
-    stop: &mut super::Stop<F>,
-) -> Result<bool, FeedError> {
-    if batch.changes.is_empty() {
-        if batch.end_offset != state.offset {
-            // Only blank lines since the last checkpoint.
-            state.offset = batch.end_offset;
-            state.line = batch.end_line;
-            state.seq = batch.end_seq;
-            state.save(&options.state_file)?;
-            report.offset = state.offset;
-        }
-        return Ok(true);
+/// What sending a batch needs besides the batch: the cluster, the feed's options, where its
+/// progress shows, and the stop request.
+struct Sender<'a, F: std::future::Future<Output = ()>> {
+    client: &'a EscrowClient,
+    options: &'a FeedOptions,
+    progress: &'a dyn Progress,
+    stop: super::Stop<F>,
+}
+
+impl<F: std::future::Future<Output = ()>> Sender<'_, F> {
+    /// [`Self::transmit`], then shows the progress. Whether the feed goes on: not when a stop
+    /// came first or has come meanwhile.
+    async fn send(
+        &mut self,
+        state: &mut FeedState,
+        batch: &mut Batch,
+        report: &mut FeedReport,
+    ) -> Result<bool, FeedError> {
+        let sent = self.transmit(state, batch, report).await?;
+        self.progress.update(report);
+        Ok(sent && !self.stop.requested())
     }
-    let changes = std::mem::take(&mut batch.changes);
-    batch.bytes = 0;
-    let reply = loop {
-        let Some(sent) = stop
-            .until(client.ingest(&options.tenant, &options.source, changes.clone()))
-            .await
-        else {
-            return Ok(false);
-        };
-        match sent {
-            Ok(r) => break r,
-            Err(e) if retry_later(&e) && !options.once => {
-                tracing::warn!(error = %e, "batch not acknowledged; resending");
-                if stop.within(RETRY_PAUSE).await {
-                    return Ok(false);
+
+    /// Sends the batch, retrying while the cluster is unavailable (unless `once`), then
+    /// checkpoints the offset after its last line. `false` when a stop came first: the batch is
+    /// not checkpointed, so the next run sends it again (the cluster skips what it already
+    /// applied).
+    async fn transmit(
+        &mut self,
+        state: &mut FeedState,
+        batch: &mut Batch,
+        report: &mut FeedReport,
+    ) -> Result<bool, FeedError> {
+        let options = self.options;
+        if batch.changes.is_empty() {
+            if batch.end_offset != state.offset {
+                // Only blank lines since the last checkpoint.
+                state.offset = batch.end_offset;
+                state.line = batch.end_line;
+                state.seq = batch.end_seq;
+                state.save(&options.state_file)?;
+                report.offset = state.offset;
+            }
+            return Ok(true);
+        }
+        let changes = std::mem::take(&mut batch.changes);
+        batch.bytes = 0;
+        let reply = loop {
+            let ingest = self
+                .client
+                .ingest(&options.tenant, &options.source, changes.clone());
+            let Some(sent) = self.stop.until(ingest).await else {
+                return Ok(false);
+            };
+            match sent {
+                Ok(r) => break r,
+                Err(e) if retry_later(&e) && !options.once => {
+                    tracing::warn!(error = %e, "batch not acknowledged; resending");
+                    if self.stop.within(RETRY_PAUSE).await {
+                        return Ok(false);
+                    }
+                }
+                Err(cause) => {
+                    return Err(FeedError::Refused {
+                        line: batch.end_line,
+                        cause,
+                    })
                 }
             }
-            Err(cause) => {
-                return Err(FeedError::Refused {
-                    line: batch.end_line,
-                    cause,
-                })
-            }
-        }
-    };
-    report.applied += reply.applied;
-    report.duplicates += reply.duplicates;
-    report.batches += 1;
-    report.position = reply.position;
-    state.position = reply.position;
-    state.offset = batch.end_offset;
-    state.line = batch.end_line;
-    state.seq = batch.end_seq;
-    report.offset = state.offset;
-    state.save(&options.state_file)?;
-    Ok(true)
+        };
+        report.applied += reply.applied;
+        report.duplicates += reply.duplicates;
+        report.batches += 1;
+        report.position = reply.position;
+        state.position = reply.position;
+        state.offset = batch.end_offset;
+        state.line = batch.end_line;
+        state.seq = batch.end_seq;
+        report.offset = state.offset;
+        state.save(&options.state_file)?;
+        Ok(true)
+    }
 }
 
 /// Errors worth waiting out: no leader, nodes down, a deadline passed.

@@ -435,29 +435,25 @@ impl pb::cluster_server::Cluster for ClusterService {
             (m.membership_config.clone(), m.last_log_index.unwrap_or(0))
         };
         let membership = current.membership();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        let joint = membership.get_joint_config().len() > 1;
         // The entry the node must have before it gets a vote: the one that added it, or for a
         // learner added earlier (whose add ended before its promotion), everything the leader
-        // holds now.
-        let caught_up_at = if let Some(existing) = membership.get_node(&id) {
-            if membership.voter_ids().any(|v| v == id) {
-                if membership.get_joint_config().len() > 1 {
-                    // An add cut short between the joint and the final config (a leader change,
-                    // a deadline): finish it.
-                    tracing::info!(node = id, "finishing the promotion of node");
-                    self.core
-                        .raft
-                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(Self::change_error)?;
-                    return Ok(Response::new(pb::AddNodeReply {
-                        members: self.membership_reply(),
-                    }));
-                }
+        // holds now; none for a promotion cut short between the joint and the final config
+        // (a leader change, a deadline), which only needs finishing.
+        let caught_up_at = match membership.get_node(&id) {
+            Some(_) if is_voter && (!joint || req.learner_only) => {
                 return Err(Status::already_exists(format!(
                     "node {id} is already a voter in this cluster"
                 )));
             }
-            if existing.raft_addr != member.raft_addr || existing.client_addr != member.client_addr
+            Some(_) if is_voter => {
+                tracing::info!(node = id, "finishing the promotion of node");
+                None
+            }
+            Some(existing)
+                if existing.raft_addr != member.raft_addr
+                    || existing.client_addr != member.client_addr =>
             {
                 return Err(Status::failed_precondition(format!(
                     "node {id} is a learner with raft address {} and client address {}; \
@@ -465,41 +461,46 @@ impl pb::cluster_server::Cluster for ClusterService {
                     existing.raft_addr, existing.client_addr
                 )));
             }
-            if req.learner_only {
+            Some(_) if req.learner_only => {
                 return Err(Status::already_exists(format!(
                     "node {id} is already a learner in this cluster"
                 )));
             }
-            tracing::info!(
-                node = id,
-                "learner already a member; waiting for it to catch up"
-            );
-            last_log_index
-        } else {
-            if self
-                .core
-                .reader
-                .node_ever_member(id)
-                .map_err(status::storage)?
-            {
-                return Err(Status::already_exists(format!(
-                    "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
-                )));
+            Some(_) => {
+                tracing::info!(
+                    node = id,
+                    "learner already a member; waiting for it to catch up"
+                );
+                Some(last_log_index)
             }
-            let node = EscrowNode {
-                raft_addr: member.raft_addr,
-                client_addr: member.client_addr,
-            };
-            tracing::info!(node = id, "adding learner");
-            let added = self
-                .core
-                .raft
-                .add_learner(id, node, false)
-                .await
-                .map_err(Self::change_error)?;
-            added.log_id.index
+            None => {
+                if self
+                    .core
+                    .reader
+                    .node_ever_member(id)
+                    .map_err(status::storage)?
+                {
+                    return Err(Status::already_exists(format!(
+                        "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
+                    )));
+                }
+                let node = EscrowNode {
+                    raft_addr: member.raft_addr,
+                    client_addr: member.client_addr,
+                };
+                tracing::info!(node = id, "adding learner");
+                let added = self
+                    .core
+                    .raft
+                    .add_learner(id, node, false)
+                    .await
+                    .map_err(Self::change_error)?;
+                Some(added.log_id.index)
+            }
         };
-        self.wait_caught_up(id, caught_up_at).await?;
+        if let Some(index) = caught_up_at {
+            self.wait_caught_up(id, index).await?;
+        }
         if !req.learner_only {
             tracing::info!(node = id, "promoting learner to voter");
             self.core

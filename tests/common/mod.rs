@@ -369,3 +369,27 @@ impl Drop for ProcessCluster {
         }
     }
 }
+
+/// Sends SIGTERM to `child` and waits for it to exit, at most `limit` (then kills it and fails
+/// the test, naming `what`).
+pub fn sigterm_and_wait(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if signalled.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not stop within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
