@@ -68,7 +68,10 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, AuthError> {
 /// Writes a secret file readable by its owner only (mode 0600), whole or not at all: a
 /// crash leaves the old file or the new one, never a truncated secret a later start trusts.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    crate::store::write_secret_atomically(path, contents)
+    use std::io::Write;
+    let mut replacement = crate::store::Replacement::new(path, true)?;
+    replacement.file().write_all(contents)?;
+    replacement.commit()
 }
 
 /// A node's TLS material: the cluster CA and its own certificate and key.

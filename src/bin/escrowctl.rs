@@ -533,19 +533,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if let Some(path) = out {
-                // Whole or not at all: a reader of `path` never sees part of the value. A
-                // target that is not a regular file (a device such as /dev/stdout, a FIFO, a
-                // symlink) is written through, never replaced.
-                let regular_or_new = match std::fs::symlink_metadata(path) {
-                    Ok(m) => m.file_type().is_file(),
-                    Err(_) => true,
-                };
-                if regular_or_new {
-                    escrow::store::write_atomically(path, &r.value)
-                } else {
-                    std::fs::write(path, &r.value)
-                }
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                // Whole or not at all: a reader of `path` never sees part of the value.
+                escrow::store::write_atomically(path, &r.value)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
             if cli.json {
                 let value = String::from_utf8(r.value.clone()).ok();

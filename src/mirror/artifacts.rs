@@ -263,33 +263,9 @@ pub async fn download_file(
         path: out.to_path_buf(),
         cause,
     };
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "artifact".into());
-    // A name of its own, created exclusively: two downloads to one path never share it. A
-    // file replaced keeps its permissions (a 0600 copy of customer data stays 0600).
-    let tmp = dir.join(format!(
-        ".{file_name}.{:016x}.escrow-part",
-        rand::random::<u64>()
-    ));
-    let keep = std::fs::metadata(out).ok().map(|m| m.permissions());
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(write_err)?;
-    if let Some(permissions) = keep {
-        if let Err(e) = created.set_permissions(permissions) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(write_err(e));
-        }
-    }
-    let mut file = std::io::BufWriter::new(created);
+    // Whole or not at all: removed unless the whole file verified.
+    let mut replacement = crate::store::Replacement::new(out, false).map_err(write_err)?;
+    let mut file = std::io::BufWriter::new(replacement.file());
     let mut whole = blake3::Hasher::new();
     let version_no = v.version;
     let mut reads = stream::iter(m.chunks.iter().enumerate())
@@ -320,17 +296,12 @@ pub async fn download_file(
                 "the whole-file blake3 does not match".into(),
             ));
         }
-        let f = file.into_inner().map_err(|e| write_err(e.into_error()))?;
-        f.sync_all().map_err(write_err)?;
-        std::fs::rename(&tmp, out).map_err(write_err)?;
-        crate::store::fsync_dir(dir).map_err(write_err)?;
+        file.into_inner().map_err(|e| write_err(e.into_error()))?;
         Ok(())
     }
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result?;
+    replacement.commit().map_err(write_err)?;
     Ok(DownloadReport {
         name: name.to_string(),
         version: v.version,

@@ -15,8 +15,8 @@ pub use sm::{
 };
 
 use std::fs::File;
-use std::io;
-use std::path::Path;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 /// Fsyncs a directory so that renames and new entries in it survive a crash.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -24,64 +24,98 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old content or the new, never a
-/// mix: write a temporary file beside it, fsync, rename over, fsync the directory. A file
-/// replaced keeps its permissions; a new one gets the usual ones (0666 less the umask).
+/// mix ([`Replacement`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let keep = std::fs::metadata(path).ok().map(|m| m.permissions());
-    replace_file(path, bytes, None, keep)
+    let mut replacement = Replacement::new(path, false)?;
+    replacement.file().write_all(bytes)?;
+    replacement.commit()
 }
 
-/// [`write_atomically`] for a secret: the new file is readable by its owner only (created
-/// 0600), whatever the file it replaces allowed.
-pub fn write_secret_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    replace_file(path, bytes, Some(0o600), None)
+/// A whole-or-nothing write of a file: the bytes go to a temporary file beside it (a name of
+/// its own, created exclusively, so two writers never share one and no unrelated file is
+/// overwritten), which [`Replacement::commit`] syncs, renames over the file and makes durable
+/// with a sync of the directory; dropped before that, the temporary file is removed. A file
+/// replaced keeps its permissions, a new one gets the usual ones (0666 less the umask), and a
+/// secret is readable by its owner only (created 0600), whatever the file it replaces
+/// allowed. A symlink's target is replaced, not the link; a target that is not a regular file
+/// (a device such as /dev/stdout, a FIFO) is written directly.
+pub struct Replacement {
+    file: File,
+    /// The temporary file, the file it replaces and their directory; `None` when writing
+    /// directly, or once committed.
+    swap: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
-fn replace_file(
-    path: &Path,
-    bytes: &[u8],
-    create_mode: Option<u32>,
-    keep: Option<std::fs::Permissions>,
-) -> io::Result<()> {
-    use std::io::Write;
-    // A bare file name's parent is "", which cannot be opened to fsync: that is ".".
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    // A name of its own (created exclusively), so two writers never share a temporary file
-    // and an unrelated file is never overwritten.
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(path.file_name().unwrap_or_default());
-    tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
-    let tmp = dir.join(tmp_name);
-    let written = (|| {
+impl Replacement {
+    pub fn new(path: &Path, secret: bool) -> io::Result<Self> {
+        let existing = std::fs::metadata(path).ok();
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            let file = std::fs::OpenOptions::new().write(true).open(path)?;
+            return Ok(Self { file, swap: None });
+        }
+        // Absolute, so a bare file name has a directory to sync; a symlink resolved to the file
+        // it names.
+        let target = match existing {
+            Some(_) => std::fs::canonicalize(path)?,
+            None => std::path::absolute(path)?,
+        };
+        let dir = target.parent().unwrap_or(Path::new("/")).to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(target.file_name().unwrap_or_default());
+        tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
+        let tmp = dir.join(tmp_name);
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
-        #[cfg(unix)]
-        if let Some(mode) = create_mode {
+        if secret {
             use std::os::unix::fs::OpenOptionsExt;
-            options.mode(mode);
+            options.mode(0o600);
         }
-        let mut f = options.open(&tmp)?;
-        if let Some(permissions) = keep {
-            f.set_permissions(permissions)?;
+        let file = options.open(&tmp)?;
+        let replacement = Self {
+            file,
+            swap: Some((tmp, target, dir)),
+        };
+        if let (Some(m), false) = (existing, secret) {
+            replacement.file.set_permissions(m.permissions())?;
         }
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        Ok(replacement)
     }
-    written?;
-    fsync_dir(dir)
+
+    /// Where the bytes go.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Makes the new content the file's, durably.
+    pub fn commit(mut self) -> io::Result<()> {
+        let Some((tmp, target, dir)) = self.swap.take() else {
+            return Ok(());
+        };
+        let renamed = self
+            .file
+            .sync_all()
+            .and_then(|()| std::fs::rename(&tmp, &target));
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        renamed?;
+        fsync_dir(&dir)
+    }
+}
+
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if let Some((tmp, _, _)) = self.swap.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{write_atomically, write_secret_atomically};
+    use super::write_atomically;
+    use crate::auth::write_secret_file;
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &std::path::Path) -> u32 {
@@ -107,7 +141,7 @@ mod tests {
         let secret = dir.path().join("ops.token");
         std::fs::write(&secret, b"old").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
-        write_secret_atomically(&secret, b"new secret").unwrap();
+        write_secret_file(&secret, b"new secret").unwrap();
         assert_eq!(std::fs::read(&secret).unwrap(), b"new secret");
         assert_eq!(mode(&secret), 0o600);
 
@@ -117,5 +151,25 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["ops.token", "value.bin", "value.bin.tmp"]);
+    }
+
+    // Goal: a symlink stays a link and its target is replaced; a target that is not a regular
+    // file (here /dev/null through a link) is written to, never replaced.
+    #[test]
+    fn links_are_followed_and_devices_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.bin");
+        std::fs::write(&data, b"old").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        write_atomically(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&data).unwrap(), b"new");
+
+        let null = dir.path().join("null");
+        std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+        write_atomically(&null, b"gone").unwrap();
+        assert!(std::fs::symlink_metadata(&null).unwrap().is_symlink());
+        assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
     }
 }
