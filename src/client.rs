@@ -743,7 +743,11 @@ impl EscrowClient {
             let role = if m.voter { "voter" } else { "learner" }.to_string();
             match r {
                 Ok(s) => {
-                    reports.push((s.term, s.leader));
+                    reports.push(LeaderReport {
+                        term: s.term,
+                        leader: s.leader,
+                        voter: m.voter,
+                    });
                     nodes.push(NodeView {
                         identity_key: s.identity_key.clone(),
                         id: s.id,
@@ -788,31 +792,98 @@ impl EscrowClient {
     }
 }
 
-/// The leader known in the newest term among the nodes' reports (term, leader id or 0), and
-/// that term; with no leader known, the newest term reported. A node that knows no leader does
-/// not hide the one the others follow: without pre-vote, a node cut off from its peers keeps
-/// raising its term as a candidate.
-fn known_leader(reports: &[(u64, u64)]) -> (u64, Option<u64>) {
-    reports
+/// One node's answer for [`known_leader`].
+struct LeaderReport {
+    term: u64,
+    /// The leader it follows in `term`, 0 for none known.
+    leader: u64,
+    voter: bool,
+}
+
+/// The leader known in the newest term among the nodes' reports, and that term; with no
+/// leader known, the newest term reported. A node that knows no leader does not hide the one
+/// the others follow: without pre-vote, a node cut off from its peers keeps raising its term
+/// as a candidate. But once most of the reporting voters have moved past that leader's term
+/// (an election under way, the old leader cut off and still believing it leads), there is no
+/// leader to name: the newest term is reported with none.
+fn known_leader(reports: &[LeaderReport]) -> (u64, Option<u64>) {
+    let newest_term = reports.iter().map(|r| r.term).max().unwrap_or(0);
+    let Some(known) = reports
         .iter()
-        .filter(|(_, leader)| *leader != 0)
-        .max_by_key(|(term, _)| *term)
-        .map(|&(term, leader)| (term, Some(leader)))
-        .unwrap_or_else(|| (reports.iter().map(|(t, _)| *t).max().unwrap_or(0), None))
+        .filter(|r| r.leader != 0)
+        .max_by_key(|r| r.term)
+    else {
+        return (newest_term, None);
+    };
+    // Voters decide elections; learners count only when no voter answered.
+    let voters_answered = reports.iter().any(|r| r.voter);
+    let counted = || reports.iter().filter(|r| r.voter || !voters_answered);
+    let moved_past = counted().filter(|r| r.term > known.term).count();
+    if moved_past * 2 > counted().count() {
+        (newest_term, None)
+    } else {
+        (known.term, Some(known.leader))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::known_leader;
+    use super::{known_leader, LeaderReport};
+
+    fn voters(reports: &[(u64, u64)]) -> Vec<LeaderReport> {
+        reports
+            .iter()
+            .map(|&(term, leader)| LeaderReport {
+                term,
+                leader,
+                voter: true,
+            })
+            .collect()
+    }
 
     #[test]
     fn the_leader_is_the_newest_known_one_and_a_leaderless_higher_term_does_not_hide_it() {
         // Node 3 cut off, campaigning in ever higher terms; 1 and 2 follow leader 1 in term 4.
-        assert_eq!(known_leader(&[(4, 1), (4, 1), (9, 0)]), (4, Some(1)));
+        assert_eq!(
+            known_leader(&voters(&[(4, 1), (4, 1), (9, 0)])),
+            (4, Some(1))
+        );
         // A newer leader beats an old one still believing it leads.
-        assert_eq!(known_leader(&[(4, 1), (5, 2), (5, 2)]), (5, Some(2)));
+        assert_eq!(
+            known_leader(&voters(&[(4, 1), (5, 2), (5, 2)])),
+            (5, Some(2))
+        );
+        // A follower that voted in term 5 but has not heard from the winner yet, and one
+        // still in term 4, do not hide leader 2.
+        assert_eq!(
+            known_leader(&voters(&[(5, 2), (5, 0), (4, 1)])),
+            (5, Some(2))
+        );
         // Nobody knows a leader: none, and the newest term.
-        assert_eq!(known_leader(&[(4, 0), (6, 0)]), (6, None));
+        assert_eq!(known_leader(&voters(&[(4, 0), (6, 0)])), (6, None));
         assert_eq!(known_leader(&[]), (0, None));
+    }
+
+    #[test]
+    fn an_old_leader_the_majority_has_left_behind_is_not_named() {
+        // Leader 3 cut off in term 4; 1 and 2 are electing a new leader in term 5.
+        assert_eq!(known_leader(&voters(&[(5, 0), (5, 0), (4, 3)])), (5, None));
+        // Of two voters answering, one moved past: not a majority, the leader stays.
+        assert_eq!(known_leader(&voters(&[(4, 1), (9, 0)])), (4, Some(1)));
+        // Learners never campaign: a learner in term 4 does not outvote two voters in term 5.
+        let mut reports = voters(&[(5, 0), (5, 0), (4, 3)]);
+        reports.extend([4, 4].map(|term| LeaderReport {
+            term,
+            leader: 3,
+            voter: false,
+        }));
+        assert_eq!(known_leader(&reports), (5, None));
+        // Only learners answered: they are counted.
+        let learner = LeaderReport {
+            term: 4,
+            leader: 3,
+            voter: false,
+        };
+        assert_eq!(known_leader(&[learner]), (4, Some(3)));
     }
 }
