@@ -8,8 +8,9 @@
 //! 4. Check node 4 holds every record, installed a snapshot and never saw entry 1.
 //! 5. Remove node 4; adding id 4 again is refused (ids are never reused).
 //!
-//! Also: corrupt snapshot streams are refused (t41), and a log past its byte bound is
-//! snapshotted and purged although its entry count never triggers (t42).
+//! Also: corrupt snapshot streams are refused (t41), a log past its byte bound is
+//! snapshotted and purged although its entry count never triggers (t42), and a promotion cut
+//! short in its joint configuration is finished by the same add sent again (t44).
 
 mod common;
 
@@ -146,6 +147,155 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument));
 
+    new_node.shutdown().await;
+    cluster.shutdown().await;
+}
+
+/// Voter ids of `node`'s effective membership, one set per configuration (two while joint).
+fn configs(node: &NodeHandle) -> Vec<Vec<u64>> {
+    let m = node.raft.metrics().borrow().membership_config.clone();
+    m.membership()
+        .get_joint_config()
+        .iter()
+        .map(|c| c.iter().copied().collect())
+        .collect()
+}
+
+// Goal: a promotion cut short in its joint configuration (the leader lost between openraft's
+// two membership steps) is finished by the same `cluster add` sent again: node 4 becomes a
+// voter in a uniform configuration on every node, and writes reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the_same_add() {
+    let raft = test_raft();
+    let cluster = TestCluster::started_and_initialized(3, raft.clone()).await;
+    let leader = cluster.wait_leader().await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let ports = node_ports(1)[0];
+    let config_path =
+        escrow::dev::write_node_files(&cluster.files.dir, 4, ports, &[], &raft).unwrap();
+    let config = escrow::config::Config::load(&config_path).unwrap();
+    let new_node = escrow::node::start(&config, cluster.faults.clone())
+        .await
+        .unwrap();
+    let member = pb::Member {
+        id: 4,
+        raft_addr: format!("127.0.0.1:{}", ports.raft),
+        client_addr: format!("127.0.0.1:{}", ports.client),
+        voter: true,
+    };
+    cluster
+        .client()
+        .add_node(member.clone(), true)
+        .await
+        .unwrap();
+
+    // The promotion: its joint configuration commits, the final one never leaves the leader.
+    let leader_node = cluster.node(cluster.index_of(leader));
+    let next_index = leader_node
+        .raft
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0)
+        + 1;
+    cluster.faults.hold_final_membership(Some(next_index));
+    let promote = {
+        let client = cluster
+            .client_for(cluster.index_of(leader))
+            .with_deadline(std::time::Duration::from_secs(5));
+        let member = member.clone();
+        tokio::spawn(async move { client.add_node(member, false).await })
+    };
+    let joint = vec![vec![1, 2, 3], vec![1, 2, 3, 4]];
+    wait_for(
+        "the joint configuration to commit and the final one to be held",
+        || async {
+            (configs(leader_node) == vec![vec![1, 2, 3, 4]]
+                && others
+                    .iter()
+                    .all(|id| configs(cluster.node(cluster.index_of(*id))) == joint))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Lose the leader; the others elect a new one, still in the joint configuration.
+    let old_term = leader_node.raft.metrics().borrow().current_term;
+    cluster.faults.isolate(leader, &[others[0], others[1], 4]);
+    let new_leader = wait_for("a new leader among the others", || async {
+        let m = cluster
+            .node(cluster.index_of(others[0]))
+            .raft
+            .metrics()
+            .borrow()
+            .clone();
+        match m.current_leader {
+            Some(l) if l != leader && m.current_term > old_term => Some(l),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        promote.await.unwrap().is_err(),
+        "the cut-off leader cannot finish the promotion"
+    );
+    cluster.faults.hold_final_membership(None);
+    let new_leader_node = if new_leader == 4 {
+        &new_node
+    } else {
+        cluster.node(cluster.index_of(new_leader))
+    };
+    assert_eq!(configs(new_leader_node), joint, "the change was cut short");
+
+    // The same add, sent again to the majority, finishes the promotion.
+    let mut majority_cfg = cluster.client_config();
+    majority_cfg.endpoints = others
+        .iter()
+        .map(|id| cluster.node(cluster.index_of(*id)).client_addr.to_string())
+        .collect();
+    majority_cfg.endpoints.push(member.client_addr.clone());
+    let majority = escrow::client::EscrowClient::new(&majority_cfg).unwrap();
+    let reply = wait_for("the repeated add to finish the promotion", || async {
+        match majority.add_node(member.clone(), false).await {
+            Ok(reply) => Some(reply),
+            // Finishing must not be mistaken for adding a voter twice.
+            Err(e) if e.code() == Some(Code::AlreadyExists) => panic!("{e}"),
+            // The new leader commits the joint configuration with its first entry.
+            Err(_) => None,
+        }
+    })
+    .await;
+    let voters: Vec<u64> = reply
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(voters, vec![1, 2, 3, 4], "{:?}", reply.members);
+
+    // Heal: every node, the old leader too, ends in the uniform configuration, and a write
+    // through the majority reaches node 4.
+    cluster.faults.heal();
+    let index = majority
+        .put(TENANT, "orders", "after-promotion", b"v".to_vec())
+        .await
+        .unwrap();
+    wait_for(
+        "every node in the uniform configuration, with the write",
+        || async {
+            let nodes: Vec<&NodeHandle> =
+                (0..3).map(|i| cluster.node(i)).chain([&new_node]).collect();
+            nodes
+                .iter()
+                .all(|n| {
+                    configs(n) == vec![vec![1, 2, 3, 4]] && n.core.reader.applied_index() >= index
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let (_, value) = local_record(&new_node, "orders", "after-promotion").expect("on node 4");
+    assert_eq!(value, b"v");
     new_node.shutdown().await;
     cluster.shutdown().await;
 }

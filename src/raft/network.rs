@@ -1,11 +1,12 @@
 //! The Raft network over tonic with mutual TLS, plus request forwarding to the leader.
 //!
 //! One HTTP/2 channel per peer address, shared by replication, votes, snapshots and forwarding.
-//! [`Faults`] lets in-process tests cut links between nodes (a partition) without touching
-//! sockets; production never sets it.
+//! [`Faults`] lets in-process tests cut links between nodes (a partition) or hold back the
+//! second step of a membership change without touching sockets; production never sets it.
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,9 +48,21 @@ const PEER_TIMEOUTS: Timeouts = Timeouts {
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Injected link failures between in-process nodes (tests only).
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Faults {
     blocked: RwLock<HashSet<(NodeId, NodeId)>>,
+    /// Drop every AppendEntries that carries a uniform (not joint) membership entry at this
+    /// log index or later; `u64::MAX` holds nothing.
+    hold_final_membership_from: AtomicU64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            blocked: RwLock::default(),
+            hold_final_membership_from: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl Faults {
@@ -69,6 +82,23 @@ impl Faults {
 
     pub fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
         self.blocked.read().expect("lock").contains(&(from, to))
+    }
+
+    /// From now on (`Some(index)`: the leader's next log index), no node receives the final
+    /// (uniform) membership entry of a change at `index` or later: a voter change stops in its
+    /// joint configuration, as when the leader fails between openraft's two steps. Entries
+    /// before `index` pass, so a new leader can still bring a node up to date. `None` ends it.
+    pub fn hold_final_membership(&self, from: Option<u64>) {
+        self.hold_final_membership_from
+            .store(from.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    fn drops(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        let from = self.hold_final_membership_from.load(Ordering::SeqCst);
+        rpc.entries.iter().any(|e| {
+            matches!(&e.payload, openraft::EntryPayload::Membership(m)
+                if e.log_id.index >= from && m.get_joint_config().len() == 1)
+        })
     }
 }
 
@@ -284,6 +314,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        if self.clients.faults.drops(&rpc) {
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other("final membership entry held back by fault injection"),
+            )));
+        }
         self.unary(RpcKind::Append, &rpc, &option).await
     }
 
