@@ -782,7 +782,8 @@ impl EscrowClient {
             }
         }
         nodes.sort_by_key(|n| n.id);
-        let (term, leader) = known_leader(&reports);
+        let voters = members.iter().filter(|m| m.voter).count();
+        let (term, leader) = known_leader(&reports, voters);
         Ok(ClusterStatus {
             cluster_name: first.cluster_name,
             leader,
@@ -801,12 +802,14 @@ struct LeaderReport {
 }
 
 /// The leader known in the newest term among the nodes' reports, and that term; with no
-/// leader known, the newest term reported. A node that knows no leader does not hide the one
-/// the others follow: without pre-vote, a node cut off from its peers keeps raising its term
-/// as a candidate. But once most of the reporting voters have moved past that leader's term
-/// (an election under way, the old leader cut off and still believing it leads), there is no
-/// leader to name: the newest term is reported with none.
-fn known_leader(reports: &[LeaderReport]) -> (u64, Option<u64>) {
+/// leader known, the newest term reported. `voters` is the number of voters in the
+/// membership. A node that knows no leader does not hide the one the others follow: without
+/// pre-vote, a node cut off from its peers keeps raising its term as a candidate. But once at
+/// least half of the voters have moved past that leader's term (an election under way, the
+/// old leader cut off and still believing it leads), it can no longer commit and there is no
+/// leader to name: the newest term is reported with none. Voters that did not answer and
+/// learners (which never campaign) count for neither side.
+fn known_leader(reports: &[LeaderReport], voters: usize) -> (u64, Option<u64>) {
     let newest_term = reports.iter().map(|r| r.term).max().unwrap_or(0);
     let Some(known) = reports
         .iter()
@@ -815,11 +818,11 @@ fn known_leader(reports: &[LeaderReport]) -> (u64, Option<u64>) {
     else {
         return (newest_term, None);
     };
-    // Voters decide elections; learners count only when no voter answered.
-    let voters_answered = reports.iter().any(|r| r.voter);
-    let counted = || reports.iter().filter(|r| r.voter || !voters_answered);
-    let moved_past = counted().filter(|r| r.term > known.term).count();
-    if moved_past * 2 > counted().count() {
+    let moved_past = reports
+        .iter()
+        .filter(|r| r.voter && r.term > known.term)
+        .count();
+    if voters > 0 && moved_past * 2 >= voters {
         (newest_term, None)
     } else {
         (known.term, Some(known.leader))
@@ -845,45 +848,52 @@ mod tests {
     fn the_leader_is_the_newest_known_one_and_a_leaderless_higher_term_does_not_hide_it() {
         // Node 3 cut off, campaigning in ever higher terms; 1 and 2 follow leader 1 in term 4.
         assert_eq!(
-            known_leader(&voters(&[(4, 1), (4, 1), (9, 0)])),
+            known_leader(&voters(&[(4, 1), (4, 1), (9, 0)]), 3),
             (4, Some(1))
         );
         // A newer leader beats an old one still believing it leads.
         assert_eq!(
-            known_leader(&voters(&[(4, 1), (5, 2), (5, 2)])),
+            known_leader(&voters(&[(4, 1), (5, 2), (5, 2)]), 3),
             (5, Some(2))
         );
         // A follower that voted in term 5 but has not heard from the winner yet, and one
         // still in term 4, do not hide leader 2.
         assert_eq!(
-            known_leader(&voters(&[(5, 2), (5, 0), (4, 1)])),
+            known_leader(&voters(&[(5, 2), (5, 0), (4, 1)]), 3),
             (5, Some(2))
         );
         // Nobody knows a leader: none, and the newest term.
-        assert_eq!(known_leader(&voters(&[(4, 0), (6, 0)])), (6, None));
-        assert_eq!(known_leader(&[]), (0, None));
+        assert_eq!(known_leader(&voters(&[(4, 0), (6, 0)]), 3), (6, None));
+        assert_eq!(known_leader(&[], 0), (0, None));
     }
 
     #[test]
-    fn an_old_leader_the_majority_has_left_behind_is_not_named() {
+    fn an_old_leader_half_the_voters_have_left_behind_is_not_named() {
         // Leader 3 cut off in term 4; 1 and 2 are electing a new leader in term 5.
-        assert_eq!(known_leader(&voters(&[(5, 0), (5, 0), (4, 3)])), (5, None));
-        // Of two voters answering, one moved past: not a majority, the leader stays.
-        assert_eq!(known_leader(&voters(&[(4, 1), (9, 0)])), (4, Some(1)));
-        // Learners never campaign: a learner in term 4 does not outvote two voters in term 5.
-        let mut reports = voters(&[(5, 0), (5, 0), (4, 3)]);
-        reports.extend([4, 4].map(|term| LeaderReport {
+        assert_eq!(
+            known_leader(&voters(&[(5, 0), (5, 0), (4, 3)]), 3),
+            (5, None)
+        );
+        // Four voters, two moved past: leader 1 cannot gather the three it needs.
+        assert_eq!(
+            known_leader(&voters(&[(4, 1), (4, 1), (5, 0), (5, 0)]), 4),
+            (5, None)
+        );
+        // Five voters, two of them unreachable and two cut off and campaigning: leader 1
+        // still has its quorum, and those that did not answer do not count against it.
+        assert_eq!(
+            known_leader(&voters(&[(4, 1), (7, 0), (9, 0)]), 5),
+            (4, Some(1))
+        );
+        // Learners never campaign and do not count; a learner alone still names a leader.
+        let learner = |term, leader| LeaderReport {
             term,
-            leader: 3,
-            voter: false,
-        }));
-        assert_eq!(known_leader(&reports), (5, None));
-        // Only learners answered: they are counted.
-        let learner = LeaderReport {
-            term: 4,
-            leader: 3,
+            leader,
             voter: false,
         };
-        assert_eq!(known_leader(&[learner]), (4, Some(3)));
+        let mut reports = voters(&[(4, 1), (4, 1)]);
+        reports.extend([learner(9, 0), learner(9, 0)]);
+        assert_eq!(known_leader(&reports, 3), (4, Some(1)));
+        assert_eq!(known_leader(&[learner(4, 3)], 3), (4, Some(3)));
     }
 }

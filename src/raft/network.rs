@@ -84,10 +84,12 @@ impl Faults {
         self.blocked.read().expect("lock").contains(&(from, to))
     }
 
-    /// From now on (`Some(index)`: the leader's next log index), no node receives the final
-    /// (uniform) membership entry of a change at `index` or later: a voter change stops in its
-    /// joint configuration, as when the leader fails between openraft's two steps. Entries
-    /// before `index` pass, so a new leader can still bring a node up to date. `None` ends it.
+    /// From now on (`Some(index)`: the leader's next log index), an AppendEntries carrying a
+    /// uniform membership entry at `index` or later is dropped whole: a voter change stops in
+    /// its joint configuration, as when the leader fails between openraft's two steps. The
+    /// leader keeps retrying that entry, so the followers hear no heartbeats from it either
+    /// and elect another leader after an election timeout. Membership entries before `index`
+    /// pass, so a new leader can still bring a node up to date. `None` ends the hold.
     pub fn hold_final_membership(&self, from: Option<u64>) {
         self.hold_final_membership_from
             .store(from.unwrap_or(u64::MAX), Ordering::SeqCst);
