@@ -31,6 +31,51 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replacement.commit()
 }
 
+/// A temporary file of a [`Replacement`] unwritten this long is taken as left by a crash and
+/// removed when the same file is next replaced. A writer at work touches its file far more
+/// often; one stalled longer than this finds its file gone and fails at its commit, leaving
+/// the target as it was.
+pub const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Directory entries looked at for stale temporary files per replacement, so that writing
+/// into a huge directory stays cheap (a stale file there waits for a later replacement).
+const STALE_TMP_SCAN_MAX: usize = 10_000;
+
+/// Removes the temporary files of [`Replacement`]s of `dir/name` (`.NAME.<16 hex>.tmp`, regular
+/// files) untouched for [`STALE_TMP_AGE`]. Best effort: errors leave files where they are.
+fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
+    let Some(name) = name.to_str() else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.take(STALE_TMP_SCAN_MAX).flatten() {
+        let file_name = entry.file_name();
+        let Some(tag) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        // Not following links: a symlink named like a temporary file is left alone.
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TMP_AGE);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A whole-or-nothing write of a file: the bytes go to a temporary file beside it (a name of
 /// its own, created exclusively, so two writers never share one and no unrelated file is
 /// overwritten), which [`Replacement::commit`] syncs, renames over the file and makes durable
@@ -38,7 +83,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// replaced keeps its permissions, a new one gets the usual ones (0666 less the umask), and a
 /// secret is readable by its owner only (created 0600), whatever the file it replaces
 /// allowed. A symlink's target is replaced, not the link; a target that is not a regular file
-/// (a device such as /dev/stdout, a FIFO) is written directly.
+/// (a device such as /dev/stdout, a FIFO) is written directly. A temporary file a crash left
+/// behind (nothing removed it) is removed when the same file is next replaced, once it has
+/// been untouched for [`STALE_TMP_AGE`].
 pub struct Replacement {
     file: File,
     /// The temporary file, the file it replaces and their directory; `None` when writing
@@ -61,6 +108,7 @@ impl Replacement {
         };
         let dir = target.parent().unwrap_or(Path::new("/")).to_path_buf();
         std::fs::create_dir_all(&dir)?;
+        sweep_stale_tmp(&dir, target.file_name().unwrap_or_default());
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(target.file_name().unwrap_or_default());
         tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
@@ -171,5 +219,42 @@ mod tests {
         write_atomically(&null, b"gone").unwrap();
         assert!(std::fs::symlink_metadata(&null).unwrap().is_symlink());
         assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
+    }
+
+    // Goal: a temporary file a crash left behind is removed when the same file is next
+    // replaced, once stale; a fresh one (a writer at work), another file's, and files only
+    // named alike are left alone.
+    #[test]
+    fn stale_temporary_files_of_the_same_target_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let old = std::time::SystemTime::now() - super::STALE_TMP_AGE * 2;
+        let create = |name: &str, stale: bool| {
+            let f = std::fs::File::create(at(name)).unwrap();
+            if stale {
+                f.set_modified(old).unwrap();
+            }
+        };
+        create(".data.bin.0123456789abcdef.tmp", true);
+        create(".data.bin.fedcba9876543210.tmp", false);
+        create(".other.bin.0123456789abcdef.tmp", true);
+        create(".data.bin.notes.tmp", true);
+        create(".data.bin.0123456789abcdef.tmp.keep", true);
+        write_atomically(&at("data.bin"), b"new").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ".data.bin.0123456789abcdef.tmp.keep",
+                ".data.bin.fedcba9876543210.tmp",
+                ".data.bin.notes.tmp",
+                ".other.bin.0123456789abcdef.tmp",
+                "data.bin",
+            ]
+        );
     }
 }
