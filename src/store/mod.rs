@@ -32,12 +32,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// A temporary file of a [`Replacement`] unwritten this long is taken as left by a crash and
-/// removed when the same file is next replaced. A writer at work touches its file far more
-/// often; one stalled longer than this finds its file gone and fails at its commit, leaving
-/// the target as it was.
+/// removed when the same file is next replaced. A writer usually touches its file far more
+/// often; one that writes nothing for longer (a download waiting out a cluster outage) while
+/// another replaces the same file finds its temporary file gone: its commit fails with a
+/// message saying so, and the target stays as the other writer left it.
 pub const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Directory entries looked at for stale temporary files per replacement, so that writing
-/// into a huge directory stays cheap (a stale file there waits for a later replacement).
+/// into a huge directory stays cheap; a stale file beyond them may stay while the directory
+/// holds more entries than this.
 const STALE_TMP_SCAN_MAX: usize = 10_000;
 
 /// Removes the temporary files of [`Replacement`]s of `dir/name` (`.NAME.<16 hex>.tmp`, regular
@@ -59,7 +61,8 @@ fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
         else {
             continue;
         };
-        if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // Exactly what `Replacement::new` names: 16 lowercase hex digits.
+        if tag.len() != 16 || !tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             continue;
         }
         // Not following links: a symlink named like a temporary file is left alone.
@@ -144,10 +147,25 @@ impl Replacement {
             .file
             .sync_all()
             .and_then(|()| std::fs::rename(&tmp, &target));
-        if renamed.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        match renamed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !tmp.exists() => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} was not replaced: its temporary file {} was removed (taken as \
+                         left by a crash after {} minutes unwritten)",
+                        target.display(),
+                        tmp.display(),
+                        STALE_TMP_AGE.as_secs() / 60
+                    ),
+                ));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
-        renamed?;
         fsync_dir(&dir)
     }
 }
@@ -240,6 +258,17 @@ mod tests {
         create(".other.bin.0123456789abcdef.tmp", true);
         create(".data.bin.notes.tmp", true);
         create(".data.bin.0123456789abcdef.tmp.keep", true);
+        create(".data.bin.0123456789ABCDEF.tmp", true);
+        create(".data.bin.0123456789abcde.tmp", true);
+        // A link and a directory named like a temporary file are never removed, nor is what
+        // the link points to.
+        create("old-target", true);
+        std::os::unix::fs::symlink(at("old-target"), at(".data.bin.1111111111111111.tmp")).unwrap();
+        std::fs::create_dir(at(".data.bin.2222222222222222.tmp")).unwrap();
+        std::fs::File::open(at(".data.bin.2222222222222222.tmp"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         write_atomically(&at("data.bin"), b"new").unwrap();
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -249,12 +278,41 @@ mod tests {
         assert_eq!(
             left,
             vec![
+                ".data.bin.0123456789ABCDEF.tmp",
+                ".data.bin.0123456789abcde.tmp",
                 ".data.bin.0123456789abcdef.tmp.keep",
+                ".data.bin.1111111111111111.tmp",
+                ".data.bin.2222222222222222.tmp",
                 ".data.bin.fedcba9876543210.tmp",
                 ".data.bin.notes.tmp",
                 ".other.bin.0123456789abcdef.tmp",
                 "data.bin",
+                "old-target",
             ]
         );
+    }
+
+    // Goal: a writer stalled past the age whose temporary file another replacement swept
+    // fails at its commit with a message saying why, and the other writer's content stays.
+    #[test]
+    fn a_writer_whose_temporary_file_was_swept_fails_and_leaves_the_target() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.bin");
+        std::fs::write(&data, b"old").unwrap();
+        let mut stalled = super::Replacement::new(&data, false).unwrap();
+        stalled.file().write_all(b"first").unwrap();
+        let tmp = stalled.swap.as_ref().unwrap().0.clone();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - super::STALE_TMP_AGE * 2)
+            .unwrap();
+        write_atomically(&data, b"second").unwrap();
+        assert!(!tmp.exists());
+        let err = stalled.commit().unwrap_err();
+        assert!(err.to_string().contains("was removed"), "{err}");
+        assert_eq!(std::fs::read(&data).unwrap(), b"second");
     }
 }
