@@ -48,19 +48,7 @@ async fn t40_learner_added_after_purge_catches_up_via_snapshot() {
         "entry 1 is still readable on the leader ({first:?})"
     );
 
-    let ports = node_ports(1)[0];
-    let config_path =
-        escrow::dev::write_node_files(&cluster.files.dir, 4, ports, &[], &raft).unwrap();
-    let config = escrow::config::Config::load(&config_path).unwrap();
-    let new_node = escrow::node::start(&config, cluster.faults.clone())
-        .await
-        .unwrap();
-    let member = pb::Member {
-        id: 4,
-        raft_addr: format!("127.0.0.1:{}", ports.raft),
-        client_addr: format!("127.0.0.1:{}", ports.client),
-        voter: true,
-    };
+    let (new_node, member) = cluster.start_extra_node(4, &raft).await;
     // First as a learner (as an add cut short before its promotion leaves it), then the same
     // add again promotes it.
     let reply = client.add_node(member.clone(), true).await.unwrap();
@@ -170,19 +158,7 @@ async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the
     let cluster = TestCluster::started_and_initialized(3, raft.clone()).await;
     let leader = cluster.wait_leader().await;
     let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
-    let ports = node_ports(1)[0];
-    let config_path =
-        escrow::dev::write_node_files(&cluster.files.dir, 4, ports, &[], &raft).unwrap();
-    let config = escrow::config::Config::load(&config_path).unwrap();
-    let new_node = escrow::node::start(&config, cluster.faults.clone())
-        .await
-        .unwrap();
-    let member = pb::Member {
-        id: 4,
-        raft_addr: format!("127.0.0.1:{}", ports.raft),
-        client_addr: format!("127.0.0.1:{}", ports.client),
-        voter: true,
-    };
+    let (new_node, member) = cluster.start_extra_node(4, &raft).await;
     cluster
         .client()
         .add_node(member.clone(), true)
@@ -215,19 +191,7 @@ async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the
 
     // Lose the leader; the others elect a new one, still in the joint configuration.
     cluster.faults.isolate(leader, &[others[0], others[1], 4]);
-    let new_leader = wait_for("a new leader among the others", || async {
-        let m = cluster
-            .node(cluster.index_of(others[0]))
-            .raft
-            .metrics()
-            .borrow()
-            .clone();
-        match m.current_leader {
-            Some(l) if l != leader && m.current_term > old_term => Some(l),
-            _ => None,
-        }
-    })
-    .await;
+    let new_leader = cluster.wait_new_leader(others[0], leader, old_term).await;
     assert!(
         promote.await.unwrap().is_err(),
         "the cut-off leader cannot finish the promotion"

@@ -244,25 +244,8 @@ async fn t47_new_node_fetches_every_chunk() {
     .unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
 
-    let ports = node_ports(1)[0];
-    let config_path =
-        escrow::dev::write_node_files(&cluster.files.dir, 4, ports, &[], &test_raft()).unwrap();
-    let config = escrow::config::Config::load(&config_path).unwrap();
-    let new_node = escrow::node::start(&config, cluster.faults.clone())
-        .await
-        .unwrap();
-    client
-        .add_node(
-            escrow::pb::Member {
-                id: 4,
-                raft_addr: format!("127.0.0.1:{}", ports.raft),
-                client_addr: format!("127.0.0.1:{}", ports.client),
-                voter: true,
-            },
-            false,
-        )
-        .await
-        .unwrap();
+    let (new_node, member) = cluster.start_extra_node(4, &test_raft()).await;
+    client.add_node(member, false).await.unwrap();
     let reader = new_node.core.reader.clone();
     let referenced = wait_for("node 4 to learn the manifests", || async {
         let refs = reader.referenced_chunks(None, 100_000).unwrap();

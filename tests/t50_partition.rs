@@ -54,19 +54,9 @@ async fn t50_partitioned_leader_acknowledges_nothing_and_majority_continues() {
     });
 
     // The majority elects a new leader in a higher term.
-    let new_leader = wait_for("a new leader on the majority side", || async {
-        let m = cluster
-            .node(cluster.index_of(others[0]))
-            .raft
-            .metrics()
-            .borrow()
-            .clone();
-        match m.current_leader {
-            Some(l) if l != old_leader && m.current_term > old_term => Some(l),
-            _ => None,
-        }
-    })
-    .await;
+    let new_leader = cluster
+        .wait_new_leader(others[0], old_leader, old_term)
+        .await;
     assert!(others.contains(&new_leader));
 
     let mut majority_cfg = cluster.client_config();

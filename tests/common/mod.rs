@@ -238,6 +238,47 @@ impl TestCluster {
         last
     }
 
+    /// Starts node `id` with this cluster's CA and fault injection, not yet a member: the
+    /// returned member (a voter) is what `cluster add` takes.
+    pub async fn start_extra_node(
+        &self,
+        id: u64,
+        raft: &RaftSettings,
+    ) -> (NodeHandle, escrow::pb::Member) {
+        let ports = node_ports(1)[0];
+        let config_path =
+            escrow::dev::write_node_files(&self.files.dir, id, ports, &[], raft).unwrap();
+        let config = Config::load(&config_path).unwrap();
+        let node = escrow::node::start(&config, self.faults.clone())
+            .await
+            .unwrap();
+        let member = escrow::pb::Member {
+            id,
+            raft_addr: format!("127.0.0.1:{}", ports.raft),
+            client_addr: format!("127.0.0.1:{}", ports.client),
+            voter: true,
+        };
+        (node, member)
+    }
+
+    /// Waits until node `observer` follows a leader other than `old_leader` in a term after
+    /// `old_term`; returns that leader.
+    pub async fn wait_new_leader(&self, observer: u64, old_leader: u64, old_term: u64) -> u64 {
+        wait_for("a new leader", || async {
+            let m = self
+                .node(self.index_of(observer))
+                .raft
+                .metrics()
+                .borrow()
+                .clone();
+            match m.current_leader {
+                Some(l) if l != old_leader && m.current_term > old_term => Some(l),
+                _ => None,
+            }
+        })
+        .await
+    }
+
     /// Index (0-based) of the node with id `id`.
     pub fn index_of(&self, id: u64) -> usize {
         (id - 1) as usize
