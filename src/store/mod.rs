@@ -41,9 +41,12 @@ pub const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(36
 /// into a huge directory stays cheap; a stale file beyond them may stay while the directory
 /// holds more entries than this.
 const STALE_TMP_SCAN_MAX: usize = 10_000;
+/// Random characters in a temporary file's name (`.NAME.<these>.tmp`).
+const TMP_RANDOM_CHARS: usize = 16;
 
-/// Removes the temporary files of [`Replacement`]s of `dir/name` (`.NAME.<16 hex>.tmp`, regular
-/// files) untouched for [`STALE_TMP_AGE`]. Best effort: errors leave files where they are.
+/// Removes the temporary files of [`Replacement`]s of `dir/name` (`.NAME.<16 random
+/// alphanumerics>.tmp`, regular files) untouched for [`STALE_TMP_AGE`]. Best effort: errors
+/// leave files where they are.
 fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
     let Some(name) = name.to_str() else {
         return;
@@ -61,8 +64,8 @@ fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
         else {
             continue;
         };
-        // Exactly what `Replacement::new` names: 16 lowercase hex digits.
-        if tag.len() != 16 || !tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        // Exactly what `Replacement::new` names.
+        if tag.len() != TMP_RANDOM_CHARS || !tag.bytes().all(|b| b.is_ascii_alphanumeric()) {
             continue;
         }
         // Not following links: a symlink named like a temporary file is left alone.
@@ -79,29 +82,35 @@ fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
     }
 }
 
-/// A whole-or-nothing write of a file: the bytes go to a temporary file beside it (a name of
-/// its own, created exclusively, so two writers never share one and no unrelated file is
-/// overwritten), which [`Replacement::commit`] syncs, renames over the file and makes durable
-/// with a sync of the directory; dropped before that, the temporary file is removed. A file
-/// replaced keeps its permissions, a new one gets the usual ones (0666 less the umask), and a
-/// secret is readable by its owner only (created 0600), whatever the file it replaces
-/// allowed. A symlink's target is replaced, not the link; a target that is not a regular file
-/// (a device such as /dev/stdout, a FIFO) is written directly. A temporary file a crash left
-/// behind (nothing removed it) is removed when the same file is next replaced, once it has
-/// been untouched for [`STALE_TMP_AGE`].
-pub struct Replacement {
-    file: File,
-    /// The temporary file, the file it replaces and their directory; `None` when writing
-    /// directly, or once committed.
-    swap: Option<(PathBuf, PathBuf, PathBuf)>,
+/// A whole-or-nothing write of a file: the bytes go to a temporary file beside it
+/// (`tempfile`: a name of its own, created exclusively, removed when dropped), which
+/// [`Replacement::commit`] syncs, renames over the file and makes durable with a sync of the
+/// directory. A file replaced keeps its permissions, a new one gets the usual ones (0666 less
+/// the umask), and a secret is readable by its owner only (created 0600), whatever the file
+/// it replaces allowed. A symlink's target is replaced, not the link; a target that is not a
+/// regular file (a device such as /dev/stdout, a FIFO) is written directly. A temporary file
+/// a crash left behind (nothing removed it) is removed when the same file is next replaced,
+/// once it has been untouched for [`STALE_TMP_AGE`].
+pub struct Replacement(Target);
+
+enum Target {
+    /// Written in place: a target that is not a regular file.
+    Direct(File),
+    /// The temporary file, the file it replaces and their directory.
+    Swap {
+        tmp: tempfile::NamedTempFile,
+        target: PathBuf,
+        dir: PathBuf,
+    },
 }
 
 impl Replacement {
     pub fn new(path: &Path, secret: bool) -> io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let existing = std::fs::metadata(path).ok();
         if existing.as_ref().is_some_and(|m| !m.is_file()) {
             let file = std::fs::OpenOptions::new().write(true).open(path)?;
-            return Ok(Self { file, swap: None });
+            return Ok(Self(Target::Direct(file)));
         }
         // Absolute, so a bare file name has a directory to sync; a symlink resolved to the file
         // it names.
@@ -111,70 +120,61 @@ impl Replacement {
         };
         let dir = target.parent().unwrap_or(Path::new("/")).to_path_buf();
         std::fs::create_dir_all(&dir)?;
-        sweep_stale_tmp(&dir, target.file_name().unwrap_or_default());
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(target.file_name().unwrap_or_default());
-        tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
-        let tmp = dir.join(tmp_name);
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let file = options.open(&tmp)?;
-        let replacement = Self {
-            file,
-            swap: Some((tmp, target, dir)),
+        let name = target.file_name().unwrap_or_default();
+        sweep_stale_tmp(&dir, name);
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".");
+        let keep = !secret && existing.is_some();
+        let permissions = match (secret, existing) {
+            (true, _) => std::fs::Permissions::from_mode(0o600),
+            (false, Some(m)) => m.permissions(),
+            (false, None) => std::fs::Permissions::from_mode(0o666),
         };
-        if let (Some(m), false) = (existing, secret) {
-            replacement.file.set_permissions(m.permissions())?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .rand_bytes(TMP_RANDOM_CHARS)
+            .permissions(permissions.clone())
+            .tempfile_in(&dir)?;
+        // Created with the mode less the umask; a replaced file keeps its exact permissions.
+        if keep {
+            tmp.as_file().set_permissions(permissions)?;
         }
-        Ok(replacement)
+        Ok(Self(Target::Swap { tmp, target, dir }))
     }
 
     /// Where the bytes go.
     pub fn file(&mut self) -> &mut File {
-        &mut self.file
+        match &mut self.0 {
+            Target::Direct(file) => file,
+            Target::Swap { tmp, .. } => tmp.as_file_mut(),
+        }
     }
 
     /// Makes the new content the file's, durably.
-    pub fn commit(mut self) -> io::Result<()> {
-        let Some((tmp, target, dir)) = self.swap.take() else {
+    pub fn commit(self) -> io::Result<()> {
+        let Target::Swap { tmp, target, dir } = self.0 else {
             return Ok(());
         };
-        let renamed = self
-            .file
-            .sync_all()
-            .and_then(|()| std::fs::rename(&tmp, &target));
-        match renamed {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !tmp.exists() => {
+        tmp.as_file().sync_all()?;
+        let tmp_path = tmp.path().to_path_buf();
+        if let Err(e) = tmp.persist(&target) {
+            if e.error.kind() == io::ErrorKind::NotFound && !tmp_path.exists() {
                 return Err(io::Error::new(
-                    e.kind(),
+                    e.error.kind(),
                     format!(
                         "{} was not replaced: its temporary file {} was removed (taken as \
                          left by a crash after {} minutes unwritten)",
                         target.display(),
-                        tmp.display(),
+                        tmp_path.display(),
                         STALE_TMP_AGE.as_secs() / 60
                     ),
                 ));
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
+            return Err(e.error);
         }
         fsync_dir(&dir)
-    }
-}
-
-impl Drop for Replacement {
-    fn drop(&mut self) {
-        if let Some((tmp, _, _)) = self.swap.take() {
-            let _ = std::fs::remove_file(tmp);
-        }
     }
 }
 
@@ -211,12 +211,28 @@ mod tests {
         assert_eq!(std::fs::read(&secret).unwrap(), b"new secret");
         assert_eq!(mode(&secret), 0o600);
 
+        // A new file gets what any new file gets here (0666 less the umask).
+        let fresh = dir.path().join("fresh.bin");
+        let plain = dir.path().join("plain.bin");
+        write_atomically(&fresh, b"new").unwrap();
+        std::fs::write(&plain, b"new").unwrap();
+        assert_eq!(mode(&fresh), mode(&plain));
+
         let mut names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["ops.token", "value.bin", "value.bin.tmp"]);
+        assert_eq!(
+            names,
+            [
+                "fresh.bin",
+                "ops.token",
+                "plain.bin",
+                "value.bin",
+                "value.bin.tmp"
+            ]
+        );
     }
 
     // Goal: a symlink stays a link and its target is replaced; a target that is not a regular
@@ -253,12 +269,12 @@ mod tests {
                 f.set_modified(old).unwrap();
             }
         };
-        create(".data.bin.0123456789abcdef.tmp", true);
+        create(".data.bin.0123456789abcDEF.tmp", true);
         create(".data.bin.fedcba9876543210.tmp", false);
         create(".other.bin.0123456789abcdef.tmp", true);
         create(".data.bin.notes.tmp", true);
         create(".data.bin.0123456789abcdef.tmp.keep", true);
-        create(".data.bin.0123456789ABCDEF.tmp", true);
+        create(".data.bin.0123456789-bcdef.tmp", true);
         create(".data.bin.0123456789abcde.tmp", true);
         // A link and a directory named like a temporary file are never removed, nor is what
         // the link points to.
@@ -278,7 +294,7 @@ mod tests {
         assert_eq!(
             left,
             vec![
-                ".data.bin.0123456789ABCDEF.tmp",
+                ".data.bin.0123456789-bcdef.tmp",
                 ".data.bin.0123456789abcde.tmp",
                 ".data.bin.0123456789abcdef.tmp.keep",
                 ".data.bin.1111111111111111.tmp",
@@ -302,7 +318,10 @@ mod tests {
         std::fs::write(&data, b"old").unwrap();
         let mut stalled = super::Replacement::new(&data, false).unwrap();
         stalled.file().write_all(b"first").unwrap();
-        let tmp = stalled.swap.as_ref().unwrap().0.clone();
+        let super::Target::Swap { tmp, .. } = &stalled.0 else {
+            panic!("a regular file is replaced through a temporary file");
+        };
+        let tmp = tmp.path().to_path_buf();
         std::fs::File::options()
             .write(true)
             .open(&tmp)
