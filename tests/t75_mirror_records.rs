@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,22 @@ fn agent(config: &Path, feed: &Path, state: &Path, tenant: &str, extra: &[&str])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
+}
+
+/// A new feed of `lines` events in `work` and a following agent (`--json`, no `--once`) on it:
+/// the feed, its state file and the running agent.
+fn follow_new_feed(
+    config: &Path,
+    work: &Path,
+    lines: u64,
+) -> (PathBuf, PathBuf, std::process::Child) {
+    let feed = work.join("feed.jsonl");
+    let state = work.join("state.json");
+    write_feed(&feed, 1..=lines);
+    let child = agent(config, &feed, &state, TENANT, &["--json"])
+        .spawn()
+        .unwrap();
+    (feed, state, child)
 }
 
 /// Per key, the source's versions (value or None for a delete) in order, for seqs `1..=n`.
@@ -294,12 +310,7 @@ async fn t77_following_agent_picks_up_appended_lines() {
     let cfg = cluster.files.client_config.clone();
     let client = cluster.client();
     let work = tempfile::tempdir().unwrap();
-    let feed = work.path().join("feed.jsonl");
-    let state = work.path().join("state.json");
-    write_feed(&feed, 1..=10);
-    let mut child = agent(&cfg, &feed, &state, TENANT, &["--json"])
-        .spawn()
-        .unwrap();
+    let (feed, state, mut child) = follow_new_feed(&cfg, work.path(), 10);
     let position = || async { source_position(&client, TENANT, "crm").await };
     wait_for("the first lines", || async {
         (position().await == 10).then_some(())
@@ -357,12 +368,7 @@ async fn t78_sigterm_stops_an_agent_retrying_an_unreachable_cluster() {
     config.endpoints = vec![format!("127.0.0.1:{}", free_ports(1)[0])];
     let cfg = work.path().join("escrowctl.toml");
     std::fs::write(&cfg, toml::to_string(&config).unwrap()).unwrap();
-    let feed = work.path().join("feed.jsonl");
-    let state = work.path().join("state.json");
-    write_feed(&feed, 1..=10);
-    let mut child = agent(&cfg, &feed, &state, TENANT, &["--json"])
-        .spawn()
-        .unwrap();
+    let (_feed, state, mut child) = follow_new_feed(&cfg, work.path(), 10);
     // Long enough for the first ingest to fail and the agent to be retrying.
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the agent gave up");

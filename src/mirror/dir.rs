@@ -331,16 +331,10 @@ pub async fn pass_until<F: std::future::Future<Output = ()>>(
         }
     }
     drop(uploads);
-    if stop.requested() {
-        report.stopped = true;
-        state
-            .save(&options.state_file)
-            .map_err(|e| format!("cannot save {}: {e}", options.state_file.display()))?;
-        return Ok(report);
-    }
+    report.stopped = stop.requested();
 
-    // Files gone from the tree become tombstones (earlier versions stay escrowed). A path that
-    // was skipped this pass is not "gone".
+    // Files gone from the tree become tombstones (earlier versions stay escrowed), unless the
+    // pass was stopped. A path that was skipped this pass is not "gone".
     let present: std::collections::HashSet<&str> = files
         .iter()
         .map(|f| f.name.as_str())
@@ -352,27 +346,32 @@ pub async fn pass_until<F: std::future::Future<Output = ()>>(
         .filter(|s| s.dir)
         .map(|s| format!("{}/", s.path))
         .collect();
-    for name in escrowed.keys() {
-        let under_unreadable = unreadable.iter().any(|d| name.starts_with(d.as_str()));
-        if !present.contains(name.as_str()) && !under_unreadable {
-            let Some(deleted) = stop
-                .until(client.delete_artifact(&options.namespace, name))
-                .await
-            else {
-                report.stopped = true;
-                break;
-            };
-            match deleted {
-                Ok(_) => {
-                    report.deleted += 1;
-                    state.files.remove(name);
-                }
-                Err(e) => report.failed.push(Skipped {
-                    path: name.clone(),
-                    reason: e.to_string(),
-                    dir: false,
-                }),
+    let gone: Vec<&String> = escrowed
+        .keys()
+        .filter(|name| {
+            !report.stopped
+                && !present.contains(name.as_str())
+                && !unreadable.iter().any(|d| name.starts_with(d.as_str()))
+        })
+        .collect();
+    for name in gone {
+        let Some(deleted) = stop
+            .until(client.delete_artifact(&options.namespace, name))
+            .await
+        else {
+            report.stopped = true;
+            break;
+        };
+        match deleted {
+            Ok(_) => {
+                report.deleted += 1;
+                state.files.remove(name);
             }
+            Err(e) => report.failed.push(Skipped {
+                path: name.clone(),
+                reason: e.to_string(),
+                dir: false,
+            }),
         }
     }
     state

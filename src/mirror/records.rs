@@ -451,11 +451,7 @@ impl<F: std::future::Future<Output = ()>> Sender<'_, F> {
         if batch.changes.is_empty() {
             if batch.end_offset != state.offset {
                 // Only blank lines since the last checkpoint.
-                state.offset = batch.end_offset;
-                state.line = batch.end_line;
-                state.seq = batch.end_seq;
-                state.save(&options.state_file)?;
-                report.offset = state.offset;
+                checkpoint(state, batch, report, &options.state_file)?;
             }
             return Ok(true);
         }
@@ -489,13 +485,23 @@ impl<F: std::future::Future<Output = ()>> Sender<'_, F> {
         report.batches += 1;
         report.position = reply.position;
         state.position = reply.position;
-        state.offset = batch.end_offset;
-        state.line = batch.end_line;
-        state.seq = batch.end_seq;
-        report.offset = state.offset;
-        state.save(&options.state_file)?;
+        checkpoint(state, batch, report, &options.state_file)?;
         Ok(true)
     }
+}
+
+/// Records in the state file that the feed is done up to the batch's last line.
+fn checkpoint(
+    state: &mut FeedState,
+    batch: &Batch,
+    report: &mut FeedReport,
+    state_file: &Path,
+) -> Result<(), FeedError> {
+    state.offset = batch.end_offset;
+    state.line = batch.end_line;
+    state.seq = batch.end_seq;
+    report.offset = state.offset;
+    state.save(state_file)
 }
 
 /// Errors worth waiting out: no leader, nodes down, a deadline passed.

@@ -188,6 +188,16 @@ mod tests {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     // Goal: a replaced file keeps its permissions (customer data saved 0600 stays 0600), a
     // secret is 0600 even over a file that allowed more, no temporary file stays behind, and
     // a file named like the old fixed temporary name is left alone.
@@ -218,13 +228,8 @@ mod tests {
         std::fs::write(&plain, b"new").unwrap();
         assert_eq!(mode(&fresh), mode(&plain));
 
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            names_in(dir.path()),
             [
                 "fresh.bin",
                 "ops.token",
@@ -286,13 +291,8 @@ mod tests {
             .set_modified(old)
             .unwrap();
         write_atomically(&at("data.bin"), b"new").unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
         assert_eq!(
-            left,
+            names_in(dir.path()),
             vec![
                 ".data.bin.0123456789-bcdef.tmp",
                 ".data.bin.0123456789abcde.tmp",
