@@ -10,7 +10,8 @@
 //!
 //! Also: corrupt snapshot streams are refused (t41), a log past its byte bound is
 //! snapshotted and purged although its entry count never triggers (t42), and a promotion cut
-//! short in its joint configuration is finished by the same add sent again (t44).
+//! short in its joint configuration is finished by the same add sent again, and a removal cut
+//! short by the same remove, which an add of the removed node cannot undo (t44).
 
 mod common;
 
@@ -212,6 +213,30 @@ async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the
         .collect();
     majority_cfg.endpoints.push(member.client_addr.clone());
     let majority = escrow::client::EscrowClient::new(&majority_cfg).unwrap();
+
+    // An add with other addresses is refused and changes nothing: it would not finish a
+    // promotion with addresses the joint configuration does not hold.
+    let mut moved = member.clone();
+    moved.raft_addr = "127.0.0.1:1".into();
+    let refused = wait_for("the add with other addresses to be refused", || async {
+        match majority.add_node(moved.clone(), false).await {
+            Ok(reply) => panic!("an add with other addresses succeeded: {reply:?}"),
+            Err(e) if e.code() == Some(Code::FailedPrecondition) => Some(e),
+            // The new leader commits the joint configuration with its first entry.
+            Err(_) => None,
+        }
+    })
+    .await;
+    assert!(
+        refused.to_string().contains("a voter being promoted"),
+        "{refused}"
+    );
+    assert_eq!(
+        configs(new_leader_node),
+        joint,
+        "a refused add changes nothing"
+    );
+
     let reply = wait_for("the repeated add to finish the promotion", || async {
         match majority.add_node(member.clone(), false).await {
             Ok(reply) => Some(reply),
@@ -254,6 +279,142 @@ async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the
     let (_, value) = local_record(&new_node, "orders", "after-promotion").expect("on node 4");
     assert_eq!(value, b"v");
     new_node.shutdown().await;
+    cluster.shutdown().await;
+}
+
+// Goal: a removal cut short in its joint configuration is not undone by an add of the removed
+// node (refused, nothing changes) and is finished by the same `cluster remove` sent again:
+// every remaining node ends in the uniform configuration without it, and its id stays retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t44_a_removal_cut_short_is_finished_by_remove_and_not_undone_by_add() {
+    let raft = test_raft();
+    let cluster = TestCluster::started_and_initialized(3, raft.clone()).await;
+    let (node4, member) = cluster.start_extra_node(4, &raft).await;
+    let four_voters = vec![vec![1, 2, 3, 4]];
+    cluster
+        .client()
+        .add_node(member.clone(), false)
+        .await
+        .unwrap();
+    let leader = cluster.wait_leader().await;
+    wait_for("every node in the four-voter configuration", || async {
+        (0..3)
+            .map(|i| cluster.node(i))
+            .chain([&node4])
+            .all(|n| configs(n) == four_voters)
+            .then_some(())
+    })
+    .await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+
+    // The removal: its joint configuration reaches the others and node 4, the final one never
+    // leaves the leader.
+    let leader_node = cluster.node(cluster.index_of(leader));
+    let (next_index, old_term) = {
+        let m = leader_node.raft.metrics().borrow().clone();
+        (m.last_log_index.unwrap_or(0) + 1, m.current_term)
+    };
+    cluster.faults.hold_final_membership(Some(next_index));
+    let remove = {
+        let client = cluster
+            .client_for(cluster.index_of(leader))
+            .with_deadline(std::time::Duration::from_secs(5));
+        tokio::spawn(async move { client.remove_node(4).await })
+    };
+    let joint = vec![vec![1, 2, 3, 4], vec![1, 2, 3]];
+    wait_for(
+        "the others and node 4 to hold the joint configuration",
+        || async {
+            (others
+                .iter()
+                .all(|id| configs(cluster.node(cluster.index_of(*id))) == joint)
+                && configs(&node4) == joint)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Lose the leader; the others and node 4 elect a new one, still in the joint configuration.
+    cluster.faults.isolate(leader, &[others[0], others[1], 4]);
+    let new_leader = cluster.wait_new_leader(others[0], leader, old_term).await;
+    assert!(
+        remove.await.unwrap().is_err(),
+        "the cut-off leader cannot finish the removal"
+    );
+    cluster.faults.hold_final_membership(None);
+    let new_leader_node = if new_leader == 4 {
+        &node4
+    } else {
+        cluster.node(cluster.index_of(new_leader))
+    };
+    assert_eq!(configs(new_leader_node), joint, "the change was cut short");
+    let mut majority_cfg = cluster.client_config();
+    majority_cfg.endpoints = others
+        .iter()
+        .map(|id| cluster.node(cluster.index_of(*id)).client_addr.to_string())
+        .collect();
+    majority_cfg.endpoints.push(member.client_addr.clone());
+    let majority = escrow::client::EscrowClient::new(&majority_cfg).unwrap();
+
+    // An add of node 4 would put it back: refused, and the configuration stays as it was.
+    let refused = wait_for(
+        "the add of the node being removed to be refused",
+        || async {
+            match majority.add_node(member.clone(), false).await {
+                Ok(reply) => panic!("an add undid a removal: {reply:?}"),
+                Err(e) if e.code() == Some(Code::FailedPrecondition) => Some(e),
+                // The new leader commits the joint configuration with its first entry.
+                Err(_) => None,
+            }
+        },
+    )
+    .await;
+    assert!(
+        refused.to_string().contains("cluster remove --id 4"),
+        "{refused}"
+    );
+    assert_eq!(
+        configs(new_leader_node),
+        joint,
+        "a refused add changes nothing"
+    );
+
+    // The same remove, sent again, finishes the removal. Node 4 may lead the joint
+    // configuration; it then steps down once the change commits, and the answer may be lost
+    // with it, so a retry may find node 4 already gone.
+    wait_for("the repeated remove to finish the removal", || async {
+        match majority.remove_node(4).await {
+            Ok(_) => Some(()),
+            Err(e) if e.code() == Some(Code::NotFound) => Some(()),
+            Err(_) => None,
+        }
+    })
+    .await;
+
+    // Heal: nodes 1-3, the old leader too, end in the uniform configuration without node 4,
+    // writes go on, and id 4 stays retired.
+    cluster.faults.heal();
+    let client = cluster.client();
+    let index = client
+        .put(TENANT, "orders", "after-removal", b"v".to_vec())
+        .await
+        .unwrap();
+    wait_for(
+        "nodes 1-3 in the uniform configuration, with the write",
+        || async {
+            (0..3)
+                .map(|i| cluster.node(i))
+                .all(|n| {
+                    configs(n) == vec![vec![1, 2, 3]] && n.core.reader.applied_index() >= index
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let again = client.add_node(member.clone(), false).await.unwrap_err();
+    assert_eq!(again.code(), Some(Code::AlreadyExists), "{again}");
+    assert!(again.to_string().contains("never reused"), "{again}");
+    node4.shutdown().await;
     cluster.shutdown().await;
 }
 

@@ -266,6 +266,73 @@ pub struct ClusterService {
     pub core: Arc<Core>,
 }
 
+/// What `cluster add` does for a node, given the membership the leader holds.
+#[derive(Debug, PartialEq, Eq)]
+enum AddPlan {
+    /// Not a member: add it as a learner (then promote it unless the add is learner-only).
+    AddLearner,
+    /// A learner already (an earlier add ended before its promotion): wait for it to catch
+    /// up, then promote it.
+    PromoteLearner,
+    /// A voter of the new half of a joint configuration whose old half it is not in: a
+    /// promotion cut short between openraft's two membership steps. Finish it.
+    FinishPromotion,
+}
+
+/// Decides what an add of node `id` at `node`'s addresses does, or why it is refused. An add
+/// never changes a member's addresses, and never undoes a removal cut short in its joint
+/// configuration (only `cluster remove` again finishes that).
+fn plan_add(
+    membership: &openraft::Membership<NodeId, EscrowNode>,
+    id: NodeId,
+    node: &EscrowNode,
+    learner_only: bool,
+) -> Result<AddPlan, Status> {
+    let Some(existing) = membership.get_node(&id) else {
+        return Ok(AddPlan::AddLearner);
+    };
+    let configs = membership.get_joint_config();
+    let in_old = configs.first().is_some_and(|c| c.contains(&id));
+    let in_new = configs.last().is_some_and(|c| c.contains(&id));
+    match (in_old, in_new) {
+        (true, true) => {
+            return Err(Status::already_exists(format!(
+                "node {id} is already a voter in this cluster"
+            )))
+        }
+        (true, false) => {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is being removed: the cluster is in a joint configuration that \
+                 leaves it out (a removal cut short); `cluster remove --id {id}` finishes it"
+            )))
+        }
+        _ => {}
+    }
+    if existing != node {
+        let what = if in_new {
+            "a voter being promoted"
+        } else {
+            "a learner"
+        };
+        return Err(Status::failed_precondition(format!(
+            "node {id} is {what} with raft address {} and client address {}; an add with \
+             other addresses cannot promote it (remove it and add a new id)",
+            existing.raft_addr, existing.client_addr
+        )));
+    }
+    match (in_new, learner_only) {
+        (true, true) => Err(Status::already_exists(format!(
+            "node {id} is already a voter in this cluster (its promotion was cut short: \
+             the same add without --learner finishes it)"
+        ))),
+        (true, false) => Ok(AddPlan::FinishPromotion),
+        (false, true) => Err(Status::already_exists(format!(
+            "node {id} is already a learner in this cluster"
+        ))),
+        (false, false) => Ok(AddPlan::PromoteLearner),
+    }
+}
+
 fn members_of(m: &openraft::Membership<NodeId, EscrowNode>) -> Vec<pb::Member> {
     let voters: BTreeSet<NodeId> = m.voter_ids().collect();
     m.nodes()
@@ -434,46 +501,27 @@ impl pb::cluster_server::Cluster for ClusterService {
             let m = self.core.raft.metrics().borrow().clone();
             (m.membership_config.clone(), m.last_log_index.unwrap_or(0))
         };
-        let membership = current.membership();
-        let is_voter = membership.voter_ids().any(|v| v == id);
-        let joint = membership.get_joint_config().len() > 1;
+        let node = EscrowNode {
+            raft_addr: member.raft_addr,
+            client_addr: member.client_addr,
+        };
         // The entry the node must have before it gets a vote: the one that added it, or for a
         // learner added earlier (whose add ended before its promotion), everything the leader
         // holds now; none for a promotion cut short between the joint and the final config
         // (a leader change, a deadline), which only needs finishing.
-        let caught_up_at = match membership.get_node(&id) {
-            Some(_) if is_voter && (!joint || req.learner_only) => {
-                return Err(Status::already_exists(format!(
-                    "node {id} is already a voter in this cluster"
-                )));
-            }
-            Some(_) if is_voter => {
+        let caught_up_at = match plan_add(current.membership(), id, &node, req.learner_only)? {
+            AddPlan::FinishPromotion => {
                 tracing::info!(node = id, "finishing the promotion of node");
                 None
             }
-            Some(existing)
-                if existing.raft_addr != member.raft_addr
-                    || existing.client_addr != member.client_addr =>
-            {
-                return Err(Status::failed_precondition(format!(
-                    "node {id} is a learner with raft address {} and client address {}; \
-                     an add with other addresses cannot promote it (remove it and add a new id)",
-                    existing.raft_addr, existing.client_addr
-                )));
-            }
-            Some(_) if req.learner_only => {
-                return Err(Status::already_exists(format!(
-                    "node {id} is already a learner in this cluster"
-                )));
-            }
-            Some(_) => {
+            AddPlan::PromoteLearner => {
                 tracing::info!(
                     node = id,
                     "learner already a member; waiting for it to catch up"
                 );
                 Some(last_log_index)
             }
-            None => {
+            AddPlan::AddLearner => {
                 if self
                     .core
                     .reader
@@ -484,10 +532,6 @@ impl pb::cluster_server::Cluster for ClusterService {
                         "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
                     )));
                 }
-                let node = EscrowNode {
-                    raft_addr: member.raft_addr,
-                    client_addr: member.client_addr,
-                };
                 tracing::info!(node = id, "adding learner");
                 let added = self
                     .core
@@ -543,5 +587,127 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::RemoveNodeReply {
             members: self.membership_reply(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn node(n: u64) -> EscrowNode {
+        EscrowNode {
+            raft_addr: format!("10.0.0.{n}:7411"),
+            client_addr: format!("10.0.0.{n}:7410"),
+        }
+    }
+
+    /// A membership of `configs` (one: uniform, two: joint) whose nodes are `members`.
+    fn membership(configs: &[&[u64]], members: &[u64]) -> openraft::Membership<NodeId, EscrowNode> {
+        openraft::Membership::new(
+            configs
+                .iter()
+                .map(|c| c.iter().copied().collect())
+                .collect(),
+            members
+                .iter()
+                .map(|n| (*n, node(*n)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    }
+
+    fn code(r: Result<AddPlan, Status>) -> Code {
+        r.expect_err("refused").code()
+    }
+
+    #[test]
+    fn an_add_plans_by_where_the_node_stands() {
+        let uniform = membership(&[&[1, 2, 3]], &[1, 2, 3, 4]);
+        assert_eq!(
+            plan_add(&uniform, 5, &node(5), false).unwrap(),
+            AddPlan::AddLearner
+        );
+        assert_eq!(
+            plan_add(&uniform, 5, &node(5), true).unwrap(),
+            AddPlan::AddLearner
+        );
+        assert_eq!(
+            plan_add(&uniform, 4, &node(4), false).unwrap(),
+            AddPlan::PromoteLearner
+        );
+        assert_eq!(
+            code(plan_add(&uniform, 4, &node(4), true)),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(plan_add(&uniform, 2, &node(2), false)),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(plan_add(&uniform, 2, &node(2), true)),
+            Code::AlreadyExists
+        );
+
+        // Node 4's promotion cut short between the joint and the final configuration.
+        let promoting = membership(&[&[1, 2, 3], &[1, 2, 3, 4]], &[1, 2, 3, 4]);
+        assert_eq!(
+            plan_add(&promoting, 4, &node(4), false).unwrap(),
+            AddPlan::FinishPromotion
+        );
+        let refused = plan_add(&promoting, 4, &node(4), true).unwrap_err();
+        assert_eq!(refused.code(), Code::AlreadyExists);
+        assert!(
+            refused.message().contains("without --learner"),
+            "{refused:?}"
+        );
+        // A voter of both halves is a voter, not a promotion to finish.
+        assert_eq!(
+            code(plan_add(&promoting, 1, &node(1), false)),
+            Code::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn an_add_never_changes_a_members_addresses() {
+        let elsewhere = EscrowNode {
+            raft_addr: "10.9.9.9:7411".into(),
+            client_addr: node(4).client_addr,
+        };
+        let learner = membership(&[&[1, 2, 3]], &[1, 2, 3, 4]);
+        let promoting = membership(&[&[1, 2, 3], &[1, 2, 3, 4]], &[1, 2, 3, 4]);
+        for (m, what) in [
+            (&learner, "a learner"),
+            (&promoting, "a voter being promoted"),
+        ] {
+            for learner_only in [false, true] {
+                let refused = plan_add(m, 4, &elsewhere, learner_only).unwrap_err();
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert!(refused.message().contains(what), "{refused:?}");
+                assert!(refused.message().contains("10.0.0.4:7411"), "{refused:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_add_does_not_undo_a_removal_cut_short() {
+        // Node 4's removal cut short: the old half has it, the new half does not.
+        let removing = membership(&[&[1, 2, 3, 4], &[1, 2, 3]], &[1, 2, 3, 4]);
+        for learner_only in [false, true] {
+            let refused = plan_add(&removing, 4, &node(4), learner_only).unwrap_err();
+            assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+            assert!(
+                refused.message().contains("cluster remove --id 4"),
+                "{refused:?}"
+            );
+        }
+        // Other members and new nodes are planned as usual meanwhile.
+        assert_eq!(
+            code(plan_add(&removing, 2, &node(2), false)),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            plan_add(&removing, 5, &node(5), false).unwrap(),
+            AddPlan::AddLearner
+        );
     }
 }
