@@ -43,6 +43,46 @@ pub const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(36
 const STALE_TMP_SCAN_MAX: usize = 10_000;
 /// Random characters in a temporary file's name (`.NAME.<these>.tmp`).
 const TMP_RANDOM_CHARS: usize = 16;
+/// One process looks for stale temporary files of the same target at most this often: a
+/// mirror agent saves its state file after every batch, and a scan of a directory of 10,000
+/// entries takes milliseconds. Far under [`STALE_TMP_AGE`], so a leftover still goes soon
+/// after it turns stale.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Targets whose last sweep one process remembers; beyond this it forgets the older ones
+/// (and may sweep them again sooner).
+const SWEPT_TARGETS_MAX: usize = 1024;
+
+/// When each target was last swept by this process.
+static LAST_SWEEPS: std::sync::Mutex<std::collections::BTreeMap<PathBuf, std::time::Instant>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Whether `target` is due for a sweep ([`SWEEP_INTERVAL`]); if so, records it as swept now.
+fn sweep_due(target: &Path) -> bool {
+    let mut last = LAST_SWEEPS.lock().unwrap_or_else(|e| e.into_inner());
+    sweep_due_in(&mut last, target, std::time::Instant::now())
+}
+
+/// [`sweep_due`] on a given record of sweeps, at `now`.
+fn sweep_due_in(
+    last: &mut std::collections::BTreeMap<PathBuf, std::time::Instant>,
+    target: &Path,
+    now: std::time::Instant,
+) -> bool {
+    if last
+        .get(target)
+        .is_some_and(|at| now.duration_since(*at) < SWEEP_INTERVAL)
+    {
+        return false;
+    }
+    if last.len() >= SWEPT_TARGETS_MAX {
+        last.retain(|_, at| now.duration_since(*at) < SWEEP_INTERVAL);
+        if last.len() >= SWEPT_TARGETS_MAX {
+            last.clear();
+        }
+    }
+    last.insert(target.to_path_buf(), now);
+    true
+}
 
 /// Removes the temporary files of [`Replacement`]s of `dir/name` (`.NAME.<16 random
 /// alphanumerics>.tmp`, regular files) untouched for [`STALE_TMP_AGE`]. Best effort: errors
@@ -90,7 +130,8 @@ fn sweep_stale_tmp(dir: &Path, name: &std::ffi::OsStr) {
 /// it replaces allowed. A symlink's target is replaced, not the link; a target that is not a
 /// regular file (a device such as /dev/stdout, a FIFO) is written directly. A temporary file
 /// a crash left behind (nothing removed it) is removed when the same file is next replaced,
-/// once it has been untouched for [`STALE_TMP_AGE`].
+/// once it has been untouched for [`STALE_TMP_AGE`] (looked for at most every
+/// [`SWEEP_INTERVAL`] per target and process).
 pub struct Replacement(Target);
 
 enum Target {
@@ -121,7 +162,9 @@ impl Replacement {
         let dir = target.parent().unwrap_or(Path::new("/")).to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let name = target.file_name().unwrap_or_default();
-        sweep_stale_tmp(&dir, name);
+        if sweep_due(&target) {
+            sweep_stale_tmp(&dir, name);
+        }
         let mut prefix = std::ffi::OsString::from(".");
         prefix.push(name);
         prefix.push(".");
@@ -186,6 +229,12 @@ mod tests {
 
     fn mode(path: &std::path::Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Lets the next replacement of `path` sweep, as if [`super::SWEEP_INTERVAL`] had passed.
+    fn forget_sweep(path: &std::path::Path) {
+        let target = std::fs::canonicalize(path).unwrap();
+        super::LAST_SWEEPS.lock().unwrap().remove(&target);
     }
 
     /// The names in `dir`, sorted.
@@ -308,6 +357,44 @@ mod tests {
         );
     }
 
+    // Goal: a file saved over and over (a mirror agent's state) costs one directory scan per
+    // interval, not one per save; the next sweep after the interval removes the leftover.
+    #[test]
+    fn one_target_is_swept_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("state.json");
+        write_atomically(&data, b"1").unwrap();
+        let leftover = dir.path().join(".state.json.0123456789abcdef.tmp");
+        std::fs::File::create(&leftover)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - super::STALE_TMP_AGE * 2)
+            .unwrap();
+        write_atomically(&data, b"2").unwrap();
+        assert!(leftover.exists(), "swept again within the interval");
+        forget_sweep(&data);
+        write_atomically(&data, b"3").unwrap();
+        assert!(!leftover.exists(), "not swept once the interval passed");
+        assert_eq!(std::fs::read(&data).unwrap(), b"3");
+    }
+
+    // Goal: a process replacing ever new files remembers a bounded number of them, and a
+    // target is due again once the interval passed.
+    #[test]
+    fn the_sweep_record_stays_bounded() {
+        let mut last = std::collections::BTreeMap::new();
+        let start = std::time::Instant::now();
+        let at = |i: usize| std::path::PathBuf::from(format!("/d/f{i}"));
+        for i in 0..super::SWEPT_TARGETS_MAX + 10 {
+            assert!(super::sweep_due_in(&mut last, &at(i), start));
+            assert!(last.len() <= super::SWEPT_TARGETS_MAX);
+        }
+        let newest = at(super::SWEPT_TARGETS_MAX + 9);
+        assert!(!super::sweep_due_in(&mut last, &newest, start));
+        let later = start + super::SWEEP_INTERVAL;
+        assert!(super::sweep_due_in(&mut last, &newest, later));
+        assert!(!super::sweep_due_in(&mut last, &newest, later));
+    }
+
     // Goal: a writer stalled past the age whose temporary file another replacement swept
     // fails at its commit with a message saying why, and the other writer's content stays.
     #[test]
@@ -328,6 +415,8 @@ mod tests {
             .unwrap()
             .set_modified(std::time::SystemTime::now() - super::STALE_TMP_AGE * 2)
             .unwrap();
+        // As if the interval between two sweeps of the same target had passed.
+        forget_sweep(&data);
         write_atomically(&data, b"second").unwrap();
         assert!(!tmp.exists());
         let err = stalled.commit().unwrap_err();
