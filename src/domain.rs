@@ -2,6 +2,8 @@
 //!
 //! Every value that arrives from outside (network, CLI, files) passes through one of the
 //! constructors here before it reaches the ledger, so the ledger can rely on its invariants.
+//! Decoding (a peer's message, a log entry, a stored value) goes through the same
+//! constructors: the names are `#[serde(try_from = "String")]`.
 
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +87,16 @@ fn validate_slug(
 
 /// One beneficiary customer. All its data lives under this id and nowhere else.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct TenantId(String);
+
+impl TryFrom<String> for TenantId {
+    type Error = InputError;
+
+    fn try_from(value: String) -> Result<Self, InputError> {
+        Self::parse(&value)
+    }
+}
 
 impl TenantId {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -109,7 +120,16 @@ impl TenantId {
 
 /// A collection of records inside a tenant.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Collection(String);
+
+impl TryFrom<String> for Collection {
+    type Error = InputError;
+
+    fn try_from(value: String) -> Result<Self, InputError> {
+        Self::parse(&value)
+    }
+}
 
 impl Collection {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -124,7 +144,16 @@ impl Collection {
 
 /// A record key: UTF-8 text without control characters, at most [`KEY_LEN_MAX`] bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct RecordKey(String);
+
+impl TryFrom<String> for RecordKey {
+    type Error = InputError;
+
+    fn try_from(value: String) -> Result<Self, InputError> {
+        Self::parse(&value)
+    }
+}
 
 impl RecordKey {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -276,7 +305,16 @@ pub struct SourcePosition {
 /// One stream of changes from the vendor side (one agent feed). Validated like a slug, plus
 /// '_', '.' and ':' inside.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct SourceId(String);
+
+impl TryFrom<String> for SourceId {
+    type Error = InputError;
+
+    fn try_from(value: String) -> Result<Self, InputError> {
+        Self::parse(&value)
+    }
+}
 
 impl SourceId {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -368,7 +406,16 @@ pub const ARTIFACT_NAME_LEN_MAX: usize = 1024;
 /// An artifact's name inside its namespace: a relative path of '/'-separated components, each
 /// non-empty, not "." or "..", without control characters or backslashes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct ArtifactName(String);
+
+impl TryFrom<String> for ArtifactName {
+    type Error = InputError;
+
+    fn try_from(value: String) -> Result<Self, InputError> {
+        Self::parse(&value)
+    }
+}
 
 impl ArtifactName {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -534,6 +581,41 @@ pub fn validate_node_id(id: u64) -> Result<u64, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: a name decoded from bytes (a peer's message, a log entry, a stored value) obeys
+    // the same rules as one parsed from a request, in the log's encoding and in JSON alike.
+    #[test]
+    fn decoded_names_pass_their_constructors() {
+        use crate::raft::codec::{decode, encode};
+        let good = RecordPath::parse("acme", "orders", "k/1").unwrap();
+        assert_eq!(decode::<RecordPath>(&encode(&good)).unwrap(), good);
+        let bad = RecordPath {
+            tenant: TenantId("a/\0b".into()),
+            collection: Collection("orders".into()),
+            key: RecordKey("k".into()),
+        };
+        let err = decode::<RecordPath>(&encode(&bad)).unwrap_err();
+        assert!(err.to_string().contains("tenant id"), "{err}");
+        let json = serde_json::to_string(&bad).unwrap();
+        assert!(serde_json::from_str::<RecordPath>(&json).is_err());
+        for (bad, what) in [
+            (encode(&Collection("Orders".into())), "collection"),
+            (encode(&RecordKey("k\n".into())), "key"),
+            (encode(&RecordKey(String::new())), "key"),
+        ] {
+            let err = match what {
+                "collection" => decode::<Collection>(&bad).map(|_| ()).unwrap_err(),
+                _ => decode::<RecordKey>(&bad).map(|_| ()).unwrap_err(),
+            };
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        assert!(decode::<SourceId>(&encode(&SourceId("a b".into()))).is_err());
+        assert!(decode::<ArtifactName>(&encode(&ArtifactName("a\\b".into()))).is_err());
+        assert_eq!(
+            decode::<TenantId>(&encode(&TenantId::vendor())).unwrap(),
+            TenantId::vendor()
+        );
+    }
 
     // Goal: the tenant id rules that keep tenants apart in keys, paths and labels hold.
     #[test]

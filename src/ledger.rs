@@ -17,6 +17,42 @@ use crate::domain::{
     TenantState,
 };
 
+/// Batches inside batches a decoder accepts: an entry's batch and one level more (which
+/// [`apply`] refuses: "batches do not nest"). Bytes from a peer that nest deeper are a decode
+/// error before the deeper level is read, so they cannot overflow the stack (two bytes per
+/// level would otherwise abort the node in a few kilobytes).
+pub const BATCH_NESTING_MAX: u8 = 2;
+
+std::thread_local! {
+    /// Batches being decoded on this thread, outermost included.
+    static BATCH_DEPTH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes the members of a [`Command::Batch`], [`Command::Timed`] or [`Outcome::Batch`],
+/// refusing one nested deeper than [`BATCH_NESTING_MAX`].
+fn batch_members<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    /// Leaves the level however the decode ends.
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            BATCH_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+    let depth = BATCH_DEPTH.with(|d| d.get());
+    if depth >= BATCH_NESTING_MAX {
+        return Err(serde::de::Error::custom(format!(
+            "batches nested deeper than {BATCH_NESTING_MAX} levels"
+        )));
+    }
+    BATCH_DEPTH.with(|d| d.set(depth + 1));
+    let _level = Level;
+    Vec::<T>::deserialize(d)
+}
+
 /// A command carried by the Raft log. Variants are only ever appended, never reordered or
 /// removed, so that old log entries keep decoding (the log encoding carries a format version).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,11 +67,12 @@ pub enum Command {
     },
     /// Concurrent client commands carried by one log entry (one fsync for all of them),
     /// applied in order; each gets its own outcome. Batches do not nest.
-    Batch(Vec<Command>),
+    Batch(#[serde(deserialize_with = "batch_members")] Vec<Command>),
     /// Like `Batch`, stamped with the proposing leader's clock (ms since the Unix epoch). The
     /// store applies `max(at_ms, previous time)` so time never runs backwards across leaders.
     Timed {
         at_ms: u64,
+        #[serde(deserialize_with = "batch_members")]
         commands: Vec<Command>,
     },
     /// Registers a tenant; its records, artifacts and figures live under its id only.
@@ -127,7 +164,7 @@ pub enum Outcome {
         reason: String,
     },
     /// The outcomes of a [`Command::Batch`] or [`Command::Timed`], in order.
-    Batch(Vec<Outcome>),
+    Batch(#[serde(deserialize_with = "batch_members")] Vec<Outcome>),
     /// A tenant after the command.
     Tenant(TenantInfo),
     /// An ingest batch: `applied` changes were new, `duplicates` had been applied before.
@@ -623,6 +660,43 @@ mod tests {
     use super::*;
     use crate::domain::{Collection, RecordKey};
     use std::collections::HashMap;
+
+    // Goal: bytes from a peer that nest batches deeply are a decode error, not a stack
+    // overflow that aborts the node; what the node itself builds (and one level more, which
+    // apply refuses) still decodes, and the depth is back to zero after an error.
+    #[test]
+    fn deeply_nested_batches_are_a_decode_error() {
+        use crate::raft::codec::{decode, encode};
+        let leaf = encode(&Command::Checkpoint);
+        let one = encode(&Command::Batch(vec![Command::Checkpoint]));
+        // The bytes one level of `Batch` adds in front of its member.
+        let level = &one[1..one.len() - (leaf.len() - 1)];
+        let nested = |levels: usize| {
+            let mut bytes = vec![one[0]];
+            for _ in 0..levels {
+                bytes.extend_from_slice(level);
+            }
+            bytes.extend_from_slice(&leaf[1..]);
+            bytes
+        };
+        assert_eq!(
+            decode::<Command>(&nested(2)).unwrap(),
+            Command::Batch(vec![Command::Batch(vec![Command::Checkpoint])])
+        );
+        for levels in [3, 100_000] {
+            let err = decode::<Command>(&nested(levels)).unwrap_err();
+            assert!(err.to_string().contains("nested deeper"), "{err}");
+        }
+        let timed = Command::Timed {
+            at_ms: 1,
+            commands: vec![Command::Batch(vec![Command::Checkpoint])],
+        };
+        assert_eq!(decode::<Command>(&encode(&timed)).unwrap(), timed);
+        let outcome = Outcome::Batch(vec![Outcome::Batch(vec![Outcome::Nothing])]);
+        assert_eq!(decode::<Outcome>(&encode(&outcome)).unwrap(), outcome);
+        let deep = Outcome::Batch(vec![outcome]);
+        assert!(decode::<Outcome>(&encode(&deep)).is_err());
+    }
 
     /// An in-memory view that applies mutations, so tests can chain commands.
     #[derive(Default)]

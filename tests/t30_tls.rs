@@ -141,6 +141,53 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A forwarded write is checked before it can become an entry: no batch (the leader forms
+    // those), nothing bigger than a client message, no batches nested deep enough to overflow
+    // the stack, no name its constructor refuses (which would break the key layout).
+    use escrow::ledger::Command;
+    use escrow::raft::network::ForwardRequest;
+    let forward = |payload: Vec<u8>| {
+        let mut peer = peer.clone();
+        async move { peer.forward(pb::RaftMessage { payload }).await }
+    };
+    let write = |command: Command| escrow::raft::codec::encode(&ForwardRequest::Write(command));
+    let batch = write(Command::Batch(vec![Command::Checkpoint]));
+    let err = forward(batch).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("batches are formed by the leader"),
+        "{err:?}"
+    );
+    let err = forward(vec![0; escrow::node::CLIENT_MESSAGE_BYTES_MAX + 1])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let one = write(Command::Batch(vec![Command::Checkpoint]));
+    let leaf = write(Command::Checkpoint);
+    // `one` is `leaf` with one level of batch in front of the command: repeat that level.
+    let head = one.iter().zip(&leaf).take_while(|(a, b)| a == b).count();
+    let level = &one[head..one.len() - (leaf.len() - head)];
+    let mut deep = one[..head].to_vec();
+    for _ in 0..100_000 {
+        deep.extend_from_slice(level);
+    }
+    deep.extend_from_slice(&leaf[head..]);
+    let err = forward(deep).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("nested deeper"), "{err:?}");
+    let put = write(Command::PutRecord {
+        path: escrow::domain::RecordPath::parse("aaaa", "orders", "k").unwrap(),
+        value: b"v".to_vec(),
+    });
+    let at = put.windows(4).position(|w| w == b"aaaa").unwrap();
+    let mut bad_tenant = put.clone();
+    bad_tenant[at..at + 4].copy_from_slice(b"a/\0a");
+    let err = forward(bad_tenant).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("tenant id"), "{err:?}");
+    // Nothing of it was written, and the cluster goes on.
+    cluster.put_and_wait("after-forwards").await;
     cluster.shutdown().await;
 }
 

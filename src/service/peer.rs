@@ -9,6 +9,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Core;
+use crate::ledger::Command;
 use crate::pb;
 use crate::raft::codec;
 use crate::raft::network::{ForwardReply, ForwardRequest};
@@ -94,8 +95,21 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        // No bigger than a client could have sent the follower, so it fits one entry.
+        let len = request.get_ref().payload.len();
+        if len > crate::node::CLIENT_MESSAGE_BYTES_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "forwarded request of {len} bytes, over the client message limit of {} bytes",
+                crate::node::CLIENT_MESSAGE_BYTES_MAX
+            )));
+        }
         let forwarded: ForwardRequest = decode(request.get_ref())?;
         let answer = match forwarded {
+            ForwardRequest::Write(Command::Batch(_) | Command::Timed { .. }) => {
+                return Err(Status::invalid_argument(
+                    "a forwarded write is one client command; batches are formed by the leader",
+                ));
+            }
             ForwardRequest::Write(command) => {
                 ForwardReply::Written(self.core.write(command, false).await?)
             }
