@@ -4,7 +4,8 @@
 //! Steps: SIGKILL the agent in the middle of a feed and restart it: every event is applied
 //! exactly once (history per key compared with the source); a malformed line, an oversized
 //! record and an unknown tenant stop the feed with a one-line reason and nothing after them
-//! applied; a following agent picks up lines appended later and stops cleanly on SIGTERM.
+//! applied; a following agent picks up lines appended later and stops cleanly on SIGTERM, and
+//! stops with an error on a line that never ends (t79).
 
 mod common;
 
@@ -354,6 +355,59 @@ async fn t77_following_agent_picks_up_appended_lines() {
         std::fs::metadata(&feed).unwrap().len()
     );
 
+    cluster.shutdown().await;
+}
+
+// Goal: a following agent fed a line that never ends (here 2 MiB pieces without a newline,
+// each under the line limit, together over it) stops with an error naming the line, instead of
+// holding ever more of it in memory; everything before it stays applied and checkpointed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t79_a_line_that_never_ends_stops_a_following_agent() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let cfg = cluster.files.client_config.clone();
+    let client = cluster.client();
+    let work = tempfile::tempdir().unwrap();
+    let (feed, state, mut child) = follow_new_feed(&cfg, work.path(), 10);
+    wait_for("the first lines", || async {
+        (source_position(&client, TENANT, "crm").await == 10).then_some(())
+    })
+    .await;
+    let before = std::fs::metadata(&feed).unwrap().len();
+    let piece = vec![b'x'; 2 * 1024 * 1024];
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&feed)
+        .unwrap();
+    let mut written = 0;
+    while written <= escrow::mirror::records::LINE_BYTES_MAX {
+        f.write_all(&piece).unwrap();
+        f.flush().unwrap();
+        written += piece.len();
+        std::thread::sleep(escrow::mirror::records::FOLLOW_POLL * 3);
+    }
+    drop(f);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent kept following a line of {written} bytes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("line 11"), "{stderr}");
+    assert!(stderr.contains("longer than"), "{stderr}");
+    assert_eq!(source_position(&client, TENANT, "crm").await, 10);
+    assert_eq!(
+        state_offset(&state),
+        before,
+        "the state stops before the line"
+    );
     cluster.shutdown().await;
 }
 

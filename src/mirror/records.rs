@@ -357,7 +357,10 @@ pub async fn run_feed(
             return Ok(report);
         };
         let (n, complete) = read.map_err(read_err)?;
-        if n > 0 && (complete || options.once || line.len() > LINE_BYTES_MAX) {
+        // A line is taken whole once it ends, at the end of a `--once` run, or once it is
+        // over the limit, counting what earlier reads kept of it (a line that never ends, such
+        // as a feed with CR-only line endings, is then refused instead of growing without end).
+        if n > 0 && (complete || options.once || partial.len() + line.len() > LINE_BYTES_MAX) {
             let mut whole = std::mem::take(&mut partial);
             whole.extend_from_slice(&line);
             // Bytes actually read (a CRLF line ending is two of them).
