@@ -13,7 +13,8 @@ use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
-/// Largest secret file (private key, token) read, in bytes; real ones are a few KiB at most.
+/// Largest secret or certificate file (private key, token, certificate, CA) read, in bytes;
+/// real ones are a few KiB at most.
 pub const SECRET_FILE_BYTES_MAX: u64 = 256 * 1024;
 /// Shortest accepted token, in bytes, so a weak credential cannot be configured by accident.
 pub const TOKEN_LEN_MIN: usize = 24;
@@ -35,11 +36,53 @@ pub enum AuthError {
     Invalid { path: PathBuf, reason: String },
 }
 
+/// Reads a key, token or certificate file of at most [`SECRET_FILE_BYTES_MAX`] bytes (a path
+/// naming something else, such as /dev/zero, is refused rather than read without end).
 fn read_file(path: &Path) -> Result<Vec<u8>, AuthError> {
-    std::fs::read(path).map_err(|cause| AuthError::Read {
+    use std::io::Read;
+    let read_err = |cause| AuthError::Read {
         path: path.to_path_buf(),
         cause,
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(SECRET_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > SECRET_FILE_BYTES_MAX {
+        return Err(AuthError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("larger than {SECRET_FILE_BYTES_MAX} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Reads a CA file ([`read_file`]) and checks that it holds at least one certificate and that
+/// every certificate in it can be a trust anchor, so a wrong file is named at start instead
+/// of failing every TLS handshake later (tonic drops what it cannot parse).
+pub fn read_ca(path: &Path) -> Result<Vec<u8>, AuthError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let pem = read_file(path)?;
+    let invalid = |reason: String| AuthError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("no PEM certificate found".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| invalid(format!("certificate {} is not usable as a CA: {e}", i + 1)))?;
+    }
+    Ok(pem)
 }
 
 /// Reads a secret file after checking that only its owner can read it.
@@ -84,7 +127,7 @@ pub struct NodeTls {
 
 impl NodeTls {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, AuthError> {
-        let ca_pem = read_file(ca)?;
+        let ca_pem = read_ca(ca)?;
         let cert_pem = read_file(cert)?;
         let key_pem = read_secret_file(key)?;
         for (path, pem, what) in [
@@ -234,6 +277,41 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "short").unwrap();
         assert!(read_token(&path).is_err());
+    }
+
+    // Goal: a CA file that holds no usable certificate, or a path that never ends, is named at
+    // start with the reason (tonic would drop it silently and every handshake would fail).
+    #[test]
+    fn ca_files_must_hold_usable_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let ca = crate::pki::Ca::generate().unwrap();
+        let (node_cert, _) = ca.issue("node1", &["localhost".into()]).unwrap();
+        std::fs::write(at("ca.pem"), ca.cert_pem()).unwrap();
+        assert_eq!(read_ca(&at("ca.pem")).unwrap(), ca.cert_pem().as_bytes());
+        // Two certificates (a CA rollover) are fine.
+        std::fs::write(at("two.pem"), format!("{}{node_cert}", ca.cert_pem())).unwrap();
+        assert!(read_ca(&at("two.pem")).is_ok());
+        let garbled = ca.cert_pem().replacen("MII", "MIIxx", 1);
+        for (name, content, why) in [
+            ("empty.pem", String::new(), "no PEM certificate"),
+            (
+                "text.pem",
+                "not a certificate\n".into(),
+                "no PEM certificate",
+            ),
+            ("garbled.pem", garbled, "not usable as a CA"),
+        ] {
+            std::fs::write(at(name), content).unwrap();
+            let err = read_ca(&at(name)).unwrap_err().to_string();
+            assert!(
+                err.contains(why) || err.contains("not PEM"),
+                "{name}: {err}"
+            );
+            assert!(err.contains(name), "{err}");
+        }
+        let err = read_ca(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
     }
 
     // Goal: only the exact token passes the interceptor.

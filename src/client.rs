@@ -204,7 +204,7 @@ fn retryable(s: &Status) -> bool {
 impl EscrowClient {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
         crate::node::install_crypto_provider();
-        let ca = std::fs::read(&config.ca).map_err(|e| ClientError::Ca {
+        let ca = crate::auth::read_ca(&config.ca).map_err(|e| ClientError::Ca {
             path: config.ca.clone(),
             reason: e.to_string(),
         })?;

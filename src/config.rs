@@ -328,8 +328,23 @@ pub fn validate_host_port(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| "expected host:port".to_string())?;
-    if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c == '/') {
-        return Err("the host part is empty or invalid".into());
+    // What a URI takes as its host without reading it differently: a DNS name or IPv4
+    // address, or an IPv6 address in brackets (`[::1]:7411`, as `::1:7411` is ambiguous).
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        }
+    };
+    if !host_ok {
+        return Err(format!(
+            "host {host:?} is not a DNS name, an IPv4 address or an IPv6 address in brackets \
+             (such as [::1])"
+        ));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
@@ -340,6 +355,36 @@ pub fn validate_host_port(addr: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: an address is refused unless a URI reads its host and port as written, since it
+    // is committed into the membership (`cluster add`) and dialled by every node.
+    #[test]
+    fn addresses_are_host_port_as_a_uri_reads_them() {
+        for good in [
+            "127.0.0.1:7411",
+            "node-1.escrow.example:7411",
+            "localhost:1",
+            "[::1]:65535",
+            "[fe80::1]:7410",
+        ] {
+            assert_eq!(validate_host_port(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("::1:7411", "in brackets"),
+            ("a@b:7411", "not a DNS name"),
+            ("host/path:7411", "not a DNS name"),
+            ("ho st:7411", "not a DNS name"),
+            ("[nope]:7411", "in brackets"),
+            (":7411", "not a DNS name"),
+            ("127.0.0.1", "host:port"),
+            ("127.0.0.1:0", "from 1 to 65535"),
+            ("127.0.0.1:65536", "from 1 to 65535"),
+            ("127.0.0.1:x", "from 1 to 65535"),
+        ] {
+            let err = validate_host_port(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 
     /// A dev node's config as `escrowd dev` writes it, loaded back.
     fn dev_config(dir: &Path) -> (Config, PathBuf) {

@@ -367,9 +367,11 @@ impl<'v, V: LedgerView> RecordWriter<'v, V> {
         if value.is_none() && live_len.is_none() {
             return Ok(false);
         }
+        // Saturating: figures read back from the store never wrap (nor panic the apply) if
+        // they ever drifted; every replica computes the same.
         if let Some(len) = live_len {
-            self.stats.records -= 1;
-            self.stats.record_bytes -= len;
+            self.stats.records = self.stats.records.saturating_sub(1);
+            self.stats.record_bytes = self.stats.record_bytes.saturating_sub(len);
         }
         if let Some(v) = &value {
             self.stats.records += 1;
@@ -617,8 +619,8 @@ fn put_artifact<V: LedgerView>(
     }
     let mut stats = view.stats(namespace)?;
     if let Some(old) = live {
-        stats.artifacts -= 1;
-        stats.artifact_bytes -= old.size;
+        stats.artifacts = stats.artifacts.saturating_sub(1);
+        stats.artifact_bytes = stats.artifact_bytes.saturating_sub(old.size);
     }
     if let Some(new) = &manifest {
         stats.artifacts += 1;
