@@ -1900,7 +1900,12 @@ impl Staged {
                     for kind in [keys::RECORD_PREFIX, keys::LEAF_PREFIX] {
                         let prefix = keys::bucket_prefix(kind, &namespace, bucket);
                         for (k, v) in self.overlay(&mut it, &prefix)? {
-                            let id: Digest = k[k.len() - 32..].try_into().map_err(sm_err)?;
+                            let id: Digest = k
+                                .get(k.len().saturating_sub(32)..)
+                                .filter(|id| id.len() == 32)
+                                .ok_or_else(|| sm_err(format!("leaf key {k:02x?} too short")))?
+                                .try_into()
+                                .map_err(sm_err)?;
                             let hash = if kind == keys::RECORD_PREFIX {
                                 let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
                                 match head.live {
@@ -1931,10 +1936,20 @@ impl Staged {
                     let mut children = [empty[level as usize - 1]; integrity::TREE_ARITY as usize];
                     let first = keys::tree_node(&namespace, level - 1, p * arity);
                     let end = keys::tree_node(&namespace, level - 1, (p + 1) * arity);
+                    // Where a stored node key falls among the children; a key that does not
+                    // (a damaged store) is an error, not a panic in the apply.
                     let slot = |key: &[u8]| -> Result<usize, StorageError> {
-                        let index =
-                            u32::from_be_bytes(key[key.len() - 4..].try_into().map_err(sm_err)?);
-                        Ok((index - p * arity) as usize)
+                        let bad = || sm_err(format!("tree node key {key:02x?} out of place"));
+                        let index = key
+                            .get(key.len().saturating_sub(4)..)
+                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                            .map(u32::from_be_bytes)
+                            .ok_or_else(bad)?;
+                        index
+                            .checked_sub(p * arity)
+                            .filter(|i| *i < arity)
+                            .map(|i| i as usize)
+                            .ok_or_else(bad)
                     };
                     it.seek(&first);
                     while it.valid() {
