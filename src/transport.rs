@@ -67,9 +67,22 @@ impl Channels {
         }
     }
 
-    /// The channel to `addr` (`host:port`, served over TLS); an error only for an address
-    /// that does not form a valid URI.
-    pub fn get(&self, addr: &str) -> Result<GrpcChannel, tonic::transport::Error> {
+    /// The channel to `addr` (`host:port`, served over TLS), opened lazily on first use; an
+    /// error only for an address that does not form a valid URI, naming its causes (tonic's
+    /// own text is only "transport error").
+    pub fn get(&self, addr: &str) -> Result<GrpcChannel, String> {
+        self.open_channel(addr).map_err(|e| {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        })
+    }
+
+    fn open_channel(&self, addr: &str) -> Result<GrpcChannel, tonic::transport::Error> {
         let mut open = self.open.lock().expect("lock");
         if let Some(c) = open.get(addr) {
             return Ok(c.clone());
@@ -257,6 +270,25 @@ mod tests {
     use http_body::Body as _;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    // Goal: an address that is no URI gets an error that says why (it reaches users as "bad
+    // endpoint ...").
+    #[test]
+    fn a_bad_address_is_named_with_its_cause() {
+        let channels = Channels::new(
+            ClientTlsConfig::new(),
+            Timeouts {
+                connect: Duration::from_secs(1),
+                keep_alive_interval: Duration::from_secs(1),
+                keep_alive_timeout: Duration::from_secs(1),
+                keep_alive_while_idle: false,
+            },
+        );
+        let Err(err) = channels.get("bad host:1") else {
+            panic!("a bad address was accepted");
+        };
+        assert!(err.contains("invalid uri character"), "{err}");
+    }
 
     fn frames(
         parts: &[&'static [u8]],

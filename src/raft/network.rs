@@ -151,7 +151,10 @@ impl PeerClients {
                 self.own_id
             ))));
         }
-        let channel = self.channels.get(addr).map_err(|e| Unreachable::new(&e))?;
+        let channel = self
+            .channels
+            .get(addr)
+            .map_err(|e| Unreachable::new(&std::io::Error::other(e)))?;
         Ok(pb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
