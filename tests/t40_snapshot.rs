@@ -453,7 +453,7 @@ async fn t44_a_removal_cut_short_is_finished_by_remove_and_not_undone_by_add() {
 
 // Goal: a snapshot stream that does not verify is refused before anything is installed, and
 // leaves nothing behind: wrong bytes (blake3 mismatch), a gap in the data, a duplicate or
-// unsafe file name.
+// unsafe file name, files larger than the free disk (refused before a byte is written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t41_corrupt_snapshot_streams_are_refused() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -540,6 +540,26 @@ async fn t41_corrupt_snapshot_streams_are_refused() {
             Code::InvalidArgument,
         ),
         ("no header", vec![data(0, 0, b"abc")], Code::InvalidArgument),
+        (
+            // 64 TiB declared: refused before a byte is written.
+            "larger than the free disk",
+            vec![pb::SnapshotFrame {
+                frame: Some(pb::snapshot_frame::Frame::Header(pb::SnapshotHeader {
+                    vote_and_meta: escrow::raft::codec::encode(&(
+                        openraft::Vote::new_committed(99, 2),
+                        meta.clone(),
+                    )),
+                    files: (0..64)
+                        .map(|i| pb::SnapshotFile {
+                            name: format!("{i:06}.sst"),
+                            size: escrow::service::peer::SNAPSHOT_FILE_BYTES_MAX,
+                            blake3: vec![0; 32],
+                        })
+                        .collect(),
+                })),
+            }],
+            Code::ResourceExhausted,
+        ),
     ];
     for (what, frames, code) in cases {
         let err = peer
@@ -547,6 +567,9 @@ async fn t41_corrupt_snapshot_streams_are_refused() {
             .await
             .expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
+        if code == Code::ResourceExhausted {
+            assert!(err.message().contains("does not fit"), "{what}: {err:?}");
+        }
     }
     assert_eq!(
         target.core.reader.applied_index(),

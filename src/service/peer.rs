@@ -20,6 +20,27 @@ use crate::store::{SnapshotDir, SnapshotFileInfo};
 pub const SNAPSHOT_FILES_MAX: usize = 100_000;
 /// Largest declared snapshot file, in bytes.
 pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 1 << 40;
+/// Disk space a received snapshot must leave free on the node's filesystem: the log and the
+/// state machine go on writing while it arrives.
+pub const SNAPSHOT_DISK_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Refuses a snapshot whose declared files (`total` bytes) would not fit on the filesystem of
+/// `dir` with [`SNAPSHOT_DISK_RESERVE_BYTES`] to spare, before anything is written: the sender
+/// is told why, and this node's disk does not fill up with a transfer that cannot finish.
+fn check_snapshot_fits(dir: &Path, total: u64) -> Result<(), Status> {
+    let stat = rustix::fs::statvfs(dir).map_err(|e| {
+        Status::internal(format!("cannot read free space of {}: {e}", dir.display()))
+    })?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if total.saturating_add(SNAPSHOT_DISK_RESERVE_BYTES) > free {
+        return Err(Status::resource_exhausted(format!(
+            "a snapshot of {total} bytes does not fit: {free} bytes free under {}, of which \
+             {SNAPSHOT_DISK_RESERVE_BYTES} stay in reserve",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
 
 pub struct PeerService {
     pub core: Arc<Core>,
@@ -255,6 +276,8 @@ async fn receive_snapshot(
             blake3,
         });
     }
+    let total = files.iter().fold(0u64, |t, f| t.saturating_add(f.size));
+    check_snapshot_fits(dir, total)?;
     let mut current: usize = 0;
     let mut open: Option<OpenFile> = None;
     while let Some(frame) = stream.next().await {
