@@ -177,6 +177,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         chunks,
         identity,
         scrub_kick: tokio::sync::Notify::new(),
+        deep_checks: tokio::sync::Semaphore::new(crate::service::DEEP_CHECKS_AT_ONCE),
         integrity: config.integrity.clone(),
         peers,
         metrics,

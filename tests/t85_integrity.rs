@@ -165,6 +165,32 @@ async fn t85_roots_agree_across_replicas_and_move_with_any_change() {
     cluster.shutdown().await;
 }
 
+// Goal: a node runs one deep check at a time (each reads the whole store into its figures): a
+// second one asked meanwhile is refused with a reason, reported as that node unchecked, and
+// the next one after it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t85_a_node_runs_one_deep_check_at_a_time() {
+    let (cluster, client) = cluster_with_orders(20).await;
+    let busy = cluster.node(0);
+    let running = busy.core.deep_checks.try_acquire().unwrap();
+    let report = verify(&client, None, true).await.unwrap();
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(report.unchecked.len(), 1, "{report:?}");
+    assert_eq!(report.unchecked[0].node, busy.id);
+    assert!(
+        report.unchecked[0]
+            .error
+            .contains("already running a deep verify"),
+        "{report:?}"
+    );
+    assert!(report.disagreements.is_empty(), "{report:?}");
+    drop(running);
+    let report = verify(&client, None, true).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.deep.len(), 3, "{report:?}");
+    cluster.shutdown().await;
+}
+
 // Goal: a flipped byte in one chunk file on one replica is reported by `verify --deep` for
 // exactly that node and chunk, the scrubber repairs it, a second verify is clean, and readers
 // never get the corrupt bytes.

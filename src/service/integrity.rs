@@ -90,6 +90,14 @@ impl pb::integrity_server::Integrity for IntegrityService {
         } else {
             Some(TenantId::parse(&only).map_err(status::input)?)
         };
+        let _running = self.core.deep_checks.try_acquire().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "node {} is already running a deep verify (at most {} at once); try again \
+                 when it is done",
+                self.core.id,
+                super::DEEP_CHECKS_AT_ONCE
+            ))
+        })?;
         let started = Instant::now();
         let reader = self.core.reader.clone();
         let check = tokio::task::spawn_blocking(move || {

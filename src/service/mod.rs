@@ -190,7 +190,13 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     pub initial_members: Vec<(NodeId, EscrowNode)>,
     pub proposer: Proposer,
+    /// Deep checks running on this node, [`DEEP_CHECKS_AT_ONCE`] at most: each reads the whole
+    /// store and holds its figures in memory.
+    pub deep_checks: tokio::sync::Semaphore,
 }
+
+/// Deep checks one node runs at once; another asked meanwhile is refused, not queued.
+pub const DEEP_CHECKS_AT_ONCE: usize = 1;
 
 pub mod status {
     //! The one table from errors to gRPC status codes.
