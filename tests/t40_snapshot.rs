@@ -173,23 +173,66 @@ fn configs(node: &NodeHandle) -> Vec<Vec<u64>> {
         .collect()
 }
 
-/// Starts a membership change on `node`'s Raft itself (no redirect to another leader), given
-/// 5 s; the task tells whether it finished (a change whose final step is held never does).
-fn change_on(
-    node: &NodeHandle,
+/// Starts `change` on the leader's Raft itself (no client, which would follow a leader hint
+/// to a node the others elect meanwhile) with the final membership entry held, so it stops in
+/// `joint`; waits until the other two voters hold `joint`, cuts the leader off, and once the
+/// others (with node 4) elected a new leader, checks the old one could not finish and lifts
+/// the hold. Returns the new leader's node, still in `joint`, and a client of the majority.
+async fn cut_short_in_joint<'a>(
+    cluster: &'a TestCluster,
+    node4: &'a NodeHandle,
+    member4: &pb::Member,
     change: ChangeMembers<u64, escrow::raft::EscrowNode>,
-) -> tokio::task::JoinHandle<bool> {
-    let raft = node.raft.clone();
-    tokio::spawn(async move {
-        matches!(
-            tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                raft.change_membership(change, false),
-            )
-            .await,
-            Ok(Ok(_))
+    joint: &[Vec<u64>],
+) -> (&'a NodeHandle, escrow::client::EscrowClient) {
+    let leader = cluster.wait_leader().await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    // The hold also stops the leader's heartbeats (see `hold_final_membership`), so the others
+    // may elect a leader of their own before the cut: the old term is read first.
+    let leader_node = cluster.node(cluster.index_of(leader));
+    let (next_index, old_term) = {
+        let m = leader_node.raft.metrics().borrow().clone();
+        (m.last_log_index.unwrap_or(0) + 1, m.current_term)
+    };
+    cluster.faults.hold_final_membership(Some(next_index));
+    let raft = leader_node.raft.clone();
+    let started = tokio::spawn(async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            raft.change_membership(change, false),
         )
+        .await
+    });
+    wait_for("the others to hold the joint configuration", || async {
+        others
+            .iter()
+            .all(|id| configs(cluster.node(cluster.index_of(*id))) == joint)
+            .then_some(())
     })
+    .await;
+    cluster.faults.isolate(leader, &[others[0], others[1], 4]);
+    let new_leader = cluster.wait_new_leader(others[0], leader, old_term).await;
+    assert!(
+        !matches!(started.await.unwrap(), Ok(Ok(_))),
+        "the cut-off leader cannot finish the change"
+    );
+    cluster.faults.hold_final_membership(None);
+    let new_leader_node = if new_leader == 4 {
+        node4
+    } else {
+        cluster.node(cluster.index_of(new_leader))
+    };
+    assert_eq!(configs(new_leader_node), joint, "the change was cut short");
+    let mut majority = cluster.client_config();
+    majority.endpoints = others
+        .iter()
+        .map(|id| cluster.node(cluster.index_of(*id)).client_addr.to_string())
+        .collect();
+    majority.endpoints.push(member4.client_addr.clone());
+    (
+        new_leader_node,
+        escrow::client::EscrowClient::new(&majority).unwrap(),
+    )
 }
 
 // Goal: a promotion cut short in its joint configuration (the leader lost between openraft's
@@ -199,8 +242,6 @@ fn change_on(
 async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the_same_add() {
     let raft = test_raft();
     let cluster = TestCluster::started_and_initialized(3, raft.clone()).await;
-    let leader = cluster.wait_leader().await;
-    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     let (new_node, member) = cluster.start_extra_node(4, &raft).await;
     cluster
         .client()
@@ -208,49 +249,17 @@ async fn t44_a_promotion_cut_short_in_its_joint_configuration_is_finished_by_the
         .await
         .unwrap();
 
-    // The promotion: its joint configuration reaches the others, the final one never leaves
-    // the leader (which then also stops sending heartbeats, see `hold_final_membership`).
-    let leader_node = cluster.node(cluster.index_of(leader));
-    let (next_index, old_term) = {
-        let m = leader_node.raft.metrics().borrow().clone();
-        (m.last_log_index.unwrap_or(0) + 1, m.current_term)
-    };
-    cluster.faults.hold_final_membership(Some(next_index));
-    // Straight to the leader's Raft, as `cluster add` does once the learner caught up (a
-    // client would follow a leader hint to a node the others elect meanwhile).
-    let promote = change_on(leader_node, ChangeMembers::AddVoterIds([4].into()));
+    // The promotion, cut short between openraft's two membership steps, as `cluster add`
+    // starts it once the learner caught up.
     let joint = vec![vec![1, 2, 3], vec![1, 2, 3, 4]];
-    wait_for("the others to hold the joint configuration", || async {
-        others
-            .iter()
-            .all(|id| configs(cluster.node(cluster.index_of(*id))) == joint)
-            .then_some(())
-    })
+    let (new_leader_node, majority) = cut_short_in_joint(
+        &cluster,
+        &new_node,
+        &member,
+        ChangeMembers::AddVoterIds([4].into()),
+        &joint,
+    )
     .await;
-
-    // Lose the leader; the others elect a new one, still in the joint configuration.
-    cluster.faults.isolate(leader, &[others[0], others[1], 4]);
-    let new_leader = cluster.wait_new_leader(others[0], leader, old_term).await;
-    assert!(
-        !promote.await.unwrap(),
-        "the cut-off leader cannot finish the promotion"
-    );
-    cluster.faults.hold_final_membership(None);
-    let new_leader_node = if new_leader == 4 {
-        &new_node
-    } else {
-        cluster.node(cluster.index_of(new_leader))
-    };
-    assert_eq!(configs(new_leader_node), joint, "the change was cut short");
-
-    // The same add, sent again to the majority, finishes the promotion.
-    let mut majority_cfg = cluster.client_config();
-    majority_cfg.endpoints = others
-        .iter()
-        .map(|id| cluster.node(cluster.index_of(*id)).client_addr.to_string())
-        .collect();
-    majority_cfg.endpoints.push(member.client_addr.clone());
-    let majority = escrow::client::EscrowClient::new(&majority_cfg).unwrap();
 
     // An add with other addresses is refused and changes nothing: it would not finish a
     // promotion with addresses the joint configuration does not hold.
@@ -334,7 +343,6 @@ async fn t44_a_removal_cut_short_is_finished_by_remove_and_not_undone_by_add() {
         .add_node(member.clone(), false)
         .await
         .unwrap();
-    let leader = cluster.wait_leader().await;
     wait_for("every node in the four-voter configuration", || async {
         (0..3)
             .map(|i| cluster.node(i))
@@ -343,51 +351,17 @@ async fn t44_a_removal_cut_short_is_finished_by_remove_and_not_undone_by_add() {
             .then_some(())
     })
     .await;
-    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
 
-    // The removal: its joint configuration reaches the others and node 4, the final one never
-    // leaves the leader.
-    let leader_node = cluster.node(cluster.index_of(leader));
-    let (next_index, old_term) = {
-        let m = leader_node.raft.metrics().borrow().clone();
-        (m.last_log_index.unwrap_or(0) + 1, m.current_term)
-    };
-    cluster.faults.hold_final_membership(Some(next_index));
-    let remove = change_on(leader_node, ChangeMembers::RemoveVoters([4].into()));
+    // The removal, cut short between openraft's two membership steps.
     let joint = vec![vec![1, 2, 3, 4], vec![1, 2, 3]];
-    wait_for(
-        "the others and node 4 to hold the joint configuration",
-        || async {
-            (others
-                .iter()
-                .all(|id| configs(cluster.node(cluster.index_of(*id))) == joint)
-                && configs(&node4) == joint)
-                .then_some(())
-        },
+    let (new_leader_node, majority) = cut_short_in_joint(
+        &cluster,
+        &node4,
+        &member,
+        ChangeMembers::RemoveVoters([4].into()),
+        &joint,
     )
     .await;
-
-    // Lose the leader; the others and node 4 elect a new one, still in the joint configuration.
-    cluster.faults.isolate(leader, &[others[0], others[1], 4]);
-    let new_leader = cluster.wait_new_leader(others[0], leader, old_term).await;
-    assert!(
-        !remove.await.unwrap(),
-        "the cut-off leader cannot finish the removal"
-    );
-    cluster.faults.hold_final_membership(None);
-    let new_leader_node = if new_leader == 4 {
-        &node4
-    } else {
-        cluster.node(cluster.index_of(new_leader))
-    };
-    assert_eq!(configs(new_leader_node), joint, "the change was cut short");
-    let mut majority_cfg = cluster.client_config();
-    majority_cfg.endpoints = others
-        .iter()
-        .map(|id| cluster.node(cluster.index_of(*id)).client_addr.to_string())
-        .collect();
-    majority_cfg.endpoints.push(member.client_addr.clone());
-    let majority = escrow::client::EscrowClient::new(&majority_cfg).unwrap();
 
     // An add of node 4 would put it back: refused, and the configuration stays as it was.
     let refused = wait_for(
