@@ -74,8 +74,52 @@ impl Ca {
         if !cert_pem.contains("BEGIN CERTIFICATE") {
             return Err(err(cert, "no PEM certificate found".into()));
         }
-        let issuer = Issuer::new(ca_params()?, key_pair);
-        Ok(Self { issuer, cert_pem })
+        let ca = Self {
+            issuer: Issuer::new(ca_params()?, key_pair),
+            cert_pem,
+        };
+        // What it issues must chain to the certificate on disk: a key of another CA, or a
+        // certificate this code did not write (another subject), would hand out node
+        // certificates every peer refuses ("unknown issuer") long after this command succeeded.
+        ca.check_issues_chaining().map_err(|reason| {
+            err(
+                key,
+                format!(
+                    "certificates issued with this key do not verify against {} ({reason}); \
+                     the key and certificate must be a pair this command wrote",
+                    cert.display()
+                ),
+            )
+        })?;
+        Ok(ca)
+    }
+
+    /// Issues a throwaway certificate and verifies it against this CA's certificate.
+    fn check_issues_chaining(&self) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
+            roots
+                .add(cert.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let (probe, _) = self
+            .issue("escrow CA check", &["localhost".into()])
+            .map_err(|e| e.to_string())?;
+        let probe = CertificateDer::from_pem_slice(probe.as_bytes()).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(&probe, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -151,4 +195,31 @@ pub fn generate_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a CA loaded from disk issues certificates that chain to the certificate there; a
+    // key of another CA is refused at load with the reason, not found out later as "unknown
+    // issuer" on every peer connection.
+    #[test]
+    fn a_loaded_ca_must_be_the_pair_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let ca = Ca::generate().unwrap();
+        ca.write(&at("ca.pem"), &at("ca.key")).unwrap();
+        let loaded = Ca::load(&at("ca.pem"), &at("ca.key")).unwrap();
+        assert_eq!(loaded.cert_pem(), ca.cert_pem());
+
+        let other = Ca::generate().unwrap();
+        other.write(&at("other.pem"), &at("other.key")).unwrap();
+        let Err(err) = Ca::load(&at("ca.pem"), &at("other.key")) else {
+            panic!("a key of another CA was accepted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("do not verify against"), "{err}");
+        assert!(err.contains("other.key"), "{err}");
+    }
 }
