@@ -85,18 +85,25 @@ fn validate_slug(
     Ok(())
 }
 
+/// `TryFrom<String>` through the type's `parse`, which `#[serde(try_from = "String")]` calls
+/// when a name is decoded.
+macro_rules! parsed_from_string {
+    ($($name:ident),*) => {$(
+        impl TryFrom<String> for $name {
+            type Error = InputError;
+
+            fn try_from(value: String) -> Result<Self, InputError> {
+                Self::parse(&value)
+            }
+        }
+    )*};
+}
+parsed_from_string!(TenantId, Collection, RecordKey, SourceId, ArtifactName);
+
 /// One beneficiary customer. All its data lives under this id and nowhere else.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct TenantId(String);
-
-impl TryFrom<String> for TenantId {
-    type Error = InputError;
-
-    fn try_from(value: String) -> Result<Self, InputError> {
-        Self::parse(&value)
-    }
-}
 
 impl TenantId {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -123,14 +130,6 @@ impl TenantId {
 #[serde(try_from = "String")]
 pub struct Collection(String);
 
-impl TryFrom<String> for Collection {
-    type Error = InputError;
-
-    fn try_from(value: String) -> Result<Self, InputError> {
-        Self::parse(&value)
-    }
-}
-
 impl Collection {
     pub fn parse(value: &str) -> Result<Self, InputError> {
         validate_slug("collection", value, COLLECTION_LEN_MAX, b"_.")?;
@@ -146,14 +145,6 @@ impl Collection {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct RecordKey(String);
-
-impl TryFrom<String> for RecordKey {
-    type Error = InputError;
-
-    fn try_from(value: String) -> Result<Self, InputError> {
-        Self::parse(&value)
-    }
-}
 
 impl RecordKey {
     pub fn parse(value: &str) -> Result<Self, InputError> {
@@ -308,14 +299,6 @@ pub struct SourcePosition {
 #[serde(try_from = "String")]
 pub struct SourceId(String);
 
-impl TryFrom<String> for SourceId {
-    type Error = InputError;
-
-    fn try_from(value: String) -> Result<Self, InputError> {
-        Self::parse(&value)
-    }
-}
-
 impl SourceId {
     pub fn parse(value: &str) -> Result<Self, InputError> {
         validate_slug("source id", value, SOURCE_ID_LEN_MAX, b"_.:")?;
@@ -408,14 +391,6 @@ pub const ARTIFACT_NAME_LEN_MAX: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct ArtifactName(String);
-
-impl TryFrom<String> for ArtifactName {
-    type Error = InputError;
-
-    fn try_from(value: String) -> Result<Self, InputError> {
-        Self::parse(&value)
-    }
-}
 
 impl ArtifactName {
     pub fn parse(value: &str) -> Result<Self, InputError> {

@@ -67,13 +67,11 @@ impl Ca {
             path: path.to_path_buf(),
             reason,
         };
-        let cert_pem = std::fs::read_to_string(cert).map_err(|e| err(cert, e.to_string()))?;
+        let cert_pem = crate::auth::read_ca(cert).map_err(|e| err(cert, e.to_string()))?;
+        let cert_pem = String::from_utf8(cert_pem).map_err(|e| err(cert, e.to_string()))?;
         let key_pem = crate::auth::read_secret_file(key).map_err(|e| err(key, e.to_string()))?;
         let key_pem = String::from_utf8(key_pem).map_err(|e| err(key, e.to_string()))?;
         let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| err(key, e.to_string()))?;
-        if !cert_pem.contains("BEGIN CERTIFICATE") {
-            return Err(err(cert, "no PEM certificate found".into()));
-        }
         let ca = Self {
             issuer: Issuer::new(ca_params()?, key_pair),
             cert_pem,
@@ -99,12 +97,7 @@ impl Ca {
         use rustls::client::danger::ServerCertVerifier;
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
-            roots
-                .add(cert.map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-        }
+        let roots = crate::auth::ca_roots(self.cert_pem.as_bytes())?;
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             std::sync::Arc::new(roots),
             std::sync::Arc::new(rustls::crypto::ring::default_provider()),

@@ -616,44 +616,28 @@ mod tests {
         )
     }
 
-    fn code(r: Result<AddPlan, Status>) -> Code {
-        r.expect_err("refused").code()
+    /// The plan for an add of node `id` at its own addresses, or the code it is refused with.
+    fn plan(
+        m: &openraft::Membership<NodeId, EscrowNode>,
+        id: u64,
+        learner_only: bool,
+    ) -> Result<AddPlan, Code> {
+        plan_add(m, id, &node(id), learner_only).map_err(|s| s.code())
     }
 
     #[test]
     fn an_add_plans_by_where_the_node_stands() {
         let uniform = membership(&[&[1, 2, 3]], &[1, 2, 3, 4]);
-        assert_eq!(
-            plan_add(&uniform, 5, &node(5), false).unwrap(),
-            AddPlan::AddLearner
-        );
-        assert_eq!(
-            plan_add(&uniform, 5, &node(5), true).unwrap(),
-            AddPlan::AddLearner
-        );
-        assert_eq!(
-            plan_add(&uniform, 4, &node(4), false).unwrap(),
-            AddPlan::PromoteLearner
-        );
-        assert_eq!(
-            code(plan_add(&uniform, 4, &node(4), true)),
-            Code::AlreadyExists
-        );
-        assert_eq!(
-            code(plan_add(&uniform, 2, &node(2), false)),
-            Code::AlreadyExists
-        );
-        assert_eq!(
-            code(plan_add(&uniform, 2, &node(2), true)),
-            Code::AlreadyExists
-        );
+        assert_eq!(plan(&uniform, 5, false), Ok(AddPlan::AddLearner));
+        assert_eq!(plan(&uniform, 5, true), Ok(AddPlan::AddLearner));
+        assert_eq!(plan(&uniform, 4, false), Ok(AddPlan::PromoteLearner));
+        assert_eq!(plan(&uniform, 4, true), Err(Code::AlreadyExists));
+        assert_eq!(plan(&uniform, 2, false), Err(Code::AlreadyExists));
+        assert_eq!(plan(&uniform, 2, true), Err(Code::AlreadyExists));
 
         // Node 4's promotion cut short between the joint and the final configuration.
         let promoting = membership(&[&[1, 2, 3], &[1, 2, 3, 4]], &[1, 2, 3, 4]);
-        assert_eq!(
-            plan_add(&promoting, 4, &node(4), false).unwrap(),
-            AddPlan::FinishPromotion
-        );
+        assert_eq!(plan(&promoting, 4, false), Ok(AddPlan::FinishPromotion));
         let refused = plan_add(&promoting, 4, &node(4), true).unwrap_err();
         assert_eq!(refused.code(), Code::AlreadyExists);
         assert!(
@@ -661,10 +645,7 @@ mod tests {
             "{refused:?}"
         );
         // A voter of both halves is a voter, not a promotion to finish.
-        assert_eq!(
-            code(plan_add(&promoting, 1, &node(1), false)),
-            Code::AlreadyExists
-        );
+        assert_eq!(plan(&promoting, 1, false), Err(Code::AlreadyExists));
     }
 
     #[test]
@@ -701,13 +682,7 @@ mod tests {
             );
         }
         // Other members and new nodes are planned as usual meanwhile.
-        assert_eq!(
-            code(plan_add(&removing, 2, &node(2), false)),
-            Code::AlreadyExists
-        );
-        assert_eq!(
-            plan_add(&removing, 5, &node(5), false).unwrap(),
-            AddPlan::AddLearner
-        );
+        assert_eq!(plan(&removing, 2, false), Err(Code::AlreadyExists));
+        assert_eq!(plan(&removing, 5, false), Ok(AddPlan::AddLearner));
     }
 }

@@ -1900,12 +1900,9 @@ impl Staged {
                     for kind in [keys::RECORD_PREFIX, keys::LEAF_PREFIX] {
                         let prefix = keys::bucket_prefix(kind, &namespace, bucket);
                         for (k, v) in self.overlay(&mut it, &prefix)? {
-                            let id: Digest = k
-                                .get(k.len().saturating_sub(32)..)
-                                .filter(|id| id.len() == 32)
-                                .ok_or_else(|| sm_err(format!("leaf key {k:02x?} too short")))?
-                                .try_into()
-                                .map_err(sm_err)?;
+                            let id: Digest = *k
+                                .last_chunk()
+                                .ok_or_else(|| sm_err(format!("leaf key {k:02x?} too short")))?;
                             let hash = if kind == keys::RECORD_PREFIX {
                                 let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
                                 match head.live {
@@ -1940,11 +1937,7 @@ impl Staged {
                     // (a damaged store) is an error, not a panic in the apply.
                     let slot = |key: &[u8]| -> Result<usize, StorageError> {
                         let bad = || sm_err(format!("tree node key {key:02x?} out of place"));
-                        let index = key
-                            .get(key.len().saturating_sub(4)..)
-                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                            .map(u32::from_be_bytes)
-                            .ok_or_else(bad)?;
+                        let (_, _, index) = keys::parse_tree_node(key).ok_or_else(bad)?;
                         index
                             .checked_sub(p * arity)
                             .filter(|i| *i < arity)
