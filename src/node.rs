@@ -141,6 +141,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         )
     })?;
     sm.reconcile_with_log(log_store.last_index()?);
+    let sm = sm.with_snapshot_builds_held(faults.snapshot_builds_held());
     let reader = sm.reader();
     let identity = crate::attest::load_or_create_identity(&config.data_dir)?;
     let chunks = Arc::new(

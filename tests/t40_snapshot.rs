@@ -9,7 +9,8 @@
 //! 5. Remove node 4; adding id 4 again is refused (ids are never reused).
 //!
 //! Also: corrupt snapshot streams are refused (t41), a log past its byte bound is
-//! snapshotted and purged although its entry count never triggers (t42), and a promotion cut
+//! snapshotted and purged although its entry count never triggers (t42), entries committed
+//! while a snapshot is built are snapshotted without a new write (t42), and a promotion cut
 //! short in its joint configuration is finished by the same add sent again, and a removal cut
 //! short by the same remove, which an add of the removed node cannot undo (t44).
 
@@ -659,6 +660,51 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
             "node {}: snapshot {now:?} after {before} without new bytes",
             m.id
         );
+    }
+    cluster.shutdown().await;
+}
+
+// Goal: the entry-count bound holds when the writes stop while a snapshot is being built (a
+// large store's build takes a while: it hashes new files). Raft's policy looks at the count
+// only when its commit index moves, and ignores it during a build, so the entries committed
+// meanwhile would stay unsnapshotted and unpurged until the next write; the snapshots worker
+// asks for them. Builds are held after their checkpoint, where a large store's hashing holds
+// them; every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t42_entries_committed_during_a_slow_build_are_snapshotted_without_new_writes() {
+    const EVERY: usize = 20;
+    let raft = RaftSettings {
+        snapshot_every_entries: EVERY as u64,
+        log_entries_kept_after_snapshot: 0,
+        ..test_raft()
+    };
+    let cluster = TestCluster::started_and_initialized(3, raft).await;
+    cluster.wait_leader().await;
+    let value = |i: usize| format!("v{i}").into_bytes();
+    let records = |range: std::ops::Range<usize>| range.map(move |i| (format!("k{i}"), value(i)));
+    cluster.faults.hold_snapshot_builds(true);
+    // Past the count: every node starts a build, takes its checkpoint and stops there.
+    cluster.put_all_and_wait("big", records(0..EVERY + 5)).await;
+    tokio::time::sleep(escrow::workers::snapshots::CHECK_INTERVAL).await;
+    // Twice the count more, committed during the builds, then no write at all.
+    let count = 3 * EVERY + 5;
+    let last = cluster
+        .put_all_and_wait("big", records(EVERY + 5..count))
+        .await;
+    assert_no_snapshot(&cluster, "while builds are held");
+    cluster.faults.hold_snapshot_builds(false);
+    for node in cluster.nodes.iter().flatten() {
+        wait_for(
+            "a snapshot of every entry and a purge behind it",
+            || async {
+                let m = node.raft.metrics().borrow().clone();
+                (m.snapshot.is_some_and(|s| s.index >= last)
+                    && m.purged.is_some_and(|p| p.index >= last))
+                .then_some(())
+            },
+        )
+        .await;
+        assert_values(node, count, value);
     }
     cluster.shutdown().await;
 }

@@ -54,6 +54,8 @@ pub struct Faults {
     /// Drop every AppendEntries that carries a uniform (not joint) membership entry at this
     /// log index or later; `u64::MAX` holds nothing.
     hold_final_membership_from: AtomicU64,
+    /// `true`: every snapshot build waits, checkpoint taken, before it publishes.
+    hold_snapshot_builds: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Faults {
@@ -61,6 +63,7 @@ impl Default for Faults {
         Self {
             blocked: RwLock::default(),
             hold_final_membership_from: AtomicU64::new(u64::MAX),
+            hold_snapshot_builds: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -93,6 +96,18 @@ impl Faults {
     pub fn hold_final_membership(&self, from: Option<u64>) {
         self.hold_final_membership_from
             .store(from.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// While `true`, every snapshot build of the nodes started with these faults stops after
+    /// its checkpoint, before it hashes and publishes: a build as slow as a large store's, so
+    /// entries commit while it runs.
+    pub fn hold_snapshot_builds(&self, held: bool) {
+        self.hold_snapshot_builds.send_replace(held);
+    }
+
+    /// What a node's snapshot builds wait on ([`Faults::hold_snapshot_builds`]).
+    pub fn snapshot_builds_held(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.hold_snapshot_builds.subscribe()
     }
 
     fn drops(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {

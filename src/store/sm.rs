@@ -1185,6 +1185,8 @@ fn stored_expired_blob_bytes(db: &DB) -> u64 {
 /// The state machine handed to openraft.
 pub struct StateMachineStore {
     shared: Arc<SmShared>,
+    /// Tests' hold on snapshot builds ([`crate::raft::network::Faults::hold_snapshot_builds`]).
+    builds_held: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl StateMachineStore {
@@ -1262,7 +1264,17 @@ impl StateMachineStore {
                 blob_collection: Mutex::new(()),
                 stopping: AtomicBool::new(false),
             }),
+            builds_held: None,
         })
+    }
+
+    /// Snapshot builds wait after their checkpoint while `held` says `true` (in-process tests;
+    /// production never holds).
+    pub fn with_snapshot_builds_held(self, held: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            builds_held: Some(held),
+            ..self
+        }
     }
 
     /// Called at start with the Raft log's last index, before Raft opens. If the state machine
@@ -2176,6 +2188,7 @@ fn apply_commands(
 pub struct SnapshotBuilder {
     shared: Arc<SmShared>,
     used: bool,
+    held: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Takes a checkpoint of the database while applies go on, and reads the applied state it
@@ -2203,12 +2216,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             return Err(snap_err("snapshot builder used twice"));
         }
         let shared = self.shared.clone();
-        let (meta, path, files) = tokio::task::spawn_blocking(move || {
-            let pending = take_checkpoint_beside_applies(&shared)?;
-            publish_snapshot(&shared, pending)
-        })
-        .await
-        .map_err(snap_err)??;
+        let pending = tokio::task::spawn_blocking(move || take_checkpoint_beside_applies(&shared))
+            .await
+            .map_err(snap_err)??;
+        if let Some(held) = &mut self.held {
+            // A closed sender (its faults dropped) holds nothing.
+            let _ = held.wait_for(|held| !held).await;
+        }
+        let shared = self.shared.clone();
+        let (meta, path, files) =
+            tokio::task::spawn_blocking(move || publish_snapshot(&shared, pending))
+                .await
+                .map_err(snap_err)??;
         tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -2326,6 +2345,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             shared: self.shared.clone(),
             used: false,
+            held: self.builds_held.clone(),
         }
     }
 

@@ -4,6 +4,11 @@
 //! - estimates the bytes of the applied entries after the last snapshot
 //!   ([`LogStore::approximate_bytes_between`]) and asks Raft for a snapshot once they reach
 //!   `raft.snapshot_every_log_bytes`;
+//! - asks for one too once `raft.snapshot_every_entries` entries are applied after the last
+//!   snapshot. Raft's own policy checks the count only when its commit index moves, and
+//!   ignores it while a build runs; a build is slow on a large store (it hashes new files),
+//!   so when the writes stop before it ends, the entries committed meanwhile would wait,
+//!   unsnapshotted and unpurged, for the next write;
 //! - purges the log behind the last snapshot, keeping `raft.log_entries_kept_after_snapshot`
 //!   entries and about `raft.log_bytes_kept_after_snapshot` bytes of them
 //!   ([`LogStore::purge_point_keeping`]), whichever is less, for followers a little behind
@@ -32,7 +37,9 @@ const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);
 /// The log's bounds this worker keeps, from the `raft` settings.
 #[derive(Debug, Clone, Copy)]
 pub struct LogBounds {
-    /// `raft.snapshot_every_log_bytes`: applied entries after the last snapshot.
+    /// `raft.snapshot_every_entries`: applied entries after the last snapshot.
+    pub snapshot_every_entries: u64,
+    /// `raft.snapshot_every_log_bytes`: their bytes.
     pub snapshot_every_bytes: u64,
     /// `raft.log_entries_kept_after_snapshot`: entries kept behind it.
     pub kept_entries: u64,
@@ -43,6 +50,7 @@ pub struct LogBounds {
 impl LogBounds {
     pub fn of(raft: &RaftSettings) -> Self {
         Self {
+            snapshot_every_entries: raft.snapshot_every_entries,
             snapshot_every_bytes: raft.snapshot_every_log_bytes,
             kept_entries: raft.log_entries_kept_after_snapshot,
             kept_bytes: raft.log_bytes_kept_after_snapshot,
@@ -107,31 +115,42 @@ pub async fn run(
         if applied <= snapshot {
             continue;
         }
-        // Only what a snapshot now would cover: an unapplied tail (a leader catching up
-        // after a stretch without quorum) would otherwise ask again at every small apply.
-        let bytes = match log.approximate_bytes_between(snapshot, applied) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot estimate the log's size; the snapshot by size waits for the next check");
-                continue;
-            }
-        };
-        if bytes < bounds.snapshot_every_bytes {
-            continue;
-        }
-        if snapshot_asked_after.replace(snapshot) == Some(snapshot) {
+        if applied - snapshot >= bounds.snapshot_every_entries {
+            // Usually Raft's policy asked at the same count already (a second request is
+            // ignored while the first is built): debug level.
             tracing::debug!(
+                entries = applied - snapshot,
+                limit_entries = bounds.snapshot_every_entries,
                 after_index = snapshot,
-                "log still past its size bound; asking for the snapshot again"
+                "applied entries since the last snapshot past their bound; asking for one"
             );
         } else {
-            tracing::info!(
-                log_bytes = bytes,
-                limit_bytes = bounds.snapshot_every_bytes,
-                after_index = snapshot,
-                applied,
-                "log past its size bound since the last snapshot; building one"
-            );
+            // Only what a snapshot now would cover: an unapplied tail (a leader catching up
+            // after a stretch without quorum) would otherwise ask again at every small apply.
+            let bytes = match log.approximate_bytes_between(snapshot, applied) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot estimate the log's size; the snapshot by size waits for the next check");
+                    continue;
+                }
+            };
+            if bytes < bounds.snapshot_every_bytes {
+                continue;
+            }
+            if snapshot_asked_after.replace(snapshot) == Some(snapshot) {
+                tracing::debug!(
+                    after_index = snapshot,
+                    "log still past its size bound; asking for the snapshot again"
+                );
+            } else {
+                tracing::info!(
+                    log_bytes = bytes,
+                    limit_bytes = bounds.snapshot_every_bytes,
+                    after_index = snapshot,
+                    applied,
+                    "log past its size bound since the last snapshot; building one"
+                );
+            }
         }
         // Raft ignores the request while a snapshot is being built.
         if let Err(e) = raft.trigger().snapshot().await {
