@@ -90,6 +90,10 @@ pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 256 << 20;
 /// need a whole snapshot to catch up.
 pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN: u64 = 16 << 20;
 
+/// Least `raft.snapshot_frame_wait_ms`: a sender reading a large file from a busy disk may
+/// pause between frames for a while, and an abandoned transfer starts over.
+pub const SNAPSHOT_FRAME_WAIT_MS_MIN: u64 = 1_000;
+
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +116,10 @@ pub struct RaftSettings {
     /// `workers::snapshots::CHECK_INTERVAL`): the older ones are purged too, and a follower
     /// further behind catches up through the snapshot. At least 16 MiB.
     pub log_bytes_kept_after_snapshot: u64,
+    /// A snapshot stream being received is abandoned (and its files removed) when no frame
+    /// arrives for this long, ms: a sender that stalls holds disk space and one of the
+    /// node's few transfer slots. At least 1,000.
+    pub snapshot_frame_wait_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -124,6 +132,7 @@ impl Default for RaftSettings {
             snapshot_every_log_bytes: SNAPSHOT_EVERY_LOG_BYTES_DEFAULT,
             log_entries_kept_after_snapshot: 5_000,
             log_bytes_kept_after_snapshot: LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT,
+            snapshot_frame_wait_ms: 60_000,
         }
     }
 }
@@ -285,6 +294,11 @@ impl Config {
                 "raft.log_bytes_kept_after_snapshot must be ≥ {LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN} (16 MiB)"
             )));
         }
+        if r.snapshot_frame_wait_ms < SNAPSHOT_FRAME_WAIT_MS_MIN {
+            return Err(invalid(format!(
+                "raft.snapshot_frame_wait_ms must be ≥ {SNAPSHOT_FRAME_WAIT_MS_MIN}"
+            )));
+        }
         if self.integrity.scrub_mb_per_s == 0 {
             return Err(invalid("integrity.scrub_mb_per_s must be ≥ 1".into()));
         }
@@ -427,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn the_log_byte_bounds_under_their_minimums_are_refused_with_the_limit() {
+    fn raft_bounds_under_their_minimums_are_refused_with_the_limit() {
         assert_raft_minimum(
             "snapshot_every_log_bytes",
             |r| &mut r.snapshot_every_log_bytes,
@@ -441,6 +455,13 @@ mod tests {
             LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT,
             LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN,
             256,
+        );
+        assert_raft_minimum(
+            "snapshot_frame_wait_ms",
+            |r| &mut r.snapshot_frame_wait_ms,
+            RaftSettings::default().snapshot_frame_wait_ms,
+            SNAPSHOT_FRAME_WAIT_MS_MIN,
+            10,
         );
     }
 
@@ -466,6 +487,10 @@ mod tests {
             assert_eq!(
                 config.raft.log_bytes_kept_after_snapshot,
                 defaults.log_bytes_kept_after_snapshot
+            );
+            assert_eq!(
+                config.raft.snapshot_frame_wait_ms,
+                defaults.snapshot_frame_wait_ms
             );
         }
     }

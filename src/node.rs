@@ -179,6 +179,10 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         identity,
         scrub_kick: tokio::sync::Notify::new(),
         deep_checks: tokio::sync::Semaphore::new(crate::service::DEEP_CHECKS_AT_ONCE),
+        snapshot_receives: tokio::sync::Semaphore::new(
+            crate::service::peer::SNAPSHOT_RECEIVES_AT_ONCE,
+        ),
+        snapshot_frame_wait: Duration::from_millis(config.raft.snapshot_frame_wait_ms),
         integrity: config.integrity.clone(),
         peers,
         metrics,

@@ -428,11 +428,20 @@ async fn t44_a_removal_cut_short_is_finished_by_remove_and_not_undone_by_add() {
 
 // Goal: a snapshot stream that does not verify is refused before anything is installed, and
 // leaves nothing behind: wrong bytes (blake3 mismatch), a gap in the data, a duplicate or
-// unsafe file name, files larger than the free disk (refused before a byte is written).
+// unsafe file name, files larger than the free disk (refused before a byte is written), a
+// sender that stalls past `raft.snapshot_frame_wait_ms`; and a node receives at most
+// `SNAPSHOT_RECEIVES_AT_ONCE` streams at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t41_corrupt_snapshot_streams_are_refused() {
+    use escrow::service::peer::SNAPSHOT_RECEIVES_AT_ONCE;
+    use tokio_stream::StreamExt;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    const FRAME_WAIT_MS: u64 = escrow::config::SNAPSHOT_FRAME_WAIT_MS_MIN;
+    let raft = RaftSettings {
+        snapshot_frame_wait_ms: FRAME_WAIT_MS,
+        ..test_raft()
+    };
+    let cluster = TestCluster::started_and_initialized(3, raft).await;
     cluster.put_and_wait("k").await;
     let dir = &cluster.files.dir;
     let target = cluster.node(0);
@@ -546,22 +555,64 @@ async fn t41_corrupt_snapshot_streams_are_refused() {
             assert!(err.message().contains("does not fit"), "{what}: {err:?}");
         }
     }
+    // Senders that stop mid-file: as many as a node receives at once hold their slots until
+    // the frame wait ends; one more is refused at once.
+    let stalled = || {
+        let mut peer = peer.clone();
+        let frames = vec![header(vec![("CURRENT", b"abcdef")]), data(0, 0, b"abc")];
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let err = peer
+                .install_snapshot(tokio_stream::iter(frames).chain(tokio_stream::pending()))
+                .await
+                .expect_err("a stalled stream");
+            (err, started.elapsed())
+        })
+    };
+    let receiving: Vec<_> = (0..SNAPSHOT_RECEIVES_AT_ONCE).map(|_| stalled()).collect();
+    wait_for("every stalled stream to be receiving", || async {
+        (incoming_dirs(&cluster).len() == SNAPSHOT_RECEIVES_AT_ONCE).then_some(())
+    })
+    .await;
+    let err = peer
+        .install_snapshot(tokio_stream::iter(vec![header(vec![("CURRENT", b"a")])]))
+        .await
+        .expect_err("one stream too many");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("being received"), "{err:?}");
+    for task in receiving {
+        let (err, took) = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("a stalled stream is never dropped")
+            .unwrap();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("no snapshot frame"), "{err:?}");
+        assert!(
+            took >= std::time::Duration::from_millis(FRAME_WAIT_MS),
+            "refused after {took:?}"
+        );
+    }
     assert_eq!(
         target.core.reader.applied_index(),
         applied_before,
         "a refused snapshot changed the state"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(target_data_dir(&cluster, 0).join("snapshots"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("incoming-"))
-        .collect();
+    let leftovers = incoming_dirs(&cluster);
     assert!(leftovers.is_empty(), "refused transfers left {leftovers:?}");
     assert!(
         !dir.join("node1/escape").exists() && !dir.join("node1/data/snapshots/escape").exists()
     );
     cluster.shutdown().await;
+}
+
+/// The snapshot transfers node 0 has on disk.
+fn incoming_dirs(cluster: &TestCluster) -> Vec<String> {
+    std::fs::read_dir(target_data_dir(cluster, 0).join("snapshots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("incoming-"))
+        .collect()
 }
 
 fn target_data_dir(cluster: &TestCluster, i: usize) -> std::path::PathBuf {

@@ -193,6 +193,10 @@ pub struct Core {
     /// Deep checks running on this node, [`DEEP_CHECKS_AT_ONCE`] at most: each reads the whole
     /// store and holds its figures in memory.
     pub deep_checks: tokio::sync::Semaphore,
+    /// Snapshot streams being received, [`peer::SNAPSHOT_RECEIVES_AT_ONCE`] at most.
+    pub snapshot_receives: tokio::sync::Semaphore,
+    /// `raft.snapshot_frame_wait_ms`: the longest wait for a snapshot stream's next frame.
+    pub snapshot_frame_wait: std::time::Duration,
 }
 
 /// Deep checks one node runs at once; another asked meanwhile is refused, not queued.

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
@@ -22,6 +23,10 @@ pub const SNAPSHOT_FILES_MAX: usize = 100_000;
 pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 1 << 40;
 /// Disk space a received snapshot must leave free on the node's filesystem: the log and the
 /// state machine go on writing while it arrives.
+/// Snapshot streams a node receives at once; one more is refused (the sender retries).
+/// A leader sends a follower one at a time; a second covers a new leader's stream starting
+/// before the old one's has ended.
+pub const SNAPSHOT_RECEIVES_AT_ONCE: usize = 2;
 pub const SNAPSHOT_DISK_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Refuses a snapshot whose declared files (`total` bytes) would not fit on the filesystem of
@@ -80,13 +85,21 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         request: Request<Streaming<pb::SnapshotFrame>>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        let _receiving = self.core.snapshot_receives.try_acquire().map_err(|_| {
+            let status = Status::resource_exhausted(format!(
+                "{SNAPSHOT_RECEIVES_AT_ONCE} snapshot streams are being received already; try later"
+            ));
+            tracing::warn!(error = %status.message(), "snapshot refused");
+            status
+        })?;
         let mut stream = request.into_inner();
         let dir = self
             .core
             .reader
             .incoming_snapshot_dir()
             .map_err(|e| Status::internal(format!("cannot create snapshot dir: {e}")))?;
-        let answer = match receive_snapshot(&mut stream, &dir).await {
+        let answer = match receive_snapshot(&mut stream, &dir, self.core.snapshot_frame_wait).await
+        {
             Ok((vote, meta, files)) => {
                 tracing::info!(snapshot_id = %meta.snapshot_id, files = files.len(), "snapshot received and verified");
                 let snapshot = Snapshot {
@@ -231,14 +244,29 @@ async fn finish_file(
     Ok(())
 }
 
+/// The stream's next frame, or its end; a sender silent for `wait` is dropped.
+async fn next_frame(
+    stream: &mut Streaming<pb::SnapshotFrame>,
+    wait: Duration,
+) -> Result<Option<Result<pb::SnapshotFrame, Status>>, Status> {
+    tokio::time::timeout(wait, stream.next())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no snapshot frame for {} ms (raft.snapshot_frame_wait_ms); transfer abandoned",
+                wait.as_millis()
+            ))
+        })
+}
+
 /// Receives a snapshot stream into `dir`, verifying order, sizes and every file's blake3.
 async fn receive_snapshot(
     stream: &mut Streaming<pb::SnapshotFrame>,
     dir: &Path,
+    frame_wait: Duration,
 ) -> Result<(Vote, SnapshotMeta, Vec<SnapshotFileInfo>), Status> {
-    let first = stream
-        .next()
-        .await
+    let first = next_frame(stream, frame_wait)
+        .await?
         .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
     let Some(pb::snapshot_frame::Frame::Header(header)) = first.frame else {
         return Err(Status::invalid_argument(
@@ -280,7 +308,7 @@ async fn receive_snapshot(
     check_snapshot_fits(dir, total)?;
     let mut current: usize = 0;
     let mut open: Option<OpenFile> = None;
-    while let Some(frame) = stream.next().await {
+    while let Some(frame) = next_frame(stream, frame_wait).await? {
         let frame = frame?;
         let Some(pb::snapshot_frame::Frame::Data(data)) = frame.frame else {
             return Err(Status::invalid_argument(
