@@ -11,6 +11,7 @@ use crate::attest::{Attestation, NodeSignature, Statement, TrustedKeys};
 use crate::client::{ClientError, EscrowClient};
 use crate::domain::{hex_wire, Digest};
 use crate::integrity::{namespace_root, LeafObject};
+use crate::mirror::records::LINE_BYTES_MAX;
 use crate::pb;
 
 /// How long one node may take to answer a roots or attest question.
@@ -301,36 +302,117 @@ pub fn source_root_of_dir(namespace: &str, root: &Path) -> Result<(Digest, u64),
 }
 
 /// The root a record feed should have in the escrow: the final state of every record the feed
-/// touched (its last event's sequence and value; deleted records have no leaf).
+/// touched (its last event's sequence and value; deleted records have no leaf). The feed is
+/// read a line at a time, each line to [`LINE_BYTES_MAX`] as the agent reads it, and only
+/// each record's leaf is kept: memory grows with the records, not with the feed's bytes.
 pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), String> {
-    let text = std::fs::read(feed).map_err(|e| format!("{}: {e}", feed.display()))?;
-    // (collection, key) -> the last event's (seq, value), None once deleted.
-    type FinalState = HashMap<(String, String), Option<(u64, Vec<u8>)>>;
+    use std::io::{BufRead, Read};
+    let at = |e: std::io::Error| format!("{}: {e}", feed.display());
+    let mut reader = std::io::BufReader::new(std::fs::File::open(feed).map_err(at)?);
+    // (collection, key) -> the last event's leaf (id, hash), None once deleted.
+    type FinalState = HashMap<(String, String), Option<(Digest, Digest)>>;
     let mut state: FinalState = HashMap::new();
     let mut previous = 0;
-    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
-        let Some(c) = crate::mirror::records::feed_line(line, previous)
-            .map_err(|e| format!("{} line {}: {e}", feed.display(), i + 1))?
+    let mut line = Vec::new();
+    for number in 1u64.. {
+        line.clear();
+        // The newline and one byte more than a line may hold: enough to call it too long.
+        let read = (&mut reader)
+            .take(LINE_BYTES_MAX as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .map_err(at)?;
+        if read == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let Some(c) = crate::mirror::records::feed_line(&line, previous)
+            .map_err(|e| format!("{} line {number}: {e}", feed.display()))?
         else {
             continue;
         };
         previous = c.seq;
-        state.insert(
-            (c.collection, c.key),
-            (!c.delete).then_some((c.seq, c.value)),
-        );
-    }
-    let mut leaves = BTreeMap::new();
-    for ((collection, key), v) in &state {
-        if let Some((seq, value)) = v {
+        let leaf = (!c.delete).then(|| {
             let o = LeafObject::Record {
-                collection,
+                collection: &c.collection,
+                key: &c.key,
+                seq: c.seq,
+                value: &c.value,
+            };
+            (o.id(), o.hash())
+        });
+        state.insert((c.collection, c.key), leaf);
+    }
+    let leaves: BTreeMap<Digest, Digest> = state.into_values().flatten().collect();
+    Ok((namespace_root(tenant, &leaves), leaves.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: &str, op: &str, value: &str, seq: u64) -> String {
+        let value = if op == "put" {
+            format!(r#","value":"{value}""#)
+        } else {
+            String::new()
+        };
+        format!(r#"{{"collection":"c","key":"{key}","op":"{op}"{value},"seq":{seq},"time":1}}"#)
+    }
+
+    // Goal: the feed's root is its final state's, read a line at a time: a replaced record
+    // counts with its last event, a deleted one not at all, blank lines are skipped, and a last
+    // line without a newline is read like the others.
+    #[test]
+    fn a_feed_root_is_its_final_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("feed.jsonl");
+        let text = [
+            event("a", "put", "one", 1),
+            String::new(),
+            event("b", "put", "two", 2),
+            event("a", "put", "three", 3),
+            event("b", "delete", "", 4),
+            event("c", "put", "four", 5),
+        ]
+        .join("\n");
+        std::fs::write(&feed, text).unwrap();
+        let leaf = |key: &str, seq: u64, value: &[u8]| {
+            let o = LeafObject::Record {
+                collection: "c",
                 key,
-                seq: *seq,
+                seq,
                 value,
             };
-            leaves.insert(o.id(), o.hash());
-        }
+            (o.id(), o.hash())
+        };
+        let expected: BTreeMap<_, _> = [leaf("a", 3, b"three"), leaf("c", 5, b"four")].into();
+        assert_eq!(
+            source_root_of_feed("crm", &feed).unwrap(),
+            (namespace_root("crm", &expected), 2)
+        );
     }
-    Ok((namespace_root(tenant, &leaves), leaves.len() as u64))
+
+    // Goal: a line longer than the agent takes is an error naming the line, found without
+    // reading the line whole.
+    #[test]
+    fn a_feed_line_past_the_limit_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("feed.jsonl");
+        let long = "x".repeat(LINE_BYTES_MAX + 1);
+        let text = format!(
+            "{}\n{}\n{}\n",
+            event("a", "put", "one", 1),
+            long,
+            event("b", "put", "two", 2)
+        );
+        std::fs::write(&feed, text).unwrap();
+        let err = source_root_of_feed("crm", &feed).unwrap_err();
+        assert!(err.contains("line 2: longer than"), "{err}");
+        // A line of exactly the limit is read (and here refused as no event).
+        std::fs::write(&feed, format!("{}\n", "x".repeat(LINE_BYTES_MAX))).unwrap();
+        let err = source_root_of_feed("crm", &feed).unwrap_err();
+        assert!(err.contains("line 1: not a valid event"), "{err}");
+    }
 }

@@ -31,6 +31,10 @@ pub const EVENT_DEBOUNCE: Duration = Duration::from_millis(500);
 pub const EVENT_SETTLE_MAX: Duration = Duration::from_secs(30);
 /// Default interval of the full rescan in follow mode.
 pub const RESCAN_DEFAULT: Duration = Duration::from_secs(600);
+/// File-system events queued between passes. An event only says "something changed" (each
+/// pass walks the whole tree), so when the queue is full the next ones are dropped: a burst of
+/// a million writes during a long pass costs no memory.
+const EVENTS_QUEUED_MAX: usize = 64;
 /// Uploads between two saves of the state file.
 const STATE_SAVE_EVERY: usize = 64;
 const STATE_VERSION: u32 = 1;
@@ -403,9 +407,10 @@ pub async fn run_dir(
     if options.once || report.stopped {
         return Ok(report);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event| {
-        let _ = tx.send(event);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(EVENTS_QUEUED_MAX);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Full: the events queued already start the next pass.
+        let _ = tx.try_send(event);
     })
     .map_err(|e| format!("cannot watch {}: {e}", options.root.display()))?;
     use notify::Watcher;
