@@ -210,17 +210,62 @@ pub struct LeafTree {
 impl LeafTree {
     /// The tree over `leaves` `(id, hash)`.
     pub fn new(leaves: &BTreeMap<Digest, Digest>) -> Self {
-        let mut buckets: BTreeMap<u32, Vec<(&Digest, &Digest)>> = BTreeMap::new();
+        let mut tree = LeafTreeBuilder::default();
         for (id, hash) in leaves {
-            buckets
-                .entry(u32::from(bucket_of(id)))
-                .or_default()
-                .push((id, hash));
+            tree.push(*id, *hash);
         }
-        let mut nodes: BTreeMap<(u8, u32), Digest> = buckets
-            .into_iter()
-            .map(|(b, leaves)| ((0, b), bucket_hash(leaves)))
-            .collect();
+        tree.finish()
+    }
+
+    /// The namespace root over this tree.
+    pub fn root(&self, namespace: &str) -> Digest {
+        let top = self
+            .nodes
+            .get(&(TREE_DEPTH, 0))
+            .copied()
+            .unwrap_or(empty_subtrees()[TREE_DEPTH as usize]);
+        root_hash(namespace, self.leaves, &top)
+    }
+}
+
+/// Builds a [`LeafTree`] from leaves given in ascending id order, holding one bucket's leaves
+/// at a time: memory grows with the non-empty buckets (at most [`BUCKETS`]), not the leaves.
+#[derive(Debug, Default)]
+pub struct LeafTreeBuilder {
+    nodes: BTreeMap<(u8, u32), Digest>,
+    bucket: Option<(u32, Vec<(Digest, Digest)>)>,
+    leaves: u64,
+}
+
+impl LeafTreeBuilder {
+    /// Adds a leaf; its id must be greater than every id added before.
+    pub fn push(&mut self, id: Digest, hash: Digest) {
+        let b = u32::from(bucket_of(&id));
+        match &mut self.bucket {
+            Some((open, leaves)) if *open == b => {
+                debug_assert!(leaves.last().is_none_or(|(last, _)| *last < id));
+                leaves.push((id, hash));
+            }
+            _ => {
+                self.close_bucket();
+                self.bucket = Some((b, vec![(id, hash)]));
+            }
+        }
+        self.leaves += 1;
+    }
+
+    fn close_bucket(&mut self) {
+        if let Some((b, leaves)) = self.bucket.take() {
+            debug_assert!(!self.nodes.contains_key(&(0, b)), "bucket {b} reopened");
+            let hash = bucket_hash(leaves.iter().map(|(id, hash)| (id, hash)));
+            self.nodes.insert((0, b), hash);
+        }
+    }
+
+    /// The tree over the leaves added.
+    pub fn finish(mut self) -> LeafTree {
+        self.close_bucket();
+        let mut nodes = self.nodes;
         let empty = empty_subtrees();
         for level in 1..=TREE_DEPTH {
             let parents: BTreeSet<u32> = nodes
@@ -232,20 +277,10 @@ impl LeafTree {
                 nodes.insert((level, p), hash);
             }
         }
-        Self {
+        LeafTree {
             nodes,
-            leaves: leaves.len() as u64,
+            leaves: self.leaves,
         }
-    }
-
-    /// The namespace root over this tree.
-    pub fn root(&self, namespace: &str) -> Digest {
-        let top = self
-            .nodes
-            .get(&(TREE_DEPTH, 0))
-            .copied()
-            .unwrap_or(empty_subtrees()[TREE_DEPTH as usize]);
-        root_hash(namespace, self.leaves, &top)
     }
 }
 

@@ -1769,3 +1769,94 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
     assert_eq!(log.purge_point_keeping(150, 100, 0), None);
     assert_eq!(log.purge_point_keeping(PUTS, u64::MAX, 0), None);
 }
+
+// Goal: deep verify names each damaged record, the first `DEEP_CHECK_LEAF_FAULTS_MAX` of them,
+// and counts the rest, so a badly damaged store still gets a reply of bounded size; it reads
+// the store a namespace at a time, so an undamaged namespace beside it shows no fault, a check
+// scoped to one namespace reports that one only, and one scoped to a namespace the store does
+// not hold reports none.
+#[tokio::test]
+async fn t18_deep_check_names_damaged_records_up_to_its_bound() {
+    const MAX: usize = escrow::store::sm::DEEP_CHECK_LEAF_FAULTS_MAX;
+    let damaged = MAX + 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    let path =
+        |tenant: &str, i: usize| RecordPath::parse(tenant, "orders", &format!("k{i}")).unwrap();
+    let put = |path: RecordPath| Command::PutRecord {
+        path,
+        value: b"good".to_vec(),
+    };
+    let tenants = ["acme", "beta"].map(|t| Command::AddTenant {
+        tenant: TenantId::parse(t).unwrap(),
+    });
+    apply_batch(&mut sm, 1, tenants.to_vec()).await;
+    let mut index = 1;
+    for first in (0..damaged + 10).step_by(500) {
+        index += 1;
+        let last = (first + 500).min(damaged + 10);
+        apply_batch(
+            &mut sm,
+            index,
+            (first..last).map(|i| put(path("acme", i))).collect(),
+        )
+        .await;
+    }
+    apply_batch(
+        &mut sm,
+        index + 1,
+        (0..3).map(|i| put(path("beta", i))).collect(),
+    )
+    .await;
+    let faults = |only: Option<&str>| -> Vec<(String, Vec<String>)> {
+        let only = only.map(|ns| TenantId::parse(ns).unwrap());
+        reader
+            .deep_check(only.as_ref())
+            .unwrap()
+            .namespaces
+            .into_iter()
+            .map(|ns| {
+                (
+                    ns.namespace,
+                    ns.faults.into_iter().map(|f| f.object).collect(),
+                )
+            })
+            .collect()
+    };
+    let clean = vec![("acme".to_string(), vec![]), ("beta".to_string(), vec![])];
+    assert_eq!(faults(None), clean);
+
+    for i in 0..damaged {
+        reader
+            .overwrite_record_for_tests(&path("acme", i), b"evil")
+            .unwrap();
+    }
+    let found = faults(None);
+    assert_eq!(found.len(), 2, "{found:?}");
+    let (ns, acme) = &found[0];
+    assert_eq!(ns, "acme");
+    assert_eq!(
+        acme.len(),
+        MAX + 2,
+        "the root, {MAX} records, the count of the rest"
+    );
+    assert_eq!(acme[0], "root (recomputed from stored data)");
+    let named: std::collections::BTreeSet<&String> = acme[1..=MAX].iter().collect();
+    let damaged_names: std::collections::BTreeSet<String> = (0..damaged)
+        .map(|i| format!("record orders/k{i}"))
+        .collect();
+    assert_eq!(named.len(), MAX, "each damaged record named once");
+    assert!(
+        named.iter().all(|n| damaged_names.contains(*n)),
+        "only damaged records named: {named:?}"
+    );
+    assert!(
+        acme[MAX + 1].starts_with("5 more leaves"),
+        "{}",
+        acme[MAX + 1]
+    );
+    assert_eq!(found[1], ("beta".to_string(), vec![]));
+    assert_eq!(faults(Some("beta")), vec![("beta".to_string(), vec![])]);
+    assert_eq!(faults(Some("nobody")), vec![]);
+}

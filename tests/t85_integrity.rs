@@ -165,7 +165,7 @@ async fn t85_roots_agree_across_replicas_and_move_with_any_change() {
     cluster.shutdown().await;
 }
 
-// Goal: a node runs one deep check at a time (each reads the whole store into its figures): a
+// Goal: a node runs one deep check at a time (each reads the whole store and re-hashes its chunks): a
 // second one asked meanwhile is refused with a reason, reported as that node unchecked, and
 // the next one after it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

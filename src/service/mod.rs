@@ -191,7 +191,7 @@ pub struct Core {
     pub initial_members: Vec<(NodeId, EscrowNode)>,
     pub proposer: Proposer,
     /// Deep checks running on this node, [`DEEP_CHECKS_AT_ONCE`] at most: each reads the whole
-    /// store and holds its figures in memory.
+    /// store and re-hashes every chunk it references.
     pub deep_checks: tokio::sync::Semaphore,
     /// Snapshot streams being received, [`peer::SNAPSHOT_RECEIVES_AT_ONCE`] at most.
     pub snapshot_receives: tokio::sync::Semaphore,

@@ -655,100 +655,12 @@ impl SmReader {
     /// Recomputes every namespace's Merkle leaves and root (or only `only`'s) from the stored
     /// records and artifacts, from one consistent view of the database, and compares them with
     /// the maintained ones. Also returns the chunks referenced at that point: all of them, or
-    /// with `only`, those its artifact versions reference.
+    /// with `only`, those its artifact versions reference. Reads one namespace at a time, its
+    /// records and leaves as a stream in leaf-id order (see [`deep_check_namespace`]).
     pub fn deep_check(&self, only: Option<&TenantId>) -> Result<DeepCheck, StorageError> {
-        let within = |kind: u8| match only {
-            Some(ns) => keys::in_namespace(kind, ns),
-            None => vec![kind],
-        };
         let db = self.shared.db();
         let snap = db.snapshot();
-        let scan =
-            |prefix: &[u8]| read_prefix(&mut snap.raw_iterator_opt(bounded_to(prefix)), prefix);
         let applied: Option<LogId> = snapshot_decoded(&snap, keys::APPLIED)?.flatten();
-        // Recomputed leaves per namespace: id -> (hash, object description).
-        let mut recomputed: BTreeMap<String, BTreeMap<Digest, (Digest, String)>> = BTreeMap::new();
-        // The maintained leaf index, per namespace: what consensus applied (record heads'
-        // leaves and artifact leaves).
-        let mut maintained: BTreeMap<String, BTreeMap<Digest, Digest>> = BTreeMap::new();
-        for (k, v) in scan(&within(keys::RECORD_PREFIX))? {
-            let (tenant, id) =
-                keys::parse_record(&k).ok_or_else(|| sm_err("malformed record key"))?;
-            let head: RecordHead = codec::decode(&v).map_err(sm_err)?;
-            let Some(live) = &head.live else {
-                continue;
-            };
-            maintained
-                .entry(tenant.as_str().to_string())
-                .or_default()
-                .insert(id, live.leaf);
-            let path = head.path(&tenant);
-            // A live record whose value is missing from its history reads as empty, so its
-            // leaf disagrees with the index and deep verify names it.
-            let version: Option<RecordVersion> = snapshot_decoded(&snap, &head.history_key(&path))?;
-            let value = version.and_then(|v| v.value).unwrap_or_default();
-            let o = integrity::LeafObject::Record {
-                collection: path.collection.as_str(),
-                key: path.key.as_str(),
-                seq: head.seq,
-                value: &value,
-            };
-            recomputed
-                .entry(path.tenant.as_str().to_string())
-                .or_default()
-                .insert(o.id(), (o.hash(), o.describe()));
-        }
-        for (k, v) in scan(&within(keys::ARTIFACT_LATEST_PREFIX))? {
-            let mut parts = k[1..].splitn(2, |b| *b == 0);
-            let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
-                return Err(sm_err("malformed artifact key"));
-            };
-            let (ns, name) = (
-                String::from_utf8_lossy(ns).to_string(),
-                String::from_utf8_lossy(name).to_string(),
-            );
-            let version: ArtifactVersion = codec::decode(&v).map_err(sm_err)?;
-            if let Some(m) = &version.manifest {
-                let o = integrity::LeafObject::Artifact {
-                    name: &name,
-                    size: m.size,
-                    blake3: &m.blake3,
-                };
-                recomputed
-                    .entry(ns)
-                    .or_default()
-                    .insert(o.id(), (o.hash(), o.describe()));
-            }
-        }
-        for (k, v) in scan(&within(keys::LEAF_PREFIX))? {
-            let (ns, id) = keys::parse_leaf(&k).ok_or_else(|| sm_err("malformed leaf key"))?;
-            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
-            maintained.entry(ns).or_default().insert(id, hash);
-        }
-        // The stored trees: nodes as of the last checkpoint, the buckets changed since, and
-        // the roots that checkpoint recorded.
-        let mut trees: BTreeMap<String, integrity::StoredTree> = BTreeMap::new();
-        for (k, v) in scan(&within(keys::NODE_TREE_PREFIX))? {
-            let (ns, level, index) =
-                keys::parse_tree_node(&k).ok_or_else(|| sm_err("malformed tree-node key"))?;
-            let hash: Digest = v.as_slice().try_into().map_err(sm_err)?;
-            trees
-                .entry(ns)
-                .or_default()
-                .nodes
-                .insert((level, index), hash);
-        }
-        for (k, v) in scan(&within(keys::DIRTY_PREFIX))? {
-            let ns = keys::parse_dirty_buckets(&k)
-                .ok_or_else(|| sm_err("malformed dirty-bucket key"))?;
-            let buckets: Vec<u16> = codec::decode(&v).map_err(sm_err)?;
-            trees.entry(ns).or_default().dirty.extend(buckets);
-        }
-        // One root key per namespace, all read (`names` below keeps those of `only`).
-        for (k, v) in scan(&[keys::ROOT_PREFIX])? {
-            let ns = keys::parse_root(&k).ok_or_else(|| sm_err("malformed root key"))?;
-            trees.entry(ns).or_default().root = Some(codec::decode(&v).map_err(sm_err)?);
-        }
         // The newest checkpoint: what attestations sign and replicas compare.
         let kept: Vec<u64> = snapshot_decoded(&snap, keys::CHECKPOINTS)?.unwrap_or_default();
         let newest: Option<Checkpoint> = match kept.last() {
@@ -787,107 +699,35 @@ impl SmReader {
                 }
             }
         }
-        let names: BTreeSet<String> = maintained
-            .keys()
-            .chain(recomputed.keys())
-            .chain(trees.keys())
-            .chain(newest.iter().flat_map(|c| c.roots.iter().map(|(ns, _)| ns)))
-            .filter(|ns| only.is_none_or(|only| only.as_str() == ns.as_str()))
-            .cloned()
-            .collect();
         let mut namespaces = Vec::new();
-        for ns in names {
-            let leaves = recomputed.remove(&ns).unwrap_or_default();
-            let stored = maintained.remove(&ns).unwrap_or_default();
-            let tree = trees.remove(&ns).unwrap_or_default();
-            let hashes: BTreeMap<Digest, Digest> =
-                leaves.iter().map(|(id, (h, _))| (*id, *h)).collect();
-            let recomputed_root = integrity::namespace_root(&ns, &hashes);
-            let index_tree = integrity::LeafTree::new(&stored);
-            let maintained_root = index_tree.root(&ns);
-            let mut faults = Vec::new();
-            if recomputed_root != maintained_root {
-                faults.push(TreeFault::new(
-                    "root (recomputed from stored data)",
-                    hex(&maintained_root),
-                    hex(&recomputed_root),
-                ));
-                for (id, (hash, what)) in &leaves {
-                    match stored.get(id) {
-                        Some(s) if s == hash => {}
-                        Some(s) => faults.push(TreeFault::new(what.clone(), hex(s), hex(hash))),
-                        None => faults.push(TreeFault::new(what.clone(), "absent", hex(hash))),
-                    }
-                }
-                for (id, s) in &stored {
-                    if !leaves.contains_key(id) {
-                        faults.push(TreeFault::new(
-                            format!("leaf {}", hex(id)),
-                            hex(s),
-                            "absent",
-                        ));
-                    }
-                }
-            }
-            faults.extend(integrity::audit_tree(&ns, &index_tree, &tree));
-            let count: u64 = snapshot_decoded(&snap, &keys::leaf_count(&ns))?.unwrap_or(0);
-            if count != stored.len() as u64 {
-                faults.push(TreeFault::new(
-                    "leaf count (against the leaves)",
-                    stored.len().to_string(),
-                    count.to_string(),
-                ));
-            }
-            if let Some(checkpoint) = &newest {
-                let recorded = tree.root.filter(|r| r.leaves > 0);
-                let signed = checkpoint
-                    .roots
-                    .iter()
-                    .find(|(name, _)| *name == ns)
-                    .map(|(_, r)| *r);
-                if recorded != signed {
-                    let show = |r: Option<NamespaceRoot>| {
-                        r.map_or("absent".to_string(), |r| {
-                            format!("{} ({} leaves)", hex(&r.root), r.leaves)
-                        })
-                    };
-                    faults.push(TreeFault::new(
-                        format!(
-                            "root in checkpoint {} (against the recorded root)",
-                            checkpoint.index
-                        ),
-                        show(recorded),
-                        show(signed),
-                    ));
-                }
-            }
-            namespaces.push(NamespaceCheck {
-                namespace: ns,
-                faults,
-            });
+        for ns in namespaces_stored(&snap, only, newest.as_ref())? {
+            namespaces.push(deep_check_namespace(&snap, &ns, newest.as_ref())?);
         }
         let mut chunks = Vec::new();
-        if only.is_some() {
+        if let Some(ns) = only {
             // The namespace's own chunks: those its artifact versions (history included)
             // reference, each once.
             let mut seen = BTreeSet::new();
-            for (_, v) in scan(&within(keys::ARTIFACT_VERSION_PREFIX))? {
-                let version: ArtifactVersion = codec::decode(&v).map_err(sm_err)?;
+            let prefix = keys::in_namespace(keys::ARTIFACT_VERSION_PREFIX, ns);
+            for_each_under(&snap, &prefix, |_, v| {
+                let version: ArtifactVersion = codec::decode(v).map_err(sm_err)?;
                 for c in version.manifest.into_iter().flat_map(|m| m.chunks) {
                     if seen.insert(c.hash) {
                         chunks.push(c);
                     }
                 }
-            }
+                Ok(())
+            })?;
         } else {
-            for (k, v) in scan(&[keys::CHUNK_PREFIX])? {
+            for_each_under(&snap, &[keys::CHUNK_PREFIX], |k, v| {
                 let hash: Digest = k[1..].try_into().map_err(sm_err)?;
-                let size: [u8; 4] = v.as_slice().try_into().map_err(sm_err)?;
+                let size: [u8; 4] = v.try_into().map_err(sm_err)?;
                 chunks.push(ChunkRef {
                     hash,
                     size: u32::from_be_bytes(size),
                 });
-            }
+                Ok(())
+            })?;
         }
         Ok(DeepCheck {
             applied_index: applied.map_or(0, |l| l.index),
@@ -1152,6 +992,306 @@ impl SmReader {
 }
 
 /// The value at `key` in `snap`, decoded.
+/// Leaf faults deep verify lists per namespace; past it, one more fault counts the rest, so a
+/// badly damaged store still gets a reply of bounded size.
+pub const DEEP_CHECK_LEAF_FAULTS_MAX: usize = 1_000;
+
+/// Calls `f` with every key under `prefix` and its value, in key order, from `snap`.
+fn for_each_under(
+    snap: &rocksdb::Snapshot<'_>,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let mut it = snap.raw_iterator_opt(bounded_to(prefix));
+    it.seek(prefix);
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        f(k, v)?;
+        it.next();
+    }
+    it.status().map_err(sm_err)
+}
+
+/// The namespaces anything is stored for (records, artifacts, leaves, tree nodes, changed
+/// buckets, roots) or the newest checkpoint names; with `only`, that one if it is among them.
+/// Each namespace's keys are skipped with one seek, not read.
+fn namespaces_stored(
+    snap: &rocksdb::Snapshot<'_>,
+    only: Option<&TenantId>,
+    newest: Option<&Checkpoint>,
+) -> Result<BTreeSet<String>, StorageError> {
+    let mut names = BTreeSet::new();
+    for kind in [
+        keys::RECORD_PREFIX,
+        keys::ARTIFACT_LATEST_PREFIX,
+        keys::LEAF_PREFIX,
+        keys::NODE_TREE_PREFIX,
+        keys::DIRTY_PREFIX,
+    ] {
+        let within = only.map_or_else(|| vec![kind], |ns| keys::in_namespace(kind, ns));
+        let mut it = snap.raw_iterator_opt(bounded_to(&within));
+        it.seek(&within);
+        while let Some(k) = it.key() {
+            // `kind namespace 0x00 …`: past all of them is `kind namespace 0x01`.
+            let end = k[1..]
+                .iter()
+                .position(|b| *b == 0)
+                .map(|i| i + 1)
+                .ok_or_else(|| sm_err(format!("malformed key {:?}", String::from_utf8_lossy(k))))?;
+            let ns = std::str::from_utf8(&k[1..end])
+                .map_err(|_| sm_err(format!("malformed key {:?}", String::from_utf8_lossy(k))))?;
+            names.insert(ns.to_string());
+            let mut past = k[..end].to_vec();
+            past.push(1);
+            it.seek(&past);
+        }
+        it.status().map_err(sm_err)?;
+    }
+    match only {
+        Some(ns) => {
+            if snap.get(keys::root(ns.as_str())).map_err(sm_err)?.is_some() {
+                names.insert(ns.as_str().to_string());
+            }
+        }
+        None => for_each_under(snap, &[keys::ROOT_PREFIX], |k, _| {
+            names.insert(keys::parse_root(k).ok_or_else(|| sm_err("malformed root key"))?);
+            Ok(())
+        })?,
+    }
+    names.extend(
+        newest
+            .iter()
+            .flat_map(|c| c.roots.iter().map(|(ns, _)| ns))
+            .filter(|ns| only.is_none_or(|only| only.as_str() == ns.as_str()))
+            .cloned(),
+    );
+    Ok(names)
+}
+
+/// One leaf id's side of a deep check: what consensus maintained and what the stored data
+/// recomputes to, with the object's description.
+#[derive(Default)]
+struct LeafSides {
+    maintained: Option<Digest>,
+    recomputed: Option<(Digest, String)>,
+}
+
+/// Deep-checks one namespace. Its record heads and its artifacts' maintained leaves are read
+/// as two streams in leaf-id order, its artifacts' latest versions (one per artifact, without
+/// history) into memory, and merged by id into the two trees built bucket by bucket
+/// ([`integrity::LeafTreeBuilder`]); each leaf whose two sides differ is a fault (the first
+/// [`DEEP_CHECK_LEAF_FAULTS_MAX`], then a count). Then the stored tree, the leaf count and the
+/// newest checkpoint's root are audited against them.
+fn deep_check_namespace(
+    snap: &rocksdb::Snapshot<'_>,
+    ns: &str,
+    newest: Option<&Checkpoint>,
+) -> Result<NamespaceCheck, StorageError> {
+    let tenant =
+        TenantId::parse(ns).map_err(|e| sm_err(format!("namespace {ns:?} in a key: {e}")))?;
+    // Artifacts by leaf id: their latest versions are keyed by name.
+    let mut artifacts: BTreeMap<Digest, (Digest, String)> = BTreeMap::new();
+    for_each_under(
+        snap,
+        &keys::in_namespace(keys::ARTIFACT_LATEST_PREFIX, &tenant),
+        |k, v| {
+            let name = k
+                .splitn(2, |b| *b == 0)
+                .nth(1)
+                .ok_or_else(|| sm_err("malformed artifact key"))?;
+            let name = String::from_utf8_lossy(name);
+            let version: ArtifactVersion = codec::decode(v).map_err(sm_err)?;
+            if let Some(m) = &version.manifest {
+                let o = integrity::LeafObject::Artifact {
+                    name: &name,
+                    size: m.size,
+                    blake3: &m.blake3,
+                };
+                artifacts.insert(o.id(), (o.hash(), o.describe()));
+            }
+            Ok(())
+        },
+    )?;
+    let records_prefix = keys::in_namespace(keys::RECORD_PREFIX, &tenant);
+    let mut records = snap.raw_iterator_opt(bounded_to(&records_prefix));
+    records.seek(&records_prefix);
+    let leaves_prefix = keys::in_namespace(keys::LEAF_PREFIX, &tenant);
+    let mut leaves = snap.raw_iterator_opt(bounded_to(&leaves_prefix));
+    leaves.seek(&leaves_prefix);
+    let mut artifacts = artifacts.into_iter().peekable();
+    let mut recomputed_tree = integrity::LeafTreeBuilder::default();
+    let mut maintained_tree = integrity::LeafTreeBuilder::default();
+    let mut leaf_faults = Vec::new();
+    let mut unlisted: u64 = 0;
+    loop {
+        let record_id = match records.key() {
+            Some(k) => Some(
+                keys::parse_record(k)
+                    .ok_or_else(|| sm_err("malformed record key"))?
+                    .1,
+            ),
+            None => None,
+        };
+        let leaf_id = match leaves.key() {
+            Some(k) => Some(
+                keys::parse_leaf(k)
+                    .ok_or_else(|| sm_err("malformed leaf key"))?
+                    .1,
+            ),
+            None => None,
+        };
+        let artifact_id = artifacts.peek().map(|(id, _)| *id);
+        let Some(id) = [record_id, leaf_id, artifact_id]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            break;
+        };
+        // Where sources share an id, the artifact's and the leaf index's side count, as
+        // they did when the sides were maps filled records first.
+        let mut sides = LeafSides::default();
+        if record_id == Some(id) {
+            let head: RecordHead =
+                codec::decode(records.value().unwrap_or_default()).map_err(sm_err)?;
+            if let Some(live) = &head.live {
+                sides.maintained = Some(live.leaf);
+                let path = head.path(&tenant);
+                // A live record whose value is missing from its history reads as empty, so
+                // its leaf disagrees with the index and deep verify names it.
+                let version: Option<RecordVersion> =
+                    snapshot_decoded(snap, &head.history_key(&path))?;
+                let value = version.and_then(|v| v.value).unwrap_or_default();
+                let o = integrity::LeafObject::Record {
+                    collection: path.collection.as_str(),
+                    key: path.key.as_str(),
+                    seq: head.seq,
+                    value: &value,
+                };
+                sides.recomputed = Some((o.hash(), o.describe()));
+            }
+            records.next();
+        }
+        if leaf_id == Some(id) {
+            let hash: Digest = leaves
+                .value()
+                .unwrap_or_default()
+                .try_into()
+                .map_err(sm_err)?;
+            sides.maintained = Some(hash);
+            leaves.next();
+        }
+        if artifact_id == Some(id) {
+            sides.recomputed = artifacts.next().map(|(_, leaf)| leaf);
+        }
+        if let Some(hash) = sides.maintained {
+            maintained_tree.push(id, hash);
+        }
+        if let Some((hash, _)) = &sides.recomputed {
+            recomputed_tree.push(id, *hash);
+        }
+        let fault = match (sides.maintained, sides.recomputed) {
+            (Some(m), Some((r, what))) if m != r => Some(TreeFault::new(what, hex(&m), hex(&r))),
+            (None, Some((r, what))) => Some(TreeFault::new(what, "absent", hex(&r))),
+            (Some(m), None) => Some(TreeFault::new(
+                format!("leaf {}", hex(&id)),
+                hex(&m),
+                "absent",
+            )),
+            _ => None,
+        };
+        if let Some(fault) = fault {
+            if leaf_faults.len() < DEEP_CHECK_LEAF_FAULTS_MAX {
+                leaf_faults.push(fault);
+            } else {
+                unlisted += 1;
+            }
+        }
+    }
+    records.status().map_err(sm_err)?;
+    leaves.status().map_err(sm_err)?;
+    let recomputed_root = recomputed_tree.finish().root(ns);
+    let index_tree = maintained_tree.finish();
+    let maintained_root = index_tree.root(ns);
+    let mut faults = Vec::new();
+    if recomputed_root != maintained_root {
+        faults.push(TreeFault::new(
+            "root (recomputed from stored data)",
+            hex(&maintained_root),
+            hex(&recomputed_root),
+        ));
+    }
+    faults.extend(leaf_faults);
+    if unlisted > 0 {
+        faults.push(TreeFault::new(
+            format!(
+                "{unlisted} more leaves (not listed; the first {DEEP_CHECK_LEAF_FAULTS_MAX} are)"
+            ),
+            "as maintained",
+            "differ",
+        ));
+    }
+    // The stored tree: nodes as of the last checkpoint, the buckets changed since, and the
+    // root that checkpoint recorded.
+    let mut tree = integrity::StoredTree::default();
+    for_each_under(
+        snap,
+        &keys::in_namespace(keys::NODE_TREE_PREFIX, &tenant),
+        |k, v| {
+            let (_, level, index) =
+                keys::parse_tree_node(k).ok_or_else(|| sm_err("malformed tree-node key"))?;
+            let hash: Digest = v.try_into().map_err(sm_err)?;
+            tree.nodes.insert((level, index), hash);
+            Ok(())
+        },
+    )?;
+    for_each_under(
+        snap,
+        &keys::in_namespace(keys::DIRTY_PREFIX, &tenant),
+        |_, v| {
+            let buckets: Vec<u16> = codec::decode(v).map_err(sm_err)?;
+            tree.dirty.extend(buckets);
+            Ok(())
+        },
+    )?;
+    tree.root = snapshot_decoded(snap, &keys::root(ns))?;
+    faults.extend(integrity::audit_tree(ns, &index_tree, &tree));
+    let count: u64 = snapshot_decoded(snap, &keys::leaf_count(ns))?.unwrap_or(0);
+    if count != index_tree.leaves {
+        faults.push(TreeFault::new(
+            "leaf count (against the leaves)",
+            index_tree.leaves.to_string(),
+            count.to_string(),
+        ));
+    }
+    if let Some(checkpoint) = newest {
+        let recorded = tree.root.filter(|r| r.leaves > 0);
+        let signed = checkpoint
+            .roots
+            .iter()
+            .find(|(name, _)| name == ns)
+            .map(|(_, r)| *r);
+        if recorded != signed {
+            let show = |r: Option<NamespaceRoot>| {
+                r.map_or("absent".to_string(), |r| {
+                    format!("{} ({} leaves)", hex(&r.root), r.leaves)
+                })
+            };
+            faults.push(TreeFault::new(
+                format!(
+                    "root in checkpoint {} (against the recorded root)",
+                    checkpoint.index
+                ),
+                show(recorded),
+                show(signed),
+            ));
+        }
+    }
+    Ok(NamespaceCheck {
+        namespace: ns.to_string(),
+        faults,
+    })
+}
+
 fn snapshot_decoded<T: serde::de::DeserializeOwned>(
     snap: &rocksdb::Snapshot<'_>,
     key: &[u8],
