@@ -90,9 +90,10 @@ pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 256 << 20;
 /// need a whole snapshot to catch up.
 pub const LOG_BYTES_KEPT_AFTER_SNAPSHOT_MIN: u64 = 16 << 20;
 
-/// Least `raft.snapshot_frame_wait_ms`: a sender reading a large file from a busy disk may
-/// pause between frames for a while, and an abandoned transfer starts over.
-pub const SNAPSHOT_FRAME_WAIT_MS_MIN: u64 = 1_000;
+/// Least `raft.snapshot_frame_wait_ms`. A frame counts once it has arrived whole, and frames
+/// are 1 MiB, so the wait is a least transfer rate (1 MiB per wait): 10 s still passes a
+/// 1 Mbit/s link; an abandoned transfer starts over from nothing.
+pub const SNAPSHOT_FRAME_WAIT_MS_MIN: u64 = 10_000;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,7 +119,8 @@ pub struct RaftSettings {
     pub log_bytes_kept_after_snapshot: u64,
     /// A snapshot stream being received is abandoned (and its files removed) when no frame
     /// arrives for this long, ms: a sender that stalls holds disk space and one of the
-    /// node's few transfer slots. At least 1,000.
+    /// node's few transfer slots. A frame (1 MiB) must cross the slowest link between two
+    /// nodes within it. At least 10,000.
     pub snapshot_frame_wait_ms: u64,
 }
 

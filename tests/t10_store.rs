@@ -1774,7 +1774,7 @@ async fn t16_purge_point_keeps_about_the_bound_of_the_newest_entries() {
 // and counts the rest, so a badly damaged store still gets a reply of bounded size; it reads
 // the store a namespace at a time, so an undamaged namespace beside it shows no fault, a check
 // scoped to one namespace reports that one only, and one scoped to a namespace the store does
-// not hold reports none.
+// not hold reports none. A record head moved under another record's id is named.
 #[tokio::test]
 async fn t18_deep_check_names_damaged_records_up_to_its_bound() {
     const MAX: usize = escrow::store::sm::DEEP_CHECK_LEAF_FAULTS_MAX;
@@ -1859,4 +1859,25 @@ async fn t18_deep_check_names_damaged_records_up_to_its_bound() {
     assert_eq!(found[1], ("beta".to_string(), vec![]));
     assert_eq!(faults(Some("beta")), vec![("beta".to_string(), vec![])]);
     assert_eq!(faults(Some("nobody")), vec![]);
+
+    // A head under another record's id (its own leaf hash still matches what it holds); the
+    // stored tree's buckets disagree too, as the index's leaf moved to another bucket.
+    reader
+        .misplace_record_head_for_tests(&path("beta", 1))
+        .unwrap();
+    let found = faults(Some("beta"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    let beta = &found[0].1;
+    assert_eq!(
+        beta[..2],
+        [
+            "root (recomputed from stored data)",
+            "record orders/k1 (its head's place)"
+        ],
+        "{beta:?}"
+    );
+    assert!(
+        beta[2..].iter().all(|f| f.starts_with("Merkle bucket")),
+        "{beta:?}"
+    );
 }

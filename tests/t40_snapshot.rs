@@ -10,7 +10,7 @@
 //!
 //! Also: corrupt snapshot streams are refused (t41), a log past its byte bound is
 //! snapshotted and purged although its entry count never triggers (t42), entries committed
-//! while a snapshot is built are snapshotted without a new write (t42), and a promotion cut
+//! while a snapshot is built are snapshotted without a new write (t46), and a promotion cut
 //! short in its joint configuration is finished by the same add sent again, and a removal cut
 //! short by the same remove, which an add of the removed node cannot undo (t44).
 
@@ -722,7 +722,7 @@ async fn t42_a_log_past_its_byte_bound_is_snapshotted_and_purged() {
 // asks for them. Builds are held after their checkpoint, where a large store's hashing holds
 // them; every acknowledged write is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t42_entries_committed_during_a_slow_build_are_snapshotted_without_new_writes() {
+async fn t46_entries_committed_during_a_slow_build_are_snapshotted_without_new_writes() {
     const EVERY: usize = 20;
     let raft = RaftSettings {
         snapshot_every_entries: EVERY as u64,

@@ -21,12 +21,12 @@ use crate::store::{SnapshotDir, SnapshotFileInfo};
 pub const SNAPSHOT_FILES_MAX: usize = 100_000;
 /// Largest declared snapshot file, in bytes.
 pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 1 << 40;
-/// Disk space a received snapshot must leave free on the node's filesystem: the log and the
-/// state machine go on writing while it arrives.
 /// Snapshot streams a node receives at once; one more is refused (the sender retries).
 /// A leader sends a follower one at a time; a second covers a new leader's stream starting
 /// before the old one's has ended.
 pub const SNAPSHOT_RECEIVES_AT_ONCE: usize = 2;
+/// Disk space a received snapshot must leave free on the node's filesystem: the log and the
+/// state machine go on writing while it arrives.
 pub const SNAPSHOT_DISK_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Refuses a snapshot whose declared files (`total` bytes) would not fit on the filesystem of

@@ -756,6 +756,23 @@ impl SmReader {
         db.put(key, codec::encode(&version)).map_err(sm_err)
     }
 
+    /// Test hook: moves a record's head to the key of another record's id, bypassing Raft and
+    /// the Merkle index, as a damaged store could. Never called by the node.
+    #[doc(hidden)]
+    pub fn misplace_record_head_for_tests(&self, path: &RecordPath) -> Result<(), StorageError> {
+        let db = self.shared.db();
+        let from = head_key(path);
+        let head = db
+            .get(&from)
+            .map_err(sm_err)?
+            .ok_or_else(|| sm_err("no such record"))?;
+        let elsewhere = integrity::record_leaf_id(path.collection.as_str(), "elsewhere");
+        let mut batch = WriteBatch::default();
+        batch.delete(&from);
+        batch.put(keys::record(&path.tenant, &elsewhere), head);
+        db.write(batch).map_err(sm_err)
+    }
+
     /// Test hook: replaces the stored bytes of a record's latest version with bytes that do
     /// not decode, bypassing Raft, as disk corruption would. Never called by the node.
     #[doc(hidden)]
@@ -991,9 +1008,9 @@ impl SmReader {
     }
 }
 
-/// The value at `key` in `snap`, decoded.
 /// Leaf faults deep verify lists per namespace; past it, one more fault counts the rest, so a
-/// badly damaged store still gets a reply of bounded size.
+/// store with many damaged leaves does not make a reply that grows with them (the stored
+/// tree's faults are bounded by its size, at most one per bucket and node).
 pub const DEEP_CHECK_LEAF_FAULTS_MAX: usize = 1_000;
 
 /// Calls `f` with every key under `prefix` and its value, in key order, from `snap`.
@@ -1150,12 +1167,28 @@ fn deep_check_namespace(
         // Where sources share an id, the artifact's and the leaf index's side count, as
         // they did when the sides were maps filled records first.
         let mut sides = LeafSides::default();
+        // A head stored under another record's id: named as such, not as a leaf difference.
+        let mut misplaced = None;
         if record_id == Some(id) {
             let head: RecordHead =
                 codec::decode(records.value().unwrap_or_default()).map_err(sm_err)?;
-            if let Some(live) = &head.live {
+            let path = head.path(&tenant);
+            let own = integrity::record_leaf_id(path.collection.as_str(), path.key.as_str());
+            if own != id {
+                // Its leaf belongs elsewhere, so nothing here recomputes to what the index
+                // holds under this id, and the roots differ.
+                sides.maintained = head.live.as_ref().map(|live| live.leaf);
+                misplaced = Some(TreeFault::new(
+                    format!(
+                        "record {}/{} (its head's place)",
+                        path.collection.as_str(),
+                        path.key.as_str()
+                    ),
+                    format!("under leaf {}", hex(&own)),
+                    format!("under leaf {}", hex(&id)),
+                ));
+            } else if let Some(live) = &head.live {
                 sides.maintained = Some(live.leaf);
-                let path = head.path(&tenant);
                 // A live record whose value is missing from its history reads as empty, so
                 // its leaf disagrees with the index and deep verify names it.
                 let version: Option<RecordVersion> =
@@ -1190,6 +1223,7 @@ fn deep_check_namespace(
             recomputed_tree.push(id, *hash);
         }
         let fault = match (sides.maintained, sides.recomputed) {
+            _ if misplaced.is_some() => misplaced,
             (Some(m), Some((r, what))) if m != r => Some(TreeFault::new(what, hex(&m), hex(&r))),
             (None, Some((r, what))) => Some(TreeFault::new(what, "absent", hex(&r))),
             (Some(m), None) => Some(TreeFault::new(
@@ -1292,6 +1326,7 @@ fn deep_check_namespace(
     })
 }
 
+/// The value at `key` in `snap`, decoded.
 fn snapshot_decoded<T: serde::de::DeserializeOwned>(
     snap: &rocksdb::Snapshot<'_>,
     key: &[u8],

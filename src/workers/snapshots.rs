@@ -29,7 +29,7 @@ use crate::store::LogStore;
 /// Pause between two estimates of the log's size (each reads in-memory RocksDB metadata).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Longest wait for a requested snapshot before the size is estimated again (a snapshot of a
+/// Longest wait for a requested snapshot before the log is looked at again (a snapshot of a
 /// large store hashes its new files, which can take a while; Raft ignores a second request
 /// while the first is being built).
 const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(300);
