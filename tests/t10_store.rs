@@ -1881,3 +1881,37 @@ async fn t18_deep_check_names_damaged_records_up_to_its_bound() {
         "{beta:?}"
     );
 }
+
+// Goal: a Merkle key out of place in a damaged store (a leaf key too short to end in an id, a
+// tree-node key that is not one) stops the checkpoint's fold with a storage error naming the
+// key, never a panic in the apply, and the checkpoint changes nothing.
+#[tokio::test]
+async fn t18_a_merkle_key_out_of_place_fails_the_checkpoint_naming_it() {
+    for (leaf, says) in [(true, "too short"), (false, "out of place")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(dir.path()).unwrap();
+        let reader = sm.reader();
+        let path = RecordPath::parse("acme", "orders", "k1").unwrap();
+        let commands = vec![
+            Command::AddTenant {
+                tenant: TenantId::parse("acme").unwrap(),
+            },
+            Command::PutRecord {
+                path: path.clone(),
+                value: b"v".to_vec(),
+            },
+        ];
+        apply_batch(&mut sm, 1, commands).await;
+        reader.misplace_merkle_key_for_tests(&path, leaf).unwrap();
+        let err = sm
+            .apply([Entry {
+                log_id: log_id(1, 2),
+                payload: EntryPayload::Normal(Command::Checkpoint),
+            }])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "leaf {leaf}: {err}");
+        assert_eq!(reader.applied_index(), 1, "leaf {leaf}");
+        assert!(reader.checkpoint(2).unwrap().is_none(), "leaf {leaf}");
+    }
+}

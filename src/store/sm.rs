@@ -818,6 +818,27 @@ impl SmReader {
         Ok(index)
     }
 
+    /// Test hook: writes a Merkle key out of place beside `path`'s record, bypassing Raft, as
+    /// a damaged store could: with `leaf`, a leaf key in its bucket too short to end in an id;
+    /// otherwise a tree-node key one byte longer than its bucket's. Never called by the node.
+    #[doc(hidden)]
+    pub fn misplace_merkle_key_for_tests(
+        &self,
+        path: &RecordPath,
+        leaf: bool,
+    ) -> Result<(), StorageError> {
+        let ns = path.tenant.as_str();
+        let id = integrity::record_leaf_id(path.collection.as_str(), path.key.as_str());
+        let bucket = integrity::bucket_of(&id);
+        let mut key = if leaf {
+            keys::bucket_prefix(keys::LEAF_PREFIX, ns, bucket)
+        } else {
+            keys::tree_node(ns, 0, u32::from(bucket))
+        };
+        key.push(0xFF);
+        self.shared.db().put(key, [0u8; 32]).map_err(sm_err)
+    }
+
     /// Test hook: flips a byte of the cluster root stored in checkpoint `index`, bypassing
     /// Raft, as disk corruption would. Never called by the node.
     #[doc(hidden)]
