@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # PKI for a real deployment without its own CA: a cluster CA (kept if present), one certificate
-# per node (server and client use) and an ops token, all under OUT (keys and token mode 0600).
+# per node (server and client use), an ops token and a metrics token (reads /metrics only), all
+# under OUT (keys and tokens mode 0600).
 # Usage: scripts/pki.sh OUT 1=node1.example.org,10.0.0.1 2=node2.example.org 3=node3.example.org
 # Keep OUT/ca.key offline once the certificates are issued.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -217,6 +217,11 @@ impl TokenCheck {
         })
     }
 
+    /// Whether `presented` is the token (constant-time: blake3::Hash equality is).
+    pub fn matches(&self, presented: &str) -> bool {
+        blake3::hash(presented.as_bytes()) == self.hash
+    }
+
     /// Interceptor for client services: `authorization: Bearer <token>`.
     #[allow(clippy::result_large_err)]
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
@@ -228,8 +233,7 @@ impl TokenCheck {
             .ok_or_else(|| {
                 Status::unauthenticated("missing credential: send 'authorization: Bearer <token>'")
             })?;
-        // blake3::Hash equality is constant-time.
-        if blake3::hash(presented.as_bytes()) == self.hash {
+        if self.matches(presented) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("invalid credential"))

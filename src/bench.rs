@@ -163,8 +163,13 @@ where
 /// The tenant the escrow benchmark writes into (registered if missing).
 pub const BENCH_TENANT: &str = "bench";
 
-/// Benchmarks puts against the escrow cluster described by `config`.
-pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Result<BenchReport> {
+/// Benchmarks puts against the escrow cluster described by `config`, each put with
+/// `deadline` (retries included).
+pub async fn run_escrow(
+    config: &ClientConfig,
+    spec: &BenchSpec,
+    deadline: Duration,
+) -> anyhow::Result<BenchReport> {
     validate(spec)?;
     // Put the leader first so writes are not forwarded (etcd's client also finds its way).
     let probe = EscrowClient::new(config)?;
@@ -183,7 +188,7 @@ pub async fn run_escrow(config: &ClientConfig, spec: &BenchSpec) -> anyhow::Resu
         Err(e) => return Err(e.into()),
     }
     let clients: Vec<std::sync::Arc<EscrowClient>> = (0..spec.clients)
-        .map(|_| EscrowClient::new(&config).map(std::sync::Arc::new))
+        .map(|_| EscrowClient::new(&config).map(|c| std::sync::Arc::new(c.with_deadline(deadline))))
         .collect::<Result<_, _>>()?;
     let (hist, errors, elapsed) = drive(spec, move |worker, key, value| {
         let client = clients[worker].clone();

@@ -263,14 +263,21 @@ impl EscrowClient {
         let mut index = self.preferred.load(Ordering::Relaxed) % n;
         let mut hinted: Option<String> = None;
         let mut tried_in_round = 0usize;
+        // The last retryable failure, for the error once the deadline has passed: "no leader"
+        // or a TLS failure says more than the deadline alone.
+        let mut last: Option<(String, Status)> = None;
         loop {
             let remaining = self.deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
-                return Err(Status::deadline_exceeded(format!(
-                    "no endpoint answered within {:?}",
-                    self.deadline
-                ))
-                .into());
+                let why = match &last {
+                    Some((addr, s)) => format!(
+                        "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
+                        self.deadline,
+                        s.message()
+                    ),
+                    None => format!("no endpoint answered within {:?}", self.deadline),
+                };
+                return Err(Status::deadline_exceeded(why).into());
             }
             let addr = hinted
                 .take()
@@ -305,6 +312,7 @@ impl EscrowClient {
                         tokio::time::sleep(RETRY_PAUSE.min(remaining)).await;
                     }
                     tracing::debug!(endpoint = %addr, error = %s.message(), "retrying on another endpoint");
+                    last = Some((addr, s));
                 }
                 Err(s) => return Err(s.into()),
             }
@@ -740,7 +748,13 @@ impl EscrowClient {
         let mut reports = Vec::new();
         let mut nodes = Vec::new();
         for (m, r) in results {
-            let role = if m.voter { "voter" } else { "learner" }.to_string();
+            // Before `cluster init` the endpoints have no id and no role yet.
+            let role = match (m.id, m.voter) {
+                (0, _) => "uninitialized",
+                (_, true) => "voter",
+                (_, false) => "learner",
+            }
+            .to_string();
             match r {
                 Ok(s) => {
                     reports.push(LeaderReport {
@@ -753,11 +767,7 @@ impl EscrowClient {
                         id: s.id,
                         addr: m.client_addr.clone(),
                         raft_addr: m.raft_addr.clone(),
-                        role: if m.id == 0 {
-                            "uninitialized".into()
-                        } else {
-                            role
-                        },
+                        role,
                         state: s.state,
                         applied_index: s.applied_index,
                         last_log_index: s.last_log_index,

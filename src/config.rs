@@ -66,6 +66,10 @@ pub struct TlsFiles {
 pub struct AuthFiles {
     /// File holding the ops bearer token (mode 0600).
     pub ops_token_file: PathBuf,
+    /// File holding a bearer token that reads `/metrics` and nothing else (mode 0600), for
+    /// the monitoring system; without it only the ops token reads `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// One member of the initial cluster, as `cluster init` bootstraps it.
@@ -252,7 +256,10 @@ impl Config {
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.auth.ops_token_file,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.auth.metrics_token_file.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

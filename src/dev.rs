@@ -7,6 +7,7 @@
 //! pki/ca.pem, pki/ca.key       the dev cluster CA (key 0600)
 //! pki/node<N>.pem, .key        node certificates (SAN: 127.0.0.1, localhost)
 //! secrets/ops.token            the ops credential (0600)
+//! secrets/metrics.token        reads /metrics and nothing else (0600)
 //! node<N>/escrowd.toml         node configs; node<N>/data is the node's data dir
 //! ```
 
@@ -86,10 +87,11 @@ fn ensure_ca(dir: &Path) -> anyhow::Result<Ca> {
     Ok(ca)
 }
 
-fn ensure_token(dir: &Path) -> anyhow::Result<PathBuf> {
+/// `dir/secrets/NAME`, a new random token (0600) unless it exists.
+fn ensure_token(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let secrets = dir.join("secrets");
     std::fs::create_dir_all(&secrets)?;
-    let path = secrets.join("ops.token");
+    let path = secrets.join(name);
     if !path.exists() {
         crate::auth::write_secret_file(&path, generate_token().as_bytes())?;
     }
@@ -105,7 +107,8 @@ pub fn write_node_files(
     raft: &RaftSettings,
 ) -> anyhow::Result<PathBuf> {
     let ca = ensure_ca(dir)?;
-    let token = ensure_token(dir)?;
+    let token = ensure_token(dir, "ops.token")?;
+    let metrics_token = ensure_token(dir, "metrics.token")?;
     let pki = dir.join("pki");
     let (cert, key) = (
         pki.join(format!("node{id}.pem")),
@@ -142,6 +145,7 @@ pub fn write_node_files(
         },
         auth: AuthFiles {
             ops_token_file: token,
+            metrics_token_file: Some(metrics_token),
         },
         initial_members: initial.to_vec(),
         raft: raft.clone(),
@@ -297,6 +301,15 @@ pub async fn run(dir: &Path, nodes: usize, port_base: u16) -> anyhow::Result<()>
     println!("             escrowctl cluster status");
     println!("             escrowctl tenant add acme");
     println!("             escrowctl record put --tenant acme --collection orders --key o-1 --value hello");
+    println!(
+        "  metrics: curl --cacert {} -H \"Authorization: Bearer $(cat {})\" https://{}/metrics",
+        files.dir.join("pki/ca.pem").display(),
+        files.dir.join("secrets/metrics.token").display(),
+        handles
+            .first()
+            .map(|h| h.http_addr.to_string())
+            .unwrap_or_default()
+    );
     println!("Ctrl-C stops the cluster; its data is kept for the next start.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::TokenCheck;
 use crate::service::Core;
 
 /// Connections served at once; more wait in the kernel backlog.
@@ -28,15 +29,52 @@ pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`HTTP_HEADER_READ_TIMEOUT`] more), whatever its client does; scrapers reconnect.
 pub const HTTP_CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
 
-pub fn router(core: Arc<Core>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(core)
+/// Who may read `/metrics`: its labels name every tenant, so it takes a bearer credential,
+/// the ops token or the metrics-only token. `/healthz` and `/readyz` say nothing of tenants and
+/// stay open for load balancers and supervisors.
+#[derive(Clone)]
+pub struct ScrapeCredentials {
+    pub ops: TokenCheck,
+    pub metrics: Option<TokenCheck>,
 }
 
-async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
+impl ScrapeCredentials {
+    fn admits(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or("missing credential: send 'Authorization: Bearer <token>' (the metrics or ops token)\n")?;
+        if self.ops.matches(presented)
+            || self.metrics.as_ref().is_some_and(|m| m.matches(presented))
+        {
+            Ok(())
+        } else {
+            Err("invalid credential\n")
+        }
+    }
+}
+
+pub fn router(core: Arc<Core>, scrape: ScrapeCredentials) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((core.clone(), scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz).with_state(core))
+}
+
+async fn metrics(
+    State((core, scrape)): State<(Arc<Core>, ScrapeCredentials)>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    if let Err(why) = scrape.admits(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            why,
+        )
+            .into_response();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -44,6 +82,7 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
         )],
         core.metrics.encode(),
     )
+        .into_response()
 }
 
 async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {

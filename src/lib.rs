@@ -33,6 +33,44 @@ pub mod pb {
     tonic::include_proto!("escrow.v1");
 }
 
+/// Parses `program`'s command line. Help and version print as usual; a usage error is one line
+/// on stderr (the command-line contract), "PROGRAM: REASON (see PROGRAM --help)", exit code 2.
+pub fn parse_args<C: clap::Parser>(program: &str) -> Result<C, std::process::ExitCode> {
+    use clap::error::ErrorKind;
+    match C::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                Err(std::process::ExitCode::from(if e.use_stderr() {
+                    2
+                } else {
+                    0
+                }))
+            }
+            _ => {
+                eprintln!("{program}: {} (see {program} --help)", usage_reason(&e));
+                Err(std::process::ExitCode::from(2))
+            }
+        },
+    }
+}
+
+/// A clap error's reason on one line: its text up to the usage, lines joined, without the
+/// "error: " prefix.
+fn usage_reason(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join(" ").trim_start_matches("error: ").to_string()
+}
+
 /// Sets up `tracing` output: human-readable or JSON, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {
     init_tracing_with(json, "info,openraft=warn");

@@ -128,6 +128,15 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
 
     let tls = NodeTls::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let token = TokenCheck::from_file(&config.auth.ops_token_file)?;
+    let scrape = crate::http::ScrapeCredentials {
+        ops: token.clone(),
+        metrics: config
+            .auth
+            .metrics_token_file
+            .as_deref()
+            .map(TokenCheck::from_file)
+            .transpose()?,
+    };
     tracing::info!(node = id, "tls material and credentials loaded");
 
     std::fs::create_dir_all(&config.data_dir)
@@ -279,7 +288,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     tasks.push(tokio::spawn(crate::http::serve(
         http_listener,
         tls.http_server()?,
-        crate::http::router(core.clone()),
+        crate::http::router(core.clone(), scrape),
         shutdown_rx.clone(),
     )));
     tracing::info!(node = id, addr = %http_addr, "http listener (TLS) up");

@@ -313,6 +313,24 @@ async fn t22_write_without_quorum_fails_within_deadline() {
         "no-quorum write failed after {:?}: {err}",
         started.elapsed()
     );
+    // A client that reaches no node at all says, once its deadline has passed, which endpoint
+    // it tried last and why, not only that time ran out.
+    let stopped = (survivor + 1) % 3;
+    let addr = cluster.client_config().endpoints[stopped].clone();
+    let client = cluster
+        .client_for(stopped)
+        .with_deadline(Duration::from_secs(2));
+    let err = client
+        .put("acme", "orders", "k", b"v".to_vec())
+        .await
+        .expect_err("no node answers");
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("the last, {addr}, said: ")),
+        "{err}"
+    );
+    eprintln!("no node reached: {err}");
     cluster.shutdown().await;
 }
 

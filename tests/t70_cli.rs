@@ -142,6 +142,17 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     assert!(stderr.contains("tenant id"), "{stderr}");
     assert!(out.stdout.is_empty());
 
+    // A usage error (a required flag missing) is one line too, naming the flag, exit code 2.
+    let out = escrowctl(&cfg, &["record", "put", "--collection", "c", "--key", "k"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
+    assert!(
+        stderr.starts_with("escrowctl: ") && stderr.contains("--tenant"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
     // A missing config is a clear one-line error.
     let out = escrowctl(
         std::path::Path::new("/nonexistent/escrowctl.toml"),

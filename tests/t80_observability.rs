@@ -6,7 +6,8 @@
 //! 2. GET /metrics on the leader over TLS (trusting the cluster CA): term, leader, commit and
 //!    applied index, per-follower replication lag and the commit latency histogram are there,
 //!    with values that match the cluster's state.
-//! 3. /healthz and /readyz answer 200 on a follower.
+//! 3. /healthz and /readyz answer 200 on a follower without a credential; /metrics takes the
+//!    metrics token or the ops token (401 without one or with another).
 //! 4. A plaintext request gets no HTTP answer.
 
 mod common;
@@ -19,8 +20,19 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn https_get(ca_pem: &[u8], addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    https_get_as(ca_pem, addr, path, None).await
+}
+
+/// [`https_get`] with `Authorization: Bearer TOKEN`.
+async fn https_get_as(
+    ca_pem: &[u8],
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut tls = tls_connect(ca_pem, addr).await;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n");
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
@@ -73,10 +85,28 @@ async fn t80_metrics_health_and_readiness_over_tls() {
         .await;
     let leader = cluster.wait_leader().await;
     let ca = std::fs::read(cluster.files.dir.join("pki/ca.pem")).unwrap();
+    let secret = |name: &str| {
+        let text = std::fs::read_to_string(cluster.files.dir.join("secrets").join(name));
+        text.unwrap().trim().to_string()
+    };
+    let scrape = secret("metrics.token");
     let leader_node = cluster.node(cluster.index_of(leader));
+    // /metrics names every tenant: it takes the metrics token or the ops token, nothing else.
+    let addr = leader_node.http_addr;
+    for (token, expect) in [
+        (None, "missing credential"),
+        (Some("not-the-token"), "invalid credential"),
+    ] {
+        let (status, body) = https_get_as(&ca, addr, "/metrics", token).await;
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert!(body.starts_with(expect), "{token:?}: {body}");
+    }
+    let (status, _) = https_get_as(&ca, addr, "/metrics", Some(&secret("ops.token"))).await;
+    assert_eq!(status, 200, "the ops token reads /metrics");
 
     let body = wait_for("leader metrics to show the writes", || async {
-        let (status, body) = https_get(&ca, leader_node.http_addr, "/metrics").await;
+        let (status, body) =
+            https_get_as(&ca, leader_node.http_addr, "/metrics", Some(&scrape)).await;
         assert_eq!(status, 200);
         (sample(&body, "escrow_raft_applied_index")? >= last as f64
             && sample(&body, "escrow_raft_commit_index")? >= last as f64)
@@ -102,7 +132,7 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     assert_eq!((status, body.trim()), (200, "ok"));
     let (status, body) = https_get(&ca, follower_node.http_addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
-    let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
+    let (_, body) = https_get_as(&ca, follower_node.http_addr, "/metrics", Some(&scrape)).await;
     assert_eq!(sample(&body, "escrow_raft_is_leader"), Some(0.0));
     // The integrity totals are counters (so `rate()` and `increase()` apply to them), at 0 on
     // a node that found nothing corrupt.
@@ -128,7 +158,7 @@ async fn t80_metrics_health_and_readiness_over_tls() {
             .and_then(|v| v.parse::<f64>().ok())
     };
     let body = wait_for("namespace metrics on a follower", || async {
-        let (_, body) = https_get(&ca, follower_node.http_addr, "/metrics").await;
+        let (_, body) = https_get_as(&ca, follower_node.http_addr, "/metrics", Some(&scrape)).await;
         (acme("escrow_namespace_records", &body)? == 20.0).then_some(body)
     })
     .await;

@@ -275,7 +275,9 @@ struct MirrorArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Concurrent puts: throughput and p50/p99/max latency.
+    /// Concurrent puts: throughput and p50/p99/max latency. Against escrow it writes into
+    /// tenant `bench`, registering it if missing: point it at a dev or test cluster. Fails
+    /// when no put succeeded.
     Put {
         #[arg(long, default_value_t = 16)]
         clients: usize,
@@ -301,7 +303,10 @@ enum BenchCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match escrow::parse_args::<Cli>("escrowctl") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     escrow::init_tracing(false);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -891,12 +896,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = escrow::bench::BenchSpec {
                 clients: *clients,
                 value_bytes: *value_size,
-                duration: Duration::from_secs((*seconds).max(1)),
+                duration: Duration::from_secs(*seconds),
                 compressible: *compressible,
                 new_keys: *new_keys,
             };
             let report = if etcd.is_empty() {
-                escrow::bench::run_escrow(&config, &spec).await?
+                escrow::bench::run_escrow(&config, &spec, timeout).await?
             } else {
                 let ca = match etcd_ca {
                     Some(path) => Some(
@@ -908,6 +913,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 run_etcd(etcd, ca, &spec).await?
             };
             print(cli.json, serde_json::to_value(&report)?, report.line());
+            // Figures with a few failed puts are still figures (counted in `errors`); a run in
+            // which no put succeeded measured nothing.
+            if report.ops == 0 {
+                anyhow::bail!(
+                    "no put succeeded ({} failed): check the cluster with `escrowctl cluster status`",
+                    report.errors
+                );
+            }
+            if report.errors > 0 {
+                eprintln!(
+                    "escrowctl: warning: {} of {} puts failed",
+                    report.errors,
+                    report.errors + report.ops
+                );
+            }
         }
     }
     Ok(())

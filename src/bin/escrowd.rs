@@ -2,7 +2,8 @@
 //!
 //! - `escrowd dev [--dir DIR] [--nodes 3]`: local cluster on loopback with dev PKI.
 //! - `escrowd run --config FILE`: one production node.
-//! - `escrowd pki --out DIR --node ID=NAME[,NAME…] …`: a CA, node certificates and an ops token
+//! - `escrowd pki --out DIR --node ID=NAME[,NAME…] …`: a CA, node certificates, an ops token
+//!   and a metrics token
 //!   for a real deployment without its own CA.
 
 use std::path::PathBuf;
@@ -46,7 +47,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Generate a cluster CA (kept if present), node certificates and an ops token.
+    /// Generate a cluster CA (kept if present), node certificates, an ops token and a metrics
+    /// token.
     Pki {
         /// Output dir; the CA key and token are written mode 0600.
         #[arg(long)]
@@ -58,7 +60,10 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match escrow::parse_args::<Cli>("escrowd") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let result = match cli.command {
         Cmd::Dev {
             dir,
@@ -144,10 +149,12 @@ fn pki(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
         ca.issue_to_files(&format!("escrow node {id}"), &names, &cert, &key)?;
         println!("wrote {} and {}", cert.display(), key.display());
     }
-    let token = out.join("ops.token");
-    if !token.exists() {
-        escrow::auth::write_secret_file(&token, escrow::pki::generate_token().as_bytes())?;
-        println!("wrote {}", token.display());
+    for name in ["ops.token", "metrics.token"] {
+        let token = out.join(name);
+        if !token.exists() {
+            escrow::auth::write_secret_file(&token, escrow::pki::generate_token().as_bytes())?;
+            println!("wrote {}", token.display());
+        }
     }
     Ok(())
 }

@@ -421,6 +421,17 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "this node's config has no initial_members; init a node that lists the initial cluster",
             ));
         }
+        // Already initialized says more than a voter count (a one-node `escrowd dev` cluster
+        // bootstraps itself with one voter).
+        if self
+            .core
+            .raft
+            .is_initialized()
+            .await
+            .map_err(status::fatal)?
+        {
+            return Err(Status::already_exists("the cluster is already initialized"));
+        }
         if !BOOTSTRAP_VOTERS_ALLOWED.contains(&members.len()) {
             return Err(Status::invalid_argument(format!(
                 "a cluster bootstraps with {BOOTSTRAP_VOTERS_ALLOWED:?} voters, the config lists {}",
