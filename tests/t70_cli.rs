@@ -68,6 +68,26 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     assert_eq!(got["found"], true);
     assert_eq!(got["value"], "hello");
     assert_eq!(got["revision"], revision);
+    // A value that is not UTF-8 comes back in JSON as hex.
+    let binary = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(binary.path(), [0xFF, 0x00, 0x01]).unwrap();
+    let bin = ["--tenant", "acme", "--collection", "orders", "--key", "bin"];
+    let file = binary.path().to_str().unwrap();
+    let out = escrowctl(
+        &cfg,
+        &[&["record", "put"][..], &bin, &["--file", file]].concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = escrowctl(&cfg, &[&["record", "get"][..], &bin, &["--json"]].concat());
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&got["value"], &got["value_hex"]),
+        (&serde_json::Value::Null, &serde_json::json!("ff0001"))
+    );
     // Without --json the value's bytes exactly, no newline added when piped.
     let out = escrowctl(&cfg, &[&["record", "get"][..], &rec].concat());
     assert!(out.status.success());

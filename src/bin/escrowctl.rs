@@ -399,7 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ids: Vec<u64> = r.members.iter().map(|m| m.id).collect();
             print(
                 cli.json,
-                json!({ "initialized": true, "members": ids }),
+                json!({ "initialized": true, "members": members_json(&r.members) }),
                 format!("cluster initialized with voters {ids:?}"),
             );
         }
@@ -447,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 voter: !learner,
             };
             let r = client.add_node(member, *learner).await?;
-            let doc = json!({ "added": id, "members": r.members.iter().map(|m| json!({"id": m.id, "voter": m.voter})).collect::<Vec<_>>() });
+            let doc = json!({ "added": id, "members": members_json(&r.members) });
             print(
                 cli.json,
                 doc,
@@ -462,7 +462,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ids: Vec<u64> = r.members.iter().map(|m| m.id).collect();
             print(
                 cli.json,
-                json!({ "removed": id, "members": ids }),
+                json!({ "removed": id, "members": members_json(&r.members) }),
                 format!("node {id} removed; members {ids:?}"),
             );
         }
@@ -543,11 +543,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
             if cli.json {
-                let value = String::from_utf8(r.value.clone()).ok();
-                println!(
-                    "{}",
-                    json!({ "found": true, "revision": r.revision, "time": format_ms(r.time_ms), "time_ms": r.time_ms, "read_index": r.read_index, "size": r.value.len(), "value": value })
-                );
+                let mut doc = json!({ "found": true, "revision": r.revision, "time": format_ms(r.time_ms), "time_ms": r.time_ms, "read_index": r.read_index, "size": r.value.len() });
+                add_value_json(&mut doc, &r.value);
+                println!("{doc}");
             } else if out.is_none() {
                 use std::io::{IsTerminal, Write};
                 let mut stdout = std::io::stdout().lock();
@@ -592,14 +590,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .versions
                 .iter()
                 .map(|v| {
-                    json!({
+                    let mut doc = json!({
                         "revision": v.revision,
                         "time": format_ms(v.time_ms),
                         "time_ms": v.time_ms,
                         "deleted": v.deleted,
                         "size": v.value.len(),
-                        "value": (!v.deleted).then(|| String::from_utf8(v.value.clone()).ok()).flatten(),
-                    })
+                        "value": null,
+                    });
+                    if !v.deleted {
+                        add_value_json(&mut doc, &v.value);
+                    }
+                    doc
                 })
                 .collect();
             let human = r
@@ -931,6 +933,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A record value in a JSON document: `value` as text when it is UTF-8; otherwise `value` is
+/// null and `value_hex` holds the bytes.
+fn add_value_json(doc: &mut serde_json::Value, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => doc["value"] = json!(text),
+        Err(_) => {
+            use std::fmt::Write;
+            let mut hex = String::with_capacity(bytes.len() * 2);
+            for b in bytes {
+                let _ = write!(hex, "{b:02x}");
+            }
+            doc["value"] = serde_json::Value::Null;
+            doc["value_hex"] = json!(hex);
+        }
+    }
+}
+
+/// A membership as `cluster init`, `add` and `remove` print it: `[{"id", "voter"}]`.
+fn members_json(members: &[escrow::pb::Member]) -> Vec<serde_json::Value> {
+    members
+        .iter()
+        .map(|m| json!({ "id": m.id, "voter": m.voter }))
+        .collect()
 }
 
 /// ms since the Unix epoch as RFC 3339 text ("never" for 0).
