@@ -172,7 +172,7 @@ pub async fn run_escrow(
 ) -> anyhow::Result<BenchReport> {
     validate(spec)?;
     // Put the leader first so writes are not forwarded (etcd's client also finds its way).
-    let probe = EscrowClient::new(config)?;
+    let probe = EscrowClient::new(config)?.with_deadline(deadline);
     let status = probe.cluster_status().await?;
     let mut config = config.clone();
     if let Some(leader) = status.nodes.iter().find(|n| Some(n.id) == status.leader) {

@@ -314,6 +314,20 @@ impl EscrowClient {
                     tracing::debug!(endpoint = %addr, error = %s.message(), "retrying on another endpoint");
                     last = Some((addr, s));
                 }
+                // Time ran out during this attempt (tonic's own timeout is "cancelled"): the
+                // deadline is the error, naming what this endpoint said. A node's own
+                // DEADLINE_EXCEEDED ("not committed within …") passes as it is.
+                Err(s)
+                    if (retryable(&s) || s.code() == tonic::Code::Cancelled)
+                        && started.elapsed() >= self.deadline =>
+                {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
+                        self.deadline,
+                        s.message()
+                    ))
+                    .into());
+                }
                 Err(s) => return Err(s.into()),
             }
         }

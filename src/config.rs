@@ -515,6 +515,7 @@ mod tests {
         config.tls.cert = "pki/node.pem".into();
         config.tls.key = "../keys/node.key".into();
         config.auth.ops_token_file = "secrets/ops.token".into();
+        config.auth.metrics_token_file = Some("secrets/metrics.token".into());
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).unwrap();
         let path = etc.join("node.toml");
@@ -525,6 +526,10 @@ mod tests {
         assert_eq!(loaded.tls.cert, base.join("pki/node.pem"));
         assert_eq!(loaded.tls.key, base.join("../keys/node.key"));
         assert_eq!(loaded.auth.ops_token_file, base.join("secrets/ops.token"));
+        assert_eq!(
+            loaded.auth.metrics_token_file,
+            Some(base.join("secrets/metrics.token"))
+        );
         assert!(ca.is_absolute());
         assert_eq!(loaded.tls.ca, ca);
     }

@@ -43,7 +43,12 @@ impl ScrapeCredentials {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme's name is case-insensitive (RFC 7235).
+            .and_then(|v| {
+                v.get(..7)
+                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                    .map(|_| &v[7..])
+            })
             .ok_or("missing credential: send 'Authorization: Bearer <token>' (the metrics or ops token)\n")?;
         if self.ops.matches(presented)
             || self.metrics.as_ref().is_some_and(|m| m.matches(presented))

@@ -40,15 +40,14 @@ pub fn parse_args<C: clap::Parser>(program: &str) -> Result<C, std::process::Exi
     match C::try_parse() {
         Ok(cli) => Ok(cli),
         Err(e) => match e.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
                 let _ = e.print();
-                Err(std::process::ExitCode::from(if e.use_stderr() {
-                    2
-                } else {
-                    0
-                }))
+                Err(std::process::ExitCode::SUCCESS)
+            }
+            // `escrowctl` or `escrowctl cluster` alone: clap would print the whole help.
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                eprintln!("{program}: a command is required (see {program} --help)");
+                Err(std::process::ExitCode::from(2))
             }
             _ => {
                 eprintln!("{program}: {} (see {program} --help)", usage_reason(&e));
@@ -68,7 +67,7 @@ fn usage_reason(e: &clap::Error) -> String {
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect();
-    lines.join(" ").trim_start_matches("error: ").to_string()
+    lines.join("; ").trim_start_matches("error: ").to_string()
 }
 
 /// Sets up `tracing` output: human-readable or JSON, filtered by `RUST_LOG` (default `info`).

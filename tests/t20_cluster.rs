@@ -331,6 +331,27 @@ async fn t22_write_without_quorum_fails_within_deadline() {
         "{err}"
     );
     eprintln!("no node reached: {err}");
+    // The same when time runs out during an attempt: an endpoint that takes the connection
+    // and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let mut config = cluster.client_config();
+    config.endpoints = vec![addr.clone()];
+    let client = escrow::client::EscrowClient::new(&config)
+        .unwrap()
+        .with_deadline(Duration::from_secs(2));
+    let err = client
+        .put("acme", "orders", "k", b"v".to_vec())
+        .await
+        .expect_err("no node answers");
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("the last, {addr}, said: ")),
+        "{err}"
+    );
+    eprintln!("silent endpoint: {err}");
+    drop(silent);
     cluster.shutdown().await;
 }
 

@@ -173,6 +173,13 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
     );
     assert!(out.stdout.is_empty());
 
+    // No command at all: one line too, not the whole help.
+    let out = escrowctl(&cfg, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
+    assert!(stderr.contains("requires a subcommand"), "{stderr}");
+
     // A missing config is a clear one-line error.
     let out = escrowctl(
         std::path::Path::new("/nonexistent/escrowctl.toml"),
