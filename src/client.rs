@@ -190,6 +190,11 @@ pub struct EscrowClient {
     deadline: Duration,
 }
 
+/// What an endpoint said: the status message and the errors behind it.
+fn said(s: &Status) -> String {
+    crate::transport::with_causes(s.message().to_string(), std::error::Error::source(s))
+}
+
 fn retryable(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable => true,
@@ -273,7 +278,7 @@ impl EscrowClient {
                     Some((addr, s)) => format!(
                         "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
                         self.deadline,
-                        s.message()
+                        said(s)
                     ),
                     None => format!("no endpoint answered within {:?}", self.deadline),
                 };
@@ -324,7 +329,7 @@ impl EscrowClient {
                     return Err(Status::deadline_exceeded(format!(
                         "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
                         self.deadline,
-                        s.message()
+                        said(&s)
                     ))
                     .into());
                 }

@@ -52,6 +52,23 @@ pub struct Timeouts {
 /// One TLS channel per address, opened lazily on first use and shared by every later call
 /// (a channel multiplexes concurrent requests over one HTTP/2 connection and reconnects by
 /// itself).
+/// `text` followed by each error in the chain from `cause` on, separated by ": ", each text
+/// once (tonic's own text is often only "transport error", and its causes repeat each other).
+pub fn with_causes(
+    mut text: String,
+    mut cause: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 pub struct Channels {
     tls: ClientTlsConfig,
     timeouts: Timeouts,
@@ -71,15 +88,8 @@ impl Channels {
     /// error only for an address that does not form a valid URI, naming its causes (tonic's
     /// own text is only "transport error").
     pub fn get(&self, addr: &str) -> Result<GrpcChannel, String> {
-        self.open_channel(addr).map_err(|e| {
-            let mut text = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                text.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            text
-        })
+        self.open_channel(addr)
+            .map_err(|e| with_causes(e.to_string(), std::error::Error::source(&e)))
     }
 
     fn open_channel(&self, addr: &str) -> Result<GrpcChannel, tonic::transport::Error> {
