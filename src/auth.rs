@@ -203,6 +203,15 @@ impl NodeTls {
     }
 }
 
+/// The token of an `authorization: Bearer <token>` value; the scheme's name is
+/// case-insensitive (RFC 7235), as HTTP clients may send it either way.
+pub fn bearer(value: &str) -> Option<&str> {
+    value
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+        .map(|_| &value[7..])
+}
+
 /// A client credential as the server holds it: only its blake3 hash, compared in constant time.
 #[derive(Clone)]
 pub struct TokenCheck {
@@ -229,7 +238,7 @@ impl TokenCheck {
             .metadata()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .ok_or_else(|| {
                 Status::unauthenticated("missing credential: send 'authorization: Bearer <token>'")
             })?;

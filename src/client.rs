@@ -320,18 +320,13 @@ impl EscrowClient {
                     last = Some((addr, s));
                 }
                 // Time ran out during this attempt (tonic's own timeout is "cancelled"): the
-                // deadline is the error, naming what this endpoint said. A node's own
+                // loop's deadline error names what this endpoint said. A node's own
                 // DEADLINE_EXCEEDED ("not committed within …") passes as it is.
                 Err(s)
                     if (retryable(&s) || s.code() == tonic::Code::Cancelled)
                         && started.elapsed() >= self.deadline =>
                 {
-                    return Err(Status::deadline_exceeded(format!(
-                        "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
-                        self.deadline,
-                        said(&s)
-                    ))
-                    .into());
+                    last = Some((addr, s));
                 }
                 Err(s) => return Err(s.into()),
             }

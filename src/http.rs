@@ -43,12 +43,7 @@ impl ScrapeCredentials {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            // The scheme's name is case-insensitive (RFC 7235).
-            .and_then(|v| {
-                v.get(..7)
-                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
-                    .map(|_| &v[7..])
-            })
+            .and_then(crate::auth::bearer)
             .ok_or("missing credential: send 'Authorization: Bearer <token>' (the metrics or ops token)\n")?;
         if self.ops.matches(presented)
             || self.metrics.as_ref().is_some_and(|m| m.matches(presented))

@@ -49,9 +49,6 @@ pub struct Timeouts {
     pub keep_alive_while_idle: bool,
 }
 
-/// One TLS channel per address, opened lazily on first use and shared by every later call
-/// (a channel multiplexes concurrent requests over one HTTP/2 connection and reconnects by
-/// itself).
 /// `text` followed by each error in the chain from `cause` on, separated by ": ", each text
 /// once (tonic's own text is often only "transport error", and its causes repeat each other).
 pub fn with_causes(
@@ -69,6 +66,9 @@ pub fn with_causes(
     text
 }
 
+/// One TLS channel per address, opened lazily on first use and shared by every later call
+/// (a channel multiplexes concurrent requests over one HTTP/2 connection and reconnects by
+/// itself).
 pub struct Channels {
     tls: ClientTlsConfig,
     timeouts: Timeouts,

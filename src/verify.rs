@@ -11,7 +11,7 @@ use crate::attest::{Attestation, NodeSignature, Statement, TrustedKeys};
 use crate::client::{ClientError, EscrowClient};
 use crate::domain::{hex_wire, Digest};
 use crate::integrity::{namespace_root, LeafObject};
-use crate::mirror::records::LINE_BYTES_MAX;
+use crate::mirror::records;
 use crate::pb;
 
 /// How long one node may take to answer a roots or attest question.
@@ -303,8 +303,8 @@ pub fn source_root_of_dir(namespace: &str, root: &Path) -> Result<(Digest, u64),
 
 /// The root a record feed should have in the escrow: the final state of every record the feed
 /// touched (its last event's sequence and value; deleted records have no leaf). The feed is
-/// read a line at a time, each line to [`LINE_BYTES_MAX`] as the agent reads it, and only
-/// each record's leaf is kept: memory grows with the records, not with the feed's bytes.
+/// read a line at a time, each line to [`records::LINE_BYTES_MAX`] as the agent reads it, and
+/// only each record's leaf is kept: memory grows with the records, not with the feed's bytes.
 pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), String> {
     use std::io::{BufRead, Read};
     let at = |e: std::io::Error| format!("{}: {e}", feed.display());
@@ -316,18 +316,16 @@ pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), S
     let mut line = Vec::new();
     for number in 1u64.. {
         line.clear();
-        // The newline and one byte more than a line may hold: enough to call it too long.
+        // As the agent reads it: a line too long ends up longer than `feed_line` takes.
         let read = (&mut reader)
-            .take(LINE_BYTES_MAX as u64 + 2)
+            .take(records::LINE_READ_BYTES_MAX)
             .read_until(b'\n', &mut line)
             .map_err(at)?;
         if read == 0 {
             break;
         }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        }
-        let Some(c) = crate::mirror::records::feed_line(&line, previous)
+        records::end_line(&mut line);
+        let Some(c) = records::feed_line(&line, previous)
             .map_err(|e| format!("{} line {number}: {e}", feed.display()))?
         else {
             continue;
@@ -351,6 +349,7 @@ pub fn source_root_of_feed(tenant: &str, feed: &Path) -> Result<(Digest, u64), S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mirror::records::LINE_BYTES_MAX;
 
     fn event(key: &str, op: &str, value: &str, seq: u64) -> String {
         let value = if op == "put" {
@@ -394,8 +393,8 @@ mod tests {
         );
     }
 
-    // Goal: a line longer than the agent takes is an error naming the line, found without
-    // reading the line whole.
+    // Goal: a line longer than the agent takes is an error naming the line; a line of exactly
+    // the limit is read.
     #[test]
     fn a_feed_line_past_the_limit_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();

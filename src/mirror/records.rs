@@ -228,9 +228,19 @@ async fn read_line<R: AsyncRead + Unpin>(
 ) -> std::io::Result<(usize, bool)> {
     buf.clear();
     let n = (&mut *reader)
-        .take(LINE_BYTES_MAX as u64 + 1)
+        .take(LINE_READ_BYTES_MAX)
         .read_until(b'\n', buf)
         .await?;
+    Ok((n, end_line(buf)))
+}
+
+/// The most one line read takes from a feed: a line may hold [`LINE_BYTES_MAX`] bytes and its
+/// newline, so a read that ends without one is a line too long (or the feed's unfinished end).
+pub(crate) const LINE_READ_BYTES_MAX: u64 = LINE_BYTES_MAX as u64 + 1;
+
+/// Takes the line ending ("\n" or "\r\n") off a line read of at most [`LINE_READ_BYTES_MAX`]
+/// bytes; returns whether there was one (the line is complete).
+pub(crate) fn end_line(buf: &mut Vec<u8>) -> bool {
     let complete = buf.last() == Some(&b'\n');
     if complete {
         buf.pop();
@@ -238,7 +248,7 @@ async fn read_line<R: AsyncRead + Unpin>(
             buf.pop();
         }
     }
-    Ok((n, complete))
+    complete
 }
 
 struct Batch {

@@ -114,12 +114,6 @@ fn split_namespace(prefix: u8, key: &[u8], len: usize) -> Option<(&str, &[u8])> 
     ))
 }
 
-/// The tenant and leaf id a record head key names.
-pub fn parse_record(key: &[u8]) -> Option<(TenantId, Digest)> {
-    let (tenant, id) = split_namespace(RECORD_PREFIX, key, 32)?;
-    Some((TenantId::parse(tenant).ok()?, id.try_into().ok()?))
-}
-
 /// The prefix under which all of one record's history lies.
 pub fn history_prefix(path: &RecordPath) -> Vec<u8> {
     let mut out = path_key(HISTORY_PREFIX, path, 13);
@@ -231,12 +225,6 @@ pub fn leaf(namespace: &str, id: &Digest) -> Vec<u8> {
     out
 }
 
-/// The namespace and leaf id an artifact leaf key names.
-pub fn parse_leaf(key: &[u8]) -> Option<(String, Digest)> {
-    let (namespace, id) = split_namespace(LEAF_PREFIX, key, 32)?;
-    Some((namespace.to_string(), id.try_into().ok()?))
-}
-
 pub fn tree_node(namespace: &str, level: u8, index: u32) -> Vec<u8> {
     let mut out = ns_prefix(NODE_TREE_PREFIX, namespace);
     out.push(level);
@@ -312,11 +300,6 @@ mod tests {
         assert!(!b.starts_with(prefix_a));
         assert!(a.starts_with(&bucket_prefix(RECORD_PREFIX, "acme", 0x0707)));
         assert!(!a.starts_with(&bucket_prefix(RECORD_PREFIX, "acme", 0x0708)));
-        assert_eq!(
-            parse_record(&a),
-            Some((TenantId::parse("acme").unwrap(), id))
-        );
-        assert_eq!(parse_record(&a[..a.len() - 1]), None);
         let node = tree_node("acme", 3, 0x0102_0304);
         assert!(node.starts_with(b"macme\x00"));
         assert_eq!(
@@ -324,15 +307,6 @@ mod tests {
             Some(("acme".to_string(), 3, 0x0102_0304))
         );
         assert_eq!(parse_tree_node(&node[..node.len() - 1]), None);
-        assert_eq!(
-            parse_leaf(&leaf("acme", &id)),
-            Some(("acme".to_string(), id))
-        );
-        assert_eq!(
-            parse_leaf(&a),
-            None,
-            "a record head is not an artifact leaf"
-        );
         assert_eq!(
             parse_dirty_buckets(&dirty_buckets("acme", 9)),
             Some("acme".to_string())

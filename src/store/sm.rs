@@ -348,16 +348,29 @@ fn read_prefix(
     prefix: &[u8],
 ) -> Result<Vec<KeyValue>, StorageError> {
     let mut out = Vec::new();
+    for_each_with(it, prefix, |k, v| {
+        out.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with every key starting with `prefix` and its value, in key order, read with `it`
+/// (seeked to `prefix` here).
+fn for_each_with(
+    it: &mut rocksdb::DBRawIterator<'_>,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
     it.seek(prefix);
-    while it.valid() {
-        match (it.key(), it.value()) {
-            (Some(k), Some(v)) if k.starts_with(prefix) => out.push((k.to_vec(), v.to_vec())),
-            _ => break,
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if !k.starts_with(prefix) {
+            break;
         }
+        f(k, v)?;
         it.next();
     }
-    it.status().map_err(sm_err)?;
-    Ok(out)
+    it.status().map_err(sm_err)
 }
 
 /// A raw iterator over the keys that start with `prefix`, positioned at the first such key at
@@ -1034,19 +1047,28 @@ impl SmReader {
 /// tree's faults are bounded by its size, at most one per bucket and node).
 pub const DEEP_CHECK_LEAF_FAULTS_MAX: usize = 1_000;
 
+/// A raw iterator over the keys of `snap` that start with `prefix`, at the first of them.
+fn snapshot_iter<'a>(snap: &'a rocksdb::Snapshot<'_>, prefix: &[u8]) -> rocksdb::DBRawIterator<'a> {
+    let mut it = snap.raw_iterator_opt(bounded_to(prefix));
+    it.seek(prefix);
+    it
+}
+
 /// Calls `f` with every key under `prefix` and its value, in key order, from `snap`.
 fn for_each_under(
     snap: &rocksdb::Snapshot<'_>,
     prefix: &[u8],
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
 ) -> Result<(), StorageError> {
-    let mut it = snap.raw_iterator_opt(bounded_to(prefix));
-    it.seek(prefix);
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        f(k, v)?;
-        it.next();
-    }
-    it.status().map_err(sm_err)
+    for_each_with(&mut snapshot_iter(snap, prefix), prefix, f)
+}
+
+/// The leaf id ending a key of an iterator bounded to `prefix` (`what`: the key's kind, for
+/// the error): the key is the prefix and the id, nothing else.
+fn id_after(prefix: &[u8], key: &[u8], what: &str) -> Result<Digest, StorageError> {
+    key.strip_prefix(prefix)
+        .and_then(|id| id.try_into().ok())
+        .ok_or_else(|| sm_err(format!("malformed {what} key")))
 }
 
 /// The namespaces anything is stored for (records, artifacts, leaves, tree nodes, changed
@@ -1066,21 +1088,14 @@ fn namespaces_stored(
         keys::DIRTY_PREFIX,
     ] {
         let within = only.map_or_else(|| vec![kind], |ns| keys::in_namespace(kind, ns));
-        let mut it = snap.raw_iterator_opt(bounded_to(&within));
-        it.seek(&within);
+        let mut it = snapshot_iter(snap, &within);
         while let Some(k) = it.key() {
-            // `kind namespace 0x00 …`: past all of them is `kind namespace 0x01`.
-            let end = k[1..]
-                .iter()
-                .position(|b| *b == 0)
-                .map(|i| i + 1)
-                .ok_or_else(|| sm_err(format!("malformed key {:?}", String::from_utf8_lossy(k))))?;
-            let ns = std::str::from_utf8(&k[1..end])
-                .map_err(|_| sm_err(format!("malformed key {:?}", String::from_utf8_lossy(k))))?;
+            let malformed = || sm_err(format!("malformed key {:?}", String::from_utf8_lossy(k)));
+            // `kind namespace 0x00 …`: the next seek goes past every key of the namespace.
+            let end = k[1..].iter().position(|b| *b == 0).ok_or_else(malformed)? + 1;
+            let ns = std::str::from_utf8(&k[1..end]).map_err(|_| malformed())?;
             names.insert(ns.to_string());
-            let mut past = k[..end].to_vec();
-            past.push(1);
-            it.seek(&past);
+            it.seek(keys::prefix_end(&k[..=end]));
         }
         it.status().map_err(sm_err)?;
     }
@@ -1105,14 +1120,6 @@ fn namespaces_stored(
     Ok(names)
 }
 
-/// One leaf id's side of a deep check: what consensus maintained and what the stored data
-/// recomputes to, with the object's description.
-#[derive(Default)]
-struct LeafSides {
-    maintained: Option<Digest>,
-    recomputed: Option<(Digest, String)>,
-}
-
 /// Deep-checks one namespace. Its record heads and its artifacts' maintained leaves are read
 /// as two streams in leaf-id order, its artifacts' latest versions (one per artifact, without
 /// history) into memory, and merged by id into the two trees built bucket by bucket
@@ -1128,55 +1135,38 @@ fn deep_check_namespace(
         TenantId::parse(ns).map_err(|e| sm_err(format!("namespace {ns:?} in a key: {e}")))?;
     // Artifacts by leaf id: their latest versions are keyed by name.
     let mut artifacts: BTreeMap<Digest, (Digest, String)> = BTreeMap::new();
-    for_each_under(
-        snap,
-        &keys::in_namespace(keys::ARTIFACT_LATEST_PREFIX, &tenant),
-        |k, v| {
-            let name = k
-                .splitn(2, |b| *b == 0)
-                .nth(1)
-                .ok_or_else(|| sm_err("malformed artifact key"))?;
-            let name = String::from_utf8_lossy(name);
-            let version: ArtifactVersion = codec::decode(v).map_err(sm_err)?;
-            if let Some(m) = &version.manifest {
-                let o = integrity::LeafObject::Artifact {
-                    name: &name,
-                    size: m.size,
-                    blake3: &m.blake3,
-                };
-                artifacts.insert(o.id(), (o.hash(), o.describe()));
-            }
-            Ok(())
-        },
-    )?;
+    let artifacts_prefix = keys::artifacts_prefix(&tenant);
+    for_each_under(snap, &artifacts_prefix, |k, v| {
+        let name = String::from_utf8_lossy(&k[artifacts_prefix.len()..]);
+        let version: ArtifactVersion = codec::decode(v).map_err(sm_err)?;
+        if let Some(m) = &version.manifest {
+            let o = integrity::LeafObject::Artifact {
+                name: &name,
+                size: m.size,
+                blake3: &m.blake3,
+            };
+            artifacts.insert(o.id(), (o.hash(), o.describe()));
+        }
+        Ok(())
+    })?;
     let records_prefix = keys::in_namespace(keys::RECORD_PREFIX, &tenant);
-    let mut records = snap.raw_iterator_opt(bounded_to(&records_prefix));
-    records.seek(&records_prefix);
+    let mut records = snapshot_iter(snap, &records_prefix);
     let leaves_prefix = keys::in_namespace(keys::LEAF_PREFIX, &tenant);
-    let mut leaves = snap.raw_iterator_opt(bounded_to(&leaves_prefix));
-    leaves.seek(&leaves_prefix);
+    let mut leaves = snapshot_iter(snap, &leaves_prefix);
     let mut artifacts = artifacts.into_iter().peekable();
     let mut recomputed_tree = integrity::LeafTreeBuilder::default();
     let mut maintained_tree = integrity::LeafTreeBuilder::default();
     let mut leaf_faults = Vec::new();
     let mut unlisted: u64 = 0;
     loop {
-        let record_id = match records.key() {
-            Some(k) => Some(
-                keys::parse_record(k)
-                    .ok_or_else(|| sm_err("malformed record key"))?
-                    .1,
-            ),
-            None => None,
-        };
-        let leaf_id = match leaves.key() {
-            Some(k) => Some(
-                keys::parse_leaf(k)
-                    .ok_or_else(|| sm_err("malformed leaf key"))?
-                    .1,
-            ),
-            None => None,
-        };
+        let record_id = records
+            .key()
+            .map(|k| id_after(&records_prefix, k, "record"))
+            .transpose()?;
+        let leaf_id = leaves
+            .key()
+            .map(|k| id_after(&leaves_prefix, k, "leaf"))
+            .transpose()?;
         let artifact_id = artifacts.peek().map(|(id, _)| *id);
         let Some(id) = [record_id, leaf_id, artifact_id]
             .into_iter()
@@ -1185,11 +1175,15 @@ fn deep_check_namespace(
         else {
             break;
         };
-        // Where sources share an id, the artifact's and the leaf index's side count, as
-        // they did when the sides were maps filled records first.
-        let mut sides = LeafSides::default();
-        // A head stored under another record's id: named as such, not as a leaf difference.
-        let mut misplaced = None;
+        // This id's two sides: what consensus maintained, and what the stored data
+        // recomputes to with the object's description. Where sources share an id, the
+        // artifact's and the leaf index's side count, as they did when the sides were maps
+        // filled records first.
+        let mut maintained: Option<Digest> = None;
+        let mut recomputed: Option<(Digest, String)> = None;
+        // Set here only for a head stored under another record's id (named as such, not as
+        // a leaf difference); otherwise from the two sides below.
+        let mut fault = None;
         if record_id == Some(id) {
             let head: RecordHead =
                 codec::decode(records.value().unwrap_or_default()).map_err(sm_err)?;
@@ -1198,8 +1192,8 @@ fn deep_check_namespace(
             if own != id {
                 // Its leaf belongs elsewhere, so nothing here recomputes to what the index
                 // holds under this id, and the roots differ.
-                sides.maintained = head.live.as_ref().map(|live| live.leaf);
-                misplaced = Some(TreeFault::new(
+                maintained = head.live.as_ref().map(|live| live.leaf);
+                fault = Some(TreeFault::new(
                     format!(
                         "record {}/{} (its head's place)",
                         path.collection.as_str(),
@@ -1209,7 +1203,7 @@ fn deep_check_namespace(
                     format!("under leaf {}", hex(&id)),
                 ));
             } else if let Some(live) = &head.live {
-                sides.maintained = Some(live.leaf);
+                maintained = Some(live.leaf);
                 // A live record whose value is missing from its history reads as empty, so
                 // its leaf disagrees with the index and deep verify names it.
                 let version: Option<RecordVersion> =
@@ -1221,7 +1215,7 @@ fn deep_check_namespace(
                     seq: head.seq,
                     value: &value,
                 };
-                sides.recomputed = Some((o.hash(), o.describe()));
+                recomputed = Some((o.hash(), o.describe()));
             }
             records.next();
         }
@@ -1231,20 +1225,19 @@ fn deep_check_namespace(
                 .unwrap_or_default()
                 .try_into()
                 .map_err(sm_err)?;
-            sides.maintained = Some(hash);
+            maintained = Some(hash);
             leaves.next();
         }
         if artifact_id == Some(id) {
-            sides.recomputed = artifacts.next().map(|(_, leaf)| leaf);
+            recomputed = artifacts.next().map(|(_, leaf)| leaf);
         }
-        if let Some(hash) = sides.maintained {
+        if let Some(hash) = maintained {
             maintained_tree.push(id, hash);
         }
-        if let Some((hash, _)) = &sides.recomputed {
+        if let Some((hash, _)) = &recomputed {
             recomputed_tree.push(id, *hash);
         }
-        let fault = match (sides.maintained, sides.recomputed) {
-            _ if misplaced.is_some() => misplaced,
+        let fault = fault.or_else(|| match (maintained, recomputed) {
             (Some(m), Some((r, what))) if m != r => Some(TreeFault::new(what, hex(&m), hex(&r))),
             (None, Some((r, what))) => Some(TreeFault::new(what, "absent", hex(&r))),
             (Some(m), None) => Some(TreeFault::new(
@@ -1253,7 +1246,7 @@ fn deep_check_namespace(
                 "absent",
             )),
             _ => None,
-        };
+        });
         if let Some(fault) = fault {
             if leaf_faults.len() < DEEP_CHECK_LEAF_FAULTS_MAX {
                 leaf_faults.push(fault);
