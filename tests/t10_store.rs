@@ -551,6 +551,139 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     }
 }
 
+/// A ramfs mounted on a temporary directory (a filesystem without `O_DIRECT`; tmpfs takes it
+/// since Linux 6.6), unmounted when dropped. Mounting needs root: under CI (`CI=true`, run as
+/// root like the test script's package installs) a failed mount fails the test; elsewhere it
+/// is reported and `None` comes back.
+struct Ramfs(tempfile::TempDir);
+
+impl Ramfs {
+    fn mount() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "-o", "mode=0700", "ramfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        if out.status.success() {
+            return Some(Ramfs(dir));
+        }
+        let why = format!(
+            "mounting a ramfs (a filesystem without O_DIRECT) failed; this test needs root: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("NOT RUN: {why}");
+        None
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+// Goal: on a filesystem without `O_DIRECT` (ramfs), the log and the state machine open with
+// buffered flushes and compactions instead of failing, and lose nothing across a reopen.
+#[tokio::test]
+async fn t13_without_direct_io_the_stores_fall_back_and_lose_nothing() {
+    use escrow::store::log::direct_io_supported;
+    let Some(ramfs) = Ramfs::mount() else { return };
+    let dir = ramfs.path();
+    assert!(
+        !direct_io_supported(dir),
+        "{} takes O_DIRECT here, so it cannot stand for a filesystem without it",
+        dir.display()
+    );
+
+    // The log: 24 MiB of 64 KiB entries fill its 16 MiB memtable, so a table file is
+    // written through the page cache before the reopen.
+    const ENTRIES: u64 = 384;
+    let value = |i: u64| noise(i, 64 * 1024);
+    let entry = |i: u64| Entry {
+        log_id: log_id(1, i),
+        payload: EntryPayload::Normal(Command::PutRecord {
+            path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
+            value: value(i),
+        }),
+    };
+    let log_dir = dir.join("log");
+    {
+        let mut log = LogStore::open(&log_dir).unwrap();
+        assert!(!log.direct_io());
+        let options = file_names(&log_dir)
+            .into_iter()
+            .find(|n| n.starts_with("OPTIONS-"))
+            .map(|n| std::fs::read_to_string(log_dir.join(n)).unwrap())
+            .expect("RocksDB writes an OPTIONS file at open");
+        assert!(options.contains("use_direct_io_for_flush_and_compaction=false"));
+        for first in (1..=ENTRIES).step_by(16) {
+            let batch: Vec<Entry> = (first..first + 16).map(entry).collect();
+            log.blocking_append(batch).await.unwrap();
+        }
+    }
+    let tables = file_names(&log_dir)
+        .iter()
+        .filter(|n| n.ends_with(".sst"))
+        .count();
+    assert!(tables > 0, "the test wrote too little for a memtable flush");
+    let mut log = LogStore::open(&log_dir).unwrap();
+    let entries = log.try_get_log_entries(1..=ENTRIES).await.unwrap();
+    assert_eq!(entries.len() as u64, ENTRIES);
+    for (i, e) in (1..=ENTRIES).zip(&entries) {
+        assert_eq!(e.log_id, log_id(1, i));
+        match &e.payload {
+            EntryPayload::Normal(Command::PutRecord { value: v, .. }) => {
+                assert!(*v == value(i), "entry {i} came back changed")
+            }
+            other => panic!("entry {i} came back as {other:?}"),
+        }
+    }
+
+    // The state machine: a snapshot flushes its memtable (keys to a table file, the values
+    // to a blob file) through the page cache.
+    let sm_dir = dir.join("state");
+    let big = |i: u64| noise(1_000 + i, 4096);
+    {
+        let mut sm = StateMachineStore::open(&sm_dir).unwrap();
+        sm.apply(puts(1..=20)).await.unwrap();
+        let commands = (0..8)
+            .map(|i| put_order(&format!("big{i}"), &big(i)))
+            .collect();
+        apply_batch(&mut sm, 21, commands).await;
+        let snapshot = build_snapshot(&mut sm).await;
+        assert!(
+            snapshot
+                .snapshot
+                .files
+                .iter()
+                .any(|f| f.name.ends_with(".blob")),
+            "no blob file in {:?}",
+            snapshot.snapshot.files
+        );
+    }
+    assert!(newest_sm_options(&sm_dir).contains("use_direct_io_for_flush_and_compaction=false"));
+    let sm = StateMachineStore::open(&sm_dir).unwrap();
+    let reader = sm.reader();
+    for i in 2..=20 {
+        assert_eq!(
+            live(&reader, &format!("k{i}")),
+            Some(format!("value-k{i}").into_bytes())
+        );
+    }
+    for i in 0..8 {
+        assert_eq!(live(&reader, &format!("big{i}")), Some(big(i)));
+    }
+    drop((log, sm, reader));
+}
+
 // Goal: a snapshot built from a checkpoint installs on another store with the same records
 // (values kept in blob files included), and survives that store's restart.
 #[tokio::test]

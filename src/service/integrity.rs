@@ -15,6 +15,42 @@ use crate::pb;
 /// How long a node waits to apply up to a checkpoint before answering.
 const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Faults (records, trees, checkpoints) one deep-verify reply lists; past it, one more entry
+/// per namespace counts that namespace's unlisted faults. A store damaged everywhere (a failed
+/// disk) still gets a reply of bounded size that names where the damage is.
+pub const DEEP_VERIFY_FAULTS_LISTED_MAX: usize = 10_000;
+/// Bad chunk copies one deep-verify reply lists; past it, one more entry counts the rest (a
+/// node whose chunk directory was lost would otherwise list every chunk it holds).
+pub const DEEP_VERIFY_BAD_CHUNKS_LISTED_MAX: usize = 1_000;
+
+/// The first `max` of `mismatches`, then one entry per namespace (in name order) counting
+/// those of it left unlisted, described by `more` (given the count, the bound).
+fn listed_within(
+    mismatches: impl IntoIterator<Item = pb::ObjectMismatch>,
+    max: usize,
+    more: impl Fn(u64, usize) -> (String, &'static str, &'static str),
+) -> Vec<pb::ObjectMismatch> {
+    let mut listed = Vec::new();
+    let mut unlisted: std::collections::BTreeMap<String, u64> = Default::default();
+    for m in mismatches {
+        if listed.len() < max {
+            listed.push(m);
+        } else {
+            *unlisted.entry(m.namespace).or_default() += 1;
+        }
+    }
+    listed.extend(unlisted.into_iter().map(|(namespace, n)| {
+        let (object, expected, found) = more(n, max);
+        pb::ObjectMismatch {
+            namespace,
+            object,
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }));
+    listed
+}
+
 pub struct IntegrityService {
     pub core: Arc<Core>,
 }
@@ -116,8 +152,14 @@ impl pb::integrity_server::Integrity for IntegrityService {
                 object: f.object.clone(),
                 expected: f.expected.clone(),
                 found: f.stored.clone(),
-            })
-            .collect();
+            });
+        let mismatches = listed_within(mismatches, DEEP_VERIFY_FAULTS_LISTED_MAX, |n, max| {
+            (
+                format!("{n} more faults here (not listed; the reply lists {max} at most)"),
+                "as maintained",
+                "differ",
+            )
+        });
         // Re-hash every referenced chunk. This only reports; a bad copy wakes the scrubber,
         // which quarantines it and puts a verified copy from a peer in its place.
         let chunks = self.core.chunks.clone();
@@ -151,6 +193,13 @@ impl pb::integrity_server::Integrity for IntegrityService {
             );
             self.core.scrub_kick.notify_one();
         }
+        let bad_chunks = listed_within(bad_chunks, DEEP_VERIFY_BAD_CHUNKS_LISTED_MAX, |n, max| {
+            (
+                format!("{n} more chunks (not listed; the first {max} are)"),
+                "matching their addresses",
+                "missing or not matching",
+            )
+        });
         Ok(Response::new(pb::DeepVerifyReply {
             node: self.core.id,
             applied_index: check.applied_index,
@@ -185,5 +234,61 @@ impl pb::integrity_server::Integrity for IntegrityService {
                 .map_err(|e| Status::internal(e.to_string()))?,
             signature: statement.sign(&self.core.identity),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listed_within;
+    use crate::pb::ObjectMismatch;
+
+    fn mismatch(namespace: &str, object: &str) -> ObjectMismatch {
+        ObjectMismatch {
+            namespace: namespace.into(),
+            object: object.into(),
+            expected: "e".into(),
+            found: "f".into(),
+        }
+    }
+
+    fn more(n: u64, max: usize) -> (String, &'static str, &'static str) {
+        (format!("{n} more of {max}"), "as maintained", "differ")
+    }
+
+    #[test]
+    fn a_reply_lists_up_to_its_bound_then_counts_the_rest_per_namespace() {
+        let all = || {
+            [
+                ("b", "1"),
+                ("a", "2"),
+                ("b", "3"),
+                ("", "4"),
+                ("b", "5"),
+                ("a", "6"),
+            ]
+            .map(|(ns, o)| mismatch(ns, o))
+        };
+        // Within the bound: everything, unchanged and in order.
+        assert_eq!(listed_within(all(), 6, more), all().to_vec());
+        // Past it: the first two, then one count per namespace with unlisted ones, by name.
+        let listed = listed_within(all(), 2, more);
+        let shown: Vec<(&str, &str)> = listed
+            .iter()
+            .map(|m| (m.namespace.as_str(), m.object.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("b", "1"),
+                ("a", "2"),
+                ("", "1 more of 2"),
+                ("a", "1 more of 2"),
+                ("b", "2 more of 2")
+            ]
+        );
+        assert!(listed[2..]
+            .iter()
+            .all(|m| m.expected == "as maintained" && m.found == "differ"));
+        assert!(listed_within(Vec::new(), 0, more).is_empty());
     }
 }
