@@ -6,6 +6,8 @@
 //!    that delete entries and purges are fsynced before they return.
 //! 3. Reopen the stores and find every acknowledged entry, the vote and the applied state.
 
+use std::time::{Duration, Instant};
+
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::StoreBuilder;
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
@@ -885,13 +887,19 @@ async fn t14_a_snapshot_holds_what_was_applied_until_it_was_built() {
 }
 
 // Goal: a snapshot built while entries are being applied names exactly the state it holds
-// (an install checks the two agree) and holds every entry up to it, none after.
+// (an install checks the two agree) and holds every entry up to it, none after. The build is
+// held after its checkpoint while applies go on, so entries applied between its checkpoint
+// and its publication are certain, not left to timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t14_a_snapshot_built_during_applies_names_the_state_it_holds() {
     use openraft::RaftSnapshotBuilder;
-    // Applies go on until the build is done (and then some), at most this many entries.
+    // How long applies go on while the build is held after its checkpoint (a checkpoint of
+    // this small store takes milliseconds), then applies after it is let go.
+    const HELD_FOR: Duration = Duration::from_millis(300);
     const ENTRIES_MAX: u64 = 20_000;
-    let (_dir, mut leader) = store_with_tenant().await;
+    let (_dir, leader) = store_with_tenant().await;
+    let (hold, held) = tokio::sync::watch::channel(true);
+    let mut leader = leader.with_snapshot_builds_held(held);
     leader
         .apply([timed(2, 2_000, vec![put_order("k2", &noise(2, 2048))])])
         .await
@@ -899,28 +907,42 @@ async fn t14_a_snapshot_built_during_applies_names_the_state_it_holds() {
     let mut builder = leader.get_snapshot_builder().await;
     let build = tokio::spawn(async move { builder.build_snapshot().await });
     let mut applied = 2;
-    let mut after_build = 0;
-    while applied < ENTRIES_MAX && after_build < 20 {
-        applied += 1;
+    let mut apply_next = async |applied: &mut u64| {
+        *applied += 1;
         let key = format!("k{applied}");
         leader
             .apply([timed(
-                applied,
+                *applied,
                 2_000,
-                vec![put_order(&key, &noise(applied, 2048))],
+                vec![put_order(&key, &noise(*applied, 2048))],
             )])
             .await
             .unwrap();
+    };
+    let held_since = Instant::now();
+    while held_since.elapsed() < HELD_FOR && applied < ENTRIES_MAX {
+        apply_next(&mut applied).await;
+    }
+    assert!(!build.is_finished(), "a held build finished");
+    let applied_while_held = applied;
+    hold.send_replace(false);
+    let mut after_build = 0;
+    while applied < ENTRIES_MAX && after_build < 20 {
+        apply_next(&mut applied).await;
         if build.is_finished() {
             after_build += 1;
         }
     }
     let snapshot = build.await.unwrap().unwrap();
     let last = snapshot.meta.last_log_id.expect("a last log id").index;
+    assert!(
+        last < applied_while_held,
+        "the build's checkpoint (at {last}) saw every entry applied while it was held \
+         ({applied_while_held}): none was applied between checkpoint and publication"
+    );
     let (_follower_dir, follower) = install_on_new_store(snapshot).await;
     let reader = follower.reader();
     assert_eq!(reader.applied_index(), last);
-    assert!(last < applied, "the build ended before the applies did");
     for i in 2..=applied {
         let key = format!("k{i}");
         let expected = (i <= last).then(|| noise(i, 2048));
