@@ -472,6 +472,64 @@ fn file_names(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// A log entry at `index` (term 1) putting `acme/orders/k{index}` = `value`.
+fn put_at(index: u64, value: Vec<u8>) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::PutRecord {
+            path: RecordPath::parse("acme", "orders", &format!("k{index}")).unwrap(),
+            value,
+        }),
+    }
+}
+
+/// Appends puts of `value(i)` at indexes 1..=last, 16 to an append.
+async fn append_puts(log: &mut LogStore, last: u64, value: impl Fn(u64) -> Vec<u8>) {
+    for first in (1..=last).step_by(16) {
+        let batch: Vec<Entry> = (first..=last.min(first + 15))
+            .map(|i| put_at(i, value(i)))
+            .collect();
+        log.blocking_append(batch).await.unwrap();
+    }
+}
+
+/// Reopens the log in `dir` after checking that table files were written there, and asserts
+/// it holds the puts of `value(i)` at 1..=last, byte for byte, and nothing after.
+async fn assert_reopened_log_holds(
+    dir: &std::path::Path,
+    last: u64,
+    value: impl Fn(u64) -> Vec<u8>,
+) {
+    let tables = file_names(dir)
+        .iter()
+        .filter(|n| n.ends_with(".sst"))
+        .count();
+    assert!(tables > 0, "the test wrote too little for a memtable flush");
+    let mut log = LogStore::open(dir).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(1, last)));
+    let entries = log.try_get_log_entries(1..=last).await.unwrap();
+    assert_eq!(entries.len() as u64, last);
+    for (i, e) in (1..=last).zip(&entries) {
+        assert_eq!(e.log_id, log_id(1, i));
+        match &e.payload {
+            EntryPayload::Normal(Command::PutRecord { value: v, .. }) => {
+                assert!(*v == value(i), "entry {i} came back changed")
+            }
+            other => panic!("entry {i} came back as {other:?}"),
+        }
+    }
+}
+
+/// The OPTIONS file RocksDB wrote when it opened the database in `dir`.
+fn options_at_open(dir: &std::path::Path) -> String {
+    file_names(dir)
+        .into_iter()
+        .find(|n| n.starts_with("OPTIONS-"))
+        .map(|n| std::fs::read_to_string(dir.join(n)).unwrap())
+        .expect("RocksDB writes an OPTIONS file at open")
+}
+
 // Goal: the log writes its write-ahead log over retired files (recycling, for cheaper
 // fsyncs); a reopen after that still finds every acknowledged entry, byte for byte, and
 // nothing past the last one (a recycled file holds an older log's records after the new tail).
@@ -481,22 +539,15 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
     // write-ahead log files are retired, recycled and written over, and its table files
     // written (with direct I/O where supported), before the reopen.
     const ENTRIES: u64 = 1152;
-    const PER_APPEND: u64 = 16;
     let value = |i: u64| -> Vec<u8> {
         let mut v = vec![(i % 251) as u8; 64 * 1024];
         v[..8].copy_from_slice(&i.to_be_bytes());
         v
     };
-    let entry = |i: u64| Entry {
-        log_id: log_id(1, i),
-        payload: EntryPayload::Normal(Command::PutRecord {
-            path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
-            value: value(i),
-        }),
-    };
     let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
     {
-        let mut log = LogStore::open(&dir.path().join("log")).unwrap();
+        let mut log = LogStore::open(&log_dir).unwrap();
         // Flushed table files are written with direct I/O wherever the filesystem takes it, so
         // the read-back below covers them there. A probe of its own on the same filesystem
         // agrees with the store's choice, RocksDB got that setting, and the probe left nothing
@@ -505,52 +556,23 @@ async fn t13_recycled_log_files_lose_nothing_across_reopen() {
             log.direct_io(),
             escrow::store::log::direct_io_supported(dir.path())
         );
-        let options = file_names(&dir.path().join("log"))
-            .into_iter()
-            .find(|n| n.starts_with("OPTIONS-"))
-            .map(|n| std::fs::read_to_string(dir.path().join("log").join(n)).unwrap())
-            .expect("RocksDB writes an OPTIONS file at open");
         let setting = format!("use_direct_io_for_flush_and_compaction={}", log.direct_io());
-        assert!(options.contains(&setting), "OPTIONS lacks {setting}");
-        let probe = dir
-            .path()
-            .join("log")
-            .join(escrow::store::log::DIRECT_IO_PROBE_FILE);
+        assert!(
+            options_at_open(&log_dir).contains(&setting),
+            "OPTIONS lacks {setting}"
+        );
+        let probe = log_dir.join(escrow::store::log::DIRECT_IO_PROBE_FILE);
         assert!(!probe.exists(), "the probe left {} behind", probe.display());
-        let mut next = 1;
-        while next <= ENTRIES {
-            let batch: Vec<Entry> = (next..next + PER_APPEND).map(entry).collect();
-            log.blocking_append(batch).await.unwrap();
-            next += PER_APPEND;
-        }
+        append_puts(&mut log, ENTRIES, value).await;
     }
-    let recycled = std::fs::read_to_string(dir.path().join("log").join("LOG"))
+    let recycled = std::fs::read_to_string(log_dir.join("LOG"))
         .unwrap()
         .contains("to recycle list");
     assert!(
         recycled,
         "the test wrote too little for RocksDB to recycle a log file"
     );
-    let tables = file_names(&dir.path().join("log"))
-        .iter()
-        .filter(|n| n.ends_with(".sst"))
-        .count();
-    assert!(tables > 0, "the test wrote too little for a memtable flush");
-
-    let mut log = LogStore::open(&dir.path().join("log")).unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_log_id, Some(log_id(1, ENTRIES)));
-    let entries = log.try_get_log_entries(1..=ENTRIES).await.unwrap();
-    assert_eq!(entries.len() as u64, ENTRIES);
-    for (i, e) in (1..=ENTRIES).zip(&entries) {
-        assert_eq!(e.log_id, log_id(1, i));
-        match &e.payload {
-            EntryPayload::Normal(Command::PutRecord { value: v, .. }) => {
-                assert!(*v == value(i), "entry {i} came back changed")
-            }
-            other => panic!("entry {i} came back as {other:?}"),
-        }
-    }
+    assert_reopened_log_holds(&log_dir, ENTRIES, value).await;
 }
 
 /// A ramfs mounted on a temporary directory (a filesystem without `O_DIRECT`; tmpfs takes it
@@ -605,49 +627,19 @@ async fn t13_without_direct_io_the_stores_fall_back_and_lose_nothing() {
         dir.display()
     );
 
-    // The log: 24 MiB of 64 KiB entries fill its 16 MiB memtable, so a table file is
-    // written through the page cache before the reopen.
+    // The log: 24 MiB of 64 KiB entries, more than its 16 MiB memtable, then a flush of the
+    // rest, so table files are written through the page cache before the reopen.
     const ENTRIES: u64 = 384;
     let value = |i: u64| noise(i, 64 * 1024);
-    let entry = |i: u64| Entry {
-        log_id: log_id(1, i),
-        payload: EntryPayload::Normal(Command::PutRecord {
-            path: RecordPath::parse("acme", "orders", &format!("k{i}")).unwrap(),
-            value: value(i),
-        }),
-    };
     let log_dir = dir.join("log");
     {
         let mut log = LogStore::open(&log_dir).unwrap();
         assert!(!log.direct_io());
-        let options = file_names(&log_dir)
-            .into_iter()
-            .find(|n| n.starts_with("OPTIONS-"))
-            .map(|n| std::fs::read_to_string(log_dir.join(n)).unwrap())
-            .expect("RocksDB writes an OPTIONS file at open");
-        assert!(options.contains("use_direct_io_for_flush_and_compaction=false"));
-        for first in (1..=ENTRIES).step_by(16) {
-            let batch: Vec<Entry> = (first..first + 16).map(entry).collect();
-            log.blocking_append(batch).await.unwrap();
-        }
+        assert!(options_at_open(&log_dir).contains("use_direct_io_for_flush_and_compaction=false"));
+        append_puts(&mut log, ENTRIES, value).await;
+        log.flush_for_tests().unwrap();
     }
-    let tables = file_names(&log_dir)
-        .iter()
-        .filter(|n| n.ends_with(".sst"))
-        .count();
-    assert!(tables > 0, "the test wrote too little for a memtable flush");
-    let mut log = LogStore::open(&log_dir).unwrap();
-    let entries = log.try_get_log_entries(1..=ENTRIES).await.unwrap();
-    assert_eq!(entries.len() as u64, ENTRIES);
-    for (i, e) in (1..=ENTRIES).zip(&entries) {
-        assert_eq!(e.log_id, log_id(1, i));
-        match &e.payload {
-            EntryPayload::Normal(Command::PutRecord { value: v, .. }) => {
-                assert!(*v == value(i), "entry {i} came back changed")
-            }
-            other => panic!("entry {i} came back as {other:?}"),
-        }
-    }
+    assert_reopened_log_holds(&log_dir, ENTRIES, value).await;
 
     // The state machine: a snapshot flushes its memtable (keys to a table file, the values
     // to a blob file) through the page cache.
@@ -660,16 +652,7 @@ async fn t13_without_direct_io_the_stores_fall_back_and_lose_nothing() {
             .map(|i| put_order(&format!("big{i}"), &big(i)))
             .collect();
         apply_batch(&mut sm, 21, commands).await;
-        let snapshot = build_snapshot(&mut sm).await;
-        assert!(
-            snapshot
-                .snapshot
-                .files
-                .iter()
-                .any(|f| f.name.ends_with(".blob")),
-            "no blob file in {:?}",
-            snapshot.snapshot.files
-        );
+        assert_blob_file_in(&build_snapshot(&mut sm).await);
     }
     assert!(newest_sm_options(&sm_dir).contains("use_direct_io_for_flush_and_compaction=false"));
     let sm = StateMachineStore::open(&sm_dir).unwrap();
@@ -683,7 +666,7 @@ async fn t13_without_direct_io_the_stores_fall_back_and_lose_nothing() {
     for i in 0..8 {
         assert_eq!(live(&reader, &format!("big{i}")), Some(big(i)));
     }
-    drop((log, sm, reader));
+    drop((sm, reader));
 }
 
 // Goal: a snapshot built from a checkpoint installs on another store with the same records
@@ -699,15 +682,7 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
     apply_batch(&mut leader, 21, vec![put_order("big", &big)]).await;
     let snapshot = build_snapshot(&mut leader).await;
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 21)));
-    assert!(
-        snapshot
-            .snapshot
-            .files
-            .iter()
-            .any(|f| f.name.ends_with(".blob")),
-        "no blob file in {:?}",
-        snapshot.snapshot.files
-    );
+    assert_blob_file_in(&snapshot);
     let (follower_dir, follower) = install_on_new_store(snapshot).await;
     assert_eq!(follower.reader().applied_index(), 21);
     drop(follower);
@@ -722,6 +697,16 @@ async fn t14_snapshot_transfer_carries_records_across_restart() {
             "k{i} from the snapshot"
         );
     }
+}
+
+/// Asserts that `snapshot` carries a RocksDB blob file (where values of 256 bytes or more
+/// are kept).
+fn assert_blob_file_in(snapshot: &escrow::raft::Snapshot) {
+    let files = &snapshot.snapshot.files;
+    assert!(
+        files.iter().any(|f| f.name.ends_with(".blob")),
+        "no blob file in {files:?}"
+    );
 }
 
 /// Builds a snapshot of `sm`.
