@@ -184,6 +184,28 @@ impl Default for IntegritySettings {
     }
 }
 
+/// Storage: how much disk a node keeps free.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Bytes that stay free on the data directory's filesystem: while any member has less,
+    /// the cluster refuses writes that add data (RESOURCE_EXHAUSTED naming the node) instead
+    /// of filling the disk until the node's Raft stops. 0 turns the guard off.
+    pub reserve_bytes: u64,
+}
+
+/// The default reserve of a node: room for RocksDB's compactions and a few seconds of writes
+/// after the last reading.
+pub const STORAGE_RESERVE_BYTES_DEFAULT: u64 = 1 << 30;
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            reserve_bytes: STORAGE_RESERVE_BYTES_DEFAULT,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -218,6 +240,8 @@ pub struct Config {
     pub mirror: MirrorSettings,
     #[serde(default)]
     pub integrity: IntegritySettings,
+    #[serde(default)]
+    pub storage: StorageSettings,
     /// Log format: "human" or "json".
     #[serde(default)]
     pub log_format: LogFormat,
@@ -501,6 +525,7 @@ mod tests {
                 config.raft.snapshot_frame_wait_ms,
                 defaults.snapshot_frame_wait_ms
             );
+            assert_eq!(config.storage.reserve_bytes, STORAGE_RESERVE_BYTES_DEFAULT);
         }
     }
 

@@ -19,7 +19,8 @@ use anyhow::Context;
 
 use crate::client::ClientConfig;
 use crate::config::{
-    Advertise, AuthFiles, Config, InitialMember, Listen, LogFormat, RaftSettings, TlsFiles,
+    Advertise, AuthFiles, Config, InitialMember, Listen, LogFormat, RaftSettings, StorageSettings,
+    TlsFiles,
 };
 use crate::node::NodeHandle;
 use crate::pki::{generate_token, Ca};
@@ -98,6 +99,10 @@ fn ensure_token(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A dev node's `storage.reserve_bytes`: smaller than a production node's, as a developer's
+/// disk often has less to spare, and all dev nodes share it.
+pub const DEV_STORAGE_RESERVE_BYTES: u64 = 256 << 20;
+
 /// Writes certificates and the config of node `id` (listening on 127.0.0.1) into `dir`.
 pub fn write_node_files(
     dir: &Path,
@@ -151,6 +156,9 @@ pub fn write_node_files(
         raft: raft.clone(),
         mirror: Default::default(),
         integrity: Default::default(),
+        storage: StorageSettings {
+            reserve_bytes: DEV_STORAGE_RESERVE_BYTES,
+        },
         log_format: LogFormat::Human,
     };
     let path = node_dir.join("escrowd.toml");

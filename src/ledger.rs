@@ -122,6 +122,27 @@ pub enum Command {
 pub const EXPIRE_VERSIONS_MAX: usize = 1000;
 
 impl Command {
+    /// Whether applying it stores more data (a record or artifact version, a tombstone, a
+    /// tenant): those are refused while a member's disk is under its reserve
+    /// ([`crate::workers::disk`]). Expiry frees space; checkpoints and tenant states add a
+    /// few bytes that an operator may need while a disk is low.
+    pub fn adds_data(&self) -> bool {
+        match self {
+            Command::PutRecord { .. }
+            | Command::DeleteRecord { .. }
+            | Command::AddTenant { .. }
+            | Command::Ingest { .. }
+            | Command::PutArtifact { .. }
+            | Command::DeleteArtifact { .. } => true,
+            Command::Batch(commands) | Command::Timed { commands, .. } => {
+                commands.iter().any(Command::adds_data)
+            }
+            Command::SetTenantState { .. }
+            | Command::Checkpoint
+            | Command::ExpireHistory { .. } => false,
+        }
+    }
+
     /// Bytes this command adds to a batch, for bounding entry sizes.
     pub fn size_hint(&self) -> usize {
         match self {

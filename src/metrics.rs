@@ -122,6 +122,8 @@ pub struct Metrics {
     pub chunks_missing: Gauge,
     pub chunks_repaired: Counter,
     pub scrub_rounds: Counter,
+    pub disk_free_bytes: Gauge,
+    pub writes_refused_low_disk: Gauge,
 }
 
 impl Metrics {
@@ -154,7 +156,20 @@ impl Metrics {
             chunks_missing: Gauge::default(),
             chunks_repaired: Counter::default(),
             scrub_rounds: Counter::default(),
+            disk_free_bytes: Gauge::default(),
+            writes_refused_low_disk: Gauge::default(),
         };
+        registry.register(
+            "disk_free_bytes",
+            "Bytes free on this node's data directory (the least, with the chunk store's)",
+            m.disk_free_bytes.clone(),
+        );
+        registry.register(
+            "writes_refused_low_disk",
+            "1 while this node refuses writes that add data because a member's free disk \
+             space is under its reserve (storage.reserve_bytes)",
+            m.writes_refused_low_disk.clone(),
+        );
         registry.register(
             "chunks_repaired",
             "Corrupt chunk copies the scrubber replaced with a verified copy from a peer",

@@ -119,6 +119,19 @@ fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
     Ok(c.validate()?)
 }
 
+/// Spawns a background worker that runs on `core` until `shutdown` says stop.
+fn spawn_worker<F, Fut>(
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    core: &Arc<Core>,
+    shutdown: &watch::Receiver<bool>,
+    run: F,
+) where
+    F: FnOnce(Arc<Core>, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tasks.push(tokio::spawn(run(core.clone(), shutdown.clone())));
+}
+
 /// Starts a node from its configuration. `faults` is for in-process tests; pass
 /// `Default::default()` in production.
 pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeHandle> {
@@ -176,6 +189,18 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     tracing::info!(node = id, "raft started");
 
     let metrics = Arc::new(Metrics::new(id, &chunks.corrupt_found));
+    let disk = crate::workers::disk::DiskGuard::new(
+        id,
+        config.storage.reserve_bytes,
+        vec![config.data_dir.clone(), config.data_dir.join("chunks")],
+    );
+    // A first reading before any write is served.
+    disk.measure().with_context(|| {
+        format!(
+            "cannot read the free disk space of {}",
+            config.data_dir.display()
+        )
+    })?;
     let proposer = crate::service::Proposer::start(raft.clone());
     let core = Arc::new(Core {
         proposer,
@@ -192,6 +217,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             crate::service::peer::SNAPSHOT_RECEIVES_AT_ONCE,
         ),
         snapshot_frame_wait: Duration::from_millis(config.raft.snapshot_frame_wait_ms),
+        disk,
         integrity: config.integrity.clone(),
         peers,
         metrics,
@@ -317,38 +343,39 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             }
         }
     }));
-    tasks.push(tokio::spawn(crate::workers::freshness::run(
-        core.clone(),
-        shutdown_rx.clone(),
-    )));
+    spawn_worker(
+        &mut tasks,
+        &core,
+        &shutdown_rx,
+        crate::workers::freshness::run,
+    );
     tracing::info!(node = id, "freshness watch started");
-    tasks.push(tokio::spawn(crate::workers::chunks::run(
-        core.clone(),
-        shutdown_rx.clone(),
-    )));
+    spawn_worker(&mut tasks, &core, &shutdown_rx, crate::workers::disk::run);
+    tracing::info!(
+        node = id,
+        reserve_bytes = config.storage.reserve_bytes,
+        "disk guard started"
+    );
+    spawn_worker(&mut tasks, &core, &shutdown_rx, crate::workers::chunks::run);
     tracing::info!(node = id, "chunk sync started");
-    tasks.push(tokio::spawn(crate::workers::scrub::run(
-        core.clone(),
-        shutdown_rx.clone(),
-    )));
+    spawn_worker(&mut tasks, &core, &shutdown_rx, crate::workers::scrub::run);
     tracing::info!(
         node = id,
         mb_per_s = config.integrity.scrub_mb_per_s,
         "scrubber started"
     );
-    tasks.push(tokio::spawn(crate::workers::retention::run(
-        core.clone(),
-        shutdown_rx.clone(),
-    )));
+    spawn_worker(
+        &mut tasks,
+        &core,
+        &shutdown_rx,
+        crate::workers::retention::run,
+    );
     tracing::info!(
         node = id,
         days = config.mirror.retention_days,
         "retention worker started"
     );
-    tasks.push(tokio::spawn(crate::workers::blobs::run(
-        core.clone(),
-        shutdown_rx.clone(),
-    )));
+    spawn_worker(&mut tasks, &core, &shutdown_rx, crate::workers::blobs::run);
     tasks.push(tokio::spawn(crate::workers::snapshots::run(
         raft.clone(),
         log_store.clone(),

@@ -398,3 +398,91 @@ async fn t24_large_values_reach_a_lagging_follower() {
     }
     cluster.shutdown().await;
 }
+
+/// Waits until every node refuses writes for a low disk (`refusing`), or none does, its metric
+/// saying the same.
+async fn wait_disk_refusals(cluster: &TestCluster, refusing: bool) {
+    wait_for("every node's view of the members' disks", || async {
+        (0..3)
+            .all(|i| {
+                let core = &cluster.node(i).core;
+                core.disk.refusal().is_some() == refusing
+                    && core.metrics.writes_refused_low_disk.get() == refusing as i64
+            })
+            .then_some(())
+    })
+    .await
+}
+
+// Goal: while one member's free disk space is under its reserve (`storage.reserve_bytes`),
+// writes that add data are refused wherever they arrive, with RESOURCE_EXHAUSTED naming that
+// node, and change nothing; reads and checkpoints go on; once the member has room again,
+// writes are accepted and every acknowledged write is still there.
+//
+// Steps:
+// 1. Write a record, then restart node 3 with a reserve larger than any disk.
+// 2. Once every node has heard, a put and a delete through each node are refused and an
+//    artifact upload too; a linearizable read and a checkpoint work; the refused key is absent.
+// 3. Restart node 3 with the guard off: writes through every node are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
+    let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let client = cluster.client();
+    client
+        .put(TENANT, "orders", "before", b"kept".to_vec())
+        .await
+        .unwrap();
+    cluster.stop_node(2).await;
+    // More than any disk holds (and within TOML's integers).
+    cluster.edit_node_config(2, |c| c.storage.reserve_bytes = 1 << 62);
+    cluster.restart_node(2).await;
+    wait_disk_refusals(&cluster, true).await;
+
+    let refused = |what: &str, e: escrow::client::ClientError| {
+        assert_eq!(e.code(), Some(Code::ResourceExhausted), "{what}: {e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("node 3 has") && text.contains("storage.reserve_bytes"),
+            "{what}: {text}"
+        );
+    };
+    for i in 0..3 {
+        let c = cluster.client_for(i);
+        let put = c.put(TENANT, "orders", "during", b"x".to_vec()).await;
+        refused(&format!("put through node {}", i + 1), put.unwrap_err());
+        let delete = c.delete(TENANT, "orders", "before").await;
+        refused(
+            &format!("delete through node {}", i + 1),
+            delete.unwrap_err(),
+        );
+        let got = c.get(TENANT, "orders", "before", false).await.unwrap();
+        assert_eq!(got.value, b"kept".to_vec(), "read through node {}", i + 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, random_bytes("t27", 300 * 1024)).unwrap();
+    let upload = escrow::mirror::artifacts::upload_file(&client, "vendor", "app.bin", &file).await;
+    let upload = upload
+        .expect_err("an upload while a disk is low")
+        .to_string();
+    assert!(upload.contains("storage.reserve_bytes"), "{upload}");
+    client.checkpoint().await.unwrap();
+    let absent = client.get(TENANT, "orders", "during", false).await.unwrap();
+    assert!(!absent.found, "a refused write changed nothing");
+
+    cluster.stop_node(2).await;
+    cluster.edit_node_config(2, |c| c.storage.reserve_bytes = 0);
+    cluster.restart_node(2).await;
+    wait_disk_refusals(&cluster, false).await;
+    for i in 0..3 {
+        let key = format!("after{i}");
+        cluster
+            .client_for(i)
+            .put(TENANT, "orders", &key, b"y".to_vec())
+            .await
+            .unwrap();
+    }
+    let got = client.get(TENANT, "orders", "before", false).await.unwrap();
+    assert_eq!(got.value, b"kept".to_vec());
+    cluster.shutdown().await;
+}

@@ -200,6 +200,21 @@ impl PeerClients {
         Ok(present)
     }
 
+    /// The peer's free disk space and reserve ([`crate::workers::disk`]).
+    pub async fn disk_space(
+        &self,
+        target: NodeId,
+        addr: &str,
+        timeout: std::time::Duration,
+    ) -> Result<pb::DiskSpaceReply, tonic::Status> {
+        let mut client = self
+            .client(target, addr)
+            .map_err(|e| tonic::Status::unavailable(format!("node {target} unreachable: {e}")))?;
+        let mut req = tonic::Request::new(pb::DiskSpaceRequest {});
+        req.set_timeout(timeout);
+        Ok(client.disk_space(req).await?.into_inner())
+    }
+
     /// Stores a chunk on the peer (it verifies and fsyncs before answering).
     pub async fn put_chunk(
         &self,

@@ -197,6 +197,9 @@ pub struct Core {
     pub snapshot_receives: tokio::sync::Semaphore,
     /// `raft.snapshot_frame_wait_ms`: the longest wait for a snapshot stream's next frame.
     pub snapshot_frame_wait: std::time::Duration,
+    /// Every member's free disk space against its reserve: writes that add data are refused
+    /// while one is under it.
+    pub disk: crate::workers::disk::DiskGuard,
 }
 
 /// Deep checks one node runs at once; another asked meanwhile is refused, not queued.
@@ -263,6 +266,11 @@ pub mod status {
 impl Core {
     /// Proposes `command`; on a follower, relays it to the leader (one hop at most).
     pub async fn write(&self, command: Command, may_forward: bool) -> Result<Outcome, Status> {
+        if command.adds_data() {
+            if let Some(why) = self.disk.refusal() {
+                return Err(Status::resource_exhausted(why));
+            }
+        }
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let proposed = async {

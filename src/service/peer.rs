@@ -33,10 +33,9 @@ pub const SNAPSHOT_DISK_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
 /// `dir` with [`SNAPSHOT_DISK_RESERVE_BYTES`] to spare, before anything is written: the sender
 /// is told why, and this node's disk does not fill up with a transfer that cannot finish.
 fn check_snapshot_fits(dir: &Path, total: u64) -> Result<(), Status> {
-    let stat = rustix::fs::statvfs(dir).map_err(|e| {
+    let free = crate::workers::disk::free_bytes(dir).map_err(|e| {
         Status::internal(format!("cannot read free space of {}: {e}", dir.display()))
     })?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     if total.saturating_add(SNAPSHOT_DISK_RESERVE_BYTES) > free {
         return Err(Status::resource_exhausted(format!(
             "a snapshot of {total} bytes does not fit: {free} bytes free under {}, of which \
@@ -175,8 +174,26 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::ChunkAck>, Status> {
         let req = request.into_inner();
         let hash = super::artifacts::digest(&req.hash)?;
+        if let Some(why) = self.core.disk.local_refusal() {
+            return Err(Status::resource_exhausted(why));
+        }
         self.core.store_chunk(hash, req.data).await?;
         Ok(Response::new(pb::ChunkAck {}))
+    }
+
+    async fn disk_space(
+        &self,
+        _: Request<pb::DiskSpaceRequest>,
+    ) -> Result<Response<pb::DiskSpaceReply>, Status> {
+        let disk = &self.core.disk;
+        let free = disk.measure().map_err(|e| {
+            Status::internal(format!("cannot read this node's free disk space: {e}"))
+        })?;
+        Ok(Response::new(pb::DiskSpaceReply {
+            node: self.core.id,
+            free_bytes: free,
+            reserve_bytes: disk.reserve(),
+        }))
     }
 
     async fn get_chunk(

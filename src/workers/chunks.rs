@@ -40,9 +40,11 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     let mut last_gc = tokio::time::Instant::now();
     loop {
         let refs = core.reader.chunk_refs_index();
-        let due = synced_refs != Some(refs)
+        // Fetching onto a disk under its reserve would fill it: the pass waits for room.
+        let due = (synced_refs != Some(refs)
             || (missing > 0 && last_pass.elapsed() >= CHUNK_SYNC_RETRY)
-            || last_pass.elapsed() >= CHUNK_SYNC_SAFETY_PASS;
+            || last_pass.elapsed() >= CHUNK_SYNC_SAFETY_PASS)
+            && core.disk.local_refusal().is_none();
         if due {
             match sync_pass(&core).await {
                 Ok(m) => {

@@ -3,6 +3,7 @@
 
 pub mod blobs;
 pub mod chunks;
+pub mod disk;
 pub mod freshness;
 pub mod retention;
 pub mod scrub;
