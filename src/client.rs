@@ -14,7 +14,7 @@ use tonic::{Code, Request, Status};
 use crate::domain::Digest;
 use crate::node::CLIENT_MESSAGE_BYTES_MAX;
 use crate::pb;
-use crate::service::LEADER_HINT;
+use crate::service::{LEADER_HINT, LOW_DISK_HINT};
 use crate::transport::{Channels, GrpcChannel, Timeouts};
 
 /// Default deadline for one client operation, retries included.
@@ -61,6 +61,7 @@ pub enum ClientError {
 fn describe(s: &Status) -> String {
     let code = match s.code() {
         Code::InvalidArgument => "invalid argument",
+        Code::ResourceExhausted if s.metadata().contains_key(LOW_DISK_HINT) => "disk low",
         Code::ResourceExhausted => "too large",
         Code::Unavailable => "unavailable",
         Code::DeadlineExceeded => "deadline exceeded",
@@ -80,6 +81,12 @@ impl ClientError {
             ClientError::Rpc(s) => Some(s.code()),
             _ => None,
         }
+    }
+
+    /// A write refused while a member's disk is under its reserve: it passes once space is
+    /// freed there, so an agent waits and resends.
+    pub fn is_low_disk(&self) -> bool {
+        matches!(self, ClientError::Rpc(s) if s.metadata().contains_key(LOW_DISK_HINT))
     }
 }
 
@@ -125,6 +132,12 @@ pub struct NodeView {
     pub last_log_index: u64,
     pub term: u64,
     pub reachable: bool,
+    /// Bytes free on the node's data directory at its last reading (reachable nodes only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub disk_free_bytes: Option<u64>,
+    /// The node's `storage.reserve_bytes`: under it, the cluster refuses writes that add data.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub disk_reserve_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -787,6 +800,8 @@ impl EscrowClient {
                         last_log_index: s.last_log_index,
                         term: s.term,
                         reachable: true,
+                        disk_free_bytes: Some(s.disk_free_bytes),
+                        disk_reserve_bytes: Some(s.disk_reserve_bytes),
                         error: None,
                     })
                 }
@@ -801,6 +816,8 @@ impl EscrowClient {
                     last_log_index: 0,
                     term: 0,
                     reachable: false,
+                    disk_free_bytes: None,
+                    disk_reserve_bytes: None,
                     error: Some(e.to_string()),
                 }),
             }

@@ -355,12 +355,21 @@ async fn t23_cluster_status_reports_every_node() {
         assert!(n.reachable);
         assert_eq!(n.role, "voter");
         assert!(n.applied_index >= revision);
+        assert!(n.disk_free_bytes.is_some_and(|free| free > 0), "{n:?}");
+        assert_eq!(
+            n.disk_reserve_bytes,
+            Some(escrow::dev::DEV_STORAGE_RESERVE_BYTES)
+        );
     }
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     cluster.stop_node(cluster.index_of(follower)).await;
     let status = cluster.client().cluster_status().await.unwrap();
     let down = status.nodes.iter().find(|n| n.id == follower).unwrap();
     assert!(!down.reachable);
+    assert_eq!(
+        (down.disk_free_bytes, down.disk_reserve_bytes),
+        (None, None)
+    );
     // Init on an initialized cluster is refused.
     let err = cluster.client().init().await.unwrap_err();
     assert_eq!(err.code(), Some(Code::AlreadyExists), "{err}");
@@ -440,7 +449,9 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
 
     let refused = |what: &str, e: escrow::client::ClientError| {
         assert_eq!(e.code(), Some(Code::ResourceExhausted), "{what}: {e}");
+        assert!(e.is_low_disk(), "{what}: not marked as a low disk: {e}");
         let text = e.to_string();
+        assert!(text.starts_with("disk low: "), "{what}: {text}");
         assert!(
             text.contains("node 3 has") && text.contains("storage.reserve_bytes"),
             "{what}: {text}"
@@ -467,6 +478,10 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
         .to_string();
     assert!(upload.contains("storage.reserve_bytes"), "{upload}");
     client.checkpoint().await.unwrap();
+    let status = client.cluster_status().await.unwrap();
+    let low = status.nodes.iter().find(|n| n.id == 3).unwrap();
+    assert_eq!(low.disk_reserve_bytes, Some(1 << 62));
+    assert!(low.disk_free_bytes.unwrap() < 1 << 62);
     let absent = client.get(TENANT, "orders", "during", false).await.unwrap();
     assert!(!absent.found, "a refused write changed nothing");
 

@@ -414,8 +414,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.term
             );
             for n in &s.nodes {
+                let disk = match (n.disk_free_bytes, n.disk_reserve_bytes) {
+                    (Some(free), Some(reserve)) => format!(
+                        "  disk {} free{}",
+                        gib(free),
+                        if free < reserve {
+                            format!(", UNDER ITS RESERVE of {}: writes refused", gib(reserve))
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    _ => String::new(),
+                };
                 human.push_str(&format!(
-                    "  node {:<3} {:<22} {:<8} {:<10} applied {:<8} {}\n",
+                    "  node {:<3} {:<22} {:<8} {:<10} applied {:<8} {}{disk}\n",
                     n.id,
                     n.addr,
                     n.role,
@@ -953,6 +965,11 @@ fn add_value_json(doc: &mut serde_json::Value, bytes: &[u8]) {
 }
 
 /// A membership as `cluster init`, `add` and `remove` print it: `[{"id", "voter"}]`.
+/// Bytes as GiB with one decimal, for people.
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
 fn members_json(members: &[escrow::pb::Member]) -> Vec<serde_json::Value> {
     members
         .iter()

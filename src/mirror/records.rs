@@ -517,17 +517,34 @@ fn checkpoint(
     state.save(state_file)
 }
 
-/// Errors worth waiting out: no leader, nodes down, a deadline passed.
+/// Errors worth waiting out: no leader, nodes down, a deadline passed, a member's disk under
+/// its reserve.
 fn retry_later(e: &ClientError) -> bool {
-    matches!(
-        e.code(),
-        Some(tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
-    )
+    e.is_low_disk()
+        || matches!(
+            e.code(),
+            Some(tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+        )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: the agent waits out a member's low disk (the write passes once space is freed)
+    // but not a size limit, which the same status code reports.
+    #[test]
+    fn a_low_disk_is_waited_out_a_size_limit_is_not() {
+        let refusal = crate::workers::disk::Refusal {
+            node: 3,
+            free: 10,
+            reserve: 20,
+        };
+        let low = ClientError::Rpc(crate::service::status::low_disk(refusal));
+        assert!(low.is_low_disk() && retry_later(&low));
+        let too_large = ClientError::Rpc(tonic::Status::resource_exhausted("batch too large"));
+        assert!(!too_large.is_low_disk() && !retry_later(&too_large));
+    }
 
     // Goal: each malformed event is refused with a reason that names the problem; valid
     // events of both kinds parse, with either time format.

@@ -222,8 +222,8 @@ impl Core {
     /// Stores a chunk here and on other voters; returns once a majority of voters hold it.
     /// Pushes to the remaining voters continue in the background.
     pub async fn replicate_chunk(&self, hash: Digest, data: Vec<u8>) -> Result<(), Status> {
-        if let Some(why) = self.disk.refusal() {
-            return Err(Status::resource_exhausted(why));
+        if let Some(refusal) = self.disk.refusal() {
+            return Err(super::status::low_disk(refusal));
         }
         self.store_chunk(hash, data.clone()).await?;
         let (self_votes, peers, majority) = self.voter_peers();

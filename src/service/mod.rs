@@ -32,6 +32,10 @@ pub const WRITE_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Metadata key naming the leader's client address when a request is redirected.
 pub const LEADER_HINT: &str = "x-escrow-leader";
+/// Metadata key marking a write refused because a member's disk is under its reserve (a
+/// RESOURCE_EXHAUSTED that passes once space is freed, unlike a size limit); its value is the
+/// node's id.
+pub const LOW_DISK_HINT: &str = "x-escrow-low-disk";
 /// Commands one log entry carries at most.
 pub const BATCH_COMMANDS_MAX: usize = 1024;
 /// Bytes of commands one log entry carries at most (a single larger command goes alone). With
@@ -237,6 +241,17 @@ pub mod status {
         )
     }
 
+    /// A write refused while a member's disk is under its reserve: RESOURCE_EXHAUSTED with
+    /// [`LOW_DISK_HINT`], so agents wait and resend instead of giving up.
+    pub fn low_disk(refusal: crate::workers::disk::Refusal) -> Status {
+        let mut s = Status::resource_exhausted(refusal.to_string());
+        s.metadata_mut().insert(
+            LOW_DISK_HINT,
+            refusal.node.to_string().parse().expect("digits"),
+        );
+        s
+    }
+
     pub fn storage(e: impl std::fmt::Display) -> Status {
         Status::internal(format!("storage error: {e}"))
     }
@@ -267,8 +282,8 @@ impl Core {
     /// Proposes `command`; on a follower, relays it to the leader (one hop at most).
     pub async fn write(&self, command: Command, may_forward: bool) -> Result<Outcome, Status> {
         if command.adds_data() {
-            if let Some(why) = self.disk.refusal() {
-                return Err(Status::resource_exhausted(why));
+            if let Some(refusal) = self.disk.refusal() {
+                return Err(status::low_disk(refusal));
             }
         }
         let started = Instant::now();

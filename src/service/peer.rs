@@ -174,8 +174,8 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::ChunkAck>, Status> {
         let req = request.into_inner();
         let hash = super::artifacts::digest(&req.hash)?;
-        if let Some(why) = self.core.disk.local_refusal() {
-            return Err(Status::resource_exhausted(why));
+        if let Some(refusal) = self.core.disk.local_refusal() {
+            return Err(super::status::low_disk(refusal));
         }
         self.core.store_chunk(hash, req.data).await?;
         Ok(Response::new(pb::ChunkAck {}))

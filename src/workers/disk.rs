@@ -4,12 +4,13 @@
 //! filling a disk until RocksDB's writes fail and the node's Raft stops.
 //!
 //! Every node refuses on the same readings, so a write is refused wherever it arrives (a
-//! follower does not forward it first). Writes that free space or carry no data (history
+//! follower does not forward it first). Only voters count: a learner being added with a small
+//! disk does not stop the cluster's writes (it only falls behind). Writes that free space or carry no data (history
 //! expiry, checkpoints, tenant states) still go through, and reads are never refused. A member
 //! that has not answered for [`READING_FRESH_FOR`] counts for nothing here: an unreachable node
 //! is Raft's concern, not the disk guard's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,13 +42,20 @@ struct Reading {
     at: Instant,
 }
 
-/// This node's view of every member's free space.
+/// The last readings, and which nodes are voters.
+#[derive(Default)]
+struct Readings {
+    by_node: BTreeMap<NodeId, Reading>,
+    voters: BTreeSet<NodeId>,
+}
+
+/// This node's view of every voter's free space.
 pub struct DiskGuard {
     node: NodeId,
     reserve: u64,
     /// The data directory and the chunk store's directory (a mount of its own, possibly).
     dirs: Vec<PathBuf>,
-    readings: Mutex<BTreeMap<NodeId, Reading>>,
+    readings: Mutex<Readings>,
 }
 
 impl DiskGuard {
@@ -57,13 +65,19 @@ impl DiskGuard {
             node,
             reserve,
             dirs,
-            readings: Mutex::new(BTreeMap::new()),
+            readings: Mutex::new(Readings::default()),
         }
     }
 
     /// This node's reserve, `storage.reserve_bytes`.
     pub fn reserve(&self) -> u64 {
         self.reserve
+    }
+
+    /// This node's free bytes at its last reading (0 before the first).
+    pub fn local_free(&self) -> u64 {
+        let readings = self.readings.lock().expect("lock");
+        readings.by_node.get(&self.node).map_or(0, |r| r.free)
     }
 
     /// Measures this node's free space (the least over its directories) and records it.
@@ -83,44 +97,74 @@ impl DiskGuard {
             reserve,
             at: Instant::now(),
         };
-        self.readings.lock().expect("lock").insert(node, reading);
-    }
-
-    /// Forgets the readings of nodes that are no longer members.
-    pub fn retain(&self, members: &[NodeId]) {
         self.readings
             .lock()
             .expect("lock")
-            .retain(|id, _| *id == self.node || members.contains(id));
+            .by_node
+            .insert(node, reading);
+    }
+
+    /// Sets the voters whose readings count, and forgets other nodes' readings (this node's
+    /// own is kept: it still guards its own disk).
+    pub fn set_voters(&self, voters: BTreeSet<NodeId>) {
+        let mut readings = self.readings.lock().expect("lock");
+        readings
+            .by_node
+            .retain(|id, _| *id == self.node || voters.contains(id));
+        readings.voters = voters;
     }
 
     /// Why writes that add data are refused now: the first member (by id) whose fresh
     /// reading is under its reserve.
-    pub fn refusal(&self) -> Option<String> {
+    pub fn refusal(&self) -> Option<Refusal> {
         let readings = self.readings.lock().expect("lock");
         readings
+            .by_node
             .iter()
+            .filter(|(id, _)| readings.voters.contains(id))
             .find(|(_, r)| r.at.elapsed() < READING_FRESH_FOR && r.free < r.reserve)
-            .map(|(id, r)| describe(*id, r))
+            .map(|(id, r)| Refusal::new(*id, r))
     }
 
     /// Why this node refuses to store more (its own disk under its reserve).
-    pub fn local_refusal(&self) -> Option<String> {
+    pub fn local_refusal(&self) -> Option<Refusal> {
         let readings = self.readings.lock().expect("lock");
         readings
+            .by_node
             .get(&self.node)
             .filter(|r| r.free < r.reserve)
-            .map(|r| describe(self.node, r))
+            .map(|r| Refusal::new(self.node, r))
     }
 }
 
-fn describe(node: NodeId, r: &Reading) -> String {
-    format!(
-        "node {node} has {} bytes free on its data directory, under its reserve of {} bytes \
-         (storage.reserve_bytes); writes that add data are refused until space is freed \
-         there (reads, deletions of expired history and checkpoints go on)",
-        r.free, r.reserve
-    )
+/// A member under its reserve: writes that add data are refused until it has room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub node: NodeId,
+    pub free: u64,
+    pub reserve: u64,
+}
+
+impl Refusal {
+    fn new(node: NodeId, r: &Reading) -> Self {
+        Self {
+            node,
+            free: r.free,
+            reserve: r.reserve,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} has {} bytes free on its data directory, under its reserve of {} bytes \
+             (storage.reserve_bytes); writes that add data are refused until space is freed \
+             there (reads, deletions of expired history and checkpoints go on)",
+            self.node, self.free, self.reserve
+        )
+    }
 }
 
 /// Runs until shutdown.
@@ -154,17 +198,17 @@ async fn step(core: &Core) {
         }
         Err(e) => tracing::warn!(error = %e, "cannot read this node's free disk space"),
     }
-    let members: Vec<_> = {
+    let voters: Vec<_> = {
         let m = core.raft.metrics().borrow().clone();
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(id, node)| (*id, node.clone()))
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
             .collect()
     };
     core.disk
-        .retain(&members.iter().map(|(id, _)| *id).collect::<Vec<_>>());
-    let mut asks: FuturesUnordered<_> = members
+        .set_voters(voters.iter().map(|(id, _)| *id).collect());
+    let mut asks: FuturesUnordered<_> = voters
         .into_iter()
         .filter(|(id, _)| *id != core.id)
         .map(|(id, node)| async move {
@@ -201,11 +245,19 @@ mod tests {
         guard.record(1, 500, 100);
         guard.record(2, 100, 100);
         guard.record(3, 99, 100);
+        guard.set_voters([1, 2].into());
+        assert_eq!(guard.refusal(), None, "node 3 is no voter (a learner)");
+        guard.record(3, 99, 100);
+        guard.set_voters([1, 2, 3].into());
         let why = guard.refusal().expect("node 3 is under its reserve");
-        assert!(why.starts_with("node 3 has 99 bytes free"), "{why}");
+        assert_eq!((why.node, why.free, why.reserve), (3, 99, 100));
+        assert!(
+            why.to_string().starts_with("node 3 has 99 bytes free"),
+            "{why}"
+        );
         assert_eq!(guard.local_refusal(), None, "this node has room");
-        // A node no longer a member counts no more.
-        guard.retain(&[1, 2]);
+        // A node no longer a voter counts no more.
+        guard.set_voters([1, 2].into());
         assert_eq!(guard.refusal(), None);
         // This node's own reading, under a reserve of 0: never refused.
         let never = DiskGuard::new(1, 0, vec![dir.path().to_path_buf()]);
@@ -214,18 +266,22 @@ mod tests {
         // A reserve larger than any disk: refused, locally too.
         let always = DiskGuard::new(1, u64::MAX, vec![dir.path().to_path_buf()]);
         always.measure().unwrap();
-        assert!(always.local_refusal().unwrap().starts_with("node 1 has"));
+        always.set_voters([1].into());
+        assert_eq!(always.local_refusal().unwrap().node, 1);
         assert!(always.refusal().is_some());
     }
 
     #[test]
     fn a_stale_reading_counts_for_nothing() {
         let guard = DiskGuard::new(1, 100, Vec::new());
+        guard.set_voters([1, 2].into());
         guard.record(2, 0, 100);
         let Some(long_ago) = Instant::now().checked_sub(READING_FRESH_FOR * 2) else {
             return; // a machine up for less than that: no instant that old exists
         };
-        guard.readings.lock().unwrap().get_mut(&2).unwrap().at = long_ago;
+        let mut readings = guard.readings.lock().unwrap();
+        readings.by_node.get_mut(&2).unwrap().at = long_ago;
+        drop(readings);
         assert_eq!(guard.refusal(), None);
     }
 }
