@@ -54,8 +54,17 @@ pub enum ClientError {
     Ca { path: PathBuf, reason: String },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    /// What a node answered. Its text gives the status's own causes (a transport error's),
+    /// and the status is not this error's `source`, so a chain printer (`{:#}`) does not
+    /// repeat it in tonic's longer form.
     #[error("{}", describe(.0))]
-    Rpc(#[from] Status),
+    Rpc(Status),
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Rpc(s)
+    }
 }
 
 fn describe(s: &Status) -> String {
@@ -72,7 +81,7 @@ fn describe(s: &Status) -> String {
         Code::FailedPrecondition => "refused",
         _ => "error",
     };
-    format!("{code}: {}", s.message())
+    format!("{code}: {}", said(s))
 }
 
 impl ClientError {
@@ -132,7 +141,8 @@ pub struct NodeView {
     pub last_log_index: u64,
     pub term: u64,
     pub reachable: bool,
-    /// Bytes free on the node's data directory at its last reading (reachable nodes only).
+    /// Bytes free on the node's data directory at its last reading (reachable nodes with a
+    /// fresh reading only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub disk_free_bytes: Option<u64>,
     /// The node's `storage.reserve_bytes`: under it, the cluster refuses writes that add data.
@@ -800,8 +810,8 @@ impl EscrowClient {
                         last_log_index: s.last_log_index,
                         term: s.term,
                         reachable: true,
-                        disk_free_bytes: Some(s.disk_free_bytes),
-                        disk_reserve_bytes: Some(s.disk_reserve_bytes),
+                        disk_free_bytes: s.disk_free_bytes,
+                        disk_reserve_bytes: s.disk_reserve_bytes,
                         error: None,
                     })
                 }

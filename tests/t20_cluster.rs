@@ -356,10 +356,7 @@ async fn t23_cluster_status_reports_every_node() {
         assert_eq!(n.role, "voter");
         assert!(n.applied_index >= revision);
         assert!(n.disk_free_bytes.is_some_and(|free| free > 0), "{n:?}");
-        assert_eq!(
-            n.disk_reserve_bytes,
-            Some(escrow::dev::DEV_STORAGE_RESERVE_BYTES)
-        );
+        assert_eq!(n.disk_reserve_bytes, Some(TEST_DISK_RESERVE_BYTES));
     }
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     cluster.stop_node(cluster.index_of(follower)).await;

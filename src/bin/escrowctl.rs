@@ -415,16 +415,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             for n in &s.nodes {
                 let disk = match (n.disk_free_bytes, n.disk_reserve_bytes) {
-                    (Some(free), Some(reserve)) => format!(
-                        "  disk {} free{}",
+                    (Some(free), Some(reserve)) if free < reserve => format!(
+                        "  disk {} free, UNDER ITS RESERVE of {}{}",
                         gib(free),
-                        if free < reserve {
-                            format!(", UNDER ITS RESERVE of {}: writes refused", gib(reserve))
+                        gib(reserve),
+                        if n.role == "voter" {
+                            ": writes refused"
                         } else {
-                            String::new()
+                            ""
                         }
                     ),
-                    _ => String::new(),
+                    (Some(free), _) => format!("  disk {} free", gib(free)),
+                    (None, Some(_)) => "  disk UNREADABLE".to_string(),
+                    (None, None) => String::new(),
                 };
                 human.push_str(&format!(
                     "  node {:<3} {:<22} {:<8} {:<10} applied {:<8} {}{disk}\n",
@@ -964,12 +967,12 @@ fn add_value_json(doc: &mut serde_json::Value, bytes: &[u8]) {
     }
 }
 
-/// A membership as `cluster init`, `add` and `remove` print it: `[{"id", "voter"}]`.
 /// Bytes as GiB with one decimal, for people.
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// A membership as `cluster init`, `add` and `remove` print it: `[{"id", "voter"}]`.
 fn members_json(members: &[escrow::pb::Member]) -> Vec<serde_json::Value> {
     members
         .iter()

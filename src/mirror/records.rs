@@ -537,7 +537,7 @@ mod tests {
     fn a_low_disk_is_waited_out_a_size_limit_is_not() {
         let refusal = crate::workers::disk::Refusal {
             node: 3,
-            free: 10,
+            free: Some(10),
             reserve: 20,
         };
         let low = ClientError::Rpc(crate::service::status::low_disk(refusal));

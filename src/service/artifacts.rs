@@ -205,9 +205,8 @@ impl Core {
         ));
         for (id, node) in &peers {
             match self.peers.get_chunk(*id, &node.raft_addr, &hash).await {
-                Ok(bytes) => match self.store_chunk(hash, bytes.clone()).await {
-                    // The store verified the bytes against the address before keeping them.
-                    Ok(_) => return Ok(bytes),
+                Ok(bytes) => match self.keep_fetched_chunk(hash, &bytes).await {
+                    Ok(()) => return Ok(bytes),
                     Err(e) => {
                         tracing::warn!(peer = id, chunk = %crate::domain::hex(&hash), error = %e.message(), "peer sent a bad chunk");
                         last = e;
@@ -219,11 +218,28 @@ impl Core {
         Err(last)
     }
 
+    /// Keeps a copy of a chunk fetched from a peer, which the store verifies against its
+    /// address first; on a disk under its reserve ([`crate::workers::disk`]) the bytes are
+    /// only verified, not kept, so a read or a repair never fills it.
+    async fn keep_fetched_chunk(&self, hash: Digest, bytes: &[u8]) -> Result<(), Status> {
+        if self.disk.local_refusal().is_none() {
+            return self.store_chunk(hash, bytes.to_vec()).await.map(|_| ());
+        }
+        if blake3::hash(bytes).as_bytes() == &hash {
+            Ok(())
+        } else {
+            Err(Status::data_loss(format!(
+                "the bytes sent for chunk {} do not match its address",
+                crate::domain::hex(&hash)
+            )))
+        }
+    }
+
     /// Stores a chunk here and on other voters; returns once a majority of voters hold it.
     /// Pushes to the remaining voters continue in the background.
     pub async fn replicate_chunk(&self, hash: Digest, data: Vec<u8>) -> Result<(), Status> {
         if let Some(refusal) = self.disk.refusal() {
-            return Err(super::status::low_disk(refusal));
+            return Err(status::low_disk(refusal));
         }
         self.store_chunk(hash, data.clone()).await?;
         let (self_votes, peers, majority) = self.voter_peers();
@@ -419,6 +435,10 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             req.manifest
                 .ok_or_else(|| Status::invalid_argument("the manifest is required"))?,
         )?;
+        // Refused before fetching missing chunks onto a disk that has no room.
+        if let Some(refusal) = self.core.disk.refusal() {
+            return Err(status::low_disk(refusal));
+        }
         // Every chunk here, verified, and the whole-file hash right, before anything commits.
         let mut unique: Vec<Digest> = Vec::new();
         let mut seen = HashSet::new();

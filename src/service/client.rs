@@ -488,8 +488,8 @@ impl pb::cluster_server::Cluster for ClusterService {
             initialized,
             cluster_name: self.core.cluster_name.clone(),
             identity_key: crate::domain::hex(self.core.identity.verifying_key().as_bytes()),
-            disk_free_bytes: self.core.disk.local_free(),
-            disk_reserve_bytes: self.core.disk.reserve(),
+            disk_free_bytes: self.core.disk.local().and_then(|r| r.free),
+            disk_reserve_bytes: self.core.disk.local().map(|r| r.reserve),
         }))
     }
 

@@ -185,14 +185,15 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         _: Request<pb::DiskSpaceRequest>,
     ) -> Result<Response<pb::DiskSpaceReply>, Status> {
-        let disk = &self.core.disk;
-        let free = disk.measure().map_err(|e| {
-            Status::internal(format!("cannot read this node's free disk space: {e}"))
+        // The disk worker's last reading: answering never waits on the disk.
+        let reading = self.core.disk.local().ok_or_else(|| {
+            Status::unavailable("this node has no fresh reading of its free disk space")
         })?;
         Ok(Response::new(pb::DiskSpaceReply {
             node: self.core.id,
-            free_bytes: free,
-            reserve_bytes: disk.reserve(),
+            free_bytes: reading.free.unwrap_or(0),
+            reserve_bytes: reading.reserve,
+            unreadable: reading.free.is_none(),
         }))
     }
 

@@ -95,6 +95,11 @@ pub async fn sync_pass(core: &Arc<Core>) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
         let results: Vec<bool> = stream::iter(missing)
             .map(|hash| async move {
+                // A disk gone under its reserve mid-pass takes no more (a fetch would then
+                // only verify the bytes, not keep them).
+                if core.disk.local_refusal().is_some() {
+                    return false;
+                }
                 match core.chunk_anywhere(hash).await {
                     Ok(_) => true,
                     Err(e) => {

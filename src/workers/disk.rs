@@ -1,14 +1,17 @@
-//! The disk guard: every node measures its own free space and asks every other member for
-//! theirs once a second; while any member is under its reserve (`storage.reserve_bytes`), the
-//! cluster refuses writes that add data with RESOURCE_EXHAUSTED naming that node, instead of
-//! filling a disk until RocksDB's writes fail and the node's Raft stops.
+//! The disk guard: every node measures its own free space and asks every other voter for
+//! theirs once a second; while any voter is under its reserve (`storage.reserve_bytes`), the
+//! node refuses writes that add data with RESOURCE_EXHAUSTED naming that voter, instead of
+//! filling a disk until RocksDB's writes fail and that node's Raft stops.
 //!
-//! Every node refuses on the same readings, so a write is refused wherever it arrives (a
-//! follower does not forward it first). Only voters count: a learner being added with a small
-//! disk does not stop the cluster's writes (it only falls behind). Writes that free space or carry no data (history
-//! expiry, checkpoints, tenant states) still go through, and reads are never refused. A member
-//! that has not answered for [`READING_FRESH_FOR`] counts for nothing here: an unreachable node
-//! is Raft's concern, not the disk guard's.
+//! Every node keeps its own readings, and they agree within a second or two, so a write is
+//! refused wherever it arrives (a follower refuses it before forwarding; a leader checks again
+//! what is forwarded to it). One voter under its reserve stops the writes of the whole
+//! cluster, as the next ones would fill it. Learners do not count: one being added with a small
+//! disk falls behind instead. Writes that free space or carry no data (history expiry,
+//! checkpoints, tenant states) still go through, and reads are never refused. A voter whose
+//! reading is older than [`READING_FRESH_FOR`] counts for nothing (it is down or cut off,
+//! which is Raft's concern); one that cannot read its own free space counts as under its
+//! reserve.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,14 +21,15 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
-use crate::raft::NodeId;
+use crate::raft::{EscrowNode, NodeId, Raft};
 use crate::service::Core;
 
-/// How often a node measures its own free space and asks the other members for theirs.
+/// How often a node measures its own free space and asks the other voters for theirs.
 pub const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// How long one member's answer may take.
+/// How long one voter's answer may take, connecting included.
 pub const DISK_ASK_TIMEOUT: Duration = Duration::from_millis(800);
-/// A reading older than this counts for nothing (its node is down or cut off).
+/// A reading older than this counts for nothing (its node is down or cut off, or its own
+/// check is stuck on a hung disk).
 pub const READING_FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// Bytes available to an unprivileged writer on the filesystem holding `dir`.
@@ -34,12 +38,34 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
-/// One member's free space, as last measured or answered.
+/// The voters of `raft`'s current membership, with their addresses.
+pub fn voters(raft: &Raft) -> Vec<(NodeId, EscrowNode)> {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    membership
+        .voter_ids()
+        .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
+        .collect()
+}
+
+/// One node's free space, as last measured or answered.
 #[derive(Debug, Clone, Copy)]
-struct Reading {
-    free: u64,
-    reserve: u64,
+pub struct Reading {
+    /// Bytes free; `None` when the node could not read it.
+    pub free: Option<u64>,
+    pub reserve: u64,
     at: Instant,
+}
+
+impl Reading {
+    fn fresh(&self) -> bool {
+        self.at.elapsed() < READING_FRESH_FOR
+    }
+
+    /// Under a reserve that is on, or unreadable under one.
+    fn under(&self) -> bool {
+        self.reserve > 0 && self.free.is_none_or(|free| free < self.reserve)
+    }
 }
 
 /// The last readings, and which nodes are voters.
@@ -69,29 +95,19 @@ impl DiskGuard {
         }
     }
 
-    /// This node's reserve, `storage.reserve_bytes`.
-    pub fn reserve(&self) -> u64 {
-        self.reserve
-    }
-
-    /// This node's free bytes at its last reading (0 before the first).
-    pub fn local_free(&self) -> u64 {
-        let readings = self.readings.lock().expect("lock");
-        readings.by_node.get(&self.node).map_or(0, |r| r.free)
-    }
-
-    /// Measures this node's free space (the least over its directories) and records it.
+    /// Measures this node's free space (the least over its directories) and records it; a
+    /// failure is recorded as unreadable (under the reserve) and returned.
     pub fn measure(&self) -> std::io::Result<u64> {
-        let mut free = u64::MAX;
-        for dir in &self.dirs {
-            free = free.min(free_bytes(dir)?);
-        }
-        self.record(self.node, free, self.reserve);
-        Ok(free)
+        let measured = self
+            .dirs
+            .iter()
+            .try_fold(u64::MAX, |least, dir| Ok(least.min(free_bytes(dir)?)));
+        self.record(self.node, measured.as_ref().ok().copied(), self.reserve);
+        measured
     }
 
-    /// Records a member's answer.
-    pub fn record(&self, node: NodeId, free: u64, reserve: u64) {
+    /// Records a node's free space (`None`: it could not read it) and reserve.
+    pub fn record(&self, node: NodeId, free: Option<u64>, reserve: u64) {
         let reading = Reading {
             free,
             reserve,
@@ -104,6 +120,16 @@ impl DiskGuard {
             .insert(node, reading);
     }
 
+    /// This node's own reading, while fresh.
+    pub fn local(&self) -> Option<Reading> {
+        let readings = self.readings.lock().expect("lock");
+        readings
+            .by_node
+            .get(&self.node)
+            .filter(|r| r.fresh())
+            .copied()
+    }
+
     /// Sets the voters whose readings count, and forgets other nodes' readings (this node's
     /// own is kept: it still guards its own disk).
     pub fn set_voters(&self, voters: BTreeSet<NodeId>) {
@@ -114,34 +140,35 @@ impl DiskGuard {
         readings.voters = voters;
     }
 
-    /// Why writes that add data are refused now: the first member (by id) whose fresh
-    /// reading is under its reserve.
+    /// Why writes that add data are refused now: the first voter (by id) whose fresh reading
+    /// is under its reserve. Before any membership is known, this node's own reading counts.
     pub fn refusal(&self) -> Option<Refusal> {
         let readings = self.readings.lock().expect("lock");
+        let counts = |id: &NodeId| {
+            readings.voters.contains(id) || (readings.voters.is_empty() && *id == self.node)
+        };
         readings
             .by_node
             .iter()
-            .filter(|(id, _)| readings.voters.contains(id))
-            .find(|(_, r)| r.at.elapsed() < READING_FRESH_FOR && r.free < r.reserve)
+            .filter(|(id, r)| counts(id) && r.fresh() && r.under())
             .map(|(id, r)| Refusal::new(*id, r))
+            .next()
     }
 
-    /// Why this node refuses to store more (its own disk under its reserve).
+    /// Why this node stores nothing more (its own disk under its reserve), voter or not.
     pub fn local_refusal(&self) -> Option<Refusal> {
-        let readings = self.readings.lock().expect("lock");
-        readings
-            .by_node
-            .get(&self.node)
-            .filter(|r| r.free < r.reserve)
-            .map(|r| Refusal::new(self.node, r))
+        self.local()
+            .filter(Reading::under)
+            .map(|r| Refusal::new(self.node, &r))
     }
 }
 
-/// A member under its reserve: writes that add data are refused until it has room.
+/// A voter under its reserve: writes that add data are refused until it has room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub node: NodeId,
-    pub free: u64,
+    /// `None`: the node cannot read its free space.
+    pub free: Option<u64>,
     pub reserve: u64,
 }
 
@@ -157,12 +184,23 @@ impl Refusal {
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (node, reserve) = (self.node, self.reserve);
+        match self.free {
+            Some(free) => write!(
+                f,
+                "node {node} has {free} bytes free on its data directory, under its reserve \
+                 of {reserve} bytes (storage.reserve_bytes)"
+            )?,
+            None => write!(
+                f,
+                "node {node} cannot read the free space of its data directory (its reserve: \
+                 {reserve} bytes, storage.reserve_bytes)"
+            )?,
+        }
         write!(
             f,
-            "node {} has {} bytes free on its data directory, under its reserve of {} bytes \
-             (storage.reserve_bytes); writes that add data are refused until space is freed \
-             there (reads, deletions of expired history and checkpoints go on)",
-            self.node, self.free, self.reserve
+            "; writes that add data are refused until it has room (reads, deletions of \
+             expired history and checkpoints go on)"
         )
     }
 }
@@ -188,47 +226,46 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Measures this node and asks every other member, all at once.
-async fn step(core: &Core) {
-    match core.disk.measure() {
-        Ok(free) => {
-            core.metrics
-                .disk_free_bytes
-                .set(free.min(i64::MAX as u64) as i64);
+/// Measures this node (on a blocking thread: a hung disk must not stall the runtime) and asks
+/// every other voter, all at once.
+async fn step(core: &Arc<Core>) {
+    let measuring = core.clone();
+    match tokio::task::spawn_blocking(move || measuring.disk.measure()).await {
+        Ok(Ok(free)) => {
+            let free = free.min(i64::MAX as u64) as i64;
+            core.metrics.disk_free_bytes.set(free);
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read this node's free disk space"),
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "cannot read this node's free disk space; counted as under its reserve"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the disk check failed"),
     }
-    let voters: Vec<_> = {
-        let m = core.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        membership
-            .voter_ids()
-            .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
-            .collect()
-    };
+    let voters = voters(&core.raft);
     core.disk
         .set_voters(voters.iter().map(|(id, _)| *id).collect());
     let mut asks: FuturesUnordered<_> = voters
         .into_iter()
         .filter(|(id, _)| *id != core.id)
         .map(|(id, node)| async move {
-            (
-                id,
-                core.peers
-                    .disk_space(id, &node.raft_addr, DISK_ASK_TIMEOUT)
-                    .await,
-            )
+            let ask = core.peers.disk_space(id, &node.raft_addr, DISK_ASK_TIMEOUT);
+            let answer = tokio::time::timeout(DISK_ASK_TIMEOUT, ask).await;
+            (id, answer)
         })
         .collect();
     while let Some((id, answer)) = asks.next().await {
         match answer {
-            Ok(a) if a.node == id => core.disk.record(id, a.free_bytes, a.reserve_bytes),
-            Ok(a) => tracing::warn!(
+            Ok(Ok(a)) if a.node == id => {
+                let free = (!a.unreadable).then_some(a.free_bytes);
+                core.disk.record(id, free, a.reserve_bytes);
+            }
+            Ok(Ok(a)) => tracing::warn!(
                 asked = id,
                 answered = a.node,
                 "a node answered for another's disk space; ignored"
             ),
-            Err(e) => tracing::debug!(node = id, error = %e, "no disk space answer"),
+            Ok(Err(e)) => tracing::debug!(node = id, error = %e, "no disk space answer"),
+            Err(_) => tracing::debug!(node = id, "no disk space answer in time"),
         }
     }
 }
@@ -238,19 +275,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_are_refused_while_a_fresh_reading_is_under_its_reserve() {
+    fn writes_are_refused_while_a_fresh_voter_reading_is_under_its_reserve() {
         let dir = tempfile::tempdir().unwrap();
         let guard = DiskGuard::new(1, 100, vec![dir.path().to_path_buf()]);
         assert_eq!(guard.refusal(), None, "no readings, no refusal");
-        guard.record(1, 500, 100);
-        guard.record(2, 100, 100);
-        guard.record(3, 99, 100);
-        guard.set_voters([1, 2].into());
-        assert_eq!(guard.refusal(), None, "node 3 is no voter (a learner)");
-        guard.record(3, 99, 100);
+        guard.record(1, Some(500), 100);
+        guard.record(2, Some(100), 100);
+        guard.record(3, Some(99), 100);
         guard.set_voters([1, 2, 3].into());
         let why = guard.refusal().expect("node 3 is under its reserve");
-        assert_eq!((why.node, why.free, why.reserve), (3, 99, 100));
+        assert_eq!((why.node, why.free, why.reserve), (3, Some(99), 100));
         assert!(
             why.to_string().starts_with("node 3 has 99 bytes free"),
             "{why}"
@@ -259,7 +293,29 @@ mod tests {
         // A node no longer a voter counts no more.
         guard.set_voters([1, 2].into());
         assert_eq!(guard.refusal(), None);
-        // This node's own reading, under a reserve of 0: never refused.
+        // A node that cannot read its free space counts as under its reserve.
+        guard.record(2, None, 100);
+        let why = guard.refusal().expect("node 2 cannot read its disk");
+        assert!(why.to_string().contains("node 2 cannot read"), "{why}");
+        // A reserve of 0 is the guard turned off, even unreadable.
+        guard.record(2, None, 0);
+        assert_eq!(guard.refusal(), None);
+    }
+
+    #[test]
+    fn a_learner_guards_its_own_disk_but_stops_no_writes() {
+        let guard = DiskGuard::new(1, 100, Vec::new());
+        guard.record(1, Some(10), 100);
+        // Before any membership is known, this node's own reading counts.
+        assert_eq!(guard.refusal().map(|r| r.node), Some(1));
+        guard.set_voters([2, 3].into());
+        assert_eq!(guard.refusal(), None, "node 1 is a learner");
+        assert_eq!(guard.local_refusal().map(|r| r.node), Some(1));
+    }
+
+    #[test]
+    fn own_measurements_count() {
+        let dir = tempfile::tempdir().unwrap();
         let never = DiskGuard::new(1, 0, vec![dir.path().to_path_buf()]);
         assert!(never.measure().unwrap() > 0);
         assert_eq!((never.refusal(), never.local_refusal()), (None, None));
@@ -269,13 +325,18 @@ mod tests {
         always.set_voters([1].into());
         assert_eq!(always.local_refusal().unwrap().node, 1);
         assert!(always.refusal().is_some());
+        // A directory that cannot be read: recorded as unreadable, so refused.
+        let gone = DiskGuard::new(1, 1, vec![dir.path().join("no-such-dir")]);
+        assert!(gone.measure().is_err());
+        assert_eq!(gone.local_refusal().unwrap().free, None);
     }
 
     #[test]
     fn a_stale_reading_counts_for_nothing() {
         let guard = DiskGuard::new(1, 100, Vec::new());
         guard.set_voters([1, 2].into());
-        guard.record(2, 0, 100);
+        guard.record(2, Some(0), 100);
+        assert!(guard.refusal().is_some(), "refused while fresh");
         let Some(long_ago) = Instant::now().checked_sub(READING_FRESH_FOR * 2) else {
             return; // a machine up for less than that: no instant that old exists
         };

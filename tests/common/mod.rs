@@ -141,6 +141,21 @@ where
     }
 }
 
+/// `storage.reserve_bytes` of test nodes: the guard is on, but a test machine with little
+/// disk to spare still runs the suite (`escrowd dev`'s 256 MiB would refuse every write there).
+pub const TEST_DISK_RESERVE_BYTES: u64 = 16 << 20;
+
+/// A dev cluster's files for `n` nodes on free ports, with the test disk reserve.
+fn cluster_files(dir: &Path, n: usize, raft: &RaftSettings) -> ClusterFiles {
+    let files = escrow::dev::write_cluster_files(dir, &node_ports(n), raft).unwrap();
+    for path in &files.node_configs {
+        let mut config = Config::load(path).unwrap();
+        config.storage.reserve_bytes = TEST_DISK_RESERVE_BYTES;
+        std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+    }
+    files
+}
+
 /// An in-process cluster: every node has its own RocksDB, TLS listeners and sockets.
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -154,7 +169,7 @@ impl TestCluster {
     pub async fn start(n: usize, raft: RaftSettings) -> Self {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
-        let files = escrow::dev::write_cluster_files(dir.path(), &node_ports(n), &raft).unwrap();
+        let files = cluster_files(dir.path(), n, &raft);
         let faults = Arc::new(Faults::default());
         let nodes = escrow::dev::start_nodes(&files, faults.clone())
             .await
@@ -359,7 +374,7 @@ fn spawn_node(config: &Path, log: &Path) -> Child {
 impl ProcessCluster {
     pub fn start(n: usize, raft: RaftSettings) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let files = escrow::dev::write_cluster_files(dir.path(), &node_ports(n), &raft).unwrap();
+        let files = cluster_files(dir.path(), n, &raft);
         let children = files
             .node_configs
             .iter()
