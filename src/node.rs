@@ -194,19 +194,14 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         config.storage.reserve_bytes,
         vec![config.data_dir.clone(), config.data_dir.join("chunks")],
     );
-    // A first reading, and the voters, before any write is served.
+    // This node's first reading before any write is served; the voters and their readings
+    // come with the disk worker's first step, right after the listeners are up.
     disk.measure().with_context(|| {
         format!(
             "cannot read the free disk space of {}",
             config.data_dir.display()
         )
     })?;
-    disk.set_voters(
-        crate::workers::disk::voters(&raft)
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect(),
-    );
     let proposer = crate::service::Proposer::start(raft.clone());
     let core = Arc::new(Core {
         proposer,

@@ -414,20 +414,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.term
             );
             for n in &s.nodes {
+                let refused = if n.role == "voter" {
+                    ": writes refused"
+                } else {
+                    ""
+                };
                 let disk = match (n.disk_free_bytes, n.disk_reserve_bytes) {
                     (Some(free), Some(reserve)) if free < reserve => format!(
-                        "  disk {} free, UNDER ITS RESERVE of {}{}",
+                        "  disk {} free, UNDER ITS RESERVE of {}{refused}",
                         gib(free),
                         gib(reserve),
-                        if n.role == "voter" {
-                            ": writes refused"
-                        } else {
-                            ""
-                        }
                     ),
                     (Some(free), _) => format!("  disk {} free", gib(free)),
-                    (None, Some(_)) => "  disk UNREADABLE".to_string(),
-                    (None, None) => String::new(),
+                    (None, Some(reserve)) if reserve > 0 => {
+                        format!("  disk UNREADABLE{refused}")
+                    }
+                    _ => String::new(),
                 };
                 human.push_str(&format!(
                     "  node {:<3} {:<22} {:<8} {:<10} applied {:<8} {}{disk}\n",

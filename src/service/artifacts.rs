@@ -144,6 +144,13 @@ fn verify_local(chunks: &crate::chunks::ChunkStore, manifest: &Manifest) -> Resu
     Ok(())
 }
 
+/// A verified chunk, and whether this node holds a copy of it now.
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    /// False when it came from a peer and this node's disk is under its reserve.
+    pub kept: bool,
+}
+
 impl Core {
     /// Other voters with their addresses, and the majority of all voters.
     fn voter_peers(&self) -> (bool, Vec<(NodeId, EscrowNode)>, usize) {
@@ -179,10 +186,11 @@ impl Core {
             .map_err(chunk_status)
     }
 
-    /// A verified copy of a chunk: this node's, or else one fetched from a peer (and stored).
-    pub async fn chunk_anywhere(&self, hash: Digest) -> Result<Vec<u8>, Status> {
+    /// A verified copy of a chunk: this node's, or else one fetched from a peer and stored
+    /// here, except on a disk under its reserve ([`Fetched::kept`] false).
+    pub async fn chunk_anywhere(&self, hash: Digest) -> Result<Fetched, Status> {
         match self.local_chunk(hash).await {
-            Ok(bytes) => return Ok(bytes),
+            Ok(bytes) => return Ok(Fetched { bytes, kept: true }),
             Err(s)
                 if s.code() == tonic::Code::NotFound
                     || s.code() == tonic::Code::InvalidArgument => {}
@@ -206,7 +214,7 @@ impl Core {
         for (id, node) in &peers {
             match self.peers.get_chunk(*id, &node.raft_addr, &hash).await {
                 Ok(bytes) => match self.keep_fetched_chunk(hash, &bytes).await {
-                    Ok(()) => return Ok(bytes),
+                    Ok(kept) => return Ok(Fetched { bytes, kept }),
                     Err(e) => {
                         tracing::warn!(peer = id, chunk = %crate::domain::hex(&hash), error = %e.message(), "peer sent a bad chunk");
                         last = e;
@@ -220,13 +228,13 @@ impl Core {
 
     /// Keeps a copy of a chunk fetched from a peer, which the store verifies against its
     /// address first; on a disk under its reserve ([`crate::workers::disk`]) the bytes are
-    /// only verified, not kept, so a read or a repair never fills it.
-    async fn keep_fetched_chunk(&self, hash: Digest, bytes: &[u8]) -> Result<(), Status> {
+    /// only verified, not kept (`false`), so a read or a repair never fills it.
+    async fn keep_fetched_chunk(&self, hash: Digest, bytes: &[u8]) -> Result<bool, Status> {
         if self.disk.local_refusal().is_none() {
-            return self.store_chunk(hash, bytes.to_vec()).await.map(|_| ());
+            return self.store_chunk(hash, bytes.to_vec()).await.map(|_| true);
         }
         if blake3::hash(bytes).as_bytes() == &hash {
-            Ok(())
+            Ok(false)
         } else {
             Err(Status::data_loss(format!(
                 "the bytes sent for chunk {} do not match its address",
@@ -435,8 +443,9 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             req.manifest
                 .ok_or_else(|| Status::invalid_argument("the manifest is required"))?,
         )?;
-        // Refused before fetching missing chunks onto a disk that has no room.
-        if let Some(refusal) = self.core.disk.refusal() {
+        // Refused before fetching missing chunks onto a disk that has no room (a voter's,
+        // or this node's even as a learner).
+        if let Some(refusal) = self.core.disk.refusal().or(self.core.disk.local_refusal()) {
             return Err(status::low_disk(refusal));
         }
         // Every chunk here, verified, and the whole-file hash right, before anything commits.
@@ -448,8 +457,12 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             }
         }
         for hash in &unique {
-            if !self.core.chunks.has(hash) {
-                self.core.chunk_anywhere(*hash).await?;
+            // Not kept: this node's disk went under its reserve meanwhile.
+            if !self.core.chunks.has(hash) && !self.core.chunk_anywhere(*hash).await?.kept {
+                let refusal = self.core.disk.local_refusal();
+                return Err(refusal.map(status::low_disk).unwrap_or_else(|| {
+                    Status::unavailable("a chunk could not be kept here; retry")
+                }));
             }
         }
         let chunks = self.core.chunks.clone();
@@ -576,7 +589,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             ))
         })?;
         // Verified on read; a corrupt or missing local copy is replaced from a peer first.
-        let data = self.core.chunk_anywhere(chunk.hash).await?;
+        let data = self.core.chunk_anywhere(chunk.hash).await?.bytes;
         Ok(Response::new(pb::ChunkData {
             hash: chunk.hash.to_vec(),
             data,

@@ -474,6 +474,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
+        let disk = self.core.disk.local();
         let initialized = m.membership_config.membership().nodes().next().is_some();
         Ok(Response::new(pb::NodeStatusReply {
             id: self.core.id,
@@ -488,8 +489,8 @@ impl pb::cluster_server::Cluster for ClusterService {
             initialized,
             cluster_name: self.core.cluster_name.clone(),
             identity_key: crate::domain::hex(self.core.identity.verifying_key().as_bytes()),
-            disk_free_bytes: self.core.disk.local().and_then(|r| r.free),
-            disk_reserve_bytes: self.core.disk.local().map(|r| r.reserve),
+            disk_free_bytes: disk.and_then(|r| r.free),
+            disk_reserve_bytes: disk.map(|r| r.reserve),
         }))
     }
 

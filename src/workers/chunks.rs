@@ -101,7 +101,8 @@ pub async fn sync_pass(core: &Arc<Core>) -> Result<usize, String> {
                     return false;
                 }
                 match core.chunk_anywhere(hash).await {
-                    Ok(_) => true,
+                    // Not kept: the disk went under its reserve during the fetch.
+                    Ok(fetched) => fetched.kept,
                     Err(e) => {
                         tracing::debug!(chunk = %crate::domain::hex(&hash), error = %e.message(), "chunk not fetched yet");
                         false

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ use crate::service::Core;
 pub const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one voter's answer may take, connecting included.
 pub const DISK_ASK_TIMEOUT: Duration = Duration::from_millis(800);
+/// A measurement of this node's disk still running after this long (a hung mount) counts as
+/// unreadable; no second one starts meanwhile.
+pub const DISK_MEASURE_HUNG_AFTER: Duration = Duration::from_secs(3);
 /// A reading older than this counts for nothing (its node is down or cut off, or its own
 /// check is stuck on a hung disk).
 pub const READING_FRESH_FOR: Duration = Duration::from_secs(10);
@@ -82,6 +86,10 @@ pub struct DiskGuard {
     /// The data directory and the chunk store's directory (a mount of its own, possibly).
     dirs: Vec<PathBuf>,
     readings: Mutex<Readings>,
+    /// When the measurement in flight started, if one is.
+    measuring_since: Mutex<Option<Instant>>,
+    /// The last measurement failed or hung (warned once per episode).
+    unreadable: AtomicBool,
 }
 
 impl DiskGuard {
@@ -92,6 +100,8 @@ impl DiskGuard {
             reserve,
             dirs,
             readings: Mutex::new(Readings::default()),
+            measuring_since: Mutex::new(None),
+            unreadable: AtomicBool::new(false),
         }
     }
 
@@ -226,20 +236,60 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Measures this node (on a blocking thread: a hung disk must not stall the runtime) and asks
-/// every other voter, all at once.
+/// Starts a measurement of this node's disk, on a blocking thread that the step does not wait
+/// for (a hung mount must stall neither the runtime nor the asks); one still running after
+/// [`DISK_MEASURE_HUNG_AFTER`] is recorded as unreadable. Then asks every other voter, all at
+/// once.
 async fn step(core: &Arc<Core>) {
-    let measuring = core.clone();
-    match tokio::task::spawn_blocking(move || measuring.disk.measure()).await {
-        Ok(Ok(free)) => {
-            let free = free.min(i64::MAX as u64) as i64;
-            core.metrics.disk_free_bytes.set(free);
+    let started = {
+        let mut since = core.disk.measuring_since.lock().expect("lock");
+        match *since {
+            None => {
+                *since = Some(Instant::now());
+                true
+            }
+            Some(at) => {
+                if at.elapsed() >= DISK_MEASURE_HUNG_AFTER {
+                    if !core.disk.unreadable.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "reading this node's free disk space hangs; counted as under its \
+                             reserve"
+                        );
+                    }
+                    core.disk.record(core.id, None, core.disk.reserve);
+                    core.metrics.disk_free_bytes.set(0);
+                }
+                false
+            }
         }
-        Ok(Err(e)) => tracing::warn!(
-            error = %e,
-            "cannot read this node's free disk space; counted as under its reserve"
-        ),
-        Err(e) => tracing::warn!(error = %e, "the disk check failed"),
+    };
+    if started {
+        let measuring = core.clone();
+        tokio::task::spawn_blocking(move || {
+            let measured = measuring.disk.measure();
+            *measuring.disk.measuring_since.lock().expect("lock") = None;
+            let failed = measured.is_err();
+            let was = measuring.disk.unreadable.swap(failed, Ordering::Relaxed);
+            let free = match measured {
+                Ok(free) => {
+                    if was {
+                        tracing::info!("this node's free disk space is readable again");
+                    }
+                    free.min(i64::MAX as u64) as i64
+                }
+                Err(e) => {
+                    if !was {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot read this node's free disk space; counted as under its \
+                             reserve"
+                        );
+                    }
+                    0
+                }
+            };
+            measuring.metrics.disk_free_bytes.set(free);
+        });
     }
     let voters = voters(&core.raft);
     core.disk

@@ -45,10 +45,14 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
                     // `get` quarantined it already; fetch a verified copy from a peer.
                     tracing::warn!(chunk = %hex(&hash), found = %found, "scrub: corrupt chunk copy; repairing from a peer");
                     match core.chunk_anywhere(hash).await {
-                        Ok(b) => {
+                        Ok(f) if f.kept => {
                             core.metrics.chunks_repaired.inc();
                             tracing::info!(chunk = %hex(&hash), "scrub: chunk repaired from a peer");
-                            b.len()
+                            f.bytes.len()
+                        }
+                        Ok(f) => {
+                            tracing::warn!(chunk = %hex(&hash), "scrub: a good copy was fetched but not kept, as this node's disk is under its reserve; chunk sync fetches it once there is room");
+                            f.bytes.len()
                         }
                         Err(e) => {
                             tracing::error!(chunk = %hex(&hash), error = %e.message(), "scrub: no good copy of a corrupt chunk could be fetched");

@@ -142,7 +142,8 @@ where
 }
 
 /// `storage.reserve_bytes` of test nodes: the guard is on, but a test machine with little
-/// disk to spare still runs the suite (`escrowd dev`'s 256 MiB would refuse every write there).
+/// disk to spare still runs these clusters (`escrowd dev`'s 256 MiB would refuse every write
+/// there; t71, which starts `escrowd dev` itself, keeps that).
 pub const TEST_DISK_RESERVE_BYTES: u64 = 16 << 20;
 
 /// A dev cluster's files for `n` nodes on free ports, with the test disk reserve.
