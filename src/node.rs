@@ -213,6 +213,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         chunks,
         identity,
         scrub_kick: tokio::sync::Notify::new(),
+        chunk_sync_wanted: Default::default(),
         deep_checks: tokio::sync::Semaphore::new(crate::service::DEEP_CHECKS_AT_ONCE),
         snapshot_receives: tokio::sync::Semaphore::new(
             crate::service::peer::SNAPSHOT_RECEIVES_AT_ONCE,

@@ -432,12 +432,34 @@ async fn wait_disk_refusals(cluster: &TestCluster, refusing: bool) {
 // 3. Restart node 3 with the guard off: writes through every node are accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
+    use escrow::mirror::artifacts::{download_file, upload_file};
     let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
     let client = cluster.client();
     client
         .put(TENANT, "orders", "before", b"kept".to_vec())
         .await
         .unwrap();
+    // An artifact every node holds, to read back from node 3 once it has lost a chunk.
+    let work = tempfile::tempdir().unwrap();
+    let stored = work.path().join("stored.bin");
+    let stored_bytes = random_bytes("t27-stored", 1024 * 1024);
+    std::fs::write(&stored, &stored_bytes).unwrap();
+    upload_file(&client, "vendor", "stored.bin", &stored)
+        .await
+        .unwrap();
+    let manifest = client.artifact("vendor", "stored.bin", 0).await.unwrap();
+    let chunks: Vec<[u8; 32]> = manifest
+        .manifest
+        .unwrap()
+        .chunks
+        .iter()
+        .map(|c| c.hash.as_slice().try_into().unwrap())
+        .collect();
+    wait_for("node 3 to hold every chunk", || async {
+        let store = &cluster.node(2).core.chunks;
+        chunks.iter().all(|h| store.has(h)).then_some(())
+    })
+    .await;
     cluster.stop_node(2).await;
     // More than any disk holds (and within TOML's integers).
     cluster.edit_node_config(2, |c| c.storage.reserve_bytes = 1 << 62);
@@ -475,6 +497,19 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
         .to_string();
     assert!(upload.contains("storage.reserve_bytes"), "{upload}");
     client.checkpoint().await.unwrap();
+    // Node 3, under its own reserve, lost a chunk: a read through it gets the right bytes
+    // (fetched from a peer and verified) without keeping a copy there.
+    let lost = cluster.node(2).core.chunks.file_of(&chunks[0]);
+    std::fs::remove_file(&lost).unwrap();
+    let back = work.path().join("back.bin");
+    download_file(&cluster.client_for(2), "vendor", "stored.bin", 0, &back)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), stored_bytes);
+    assert!(
+        !cluster.node(2).core.chunks.has(&chunks[0]),
+        "a node under its reserve kept a fetched chunk"
+    );
     let status = client.cluster_status().await.unwrap();
     let low = status.nodes.iter().find(|n| n.id == 3).unwrap();
     assert_eq!(low.disk_reserve_bytes, Some(1 << 62));
@@ -486,6 +521,11 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
     cluster.edit_node_config(2, |c| c.storage.reserve_bytes = 0);
     cluster.restart_node(2).await;
     wait_disk_refusals(&cluster, false).await;
+    // With room again, chunk sync brings the lost chunk back.
+    wait_for("node 3 to fetch its lost chunk", || async {
+        cluster.node(2).core.chunks.has(&chunks[0]).then_some(())
+    })
+    .await;
     for i in 0..3 {
         let key = format!("after{i}");
         cluster

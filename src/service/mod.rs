@@ -187,6 +187,9 @@ pub struct Core {
     pub chunks: Arc<crate::chunks::ChunkStore>,
     /// Wakes the scrubber for a round now (deep verify found a bad copy).
     pub scrub_kick: tokio::sync::Notify,
+    /// Asks chunk sync for a pass as soon as this node's disk has room (a scrub repair that
+    /// could not keep its copy).
+    pub chunk_sync_wanted: std::sync::atomic::AtomicBool,
     pub integrity: crate::config::IntegritySettings,
     /// Signs attestations; its public key is in the node's status.
     pub identity: ed25519_dalek::SigningKey,

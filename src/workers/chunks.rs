@@ -3,6 +3,7 @@
 //! one from a peer and verifying it; and collects chunks no version references once they are
 //! older than the grace period (an upload that never committed).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -43,9 +44,11 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         // Fetching onto a disk under its reserve would fill it: the pass waits for room.
         let due = (synced_refs != Some(refs)
             || (missing > 0 && last_pass.elapsed() >= CHUNK_SYNC_RETRY)
-            || last_pass.elapsed() >= CHUNK_SYNC_SAFETY_PASS)
+            || last_pass.elapsed() >= CHUNK_SYNC_SAFETY_PASS
+            || core.chunk_sync_wanted.load(Ordering::Relaxed))
             && core.disk.local_refusal().is_none();
         if due {
+            core.chunk_sync_wanted.store(false, Ordering::Relaxed);
             match sync_pass(&core).await {
                 Ok(m) => {
                     missing = m;

@@ -52,6 +52,8 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
                         }
                         Ok(f) => {
                             tracing::warn!(chunk = %hex(&hash), "scrub: a good copy was fetched but not kept, as this node's disk is under its reserve; chunk sync fetches it once there is room");
+                            core.chunk_sync_wanted
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
                             f.bytes.len()
                         }
                         Err(e) => {
