@@ -432,7 +432,7 @@ async fn wait_disk_refusals(cluster: &TestCluster, refusing: bool) {
 // 3. Restart node 3 with the guard off: writes through every node are accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
-    use escrow::mirror::artifacts::{download_file, upload_file};
+    use escrow::mirror::artifacts::download_file;
     let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
     let client = cluster.client();
     client
@@ -441,20 +441,8 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
         .unwrap();
     // An artifact every node holds, to read back from node 3 once it has lost a chunk.
     let work = tempfile::tempdir().unwrap();
-    let stored = work.path().join("stored.bin");
     let stored_bytes = random_bytes("t27-stored", 1024 * 1024);
-    std::fs::write(&stored, &stored_bytes).unwrap();
-    upload_file(&client, "vendor", "stored.bin", &stored)
-        .await
-        .unwrap();
-    let manifest = client.artifact("vendor", "stored.bin", 0).await.unwrap();
-    let chunks: Vec<[u8; 32]> = manifest
-        .manifest
-        .unwrap()
-        .chunks
-        .iter()
-        .map(|c| c.hash.as_slice().try_into().unwrap())
-        .collect();
+    let chunks = upload_vendor_artifact(&client, work.path(), "stored.bin", &stored_bytes).await;
     wait_for("node 3 to hold every chunk", || async {
         let store = &cluster.node(2).core.chunks;
         chunks.iter().all(|h| store.has(h)).then_some(())

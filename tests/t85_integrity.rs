@@ -199,20 +199,8 @@ async fn t86_flipped_chunk_byte_is_reported_repaired_and_never_served() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
     let client = cluster.client();
     let work = tempfile::tempdir().unwrap();
-    let file = work.path().join("data.bin");
     let bytes = random_bytes("data", 4 * 1024 * 1024);
-    std::fs::write(&file, &bytes).unwrap();
-    upload_file(&client, "vendor", "data.bin", &file)
-        .await
-        .unwrap();
-    let manifest = client.artifact("vendor", "data.bin", 0).await.unwrap();
-    let chunks: Vec<[u8; 32]> = manifest
-        .manifest
-        .unwrap()
-        .chunks
-        .iter()
-        .map(|c| c.hash.as_slice().try_into().unwrap())
-        .collect();
+    let chunks = upload_vendor_artifact(&client, work.path(), "data.bin", &bytes).await;
     let victim = cluster.node(1);
     wait_for("node 2 to hold every chunk", || async {
         chunks

@@ -36,6 +36,29 @@ pub fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
 pub const TENANT: &str = "acme";
 
 /// Registers a tenant (it must not exist yet).
+/// Uploads `bytes` as the artifact `vendor/{name}` (through a file in `dir`) and returns the
+/// hashes of its chunks, in order.
+pub async fn upload_vendor_artifact(
+    client: &EscrowClient,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Vec<[u8; 32]> {
+    let file = dir.join(name);
+    std::fs::write(&file, bytes).unwrap();
+    escrow::mirror::artifacts::upload_file(client, "vendor", name, &file)
+        .await
+        .unwrap();
+    let version = client.artifact("vendor", name, 0).await.unwrap();
+    version
+        .manifest
+        .unwrap()
+        .chunks
+        .iter()
+        .map(|c| c.hash.as_slice().try_into().unwrap())
+        .collect()
+}
+
 pub async fn add_tenant(client: &EscrowClient, tenant: &str) {
     client
         .tenant(escrow::client::TenantOp::Add, tenant)
