@@ -121,12 +121,8 @@ impl Statement {
     }
 
     pub fn sign(&self, key: &SigningKey) -> String {
-        hex64(&key.sign(&self.signing_bytes()).to_bytes())
+        crate::domain::hex_bytes(&key.sign(&self.signing_bytes()).to_bytes())
     }
-}
-
-fn hex64(bytes: &[u8; 64]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse_hex64(text: &str) -> Result<[u8; 64], String> {

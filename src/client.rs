@@ -92,7 +92,7 @@ impl ClientError {
         }
     }
 
-    /// A write refused while a member's disk is under its reserve: it passes once space is
+    /// A write refused while a voter's disk is under its reserve: it passes once space is
     /// freed there, so an agent waits and resends.
     pub fn is_low_disk(&self) -> bool {
         matches!(self, ClientError::Rpc(s) if s.metadata().contains_key(LOW_DISK_HINT))

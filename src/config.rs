@@ -188,7 +188,7 @@ impl Default for IntegritySettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
-    /// Bytes that stay free on the data directory's filesystem: while any member has less,
+    /// Bytes that stay free on the data directory's filesystem: while any voter has less,
     /// the cluster refuses writes that add data (RESOURCE_EXHAUSTED naming the node) instead
     /// of filling the disk until the node's Raft stops. 0 turns the guard off.
     pub reserve_bytes: u64,

@@ -23,7 +23,7 @@ use crate::config::{
     TlsFiles,
 };
 use crate::node::NodeHandle;
-use crate::pki::{generate_token, Ca};
+use crate::pki::Ca;
 use crate::raft::network::Faults;
 
 /// First port of the dev range; node N uses `DEV_PORT_BASE + 10·N + {0: client, 1: raft, 2: http}`
@@ -93,9 +93,7 @@ fn ensure_token(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let secrets = dir.join("secrets");
     std::fs::create_dir_all(&secrets)?;
     let path = secrets.join(name);
-    if !path.exists() {
-        crate::auth::write_secret_file(&path, generate_token().as_bytes())?;
-    }
+    crate::pki::write_token_unless_present(&path)?;
     Ok(path)
 }
 

@@ -519,6 +519,16 @@ pub fn hex(digest: &Digest) -> String {
     blake3::Hash::from_bytes(*digest).to_hex().to_string()
 }
 
+/// Lowercase hex text of any bytes.
+pub fn hex_bytes(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// Hex text of a digest in wire form (raw bytes), or "" when it is not 32 bytes.
 pub fn hex_wire(bytes: &[u8]) -> String {
     Digest::try_from(bytes).map(|d| hex(&d)).unwrap_or_default()

@@ -123,7 +123,7 @@ pub const EXPIRE_VERSIONS_MAX: usize = 1000;
 
 impl Command {
     /// Whether applying it stores more data (a record or artifact version, a tombstone, a
-    /// tenant): those are refused while a member's disk is under its reserve
+    /// tenant): those are refused while a voter's disk is under its reserve
     /// ([`crate::workers::disk`]). Expiry frees space; checkpoints and tenant states add a
     /// few bytes that an operator may need while a disk is low.
     pub fn adds_data(&self) -> bool {

@@ -166,7 +166,7 @@ impl Metrics {
         );
         registry.register(
             "writes_refused_low_disk",
-            "1 while this node refuses writes that add data because a member's free disk \
+            "1 while this node refuses writes that add data because a voter's free disk \
              space is under its reserve (storage.reserve_bytes)",
             m.writes_refused_low_disk.clone(),
         );

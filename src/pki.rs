@@ -187,7 +187,17 @@ pub fn generate_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::domain::hex_bytes(&bytes)
+}
+
+/// Writes a fresh token to `path` (mode 0600) unless a file is there already; returns whether
+/// it wrote one.
+pub fn write_token_unless_present(path: &Path) -> std::io::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    write_secret_file(path, generate_token().as_bytes())?;
+    Ok(true)
 }
 
 #[cfg(test)]

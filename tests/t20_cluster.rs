@@ -420,9 +420,9 @@ async fn wait_disk_refusals(cluster: &TestCluster, refusing: bool) {
     .await
 }
 
-// Goal: while one member's free disk space is under its reserve (`storage.reserve_bytes`),
+// Goal: while one voter's free disk space is under its reserve (`storage.reserve_bytes`),
 // writes that add data are refused wherever they arrive, with RESOURCE_EXHAUSTED naming that
-// node, and change nothing; reads and checkpoints go on; once the member has room again,
+// node, and change nothing; reads and checkpoints go on; once the voter has room again,
 // writes are accepted and every acknowledged write is still there.
 //
 // Steps:

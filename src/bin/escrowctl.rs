@@ -958,13 +958,8 @@ fn add_value_json(doc: &mut serde_json::Value, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(text) => doc["value"] = json!(text),
         Err(_) => {
-            use std::fmt::Write;
-            let mut hex = String::with_capacity(bytes.len() * 2);
-            for b in bytes {
-                let _ = write!(hex, "{b:02x}");
-            }
             doc["value"] = serde_json::Value::Null;
-            doc["value_hex"] = json!(hex);
+            doc["value_hex"] = json!(escrow::domain::hex_bytes(bytes));
         }
     }
 }

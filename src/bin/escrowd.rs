@@ -151,8 +151,7 @@ fn pki(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
     }
     for name in ["ops.token", "metrics.token"] {
         let token = out.join(name);
-        if !token.exists() {
-            escrow::auth::write_secret_file(&token, escrow::pki::generate_token().as_bytes())?;
+        if escrow::pki::write_token_unless_present(&token)? {
             println!("wrote {}", token.display());
         }
     }

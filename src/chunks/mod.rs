@@ -63,6 +63,25 @@ pub struct ChunkStore {
     locks: Vec<Mutex<()>>,
 }
 
+/// Checks chunk bytes against their address: no larger than a chunk may be, and hashing to
+/// `hash`.
+pub fn verify(hash: &Digest, bytes: &[u8]) -> Result<(), ChunkError> {
+    if bytes.len() > CHUNK_MAX_BYTES as usize {
+        return Err(ChunkError::TooLarge {
+            hash: hex(hash),
+            len: bytes.len(),
+        });
+    }
+    let found = blake3::hash(bytes);
+    if found.as_bytes() != hash {
+        return Err(ChunkError::Mismatch {
+            hash: hex(hash),
+            found: found.to_hex().to_string(),
+        });
+    }
+    Ok(())
+}
+
 impl ChunkStore {
     /// Opens (or creates) the store under `root`, clearing writes a crash interrupted.
     pub fn open(root: &Path) -> Result<Self, ChunkError> {
@@ -101,19 +120,7 @@ impl ChunkStore {
     /// Stores a chunk after checking its bytes against its address. Returns false when a copy
     /// was already there (nothing written).
     pub fn put(&self, hash: &Digest, bytes: &[u8]) -> Result<bool, ChunkError> {
-        if bytes.len() > CHUNK_MAX_BYTES as usize {
-            return Err(ChunkError::TooLarge {
-                hash: hex(hash),
-                len: bytes.len(),
-            });
-        }
-        let found = blake3::hash(bytes);
-        if found.as_bytes() != hash {
-            return Err(ChunkError::Mismatch {
-                hash: hex(hash),
-                found: found.to_hex().to_string(),
-            });
-        }
+        verify(hash, bytes)?;
         let path = self.path(hash);
         let dir = path.parent().expect("chunk paths have a parent");
         if path.is_file() {

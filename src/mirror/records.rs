@@ -517,7 +517,7 @@ fn checkpoint(
     state.save(state_file)
 }
 
-/// Errors worth waiting out: no leader, nodes down, a deadline passed, a member's disk under
+/// Errors worth waiting out: no leader, nodes down, a deadline passed, a voter's disk under
 /// its reserve.
 fn retry_later(e: &ClientError) -> bool {
     e.is_low_disk()
@@ -531,7 +531,7 @@ fn retry_later(e: &ClientError) -> bool {
 mod tests {
     use super::*;
 
-    // Goal: the agent waits out a member's low disk (the write passes once space is freed)
+    // Goal: the agent waits out a voter's low disk (the write passes once space is freed)
     // but not a size limit, which the same status code reports.
     #[test]
     fn a_low_disk_is_waited_out_a_size_limit_is_not() {

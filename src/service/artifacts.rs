@@ -154,16 +154,12 @@ pub struct Fetched {
 impl Core {
     /// Other voters with their addresses, and the majority of all voters.
     fn voter_peers(&self) -> (bool, Vec<(NodeId, EscrowNode)>, usize) {
-        let watch = self.raft.metrics();
-        let metrics = watch.borrow();
-        let membership = metrics.membership_config.membership();
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let voters = self.voters();
         let majority = voters.len() / 2 + 1;
-        let self_votes = voters.contains(&self.id);
+        let self_votes = voters.iter().any(|(id, _)| *id == self.id);
         let peers = voters
             .into_iter()
-            .filter(|id| *id != self.id)
-            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+            .filter(|(id, _)| *id != self.id)
             .collect();
         (self_votes, peers, majority)
     }
@@ -233,14 +229,8 @@ impl Core {
         if self.disk.local_refusal().is_none() {
             return self.store_chunk(hash, bytes.to_vec()).await.map(|_| true);
         }
-        if blake3::hash(bytes).as_bytes() == &hash {
-            Ok(false)
-        } else {
-            Err(Status::data_loss(format!(
-                "the bytes sent for chunk {} do not match its address",
-                crate::domain::hex(&hash)
-            )))
-        }
+        crate::chunks::verify(&hash, bytes).map_err(chunk_status)?;
+        Ok(false)
     }
 
     /// Stores a chunk here and on other voters; returns once a majority of voters hold it.
@@ -445,7 +435,8 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         )?;
         // Refused before fetching missing chunks onto a disk that has no room (a voter's,
         // or this node's even as a learner).
-        if let Some(refusal) = self.core.disk.refusal().or(self.core.disk.local_refusal()) {
+        let disk = &self.core.disk;
+        if let Some(refusal) = disk.refusal().or_else(|| disk.local_refusal()) {
             return Err(status::low_disk(refusal));
         }
         // Every chunk here, verified, and the whole-file hash right, before anything commits.

@@ -32,7 +32,7 @@ pub const WRITE_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Metadata key naming the leader's client address when a request is redirected.
 pub const LEADER_HINT: &str = "x-escrow-leader";
-/// Metadata key marking a write refused because a member's disk is under its reserve (a
+/// Metadata key marking a write refused because a voter's disk is under its reserve (a
 /// RESOURCE_EXHAUSTED that passes once space is freed, unlike a size limit); its value is the
 /// node's id.
 pub const LOW_DISK_HINT: &str = "x-escrow-low-disk";
@@ -204,7 +204,7 @@ pub struct Core {
     pub snapshot_receives: tokio::sync::Semaphore,
     /// `raft.snapshot_frame_wait_ms`: the longest wait for a snapshot stream's next frame.
     pub snapshot_frame_wait: std::time::Duration,
-    /// Every member's free disk space against its reserve: writes that add data are refused
+    /// Every voter's free disk space against its reserve: writes that add data are refused
     /// while one is under it.
     pub disk: crate::workers::disk::DiskGuard,
 }
@@ -244,7 +244,7 @@ pub mod status {
         )
     }
 
-    /// A write refused while a member's disk is under its reserve: RESOURCE_EXHAUSTED with
+    /// A write refused while a voter's disk is under its reserve: RESOURCE_EXHAUSTED with
     /// [`LOW_DISK_HINT`], so agents wait and resend instead of giving up.
     pub fn low_disk(refusal: crate::workers::disk::Refusal) -> Status {
         let mut s = Status::resource_exhausted(refusal.to_string());
@@ -387,6 +387,17 @@ impl Core {
                 ))
             })?;
         Ok(self.reader.applied_index())
+    }
+
+    /// The voters of the current membership, with their addresses.
+    pub fn voters(&self) -> Vec<(NodeId, EscrowNode)> {
+        let metrics = self.raft.metrics();
+        let membership = metrics.borrow();
+        let membership = membership.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
+            .collect()
     }
 
     /// The current leader as known by this node.

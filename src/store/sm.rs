@@ -1060,7 +1060,8 @@ fn for_each_under(
     prefix: &[u8],
     f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
 ) -> Result<(), StorageError> {
-    for_each_with(&mut snapshot_iter(snap, prefix), prefix, f)
+    // `for_each_with` seeks to the prefix itself.
+    for_each_with(&mut snap.raw_iterator_opt(bounded_to(prefix)), prefix, f)
 }
 
 /// The leaf id ending a key of an iterator bounded to `prefix` (`what`: the key's kind, for

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
-use crate::raft::{EscrowNode, NodeId, Raft};
+use crate::raft::NodeId;
 use crate::service::Core;
 
 /// How often a node measures its own free space and asks the other voters for theirs.
@@ -40,16 +40,6 @@ pub const READING_FRESH_FOR: Duration = Duration::from_secs(10);
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let stat = rustix::fs::statvfs(dir)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
-}
-
-/// The voters of `raft`'s current membership, with their addresses.
-pub fn voters(raft: &Raft) -> Vec<(NodeId, EscrowNode)> {
-    let m = raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    membership
-        .voter_ids()
-        .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
-        .collect()
 }
 
 /// One node's free space, as last measured or answered.
@@ -291,7 +281,7 @@ async fn step(core: &Arc<Core>) {
             measuring.metrics.disk_free_bytes.set(free);
         });
     }
-    let voters = voters(&core.raft);
+    let voters = core.voters();
     core.disk
         .set_voters(voters.iter().map(|(id, _)| *id).collect());
     let mut asks: FuturesUnordered<_> = voters

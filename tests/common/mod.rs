@@ -173,11 +173,16 @@ pub const TEST_DISK_RESERVE_BYTES: u64 = 16 << 20;
 fn cluster_files(dir: &Path, n: usize, raft: &RaftSettings) -> ClusterFiles {
     let files = escrow::dev::write_cluster_files(dir, &node_ports(n), raft).unwrap();
     for path in &files.node_configs {
-        let mut config = Config::load(path).unwrap();
-        config.storage.reserve_bytes = TEST_DISK_RESERVE_BYTES;
-        std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+        edit_config(path, |c| c.storage.reserve_bytes = TEST_DISK_RESERVE_BYTES);
     }
     files
+}
+
+/// Loads the node config at `path`, changes it with `edit` and writes it back.
+fn edit_config(path: &Path, edit: impl FnOnce(&mut Config)) {
+    let mut config = Config::load(path).unwrap();
+    edit(&mut config);
+    std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
 }
 
 /// An in-process cluster: every node has its own RocksDB, TLS listeners and sockets.
@@ -353,10 +358,7 @@ impl TestCluster {
 
     /// Changes node `i`'s config file (read at its next restart).
     pub fn edit_node_config(&self, i: usize, edit: impl FnOnce(&mut Config)) {
-        let path = &self.files.node_configs[i];
-        let mut config = Config::load(path).unwrap();
-        edit(&mut config);
-        std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+        edit_config(&self.files.node_configs[i], edit);
     }
 
     pub async fn shutdown(mut self) {
