@@ -161,7 +161,7 @@ impl Metrics {
         };
         registry.register(
             "disk_free_bytes",
-            "Bytes free on this node's data directory (the least, with the chunk store's)",
+            "Bytes free on this node's data directory (the least, with the chunk store's); 0 while it cannot be read",
             m.disk_free_bytes.clone(),
         );
         registry.register(

@@ -189,11 +189,11 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     tracing::info!(node = id, "raft started");
 
     let metrics = Arc::new(Metrics::new(id, &chunks.corrupt_found));
-    let disk = crate::workers::disk::DiskGuard::new(
+    let disk = Arc::new(crate::workers::disk::DiskGuard::new(
         id,
         config.storage.reserve_bytes,
         vec![config.data_dir.clone(), config.data_dir.join("chunks")],
-    );
+    ));
     // This node's first reading before any write is served; the voters and their readings
     // come with the disk worker's first step, right after the listeners are up.
     disk.measure().with_context(|| {

@@ -206,7 +206,7 @@ pub struct Core {
     pub snapshot_frame_wait: std::time::Duration,
     /// Every voter's free disk space against its reserve: writes that add data are refused
     /// while one is under it.
-    pub disk: crate::workers::disk::DiskGuard,
+    pub disk: Arc<crate::workers::disk::DiskGuard>,
 }
 
 /// Deep checks one node runs at once; another asked meanwhile is refused, not queued.

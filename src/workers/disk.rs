@@ -69,12 +69,35 @@ struct Readings {
     voters: BTreeSet<NodeId>,
 }
 
+/// How a node measures its own free space.
+enum Probe {
+    /// The least free space over these directories: the data directory and the chunk
+    /// store's (a mount of its own, possibly).
+    Dirs(Vec<PathBuf>),
+    /// A stand-in measurement, for tests of what a slow or failing disk does to the guard.
+    #[cfg(test)]
+    Fn(Box<dyn Fn() -> std::io::Result<u64> + Send + Sync>),
+}
+
+/// What [`DiskGuard::measure_in_background`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measuring {
+    /// A measurement started.
+    Started,
+    /// The one in flight is still running, not for long enough to count as hung.
+    Running,
+    /// The one in flight has run for the guard's hang limit or longer: this node's disk is
+    /// recorded as unreadable, and no second measurement starts.
+    Hung,
+}
+
 /// This node's view of every voter's free space.
 pub struct DiskGuard {
     node: NodeId,
     reserve: u64,
-    /// The data directory and the chunk store's directory (a mount of its own, possibly).
-    dirs: Vec<PathBuf>,
+    probe: Probe,
+    /// A measurement running this long counts as hung ([`DISK_MEASURE_HUNG_AFTER`]).
+    hung_after: Duration,
     readings: Mutex<Readings>,
     /// When the measurement in flight started, if one is.
     measuring_since: Mutex<Option<Instant>>,
@@ -85,10 +108,15 @@ pub struct DiskGuard {
 impl DiskGuard {
     /// A guard for node `node` with `reserve` bytes (0: never refuse) over `dirs`.
     pub fn new(node: NodeId, reserve: u64, dirs: Vec<PathBuf>) -> Self {
+        Self::with_probe(node, reserve, Probe::Dirs(dirs), DISK_MEASURE_HUNG_AFTER)
+    }
+
+    fn with_probe(node: NodeId, reserve: u64, probe: Probe, hung_after: Duration) -> Self {
         Self {
             node,
             reserve,
-            dirs,
+            probe,
+            hung_after,
             readings: Mutex::new(Readings::default()),
             measuring_since: Mutex::new(None),
             unreadable: AtomicBool::new(false),
@@ -98,12 +126,54 @@ impl DiskGuard {
     /// Measures this node's free space (the least over its directories) and records it; a
     /// failure is recorded as unreadable (under the reserve) and returned.
     pub fn measure(&self) -> std::io::Result<u64> {
-        let measured = self
-            .dirs
-            .iter()
-            .try_fold(u64::MAX, |least, dir| Ok(least.min(free_bytes(dir)?)));
+        let measured = match &self.probe {
+            Probe::Dirs(dirs) => dirs
+                .iter()
+                .try_fold(u64::MAX, |least, dir| Ok(least.min(free_bytes(dir)?))),
+            #[cfg(test)]
+            Probe::Fn(f) => f(),
+        };
         self.record(self.node, measured.as_ref().ok().copied(), self.reserve);
         measured
+    }
+
+    /// Starts a measurement of this node's disk on a blocking thread and returns without
+    /// waiting for it (a hung mount must stall neither the runtime nor the asks), unless one
+    /// is still running: then no second one starts, and one running for the hang limit or
+    /// longer has this node's disk recorded as unreadable (under its reserve) meanwhile.
+    pub fn measure_in_background(self: &Arc<Self>) -> Measuring {
+        {
+            let mut since = self.measuring_since.lock().expect("lock");
+            if let Some(at) = *since {
+                if at.elapsed() < self.hung_after {
+                    return Measuring::Running;
+                }
+                if !self.unreadable.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "reading this node's free disk space hangs; counted as under its reserve"
+                    );
+                }
+                self.record(self.node, None, self.reserve);
+                return Measuring::Hung;
+            }
+            *since = Some(Instant::now());
+        }
+        let guard = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let measured = guard.measure();
+            *guard.measuring_since.lock().expect("lock") = None;
+            let was = guard.unreadable.swap(measured.is_err(), Ordering::Relaxed);
+            match measured {
+                Ok(_) if was => tracing::info!("this node's free disk space is readable again"),
+                Ok(_) => {}
+                Err(e) if !was => tracing::warn!(
+                    error = %e,
+                    "cannot read this node's free disk space; counted as under its reserve"
+                ),
+                Err(_) => {}
+            }
+        });
+        Measuring::Started
     }
 
     /// Records a node's free space (`None`: it could not read it) and reserve.
@@ -219,6 +289,11 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         core.metrics.writes_refused_low_disk.set(refusing as i64);
+        // The reading this step's measurement left, usually; 0 while unreadable or stale.
+        let free = core.disk.local().and_then(|r| r.free).unwrap_or(0);
+        core.metrics
+            .disk_free_bytes
+            .set(free.min(i64::MAX as u64) as i64);
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(DISK_CHECK_INTERVAL) => {}
@@ -226,61 +301,10 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Starts a measurement of this node's disk, on a blocking thread that the step does not wait
-/// for (a hung mount must stall neither the runtime nor the asks); one still running after
-/// [`DISK_MEASURE_HUNG_AFTER`] is recorded as unreadable. Then asks every other voter, all at
-/// once.
+/// Starts a measurement of this node's disk ([`DiskGuard::measure_in_background`]), then asks
+/// every other voter, all at once.
 async fn step(core: &Arc<Core>) {
-    let started = {
-        let mut since = core.disk.measuring_since.lock().expect("lock");
-        match *since {
-            None => {
-                *since = Some(Instant::now());
-                true
-            }
-            Some(at) => {
-                if at.elapsed() >= DISK_MEASURE_HUNG_AFTER {
-                    if !core.disk.unreadable.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "reading this node's free disk space hangs; counted as under its \
-                             reserve"
-                        );
-                    }
-                    core.disk.record(core.id, None, core.disk.reserve);
-                    core.metrics.disk_free_bytes.set(0);
-                }
-                false
-            }
-        }
-    };
-    if started {
-        let measuring = core.clone();
-        tokio::task::spawn_blocking(move || {
-            let measured = measuring.disk.measure();
-            *measuring.disk.measuring_since.lock().expect("lock") = None;
-            let failed = measured.is_err();
-            let was = measuring.disk.unreadable.swap(failed, Ordering::Relaxed);
-            let free = match measured {
-                Ok(free) => {
-                    if was {
-                        tracing::info!("this node's free disk space is readable again");
-                    }
-                    free.min(i64::MAX as u64) as i64
-                }
-                Err(e) => {
-                    if !was {
-                        tracing::warn!(
-                            error = %e,
-                            "cannot read this node's free disk space; counted as under its \
-                             reserve"
-                        );
-                    }
-                    0
-                }
-            };
-            measuring.metrics.disk_free_bytes.set(free);
-        });
-    }
+    core.disk.measure_in_background();
     let voters = core.voters();
     core.disk
         .set_voters(voters.iter().map(|(id, _)| *id).collect());
@@ -369,6 +393,72 @@ mod tests {
         let gone = DiskGuard::new(1, 1, vec![dir.path().join("no-such-dir")]);
         assert!(gone.measure().is_err());
         assert_eq!(gone.local_refusal().unwrap().free, None);
+    }
+
+    /// A measurement that hangs (a dead NFS mount, say) neither stalls the caller nor is
+    /// doubled, and counts as unreadable, so refused, once it has run for the hang limit; the
+    /// guard recovers by itself when it returns.
+    #[tokio::test]
+    async fn a_hung_measurement_counts_as_unreadable_until_it_returns() {
+        let hung_after = Duration::from_millis(100);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let probe = Probe::Fn(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            released
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(std::io::Error::other)?;
+            Ok(1_000)
+        }));
+        let guard = Arc::new(DiskGuard::with_probe(1, 100, probe, hung_after));
+
+        assert_eq!(guard.measure_in_background(), Measuring::Started);
+        assert_eq!(guard.measure_in_background(), Measuring::Running);
+        assert!(guard.local().is_none(), "nothing measured yet");
+        assert_eq!(guard.refusal(), None, "not yet counted as hung");
+
+        tokio::time::sleep(hung_after + Duration::from_millis(20)).await;
+        assert_eq!(guard.measure_in_background(), Measuring::Hung);
+        let why = guard.refusal().expect("a hung disk is refused");
+        assert_eq!((why.node, why.free), (1, None));
+        assert_eq!(guard.local_refusal().map(|r| r.free), Some(None));
+        assert_eq!(guard.measure_in_background(), Measuring::Hung);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no second measurement started"
+        );
+
+        // The mount answers again: its reading replaces the unreadable one.
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while guard.local().and_then(|r| r.free) != Some(1_000) {
+            assert!(Instant::now() < deadline, "the measurement never landed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((guard.refusal(), guard.local_refusal()), (None, None));
+        assert!(!guard.unreadable.load(Ordering::SeqCst));
+        assert_eq!(guard.measure_in_background(), Measuring::Started);
+        release.send(()).unwrap();
+        while calls.load(Ordering::SeqCst) < 2 || guard.measuring_since.lock().unwrap().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the second measurement never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn a_failed_measurement_counts_as_unreadable() {
+        let probe = Probe::Fn(Box::new(|| Err(std::io::Error::other("EIO"))));
+        let guard = DiskGuard::with_probe(1, 100, probe, DISK_MEASURE_HUNG_AFTER);
+        assert!(guard.measure().is_err());
+        assert_eq!(guard.refusal().map(|r| (r.node, r.free)), Some((1, None)));
     }
 
     #[test]
