@@ -2075,3 +2075,103 @@ async fn t18_a_merkle_key_out_of_place_fails_the_checkpoint_naming_it() {
         assert!(reader.checkpoint(2).unwrap().is_none(), "leaf {leaf}");
     }
 }
+
+/// Live records, their bytes, and the versions `acme/orders/{key}` keeps.
+fn record_state(reader: &escrow::store::SmReader, key: &str) -> (u64, u64, usize) {
+    let stats = reader.stats(&TenantId::parse("acme").unwrap()).unwrap();
+    let history = reader
+        .record_history(&order(key), None, 1_000, usize::MAX)
+        .unwrap();
+    (stats.records, stats.record_bytes, history.len())
+}
+
+// Goal: a put finds the head it replaces in the node's memory of recently written heads
+// exactly as stored: after rewrites and a delete in separate apply calls, after more keys than
+// that memory keeps, and after a snapshot install replaced the database under it. A stale
+// head would show as wrong live counts and bytes, and as replaced versions listed under the
+// wrong key, so history expiry would leave them.
+#[tokio::test]
+async fn t17_recently_written_heads_are_read_as_stored() {
+    use escrow::store::sm::RECENT_HEADS_PER_GENERATION;
+    let (_dir, mut sm) = store_with_tenant().await;
+    let reader = sm.reader();
+    let mut index = 2;
+    let steps = [
+        (Some("aa"), (1u64, 2u64, 1usize)),
+        (Some("bbbb"), (1, 4, 2)),
+        (None, (0, 0, 3)),
+        (Some("c"), (1, 1, 4)),
+    ];
+    for (value, expected) in steps {
+        let command = match value {
+            Some(v) => put_order("k", v.as_bytes()),
+            None => Command::DeleteRecord { path: order("k") },
+        };
+        sm.apply([timed(index, index * 10, vec![command])])
+            .await
+            .unwrap();
+        index += 1;
+        assert_eq!(record_state(&reader, "k"), expected, "after {value:?}");
+    }
+    assert_eq!(reader.replacements_listed_for_tests().unwrap(), 3);
+
+    // More keys than two generations hold, then a rewrite of the first (long forgotten) and
+    // of the last (remembered).
+    let keys = 2 * RECENT_HEADS_PER_GENERATION + 10;
+    let name = |i: usize| format!("e{i}");
+    for first in (0..keys).step_by(4_096) {
+        let commands = (first..keys.min(first + 4_096))
+            .map(|i| put_order(&name(i), b"1"))
+            .collect();
+        sm.apply([timed(index, 1_000, commands)]).await.unwrap();
+        index += 1;
+    }
+    let rewrites = vec![
+        put_order(&name(0), b"22"),
+        put_order(&name(keys - 1), b"22"),
+    ];
+    sm.apply([timed(index, 2_000, rewrites)]).await.unwrap();
+    index += 1;
+    let (records, bytes, _) = record_state(&reader, "k");
+    assert_eq!((records, bytes), (1 + keys as u64, 1 + keys as u64 + 2));
+    assert_eq!(reader.replacements_listed_for_tests().unwrap(), 5);
+    let (next, removed) = expire_all(&mut sm, index, 3_000).await;
+    index = next;
+    assert_eq!(
+        removed, 5,
+        "every replaced version, found where it was listed"
+    );
+    assert_eq!(record_state(&reader, &name(0)).2, 1);
+    assert_eq!(record_state(&reader, &name(keys - 1)).2, 1);
+    assert_eq!(record_state(&reader, "k").2, 1);
+
+    // "k" written here once more, so its head is remembered; then another store's state
+    // installed, where "k" is 8 bytes with a history of its own.
+    sm.apply([timed(index, 4_000, vec![put_order("k", b"zz")])])
+        .await
+        .unwrap();
+    index += 1;
+    let (_other_dir, mut other) = store_with_tenant().await;
+    let far = index + 1_000;
+    other
+        .apply([timed(far, 30_000, vec![put_order("k", b"wwwwwwww")])])
+        .await
+        .unwrap();
+    let snapshot = build_snapshot(&mut other).await;
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let reader = sm.reader();
+    assert_eq!(record_state(&reader, "k"), (1, 8, 1));
+    sm.apply([timed(far + 1, 40_000, vec![put_order("k", b"v")])])
+        .await
+        .unwrap();
+    assert_eq!(
+        record_state(&reader, "k"),
+        (1, 1, 2),
+        "the installed head replaced, not the one this store wrote before"
+    );
+    let (_, removed) = expire_all(&mut sm, far + 2, 50_000).await;
+    assert_eq!(removed, 1);
+    assert_eq!(record_state(&reader, "k").2, 1);
+}

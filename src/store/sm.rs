@@ -1377,6 +1377,7 @@ pub struct StateMachineStore {
     shared: Arc<SmShared>,
     /// Tests' hold on snapshot builds ([`crate::raft::network::Faults::hold_snapshot_builds`]).
     builds_held: Option<tokio::sync::watch::Receiver<bool>>,
+    recent_heads: RecentHeads,
 }
 
 impl StateMachineStore {
@@ -1455,6 +1456,7 @@ impl StateMachineStore {
                 stopping: AtomicBool::new(false),
             }),
             builds_held: None,
+            recent_heads: RecentHeads::default(),
         })
     }
 
@@ -1689,11 +1691,53 @@ struct Replaced {
     value_len: u64,
 }
 
-/// Record heads read from the database during one apply call, by key: the ledger reads a
-/// record's head before a write and the store again to list the version it replaces. The
-/// database does not change until the call's batch is written, and staged heads are found
-/// in the pending changes first.
-type HeadCache = RefCell<HashMap<Vec<u8>, Option<RecordHead>>>;
+/// Record heads an apply call reads, by key: the ledger reads a record's head before a write
+/// and the store again to list the version it replaces. The database does not change until
+/// the call's batch is written, and staged heads are found in the pending changes first.
+type HeadCache = RefCell<Heads>;
+
+#[derive(Default)]
+struct Heads {
+    /// Read during this apply call, decoded.
+    call: HashMap<Vec<u8>, Option<RecordHead>>,
+    /// Written by this node's recent apply calls.
+    recent: RecentHeads,
+}
+
+/// How many record heads one generation of [`RecentHeads`] holds. Two are kept: at most
+/// 131,072 heads, about 28 MB with their keys and the maps (measured with 106-byte keys and
+/// heads together: 213 bytes per head).
+pub const RECENT_HEADS_PER_GENERATION: usize = 65_536;
+
+/// The record heads this node's last apply calls wrote, encoded as stored (`None`: deleted),
+/// so a put that replaces a record written lately reads no table file for its head. Only the
+/// state-machine task touches it, and only after the batch that wrote them is in the
+/// database; an install replaces the database and empties it. Two generations: when the
+/// newer is full it becomes the older and the older is dropped.
+#[derive(Default)]
+struct RecentHeads {
+    newer: HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+    older: HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+}
+
+impl RecentHeads {
+    fn get(&self, key: &[u8]) -> Option<&Option<Box<[u8]>>> {
+        self.newer.get(key).or_else(|| self.older.get(key))
+    }
+
+    /// Keeps `head` (trimmed to its length: an encoded head has spare capacity) as the one
+    /// stored at `key`.
+    fn insert(&mut self, key: Vec<u8>, head: Option<Vec<u8>>) {
+        let key = key.into_boxed_slice();
+        if self.newer.len() >= RECENT_HEADS_PER_GENERATION && !self.newer.contains_key(&key) {
+            let full = HashMap::with_capacity(RECENT_HEADS_PER_GENERATION);
+            self.older = std::mem::replace(&mut self.newer, full);
+        } else if self.newer.capacity() == 0 {
+            self.newer.reserve(RECENT_HEADS_PER_GENERATION);
+        }
+        self.newer.insert(key, head.map(Vec::into_boxed_slice));
+    }
+}
 
 /// The value this apply call staged at `key`, decoded: None if it staged nothing there,
 /// `Some(Ok(None))` if it staged a delete.
@@ -1718,11 +1762,20 @@ fn staged_head(
     if let Some(staged) = staged_decoded(pending, key) {
         return staged;
     }
-    if let Some(head) = cache.borrow().get(key) {
-        return Ok(head.clone());
-    }
-    let head: Option<RecordHead> = get_decoded(db, key)?;
-    cache.borrow_mut().insert(key.to_vec(), head.clone());
+    let head: Option<RecordHead> = {
+        let heads = cache.borrow();
+        if let Some(head) = heads.call.get(key) {
+            return Ok(head.clone());
+        }
+        match heads.recent.get(key) {
+            Some(stored) => stored
+                .as_deref()
+                .map(|b| codec::decode(b).map_err(sm_err))
+                .transpose()?,
+            None => get_decoded(db, key)?,
+        }
+    };
+    cache.borrow_mut().call.insert(key.to_vec(), head.clone());
     Ok(head)
 }
 
@@ -1964,16 +2017,21 @@ impl Staged {
         self.pending.insert(key, None);
     }
 
-    /// The write batch of everything staged.
-    fn into_batch(self) -> WriteBatch {
+    /// The write batch of everything staged, and the recent heads with this batch's record
+    /// heads added (to keep once the batch is written).
+    fn into_batch(self) -> (WriteBatch, RecentHeads) {
         let mut batch = WriteBatch::default();
+        let mut recent = self.heads.into_inner().recent;
         for (key, value) in self.pending {
-            match value {
-                Some(value) => batch.put(key, value),
-                None => batch.delete(key),
+            match &value {
+                Some(value) => batch.put(&key, value),
+                None => batch.delete(&key),
+            }
+            if key.first() == Some(&keys::RECORD_PREFIX) {
+                recent.insert(key, value);
             }
         }
-        batch
+        (batch, recent)
     }
 
     /// The current value of a key: staged in this apply, else in the database.
@@ -2445,7 +2503,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             dirty: BTreeMap::new(),
             chunk_refs_added: false,
             expired_blob_bytes: Cell::new(0),
-            heads: RefCell::default(),
+            heads: RefCell::new(Heads {
+                call: HashMap::new(),
+                recent: std::mem::take(&mut self.recent_heads),
+            }),
             position: 0,
         };
         let mut clock: u64 = get_decoded(&db, keys::CLOCK)?.unwrap_or(0);
@@ -2517,8 +2578,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             staged.put(keys::EXPIRED_BLOB_BYTES.to_vec(), codec::encode(&total));
             (guard, total)
         });
-        db.write_opt(staged.into_batch(), &sm_write_options())
+        let (batch, recent_heads) = staged.into_batch();
+        db.write_opt(batch, &sm_write_options())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.recent_heads = recent_heads;
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         *self.shared.applied.lock().expect("lock") = (last_applied, membership);
         self.shared.applied_index.store(index, Ordering::Release);
@@ -2552,6 +2615,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<SnapshotDir>,
     ) -> Result<(), StorageError> {
+        // The installed database has heads of its own, whether or not the install succeeds.
+        self.recent_heads = RecentHeads::default();
         let shared = self.shared.clone();
         let _no_checkpoint = shared.checkpoint_gate.lock().await;
         let sm_dir = self.shared.root.join(SM_DIR);
