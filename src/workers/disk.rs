@@ -126,15 +126,20 @@ impl DiskGuard {
     /// Measures this node's free space (the least over its directories) and records it; a
     /// failure is recorded as unreadable (under the reserve) and returned.
     pub fn measure(&self) -> std::io::Result<u64> {
-        let measured = match &self.probe {
+        let measured = self.probe();
+        self.record(self.node, measured.as_ref().ok().copied(), self.reserve);
+        measured
+    }
+
+    /// This node's free space (the least over its directories), not recorded.
+    fn probe(&self) -> std::io::Result<u64> {
+        match &self.probe {
             Probe::Dirs(dirs) => dirs
                 .iter()
                 .try_fold(u64::MAX, |least, dir| Ok(least.min(free_bytes(dir)?))),
             #[cfg(test)]
             Probe::Fn(f) => f(),
-        };
-        self.record(self.node, measured.as_ref().ok().copied(), self.reserve);
-        measured
+        }
     }
 
     /// Starts a measurement of this node's disk on a blocking thread and returns without
@@ -160,9 +165,16 @@ impl DiskGuard {
         }
         let guard = self.clone();
         tokio::task::spawn_blocking(move || {
-            let measured = guard.measure();
-            *guard.measuring_since.lock().expect("lock") = None;
-            let was = guard.unreadable.swap(measured.is_err(), Ordering::Relaxed);
+            let measured = guard.probe();
+            // Recorded and finished under the lock the hang check takes, so a measurement
+            // ending just as it is declared hung leaves one consistent outcome: this one.
+            let was = {
+                let mut since = guard.measuring_since.lock().expect("lock");
+                let free = measured.as_ref().ok().copied();
+                guard.record(guard.node, free, guard.reserve);
+                *since = None;
+                guard.unreadable.swap(measured.is_err(), Ordering::Relaxed)
+            };
             match measured {
                 Ok(_) if was => tracing::info!("this node's free disk space is readable again"),
                 Ok(_) => {}
@@ -436,10 +448,11 @@ mod tests {
         // The mount answers again: its reading replaces the unreadable one.
         release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while guard.local().and_then(|r| r.free) != Some(1_000) {
-            assert!(Instant::now() < deadline, "the measurement never landed");
+        while guard.measuring_since.lock().unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the measurement never finished");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert_eq!(guard.local().and_then(|r| r.free), Some(1_000));
         assert_eq!((guard.refusal(), guard.local_refusal()), (None, None));
         assert!(!guard.unreadable.load(Ordering::SeqCst));
         assert_eq!(guard.measure_in_background(), Measuring::Started);
