@@ -166,8 +166,9 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     let sm = sm.with_snapshot_builds_held(faults.snapshot_builds_held());
     let reader = sm.reader();
     let identity = crate::attest::load_or_create_identity(&config.data_dir)?;
+    let chunks_dir = config.data_dir.join("chunks");
     let chunks = Arc::new(
-        crate::chunks::ChunkStore::open(&config.data_dir.join("chunks")).with_context(|| {
+        crate::chunks::ChunkStore::open(&chunks_dir).with_context(|| {
             format!(
                 "cannot open the chunk store in {}",
                 config.data_dir.display()
@@ -192,7 +193,7 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     let disk = Arc::new(crate::workers::disk::DiskGuard::new(
         id,
         config.storage.reserve_bytes,
-        vec![config.data_dir.clone(), config.data_dir.join("chunks")],
+        vec![config.data_dir.clone(), chunks_dir],
     ));
     // This node's first reading before any write is served; the voters and their readings
     // come with the disk worker's first step, right after the listeners are up.

@@ -471,13 +471,10 @@ fn file_names(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// A log entry at `index` (term 1) putting `acme/orders/k{index}` = `value`.
-fn put_at(index: u64, value: Vec<u8>) -> Entry {
+fn put_at(index: u64, value: &[u8]) -> Entry {
     Entry {
         log_id: log_id(1, index),
-        payload: EntryPayload::Normal(Command::PutRecord {
-            path: RecordPath::parse("acme", "orders", &format!("k{index}")).unwrap(),
-            value,
-        }),
+        payload: EntryPayload::Normal(put_order(&format!("k{index}"), value)),
     }
 }
 
@@ -485,7 +482,7 @@ fn put_at(index: u64, value: Vec<u8>) -> Entry {
 async fn append_puts(log: &mut LogStore, last: u64, value: impl Fn(u64) -> Vec<u8>) {
     for first in (1..=last).step_by(16) {
         let batch: Vec<Entry> = (first..=last.min(first + 15))
-            .map(|i| put_at(i, value(i)))
+            .map(|i| put_at(i, &value(i)))
             .collect();
         log.blocking_append(batch).await.unwrap();
     }

@@ -428,8 +428,11 @@ async fn wait_disk_refusals(cluster: &TestCluster, refusing: bool) {
 // Steps:
 // 1. Write a record, then restart node 3 with a reserve larger than any disk.
 // 2. Once every node has heard, a put and a delete through each node are refused and an
-//    artifact upload too; a linearizable read and a checkpoint work; the refused key is absent.
-// 3. Restart node 3 with the guard off: writes through every node are accepted again.
+//    artifact upload too; a linearizable read and a checkpoint work; a read through node 3
+//    of an artifact whose chunk it lost gets the right bytes and keeps no copy; the refused
+//    key is absent.
+// 3. Restart node 3 with the guard off: chunk sync brings the lost chunk back, and writes
+//    through every node are accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
     use escrow::mirror::artifacts::download_file;
@@ -476,8 +479,7 @@ async fn t27_a_member_under_its_disk_reserve_stops_writes_not_reads() {
         let got = c.get(TENANT, "orders", "before", false).await.unwrap();
         assert_eq!(got.value, b"kept".to_vec(), "read through node {}", i + 1);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("app.bin");
+    let file = work.path().join("app.bin");
     std::fs::write(&file, random_bytes("t27", 300 * 1024)).unwrap();
     let upload = escrow::mirror::artifacts::upload_file(&client, "vendor", "app.bin", &file).await;
     let upload = upload

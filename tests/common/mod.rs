@@ -35,7 +35,6 @@ pub fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
 /// The tenant the test clusters register at start.
 pub const TENANT: &str = "acme";
 
-/// Registers a tenant (it must not exist yet).
 /// Uploads `bytes` as the artifact `vendor/{name}` (through a file in `dir`) and returns the
 /// hashes of its chunks, in order.
 pub async fn upload_vendor_artifact(
@@ -59,6 +58,7 @@ pub async fn upload_vendor_artifact(
         .collect()
 }
 
+/// Registers a tenant (it must not exist yet).
 pub async fn add_tenant(client: &EscrowClient, tenant: &str) {
     client
         .tenant(escrow::client::TenantOp::Add, tenant)
