@@ -26,8 +26,8 @@ pub mod transport;
 pub mod verify;
 pub mod workers;
 
-/// Generated protobuf and gRPC types; used only at the edge (`service`, `raft::network`,
-/// `client`).
+/// Generated protobuf and gRPC types; used only at the edge (the services and `node`,
+/// `raft::network`, the client side, and `metrics` for the freshness message).
 pub mod pb {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("escrow.v1");

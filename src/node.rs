@@ -112,8 +112,9 @@ fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
         // debug-asserts that the pending one never moves back).
         max_in_snapshot_log_to_keep: u64::MAX,
         max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
-        // A snapshot stream of a large state machine takes a while on a slow link.
-        install_snapshot_timeout: 600_000,
+        // Bounds only the wait for a snapshot's answer once its last frame is sent
+        // (`network::SNAPSHOT_INSTALL_WAIT`); the transfer itself has no overall deadline.
+        install_snapshot_timeout: crate::raft::network::SNAPSHOT_INSTALL_WAIT.as_millis() as u64,
         ..Default::default()
     };
     Ok(c.validate()?)
@@ -181,7 +182,10 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     let raft = Raft::new(
         id,
         Arc::new(raft_config(config)?),
-        NetworkFactory::new(peers.clone()),
+        NetworkFactory::new(
+            peers.clone(),
+            Duration::from_millis(config.raft.snapshot_frame_wait_ms),
+        ),
         log_store.clone(),
         sm,
     )
@@ -301,6 +305,9 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
         .tls_config(tls.client_server())?
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(CLIENT_CONCURRENCY_PER_CONNECTION)
+        .layer(tower::util::MapResponseLayer::new(
+            crate::service::oversized_request_is_resource_exhausted,
+        ))
         .add_service(records)
         .add_service(artifacts)
         .add_service(tenants)

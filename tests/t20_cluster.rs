@@ -167,11 +167,16 @@ type BadPut = (&'static str, String, String, Vec<u8>, Code, &'static str);
 async fn t21_bad_input_is_refused_and_changes_nothing() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
     let client = cluster.client();
-    client
+    let seed = client
         .put("acme", "orders", "seed", b"x".to_vec())
         .await
         .unwrap();
-    let applied_before = cluster.node(0).core.reader.applied_index();
+    // Every node has applied the seed before the baseline is read: a follower applying it
+    // later would look like a refused request changing its state.
+    cluster.wait_applied(seed).await;
+    let applied_before: Vec<u64> = (0..3)
+        .map(|i| cluster.node(i).core.reader.applied_index())
+        .collect();
 
     // (what, tenant, key, value, expected code, expected message part)
     let cases: Vec<BadPut> = vec![
@@ -265,11 +270,31 @@ async fn t21_bad_input_is_refused_and_changes_nothing() {
     let err = raw.put(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
+    // A message over the client port's limit is refused before it is decoded, with the code
+    // gRPC gives a message larger than the configured limit (tonic's own is OUT_OF_RANGE).
+    let mut big = raw.clone().max_encoding_message_size(usize::MAX);
+    let mut req = tonic::Request::new(escrow::pb::PutRequest {
+        record: Some(escrow::pb::RecordRef {
+            tenant: "acme".into(),
+            collection: "orders".into(),
+            key: "k".into(),
+        }),
+        value: vec![0; escrow::node::CLIENT_MESSAGE_BYTES_MAX + 1],
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = big.put(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("message length too large"),
+        "{err:?}"
+    );
+
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for i in 0..3 {
+    for (i, before) in applied_before.into_iter().enumerate() {
         assert_eq!(
             cluster.node(i).core.reader.applied_index(),
-            applied_before,
+            before,
             "a refused request changed node {i}'s state"
         );
     }
@@ -374,7 +399,8 @@ async fn t23_cluster_status_reports_every_node() {
 }
 
 // Goal: values at the size limit replicate to a follower that fell behind (its catch-up
-// AppendEntries carry several maximum-size entries) and are served intact there.
+// AppendEntries carry several maximum-size entries) and are served intact there; a client
+// whose first endpoint is the stopped node writes through the others meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t24_large_values_reach_a_lagging_follower() {
     let mut cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -382,7 +408,7 @@ async fn t24_large_values_reach_a_lagging_follower() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let fi = cluster.index_of(follower);
     cluster.stop_node(fi).await;
-    let client = cluster.client();
+    let client = cluster.client_trying_first(fi);
     let mut last = 0;
     for i in 0..12u8 {
         let value = vec![i; VALUE_LEN_MAX];

@@ -46,6 +46,11 @@ const PEER_TIMEOUTS: Timeouts = Timeouts {
 };
 /// Deadline for a forwarded client request, beyond the leader's own commit timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a snapshot's receiver may take, after its last frame was sent, to sync, verify and
+/// install it and answer. The transfer itself has no overall deadline (a large state machine
+/// over a slow link takes as long as it takes): it must only keep moving, one frame at least
+/// every `raft.snapshot_frame_wait_ms`, on both ends.
+pub const SNAPSHOT_INSTALL_WAIT: Duration = Duration::from_secs(600);
 
 /// Injected link failures between in-process nodes (tests only).
 #[derive(Debug)]
@@ -276,11 +281,17 @@ impl PeerClients {
 #[derive(Clone)]
 pub struct NetworkFactory {
     clients: Arc<PeerClients>,
+    snapshot_frame_wait: Duration,
 }
 
 impl NetworkFactory {
-    pub fn new(clients: Arc<PeerClients>) -> Self {
-        Self { clients }
+    /// `snapshot_frame_wait` (`raft.snapshot_frame_wait_ms`): the longest a snapshot stream to
+    /// a peer may wait for the peer to take its next frame.
+    pub fn new(clients: Arc<PeerClients>, snapshot_frame_wait: Duration) -> Self {
+        Self {
+            clients,
+            snapshot_frame_wait,
+        }
     }
 }
 
@@ -292,6 +303,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.raft_addr.clone(),
             clients: self.clients.clone(),
+            snapshot_frame_wait: self.snapshot_frame_wait,
         }
     }
 }
@@ -300,6 +312,7 @@ pub struct PeerNetwork {
     target: NodeId,
     addr: String,
     clients: Arc<PeerClients>,
+    snapshot_frame_wait: Duration,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, EscrowNode, RaftError<NodeId, E>>;
@@ -396,13 +409,27 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_FRAMES_IN_FLIGHT);
         let dir = snapshot.snapshot.path.clone();
         let files = snapshot.snapshot.files.clone();
-        let reader = tokio::spawn(async move {
+        let frame_wait = self.snapshot_frame_wait;
+        let mut reader = tokio::spawn(async move {
+            // A frame the stream has not taken within `frame_wait`: the receiver stopped
+            // reading (HTTP/2 flow control holds the stream), so the transfer is abandoned.
             let send = |frame| {
                 let tx = tx.clone();
                 async move {
-                    tx.send(pb::SnapshotFrame { frame: Some(frame) })
-                        .await
-                        .map_err(|_| std::io::Error::other("snapshot stream closed"))
+                    match tokio::time::timeout(
+                        frame_wait,
+                        tx.send(pb::SnapshotFrame { frame: Some(frame) }),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(std::io::Error::other("snapshot stream closed")),
+                        Err(_) => Err(std::io::Error::other(format!(
+                            "the receiver took no snapshot frame for {} ms \
+                             (raft.snapshot_frame_wait_ms); transfer abandoned",
+                            frame_wait.as_millis()
+                        ))),
+                    }
                 }
             };
             // Open every file before sending anything: a newer snapshot may prune this one
@@ -415,25 +442,48 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             stream_files(opened, send).await
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let mut req = tonic::Request::new(stream);
-        // A snapshot may be large; the per-RPC TTL is for small messages, so allow for the
-        // configured snapshot timeout instead.
-        req.set_timeout(option.hard_ttl().max(Duration::from_secs(600)));
-        let call = client.install_snapshot(req);
+        // No grpc-timeout: the whole transfer has no deadline (see SNAPSHOT_INSTALL_WAIT), and
+        // `option` (openraft's install_snapshot_timeout) bounds only the wait for the answer.
+        let call = client.install_snapshot(tonic::Request::new(stream));
+        tokio::pin!(call);
+        tokio::pin!(cancel);
+        fn network<E: std::error::Error + 'static>(
+            e: &E,
+        ) -> StreamingError<TypeConfig, Fatal<NodeId>> {
+            StreamingError::Network(NetworkError::new(e))
+        }
         let reply = tokio::select! {
-            closed = cancel => {
+            closed = &mut cancel => {
                 reader.abort();
                 return Err(StreamingError::Closed(closed));
             }
-            r = call => r,
+            // Answered before the last frame was sent: refused (a receiver answers only once
+            // the stream has ended).
+            r = &mut call => {
+                reader.abort();
+                r
+            }
+            read = &mut reader => {
+                match read {
+                    Ok(Ok(())) => {}
+                    // Dropping `call` resets the stream: the receiver discards what it has.
+                    Ok(Err(e)) => return Err(network(&e)),
+                    Err(e) => return Err(network(&e)),
+                }
+                let install_wait = option.hard_ttl().max(SNAPSHOT_INSTALL_WAIT);
+                tokio::select! {
+                    closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                    r = tokio::time::timeout(install_wait, &mut call) => r.map_err(|_| {
+                        network(&std::io::Error::other(format!(
+                            "no answer within {install_wait:?} of the snapshot's last frame"
+                        )))
+                    })?,
+                }
+            }
         };
-        let read_result = reader.await;
         let reply = reply
             .map_err(|s| StreamingError::Network(NetworkError::new(&s)))?
             .into_inner();
-        if let Ok(Err(e)) = read_result {
-            return Err(StreamingError::Network(NetworkError::new(&e)));
-        }
         let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = codec::decode(&reply.payload)
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))

@@ -169,6 +169,32 @@ async fn propose(raft: &Raft, commands: Vec<Command>) -> Vec<Proposed> {
     vec![shared; count]
 }
 
+/// How tonic's decoder words its refusal of a request message over the service's limit.
+const TONIC_DECODE_LIMIT_MESSAGE: &str = "Error, decoded message length too large";
+
+/// Gives a request message over the decoding limit RESOURCE_EXHAUSTED, the code gRPC assigns a
+/// message larger than the configured limit and the one this API answers for every size limit;
+/// tonic's decoder answers it OUT_OF_RANGE. Its message (sizes found and allowed) is kept. Such a
+/// refusal is answered trailers-only, so its status is in the response's headers; every other
+/// response passes unchanged.
+pub fn oversized_request_is_resource_exhausted<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    if status.code() != tonic::Code::OutOfRange
+        || !status.message().starts_with(TONIC_DECODE_LIMIT_MESSAGE)
+    {
+        return response;
+    }
+    if let Err(e) = Status::resource_exhausted(status.message()).add_header(response.headers_mut())
+    {
+        tracing::warn!(error = %e, "cannot rewrite an oversized request's status");
+    }
+    response
+}
+
 /// The wall clock in ms since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
