@@ -50,15 +50,32 @@ apt_install() {
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# Whether bindgen will find a libclang: in $LIBCLANG_PATH, in the linker cache, or where
+# Debian's packages put it. ldconfig is looked for in /sbin too: a user's PATH on Debian
+# leaves /usr/sbin out, and the check must not fail (and reinstall) for that alone.
+have_libclang() {
+    if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; then
+        return 0
+    fi
+    local ldconfig
+    ldconfig="$(command -v ldconfig || echo /sbin/ldconfig)"
+    if "$ldconfig" -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'; then return 0; fi
+    compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null ||
+        compgen -G '/usr/lib/*-linux-gnu/libclang*.so*' >/dev/null
+}
+
 ensure_prereqs() {
     if ! command -v cargo >/dev/null 2>&1; then
         echo "cargo not found: install the Rust toolchain (https://rustup.rs)" >&2
         exit 1
     fi
+    local missing=()
     # librocksdb-sys generates its bindings with bindgen, which needs libclang.
-    if ! ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'; then
-        apt_install libclang-dev clang
-    fi
+    have_libclang || missing+=(libclang-dev clang)
+    # RocksDB itself is C++, compiled with $CXX or else `c++` (Debian's clang package does
+    # not provide that name; g++ does).
+    if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null 2>&1; then missing+=(g++); fi
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
     # protoc comes from the protoc-bin-vendored crate; nothing to install for the main build.
 }
 

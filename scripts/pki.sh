@@ -7,8 +7,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ $# -ge 2 ] || { sed -n '2,5p' "$0" >&2; exit 2; }
 ensure_prereqs
+# OUT is relative to the caller's directory, not the clone's (keys must not land in the clone).
+OUT="$(realpath -m -- "$1")"; shift
 cd "$ROOT"
-OUT="$1"; shift
 cargo build --bins --quiet
 args=()
 for n in "$@"; do args+=(--node "$n"); done

@@ -37,6 +37,18 @@ async fn vote_over(endpoint: Endpoint) -> Result<pb::RaftMessage, String> {
     }
 }
 
+/// A read of a record that need not exist: answered (not found is no error) with the token.
+fn get_acme_k() -> pb::GetRequest {
+    pb::GetRequest {
+        record: Some(pb::RecordRef {
+            tenant: "acme".into(),
+            collection: "c".into(),
+            key: "k".into(),
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -83,15 +95,37 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     let err = vote_over(tls(None)).await.unwrap_err();
     eprintln!("certificate-less peer refused: {err}");
 
-    // Plaintext to the TLS ports.
-    for addr in [raft_addr, client_addr] {
-        let plain = Endpoint::from_shared(format!("http://{addr}")).unwrap();
-        let err = vote_over(plain).await.unwrap_err();
-        eprintln!("plaintext to {addr} refused: {err}");
-    }
+    // Plaintext to the TLS ports, each with a call its port answers over TLS (the peer port's
+    // Vote above; the client port's Get with the right token, below): both fail.
+    let plain = Endpoint::from_shared(format!("http://{raft_addr}")).unwrap();
+    let err = vote_over(plain).await.unwrap_err();
+    eprintln!("plaintext to the peer port refused: {err}");
+    let cfg = cluster.client_config();
+    let token = escrow::auth::read_token(&cfg.token_file).unwrap();
+    let with_token = |req: pb::GetRequest| {
+        let mut req = tonic::Request::new(req);
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    };
+    let plain_get = async {
+        let channel = Endpoint::from_shared(format!("http://{client_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        pb::records_client::RecordsClient::new(channel)
+            .get(with_token(get_acme_k()))
+            .await
+            .map_err(|s| format!("rpc: {s:?}"))
+    };
+    let err = tokio::time::timeout(Duration::from_secs(10), plain_get)
+        .await
+        .expect("a plaintext call to the client port ends")
+        .unwrap_err();
+    eprintln!("plaintext to the client port refused: {err}");
 
     // Client services: no credential, wrong credential.
-    let cfg = cluster.client_config();
     let channel = Endpoint::from_shared(format!("https://{client_addr}"))
         .unwrap()
         .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca)))
@@ -100,14 +134,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         .await
         .unwrap();
     let mut records = pb::records_client::RecordsClient::new(channel);
-    let get = || pb::GetRequest {
-        record: Some(pb::RecordRef {
-            tenant: "acme".into(),
-            collection: "c".into(),
-            key: "k".into(),
-        }),
-        ..Default::default()
-    };
+    let get = get_acme_k;
     let err = records.get(get()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let mut req = tonic::Request::new(get());
@@ -119,12 +146,8 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         records.get(req).await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    let token = escrow::auth::read_token(&cfg.token_file).unwrap();
-    let mut req = tonic::Request::new(get());
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     assert!(
-        records.get(req).await.is_ok(),
+        records.get(with_token(get())).await.is_ok(),
         "the right token is accepted"
     );
 

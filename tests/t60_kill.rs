@@ -55,7 +55,7 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
         client.init().await.ok()
     })
     .await;
-    let old_leader = wait_for("a leader", || async {
+    wait_for("a leader", || async {
         client.cluster_status().await.ok().and_then(|s| s.leader)
     })
     .await;
@@ -91,23 +91,39 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
         (acked.lock().unwrap().len() >= 200).then_some(())
     })
     .await;
-    if expect_purge {
-        let leader_addr =
-            escrow::config::Config::load(&cluster.files.node_configs[(old_leader - 1) as usize])
-                .unwrap()
-                .advertise
-                .client;
-        let purged = wait_for("the leader to purge its log", || async {
-            client
-                .node_status_at(&leader_addr, Duration::from_secs(2))
-                .await
-                .ok()
-                .filter(|s| s.purged_index > 0)
-                .map(|s| s.purged_index)
+    // The leader is read right before the kill, not at the start: leadership can move under
+    // load. The node killed is one that says it leads after its purge (if asked for).
+    let client_addr = |id: u64| {
+        escrow::config::Config::load(&cluster.files.node_configs[(id - 1) as usize])
+            .unwrap()
+            .advertise
+            .client
+    };
+    let old_leader = loop {
+        let leader = wait_for("a leader", || async {
+            client.cluster_status().await.ok().and_then(|s| s.leader)
         })
         .await;
-        eprintln!("leader {old_leader} purged its log up to {purged} before the kill");
-    }
+        let leader_addr = client_addr(leader);
+        if expect_purge {
+            let purged = wait_for("the leader to purge its log", || async {
+                client
+                    .node_status_at(&leader_addr, Duration::from_secs(2))
+                    .await
+                    .ok()
+                    .filter(|s| s.purged_index > 0)
+                    .map(|s| s.purged_index)
+            })
+            .await;
+            eprintln!("leader {leader} purged its log up to {purged}");
+        }
+        let status = client
+            .node_status_at(&leader_addr, Duration::from_secs(2))
+            .await;
+        if status.is_ok_and(|s| s.leader == leader) {
+            break leader;
+        }
+    };
     let before_kill = acked.lock().unwrap().len();
     cluster.kill((old_leader - 1) as usize);
 

@@ -356,7 +356,32 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
+    // Ctrl-C (SIGINT) stops it cleanly: exit status 0.
+    let status = signal_and_wait(&mut child, "INT", Duration::from_secs(30), "escrowd dev");
+    assert!(status.success(), "escrowd dev after Ctrl-C: {status}");
+
+    // Its CA, node certificates and credentials are files in the dev dir; keys and tokens
+    // readable by their owner only.
+    use std::os::unix::fs::PermissionsExt;
+    for (file, secret) in [
+        ("pki/ca.pem", false),
+        ("pki/ca.key", true),
+        ("pki/node1.pem", false),
+        ("pki/node3.key", true),
+        ("secrets/ops.token", true),
+        ("secrets/metrics.token", true),
+    ] {
+        let meta =
+            std::fs::metadata(dir.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(meta.len() > 0, "{file} is empty");
+        if secret {
+            assert_eq!(
+                meta.permissions().mode() & 0o077,
+                0,
+                "{file} is readable by others"
+            );
+        }
+    }
 
     // Other ports or another node count would leave the cluster's members unreachable: refused,
     // naming what the dir was created with, and nothing started.
@@ -384,5 +409,6 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["value"], "kept");
-    sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
+    assert!(status.success(), "escrowd dev after SIGTERM: {status}");
 }

@@ -9,6 +9,8 @@
 //! 3. /healthz and /readyz answer 200 on a follower without a credential; /metrics takes the
 //!    metrics token or the ops token (401 without one or with another).
 //! 4. A plaintext request gets no HTTP answer.
+//! 5. With the other two nodes stopped, the follower's /readyz answers 503 (no leader), its
+//!    /healthz still 200.
 
 mod common;
 
@@ -182,6 +184,22 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
     assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+
+    // With the other two nodes stopped, the follower loses its leader: /readyz answers 503
+    // and says why, while /healthz still answers 200.
+    let follower_addr = follower_node.http_addr;
+    let mut cluster = cluster;
+    for id in (1..=3).filter(|id| *id != follower) {
+        cluster.stop_node(cluster.index_of(id)).await;
+    }
+    let body = wait_for("the lone follower to say it is not ready", || async {
+        let (status, body) = https_get(&ca, follower_addr, "/readyz").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("no leader known"), "{body}");
+    let (status, _) = https_get(&ca, follower_addr, "/healthz").await;
+    assert_eq!(status, 200);
     cluster.shutdown().await;
 }
 

@@ -239,6 +239,14 @@ impl TestCluster {
         EscrowClient::new(&c).unwrap()
     }
 
+    /// A client that knows every node and tries node `i` (0-based) first.
+    pub fn client_trying_first(&self, i: usize) -> EscrowClient {
+        let mut c = self.client_config();
+        let first = c.endpoints.remove(i);
+        c.endpoints.insert(0, first);
+        EscrowClient::new(&c).unwrap()
+    }
+
     pub fn node(&self, i: usize) -> &NodeHandle {
         self.nodes[i].as_ref().expect("node is running")
     }
@@ -459,8 +467,18 @@ pub fn sigterm_and_wait(
     limit: Duration,
     what: &str,
 ) -> std::process::ExitStatus {
+    signal_and_wait(child, "TERM", limit, what)
+}
+
+/// [`sigterm_and_wait`] with another signal (`signal` as `kill -s` takes it: "INT" is Ctrl-C).
+pub fn signal_and_wait(
+    child: &mut Child,
+    signal: &str,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-s", signal, &child.id().to_string()])
         .status()
         .unwrap();
     let signalled = Instant::now();
@@ -470,7 +488,7 @@ pub fn sigterm_and_wait(
         }
         if signalled.elapsed() > limit {
             let _ = child.kill();
-            panic!("{what} did not stop within {limit:?} of SIGTERM");
+            panic!("{what} did not stop within {limit:?} of SIG{signal}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
