@@ -1,6 +1,6 @@
 //! The command-line contract: `escrowctl … --json` prints exactly one JSON document, exit code
-//! 0 on success, non-zero with a one-line reason on stderr; `escrowd dev` starts a cluster that
-//! keeps its data across a restart.
+//! 0 on success, non-zero with a one-line reason on stderr; the cluster operations through the
+//! binary; `escrowd dev` starts a cluster that keeps its data across a restart.
 
 mod common;
 
@@ -411,4 +411,94 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     assert_eq!(got["value"], "kept");
     let status = sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
     assert!(status.success(), "escrowd dev after SIGTERM: {status}");
+}
+
+/// A failed `escrowctl` run: non-zero exit and a one-line reason containing `part`.
+fn assert_refused(out: &std::process::Output, part: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {stderr}");
+    assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+/// The members (`[{"id", "voter"}]`) an `escrowctl cluster add|remove --json` run printed.
+fn members(out: &std::process::Output) -> Vec<(u64, bool)> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let mut members: Vec<(u64, bool)> = doc["members"]
+        .as_array()
+        .expect("a members list")
+        .iter()
+        .map(|m| (m["id"].as_u64().unwrap(), m["voter"].as_bool().unwrap()))
+        .collect();
+    members.sort();
+    members
+}
+
+// Goal: the cluster operations work through the `escrowctl` binary as documented: `cluster
+// init` on an initialized cluster is refused; `cluster add` makes a node a learner and then a
+// voter; `cluster remove` takes it out; its id is then refused for good.
+//
+// Steps:
+// 1. `cluster init` on a running 3-node cluster: refused, "already initialized".
+// 2. Start node 4; `cluster add --learner`: a learner; `cluster add` again: a voter, and
+//    `cluster status` lists it as one.
+// 3. `cluster remove --id 4`: gone from the members; `cluster add --id 4` again: refused,
+//    "never reused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t72_cluster_operations_through_escrowctl() {
+    let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
+    let cfg = cluster.files.client_config.clone();
+    cluster.wait_leader().await;
+
+    assert_refused(
+        &escrowctl(&cfg, &["cluster", "init"]),
+        "already initialized",
+    );
+
+    let (node4, member) = cluster.start_extra_node(4, &test_raft()).await;
+    let add = |learner: bool| {
+        let mut args = vec![
+            "cluster",
+            "add",
+            "--id",
+            "4",
+            "--raft-addr",
+            &member.raft_addr,
+            "--client-addr",
+            &member.client_addr,
+            "--json",
+        ];
+        if learner {
+            args.push("--learner");
+        }
+        escrowctl(&cfg, &args)
+    };
+    let voters = [(1, true), (2, true), (3, true)];
+    assert_eq!(members(&add(true)), [&voters[..], &[(4, false)]].concat());
+    assert_eq!(members(&add(false)), [&voters[..], &[(4, true)]].concat());
+    let out = escrowctl(&cfg, &["cluster", "status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let roles: Vec<(u64, String)> = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["role"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(roles.contains(&(4, "voter".into())), "{doc}");
+
+    let out = escrowctl(&cfg, &["cluster", "remove", "--id", "4", "--json"]);
+    assert_eq!(members(&out), voters);
+    assert_refused(&add(false), "never reused");
+    node4.shutdown().await;
+    cluster.shutdown().await;
 }
