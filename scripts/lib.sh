@@ -53,15 +53,22 @@ apt_install() {
 # Whether bindgen will find a libclang: in $LIBCLANG_PATH, in the linker cache, or where
 # Debian's packages put it. ldconfig is looked for in /sbin too: a user's PATH on Debian
 # leaves /usr/sbin out, and the check must not fail (and reinstall) for that alone.
+# (libclang.so or libclang-N.so, not libclang-cpp.so, a different library.)
 have_libclang() {
-    if [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; then
+    local p="${LIBCLANG_PATH:-}" ldconfig d
+    if [ -n "$p" ] && { [ -f "$p" ] ||
+        compgen -G "$p/libclang.so*" >/dev/null || compgen -G "$p/libclang-[0-9]*.so*" >/dev/null; }; then
         return 0
     fi
-    local ldconfig
     ldconfig="$(command -v ldconfig || echo /sbin/ldconfig)"
-    if "$ldconfig" -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'; then return 0; fi
-    compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null ||
-        compgen -G '/usr/lib/*-linux-gnu/libclang*.so*' >/dev/null
+    # Read whole before matching: grep -q stopping early would fail ldconfig under pipefail.
+    if "$ldconfig" -p 2>/dev/null | grep -E 'libclang(-[0-9.]+)?\.so' >/dev/null; then return 0; fi
+    for d in /usr/lib/llvm-*/lib /usr/lib/*-linux-gnu; do
+        if compgen -G "$d/libclang.so*" >/dev/null || compgen -G "$d/libclang-[0-9]*.so*" >/dev/null; then
+            return 0
+        fi
+    done
+    return 1
 }
 
 ensure_prereqs() {

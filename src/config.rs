@@ -124,7 +124,9 @@ pub struct RaftSettings {
     /// A snapshot stream being received is abandoned (and its files removed) when no frame
     /// arrives for this long, ms: a sender that stalls holds disk space and one of the
     /// node's few transfer slots. A frame (1 MiB) must cross the slowest link between two
-    /// nodes within it. At least 10,000.
+    /// nodes within it. The sender likewise abandons a stream whose receiver takes no frame
+    /// for this long (which includes the receiver syncing a finished file to disk). At least
+    /// 10,000.
     pub snapshot_frame_wait_ms: u64,
 }
 

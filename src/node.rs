@@ -289,16 +289,21 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
             .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
-    let integrity = pb::integrity_server::IntegrityServer::with_interceptor(
-        IntegrityService { core: core.clone() },
+    // Requests to these three are small; their answers (a deep-verify report, a tenant list)
+    // may be larger than a client message, so only what they take in is bounded.
+    let integrity = tonic::service::interceptor::InterceptedService::new(
+        pb::integrity_server::IntegrityServer::new(IntegrityService { core: core.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
-    let tenants = pb::tenants_server::TenantsServer::with_interceptor(
-        TenantsService { core: core.clone() },
+    let tenants = tonic::service::interceptor::InterceptedService::new(
+        pb::tenants_server::TenantsServer::new(TenantsService { core: core.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check.clone(),
     );
-    let cluster = pb::cluster_server::ClusterServer::with_interceptor(
-        ClusterService { core: core.clone() },
+    let cluster = tonic::service::interceptor::InterceptedService::new(
+        pb::cluster_server::ClusterServer::new(ClusterService { core: core.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
         check,
     );
     let client_server = Server::builder()

@@ -123,6 +123,7 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
         if status.is_ok_and(|s| s.leader == leader) {
             break leader;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let before_kill = acked.lock().unwrap().len();
     cluster.kill((old_leader - 1) as usize);

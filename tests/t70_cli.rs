@@ -481,20 +481,24 @@ async fn t72_cluster_operations_through_escrowctl() {
     let voters = [(1, true), (2, true), (3, true)];
     assert_eq!(members(&add(true)), [&voters[..], &[(4, false)]].concat());
     assert_eq!(members(&add(false)), [&voters[..], &[(4, true)]].concat());
-    let out = escrowctl(&cfg, &["cluster", "status", "--json"]);
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
-    let roles: Vec<(u64, String)> = doc["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_u64().unwrap(),
-                n["role"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    assert!(roles.contains(&(4, "voter".into())), "{doc}");
+    // The node answering may learn the final membership a heartbeat after the leader.
+    wait_for("cluster status to list node 4 as a voter", || async {
+        let out = escrowctl(&cfg, &["cluster", "status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("one JSON document");
+        doc["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == 4 && n["role"] == "voter")
+            .then_some(())
+    })
+    .await;
 
     let out = escrowctl(&cfg, &["cluster", "remove", "--id", "4", "--json"]);
     assert_eq!(members(&out), voters);

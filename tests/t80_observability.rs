@@ -188,8 +188,11 @@ async fn t80_metrics_health_and_readiness_over_tls() {
     // With the other two nodes stopped, the follower loses its leader: /readyz answers 503
     // and says why, while /healthz still answers 200.
     let follower_addr = follower_node.http_addr;
+    // The other follower first: stopped first, the leader could leave the two to elect this
+    // follower, which would then stay leader alone.
     let mut cluster = cluster;
-    for id in (1..=3).filter(|id| *id != follower) {
+    let other = (1..=3).find(|id| *id != follower && *id != leader).unwrap();
+    for id in [other, leader] {
         cluster.stop_node(cluster.index_of(id)).await;
     }
     let body = wait_for("the lone follower to say it is not ready", || async {

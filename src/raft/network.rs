@@ -46,11 +46,16 @@ const PEER_TIMEOUTS: Timeouts = Timeouts {
 };
 /// Deadline for a forwarded client request, beyond the leader's own commit timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a snapshot's receiver may take, after its last frame was sent, to sync, verify and
-/// install it and answer. The transfer itself has no overall deadline (a large state machine
-/// over a slow link takes as long as it takes): it must only keep moving, one frame at least
-/// every `raft.snapshot_frame_wait_ms`, on both ends.
+/// How long a snapshot's receiver may take, once the sender has handed its last frame to the
+/// stream, to take the frames still buffered, sync, verify and install it, and answer. The
+/// transfer itself has no overall deadline (a large state machine over a slow link takes as
+/// long as it takes): it must only keep moving, one frame at least every
+/// `raft.snapshot_frame_wait_ms`, on both ends (the sender's wait includes the receiver
+/// syncing a finished file, as the receiver reads no frame meanwhile).
 pub const SNAPSHOT_INSTALL_WAIT: Duration = Duration::from_secs(600);
+/// How long a snapshot sender whose stream was closed waits for the receiver's answer, which
+/// says why (a refusal is answered as the stream closes).
+const SNAPSHOT_REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Injected link failures between in-process nodes (tests only).
 #[derive(Debug)]
@@ -466,8 +471,19 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             read = &mut reader => {
                 match read {
                     Ok(Ok(())) => {}
-                    // Dropping `call` resets the stream: the receiver discards what it has.
-                    Ok(Err(e)) => return Err(network(&e)),
+                    // The stream ends short of its declared files (cancelled when `call` is
+                    // dropped, or ended cleanly first), and the receiver refuses it: every
+                    // declared file must arrive whole and match its blake3. A receiver that
+                    // refused first (out of slots or disk, a bad frame) closed the stream, and
+                    // its answer says why better than the closed stream does.
+                    Ok(Err(e)) => {
+                        if let Ok(Err(status)) =
+                            tokio::time::timeout(SNAPSHOT_REFUSAL_GRACE, &mut call).await
+                        {
+                            return Err(network(&status));
+                        }
+                        return Err(network(&e));
+                    }
                     Err(e) => return Err(network(&e)),
                 }
                 let install_wait = option.hard_ttl().max(SNAPSHOT_INSTALL_WAIT);
