@@ -56,14 +56,11 @@ apt_install() {
 # (libclang.so or libclang-N.so, not libclang-cpp.so, a different library.)
 have_libclang() {
     local p="${LIBCLANG_PATH:-}" ldconfig d
-    if [ -n "$p" ] && { [ -f "$p" ] ||
-        compgen -G "$p/libclang.so*" >/dev/null || compgen -G "$p/libclang-[0-9]*.so*" >/dev/null; }; then
-        return 0
-    fi
+    if [ -n "$p" ] && [ -f "$p" ]; then return 0; fi
     ldconfig="$(command -v ldconfig || echo /sbin/ldconfig)"
     # Read whole before matching: grep -q stopping early would fail ldconfig under pipefail.
     if "$ldconfig" -p 2>/dev/null | grep -E 'libclang(-[0-9.]+)?\.so' >/dev/null; then return 0; fi
-    for d in /usr/lib/llvm-*/lib /usr/lib/*-linux-gnu; do
+    for d in ${p:+"$p"} /usr/lib/llvm-*/lib /usr/lib/*-linux-gnu; do
         if compgen -G "$d/libclang.so*" >/dev/null || compgen -G "$d/libclang-[0-9]*.so*" >/dev/null; then
             return 0
         fi

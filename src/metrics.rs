@@ -25,6 +25,11 @@ pub struct NamespaceLabel {
 
 type F64Gauge = Gauge<f64, AtomicU64>;
 
+/// A count or size as an integer gauge's value (Prometheus gauges are i64; larger saturates).
+pub fn gauge_value(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 /// Per-namespace mirror figures (a tenant or `vendor`), refreshed by the freshness worker.
 #[derive(Default)]
 pub struct NamespaceMetrics {
@@ -44,7 +49,7 @@ impl NamespaceMetrics {
         let l = NamespaceLabel {
             namespace: namespace.to_string(),
         };
-        let i = |v: u64| v.min(i64::MAX as u64) as i64;
+        let i = gauge_value;
         let s = |ms: u64| ms as f64 / 1000.0;
         self.records.get_or_create(&l).set(i(f.records));
         self.record_bytes.get_or_create(&l).set(i(f.record_bytes));
@@ -252,7 +257,7 @@ impl Metrics {
         r: &openraft::RaftMetrics<NodeId, EscrowNode>,
         committed: u64,
     ) {
-        let i = |v: u64| v.min(i64::MAX as u64) as i64;
+        let i = gauge_value;
         self.term.set(i(r.current_term));
         self.leader_id.set(i(r.current_leader.unwrap_or(0)));
         self.is_leader

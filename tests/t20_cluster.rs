@@ -261,29 +261,25 @@ async fn t21_bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     let mut raw = escrow::pb::records_client::RecordsClient::new(channel);
-    let mut req = tonic::Request::new(escrow::pb::PutRequest {
+    let req = escrow::pb::PutRequest {
         record: None,
         value: b"v".to_vec(),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let err = raw.put(req).await.unwrap_err();
+    };
+    let err = raw.put(with_bearer(req, &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // A message over the client port's limit is refused before it is decoded, with the code
     // gRPC gives a message larger than the configured limit (tonic's own is OUT_OF_RANGE).
     let mut big = raw.clone().max_encoding_message_size(usize::MAX);
-    let mut req = tonic::Request::new(escrow::pb::PutRequest {
+    let req = escrow::pb::PutRequest {
         record: Some(escrow::pb::RecordRef {
             tenant: "acme".into(),
             collection: "orders".into(),
             key: "k".into(),
         }),
         value: vec![0; escrow::node::CLIENT_MESSAGE_BYTES_MAX + 1],
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let err = big.put(req).await.unwrap_err();
+    };
+    let err = big.put(with_bearer(req, &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message().contains("message length too large"),

@@ -102,12 +102,6 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     eprintln!("plaintext to the peer port refused: {err}");
     let cfg = cluster.client_config();
     let token = escrow::auth::read_token(&cfg.token_file).unwrap();
-    let with_token = |req: pb::GetRequest| {
-        let mut req = tonic::Request::new(req);
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        req
-    };
     let plain_get = async {
         let channel = Endpoint::from_shared(format!("http://{client_addr}"))
             .unwrap()
@@ -115,7 +109,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
             .await
             .map_err(|e| format!("connect: {e:?}"))?;
         pb::records_client::RecordsClient::new(channel)
-            .get(with_token(get_acme_k()))
+            .get(with_bearer(get_acme_k(), &token))
             .await
             .map_err(|s| format!("rpc: {s:?}"))
     };
@@ -134,20 +128,15 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         .await
         .unwrap();
     let mut records = pb::records_client::RecordsClient::new(channel);
-    let get = get_acme_k;
-    let err = records.get(get()).await.unwrap_err();
+    let err = records.get(get_acme_k()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let mut req = tonic::Request::new(get());
-    req.metadata_mut().insert(
-        "authorization",
-        "Bearer wrong-token-wrong-token-wrong".parse().unwrap(),
-    );
+    let wrong = with_bearer(get_acme_k(), "wrong-token-wrong-token-wrong");
     assert_eq!(
-        records.get(req).await.unwrap_err().code(),
+        records.get(wrong).await.unwrap_err().code(),
         Code::Unauthenticated
     );
     assert!(
-        records.get(with_token(get())).await.is_ok(),
+        records.get(with_bearer(get_acme_k(), &token)).await.is_ok(),
         "the right token is accepted"
     );
 

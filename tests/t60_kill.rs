@@ -91,24 +91,25 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
         (acked.lock().unwrap().len() >= 200).then_some(())
     })
     .await;
+    // Node id N's client address is client_addrs[N - 1].
+    let client_addrs: Vec<String> = cluster
+        .files
+        .node_configs
+        .iter()
+        .map(|p| escrow::config::Config::load(p).unwrap().advertise.client)
+        .collect();
     // The leader is read right before the kill, not at the start: leadership can move under
     // load. The node killed is one that says it leads after its purge (if asked for).
-    let client_addr = |id: u64| {
-        escrow::config::Config::load(&cluster.files.node_configs[(id - 1) as usize])
-            .unwrap()
-            .advertise
-            .client
-    };
     let old_leader = loop {
         let leader = wait_for("a leader", || async {
             client.cluster_status().await.ok().and_then(|s| s.leader)
         })
         .await;
-        let leader_addr = client_addr(leader);
+        let leader_addr = &client_addrs[(leader - 1) as usize];
         if expect_purge {
             let purged = wait_for("the leader to purge its log", || async {
                 client
-                    .node_status_at(&leader_addr, Duration::from_secs(2))
+                    .node_status_at(leader_addr, Duration::from_secs(2))
                     .await
                     .ok()
                     .filter(|s| s.purged_index > 0)
@@ -118,7 +119,7 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
             eprintln!("leader {leader} purged its log up to {purged}");
         }
         let status = client
-            .node_status_at(&leader_addr, Duration::from_secs(2))
+            .node_status_at(leader_addr, Duration::from_secs(2))
             .await;
         if status.is_ok_and(|s| s.leader == leader) {
             break leader;
@@ -128,13 +129,10 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
     let before_kill = acked.lock().unwrap().len();
     cluster.kill((old_leader - 1) as usize);
 
-    let survivors: Vec<String> = cluster
-        .files
-        .node_configs
+    let killed_addr = client_addrs[(old_leader - 1) as usize].clone();
+    let survivors: Vec<&String> = client_addrs
         .iter()
-        .enumerate()
-        .filter(|(i, _)| *i as u64 + 1 != old_leader)
-        .map(|(_, p)| escrow::config::Config::load(p).unwrap().advertise.client)
+        .filter(|addr| **addr != killed_addr)
         .collect();
     let new_leader = wait_for("a new leader among the survivors", || async {
         for addr in &survivors {
@@ -168,17 +166,12 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
     }
     // The killed node's state machine (no WAL of its own) must be rebuilt from its Raft log
     // and the leader: read every acknowledged write from its local applied state.
-    let restarted_addr =
-        escrow::config::Config::load(&cluster.files.node_configs[(old_leader - 1) as usize])
-            .unwrap()
-            .advertise
-            .client;
     let mut local_cfg = escrow::client::ClientConfig::load(&cluster.files.client_config).unwrap();
-    local_cfg.endpoints = vec![restarted_addr.clone()];
+    local_cfg.endpoints = vec![killed_addr.clone()];
     let local = escrow::client::EscrowClient::new(&local_cfg).unwrap();
     let target = wait_for("the killed node to come back", || async {
         reader
-            .node_status_at(&survivors[0], Duration::from_secs(2))
+            .node_status_at(survivors[0], Duration::from_secs(2))
             .await
             .ok()
             .map(|s| s.applied_index)
@@ -186,7 +179,7 @@ async fn kill_leader_under_load(raft: escrow::config::RaftSettings, expect_purge
     .await;
     wait_for("the killed node to catch up", || async {
         local
-            .node_status_at(&restarted_addr, Duration::from_secs(2))
+            .node_status_at(&killed_addr, Duration::from_secs(2))
             .await
             .ok()
             .filter(|s| s.applied_index >= target)

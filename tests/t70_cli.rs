@@ -20,6 +20,14 @@ fn escrowctl(config: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("run escrowctl")
 }
 
+/// A failed `escrowctl` run: non-zero exit and a one-line reason containing `part`.
+fn assert_refused(out: &std::process::Output, part: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {stderr}");
+    assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
 // Goal: the documented CLI contract holds for status, put, get, delete and bad input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t70_escrowctl_json_contract_and_exit_codes() {
@@ -156,29 +164,20 @@ async fn t70_escrowctl_json_contract_and_exit_codes() {
             "--json",
         ],
     );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
-    assert!(stderr.contains("tenant id"), "{stderr}");
+    assert_refused(&out, "tenant id");
     assert!(out.stdout.is_empty());
 
     // A usage error (a required flag missing) is one line too, naming the flag, exit code 2.
     let out = escrowctl(&cfg, &["record", "put", "--collection", "c", "--key", "k"]);
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
-    assert!(
-        stderr.starts_with("escrowctl: ") && stderr.contains("--tenant"),
-        "{stderr}"
-    );
+    assert_refused(&out, "--tenant");
+    assert!(out.stderr.starts_with(b"escrowctl: "));
     assert!(out.stdout.is_empty());
 
     // No command at all: one line too, not the whole help.
     let out = escrowctl(&cfg, &[]);
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
-    assert!(stderr.contains("requires a subcommand"), "{stderr}");
+    assert_refused(&out, "requires a subcommand");
 
     // A missing config is a clear one-line error.
     let out = escrowctl(
@@ -337,11 +336,7 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     ];
     let put = [&["record", "put"][..], &rec, &["--value", "kept", "--json"]].concat();
     // A tenant must be registered before anything is written into it.
-    let out = escrowctl(&cfg, &put);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown tenant"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_refused(&escrowctl(&cfg, &put), "unknown tenant");
     let out = escrowctl(&cfg, &["tenant", "add", "acme", "--json"]);
     assert!(
         out.status.success(),
@@ -411,14 +406,6 @@ async fn t71_escrowd_dev_starts_stops_and_resumes() {
     assert_eq!(got["value"], "kept");
     let status = sigterm_and_wait(&mut child, Duration::from_secs(30), "escrowd dev");
     assert!(status.success(), "escrowd dev after SIGTERM: {status}");
-}
-
-/// A failed `escrowctl` run: non-zero exit and a one-line reason containing `part`.
-fn assert_refused(out: &std::process::Output, part: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "succeeded: {stderr}");
-    assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 /// The members (`[{"id", "voter"}]`) an `escrowctl cluster add|remove --json` run printed.

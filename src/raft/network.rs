@@ -486,7 +486,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                     }
                     Err(e) => return Err(network(&e)),
                 }
-                let install_wait = option.hard_ttl().max(SNAPSHOT_INSTALL_WAIT);
+                // openraft's install_snapshot_timeout: SNAPSHOT_INSTALL_WAIT (node::raft_config).
+                let install_wait = option.hard_ttl();
                 tokio::select! {
                     closed = &mut cancel => return Err(StreamingError::Closed(closed)),
                     r = tokio::time::timeout(install_wait, &mut call) => r.map_err(|_| {
@@ -497,11 +498,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                 }
             }
         };
-        let reply = reply
-            .map_err(|s| StreamingError::Network(NetworkError::new(&s)))?
-            .into_inner();
-        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = codec::decode(&reply.payload)
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let reply = reply.map_err(|s| network(&s))?.into_inner();
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
+            codec::decode(&reply.payload).map_err(|e| network(&e))?;
         result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

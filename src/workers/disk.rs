@@ -305,7 +305,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         let free = core.disk.local().and_then(|r| r.free).unwrap_or(0);
         core.metrics
             .disk_free_bytes
-            .set(free.min(i64::MAX as u64) as i64);
+            .set(crate::metrics::gauge_value(free));
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(DISK_CHECK_INTERVAL) => {}

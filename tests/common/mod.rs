@@ -58,6 +58,14 @@ pub async fn upload_vendor_artifact(
         .collect()
 }
 
+/// `msg` as a request carrying `authorization: Bearer {token}`, for raw gRPC clients.
+pub fn with_bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
 /// Registers a tenant (it must not exist yet).
 pub async fn add_tenant(client: &EscrowClient, tenant: &str) {
     client
