@@ -12,7 +12,8 @@
 //! snapshotted and purged although its entry count never triggers (t42), entries committed
 //! while a snapshot is built are snapshotted without a new write (t46), and a promotion cut
 //! short in its joint configuration is finished by the same add sent again, and a removal cut
-//! short by the same remove, which an add of the removed node cannot undo (t44).
+//! short by the same remove, which an add of the removed node cannot undo (t44), and a
+//! sender gives up on a receiver that stops taking frames or never answers (t47).
 
 mod common;
 
@@ -821,4 +822,234 @@ async fn t43_after_a_restart_the_log_byte_bounds_snapshot_and_purge_the_log_on_d
         assert_values(node, count, value);
     }
     cluster.shutdown().await;
+}
+
+/// What the fake receiver in t47 does with a snapshot stream.
+#[derive(Clone, Copy, Debug)]
+enum FakeReceiver {
+    /// Takes the header, then no frame again and never answers.
+    Stalls,
+    /// Takes every frame, then never answers.
+    NeverAnswers,
+    /// Takes the header, then refuses the transfer.
+    Refuses,
+}
+
+const FAKE_REFUSAL: &str = "fake receiver: no room for this snapshot";
+
+/// A peer that receives snapshot streams badly (t47); every other RPC is unimplemented.
+struct FakePeer {
+    behaviour: FakeReceiver,
+    /// Data bytes taken from the stream so far.
+    taken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for FakePeer {
+    async fn append_entries(
+        &self,
+        _: tonic::Request<pb::RaftMessage>,
+    ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn vote(
+        &self,
+        _: tonic::Request<pb::RaftMessage>,
+    ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn install_snapshot(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::SnapshotFrame>>,
+    ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+        use std::sync::atomic::Ordering;
+        let mut stream = request.into_inner();
+        let first = stream.message().await?;
+        assert!(
+            matches!(
+                first.and_then(|f| f.frame),
+                Some(pb::snapshot_frame::Frame::Header(_))
+            ),
+            "the sender's first frame is its header"
+        );
+        match self.behaviour {
+            FakeReceiver::Stalls => {}
+            FakeReceiver::NeverAnswers => {
+                while let Some(frame) = stream.message().await? {
+                    if let Some(pb::snapshot_frame::Frame::Data(d)) = frame.frame {
+                        self.taken.fetch_add(d.data.len() as u64, Ordering::SeqCst);
+                    }
+                }
+            }
+            FakeReceiver::Refuses => return Err(tonic::Status::resource_exhausted(FAKE_REFUSAL)),
+        }
+        // Holds the stream (unread, in `Stalls`) until the sender gives up and resets it.
+        std::future::pending::<()>().await;
+        unreachable!()
+    }
+    async fn forward(
+        &self,
+        _: tonic::Request<pb::RaftMessage>,
+    ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn has_chunks(
+        &self,
+        _: tonic::Request<pb::ChunkList>,
+    ) -> Result<tonic::Response<pb::ChunkPresence>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn put_chunk(
+        &self,
+        _: tonic::Request<pb::ChunkData>,
+    ) -> Result<tonic::Response<pb::ChunkAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn get_chunk(
+        &self,
+        _: tonic::Request<pb::ChunkId>,
+    ) -> Result<tonic::Response<pb::ChunkData>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+    async fn disk_space(
+        &self,
+        _: tonic::Request<pb::DiskSpaceRequest>,
+    ) -> Result<tonic::Response<pb::DiskSpaceReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake peer"))
+    }
+}
+
+// Goal: a snapshot transfer has no overall deadline, but a sender never waits forever on a
+// receiver that stopped: it gives up when the receiver takes no frame for the frame wait,
+// when no answer comes within openraft's install timeout of its last frame, and it reports a
+// receiver's refusal in the receiver's words. The real sender (`PeerNetwork::full_snapshot`,
+// mutual TLS) streams a 48 MiB snapshot to a fake receiver on a real socket (the real
+// receiver's own waits are t41's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
+    use escrow::raft::network::{NetworkFactory, PeerClients};
+    use escrow::raft::{EscrowNode, Snapshot};
+    use escrow::store::{SnapshotDir, SnapshotFileInfo};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    const FRAME_WAIT: Duration = Duration::from_secs(1);
+    const INSTALL_WAIT: Duration = Duration::from_secs(2);
+    // Far more than the frames buffered between the reader and the stream, HTTP/2's windows
+    // and the sockets' buffers hold, so a receiver that stops reading stops the sender.
+    const SNAPSHOT_BYTES: u64 = 48 * 1024 * 1024;
+    escrow::node::install_crypto_provider();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = escrow::pki::Ca::generate().unwrap();
+    ca.write(&dir.path().join("ca.pem"), &dir.path().join("ca.key"))
+        .unwrap();
+    let tls = |name: &str| {
+        let (cert, key) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}.key")),
+        );
+        ca.issue_to_files(name, &["127.0.0.1".into()], &cert, &key)
+            .unwrap();
+        escrow::auth::NodeTls::load(&dir.path().join("ca.pem"), &cert, &key).unwrap()
+    };
+    let (sender_tls, receiver_tls) = (tls("node1"), tls("node2"));
+
+    let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let content = random_bytes("t47", SNAPSHOT_BYTES as usize);
+    std::fs::write(snapshot_dir.join("000001.sst"), &content).unwrap();
+    let info = SnapshotFileInfo {
+        name: "000001.sst".into(),
+        size: SNAPSHOT_BYTES,
+        blake3: *blake3::hash(&content).as_bytes(),
+    };
+    drop(content);
+    let snapshot = || Snapshot {
+        meta: escrow::raft::SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                100,
+            )),
+            last_membership: Default::default(),
+            snapshot_id: "t47".into(),
+        },
+        snapshot: Box::new(SnapshotDir {
+            path: snapshot_dir.clone(),
+            files: vec![info.clone()],
+        }),
+    };
+
+    let clients = Arc::new(PeerClients::new(
+        1,
+        sender_tls.peer_client(),
+        Default::default(),
+    ));
+    let mut factory = NetworkFactory::new(clients, FRAME_WAIT);
+    for behaviour in [
+        FakeReceiver::Stalls,
+        FakeReceiver::NeverAnswers,
+        FakeReceiver::Refuses,
+    ] {
+        let taken = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(receiver_tls.peer_server())
+                .unwrap()
+                .add_service(pb::peer_server::PeerServer::new(FakePeer {
+                    behaviour,
+                    taken: taken.clone(),
+                }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let node = EscrowNode {
+            raft_addr: addr.to_string(),
+            client_addr: "127.0.0.1:1".into(),
+        };
+        let mut network = factory.new_client(2, &node).await;
+        let started = Instant::now();
+        let sent = network.full_snapshot(
+            openraft::Vote::new_committed(1, 1),
+            snapshot(),
+            std::future::pending(),
+            RPCOption::new(INSTALL_WAIT),
+        );
+        let err = match tokio::time::timeout(WAIT, sent).await {
+            Err(_) => panic!("{behaviour:?}: the sender still waits after {WAIT:?}"),
+            Ok(Ok(_)) => panic!("{behaviour:?}: no receiver here installs a snapshot"),
+            Ok(Err(e)) => e.to_string(),
+        };
+        let took = started.elapsed();
+        match behaviour {
+            FakeReceiver::Stalls => {
+                assert!(
+                    err.contains("took no snapshot frame for 1000 ms"),
+                    "{behaviour:?}: {err}"
+                );
+                assert!(took >= FRAME_WAIT, "{behaviour:?}: gave up after {took:?}");
+            }
+            FakeReceiver::NeverAnswers => {
+                assert_eq!(
+                    taken.load(Ordering::SeqCst),
+                    SNAPSHOT_BYTES,
+                    "{behaviour:?}: the receiver took every byte before the wait for its answer"
+                );
+                assert!(
+                    err.contains("no answer within 2s of the snapshot's last frame"),
+                    "{behaviour:?}: {err}"
+                );
+                assert!(
+                    took >= INSTALL_WAIT,
+                    "{behaviour:?}: gave up after {took:?}"
+                );
+            }
+            FakeReceiver::Refuses => {
+                assert!(err.contains(FAKE_REFUSAL), "{behaviour:?}: {err}");
+            }
+        }
+        server.abort();
+    }
 }
