@@ -286,15 +286,51 @@ async fn t21_bad_input_is_refused_and_changes_nothing() {
         "{err:?}"
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A write sent after every refusal was answered: a refused request that reached the log
+    // anyway sits before it, so every node has applied it by the time it has the barrier.
+    use openraft::RaftLogReader;
+    let barrier = cluster.put_and_wait("t21-barrier").await;
     for (i, before) in applied_before.into_iter().enumerate() {
+        let node = cluster.node(i);
+        let mut log = node.log_store.clone();
+        let entries = log.try_get_log_entries(before + 1..=barrier).await.unwrap();
+        assert_eq!(entries.len() as u64, barrier - before, "node {i}'s log");
+        let mut written = Vec::new();
+        for entry in entries {
+            if let openraft::EntryPayload::Normal(command) = entry.payload {
+                record_writes(&command, &mut written);
+            }
+        }
         assert_eq!(
-            cluster.node(i).core.reader.applied_index(),
-            before,
-            "a refused request changed node {i}'s state"
+            written,
+            ["acme/orders/t21-barrier"],
+            "node {i}: a refused request reached the log"
+        );
+        assert!(
+            local_record(node, "orders", "k").is_none(),
+            "node {i}: a refused write is readable"
         );
     }
     cluster.shutdown().await;
+}
+
+/// The records `command` writes or deletes, as tenant/collection/key, batches unpacked.
+fn record_writes(command: &escrow::ledger::Command, out: &mut Vec<String>) {
+    use escrow::ledger::Command;
+    match command {
+        Command::PutRecord { path, .. } | Command::DeleteRecord { path } => out.push(format!(
+            "{}/{}/{}",
+            path.tenant.as_str(),
+            path.collection.as_str(),
+            path.key.as_str()
+        )),
+        Command::Batch(commands) | Command::Timed { commands, .. } => {
+            for c in commands {
+                record_writes(c, out);
+            }
+        }
+        _ => {}
+    }
 }
 
 // Goal: without a quorum, a write fails within its deadline instead of hanging.
