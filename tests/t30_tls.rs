@@ -204,8 +204,9 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     cluster.shutdown().await;
 }
 
-// Goal: a node holding a certificate from another CA cannot join: the leader cannot replicate
-// to it and it never applies anything.
+// Goal: a node holding a certificate from another CA cannot join: `cluster add` refuses it
+// with the reason before the membership changes, and it never applies anything. A node added
+// under another id than its own is refused the same way; neither refusal spends the id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t31_node_with_foreign_ca_cannot_join() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -235,10 +236,26 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         voter: false,
     };
     let result = client.add_node(member, true).await;
+    // Refused before the membership changes, with the reason, not a deadline.
+    let err = result.expect_err("adding a node outside the CA must not succeed");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(
-        result.is_err(),
-        "adding a node outside the CA must not succeed"
+        err.to_string().contains("did not answer over mutual TLS"),
+        "{err}"
     );
+    eprintln!("adding a node outside the CA refused: {err}");
+    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
+    let is_member = |id: u64| {
+        leader
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    };
+    assert!(!is_member(4), "a refused add changed the membership");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         rogue.core.reader.applied_index(),
@@ -247,5 +264,43 @@ async fn t31_node_with_foreign_ca_cannot_join() {
     );
     assert!(rogue.raft.metrics().borrow().current_leader.is_none());
     rogue.shutdown().await;
+
+    // A node of this cluster's CA added under another id than its own is refused too, and
+    // neither refusal spent an id: the node is then added under its own id, 4.
+    let (node4, member) = cluster.start_extra_node(4, &test_raft()).await;
+    let err = client
+        .add_node(
+            pb::Member {
+                id: 5,
+                ..member.clone()
+            },
+            true,
+        )
+        .await
+        .expect_err("a node added under another id than its own");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("is node 4"), "{err}");
+    assert!(!is_member(5), "a refused add changed the membership");
+    // Nothing listening at the address (a typo): refused as well.
+    let nowhere = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let err = client
+        .add_node(
+            pb::Member {
+                raft_addr: nowhere,
+                ..member.clone()
+            },
+            true,
+        )
+        .await
+        .expect_err("a node added at an address where nothing listens");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    eprintln!("adding a node at an address where nothing listens refused: {err}");
+    client
+        .with_deadline(WAIT)
+        .add_node(member, true)
+        .await
+        .expect("id 4 is still free");
+    assert!(is_member(4));
+    node4.shutdown().await;
     cluster.shutdown().await;
 }

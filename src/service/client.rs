@@ -30,6 +30,9 @@ const _: () = assert!(
 );
 /// How long `cluster add` waits for a new learner to catch up before giving up.
 pub const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `cluster add` waits for a new node to answer over the peer port before it changes
+/// the membership (longer than a peer connection's connect timeout).
+pub const NEW_MEMBER_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn record_path(r: Option<pb::RecordRef>) -> Result<RecordPath, Status> {
     let r =
@@ -356,6 +359,38 @@ impl ClusterService {
         ))
     }
 
+    /// Asks a node about to be added, over the peer port, who it is, before the membership
+    /// changes: a wrong address, a node whose certificate is not from this cluster's CA (or
+    /// that does not take this node's), or a node configured with another id is refused with
+    /// the reason, and the id stays free. Added unprobed, such a node stayed a learner nothing
+    /// could reach, and its id was spent.
+    async fn probe_new_member(&self, id: NodeId, node: &EscrowNode) -> Result<(), Status> {
+        let reply = self
+            .core
+            .peers
+            .disk_space(id, &node.raft_addr, NEW_MEMBER_PROBE_TIMEOUT)
+            .await
+            .map_err(|e| {
+                Status::failed_precondition(crate::transport::with_causes(
+                    format!(
+                        "node {id} at {} did not answer over mutual TLS (is the address right, and \
+                         does the node run with a certificate from this cluster's CA?); the \
+                         membership is unchanged: {}",
+                        node.raft_addr,
+                        e.message()
+                    ),
+                    std::error::Error::source(&e),
+                ))
+            })?;
+        if reply.node != id {
+            return Err(Status::failed_precondition(format!(
+                "the node at {} is node {} (its config's node_id), not {id}; the membership is unchanged",
+                node.raft_addr, reply.node
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits until the leader has replicated to `id` at least up to `index` (the entry that
     /// added it). openraft's own blocking add counts a learner within its lag threshold as
     /// caught up even when nothing reached it, so the check is made here on the matched index.
@@ -546,6 +581,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
                     )));
                 }
+                self.probe_new_member(id, &node).await?;
                 tracing::info!(node = id, "adding learner");
                 let added = self
                     .core
