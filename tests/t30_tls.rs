@@ -206,7 +206,8 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
 
 // Goal: a node holding a certificate from another CA cannot join: `cluster add` refuses it
 // with the reason before the membership changes, and it never applies anything. A node added
-// under another id than its own is refused the same way; neither refusal spends the id.
+// under another id than its own, at an address where nothing listens, or under its disk
+// reserve is refused the same way; no refusal spends the id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t31_node_with_foreign_ca_cannot_join() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -295,6 +296,21 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         .expect_err("a node added at an address where nothing listens");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     eprintln!("adding a node at an address where nothing listens refused: {err}");
+    // A node under its disk reserve would hold up every write that adds data as a voter.
+    let (low, low_member) = cluster
+        .start_extra_node_with(5, &test_raft(), |c| c.storage.reserve_bytes = 1 << 62)
+        .await;
+    let err = client
+        .add_node(low_member, true)
+        .await
+        .expect_err("a node under its disk reserve");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(
+        err.to_string().contains("node 5 has") && err.to_string().contains("under its reserve"),
+        "{err}"
+    );
+    assert!(!is_member(5), "a refused add changed the membership");
+    low.shutdown().await;
     client
         .with_deadline(WAIT)
         .add_node(member, true)

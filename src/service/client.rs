@@ -359,11 +359,12 @@ impl ClusterService {
         ))
     }
 
-    /// Asks a node about to be added, over the peer port, who it is, before the membership
-    /// changes: a wrong address, a node whose certificate is not from this cluster's CA (or
-    /// that does not take this node's), or a node configured with another id is refused with
-    /// the reason, and the id stays free. Added unprobed, such a node stayed a learner nothing
-    /// could reach, and its id was spent.
+    /// Asks a node about to be added, over the peer port, who it is and how much disk it has,
+    /// before the membership changes: a wrong address, a node whose certificate is not from
+    /// this cluster's CA (or that does not take this node's), a node configured with another
+    /// id, or one under its disk reserve is refused with the reason, and the id stays free.
+    /// Added unprobed, such a node stayed a learner nothing could reach (or, under its
+    /// reserve, held writes up once a voter), and its id was spent.
     async fn probe_new_member(&self, id: NodeId, node: &EscrowNode) -> Result<(), Status> {
         let reply = self
             .core
@@ -371,21 +372,28 @@ impl ClusterService {
             .disk_space(id, &node.raft_addr, NEW_MEMBER_PROBE_TIMEOUT)
             .await
             .map_err(|e| {
-                Status::failed_precondition(crate::transport::with_causes(
-                    format!(
-                        "node {id} at {} did not answer over mutual TLS (is the address right, and \
-                         does the node run with a certificate from this cluster's CA?); the \
-                         membership is unchanged: {}",
-                        node.raft_addr,
-                        e.message()
-                    ),
-                    std::error::Error::source(&e),
+                // tonic's message carries the cause ("invalid peer certificate: …",
+                // "Connection refused …"); its source adds only "transport error".
+                Status::failed_precondition(format!(
+                    "node {id} at {} did not answer over mutual TLS (is the address right, and \
+                     does the node run with a certificate from this cluster's CA?); the \
+                     membership is unchanged: {}",
+                    node.raft_addr,
+                    e.message()
                 ))
             })?;
         if reply.node != id {
             return Err(Status::failed_precondition(format!(
                 "the node at {} is node {} (its config's node_id), not {id}; the membership is unchanged",
                 node.raft_addr, reply.node
+            )));
+        }
+        // As a voter it would hold every write that adds data up at once (the disk guard).
+        let free = (!reply.unreadable).then_some(reply.free_bytes);
+        if let Some(low) = crate::workers::disk::Refusal::if_under(id, free, reply.reserve_bytes) {
+            return Err(Status::failed_precondition(format!(
+                "{}: it has no room for the cluster's data; give it room first, the membership is unchanged",
+                low.condition()
             )));
         }
         Ok(())

@@ -56,10 +56,14 @@ impl Reading {
         self.at.elapsed() < READING_FRESH_FOR
     }
 
-    /// Under a reserve that is on, or unreadable under one.
     fn under(&self) -> bool {
-        self.reserve > 0 && self.free.is_none_or(|free| free < self.reserve)
+        under(self.free, self.reserve)
     }
+}
+
+/// Under a reserve that is on, or unreadable (`free` is `None`) under one.
+fn under(free: Option<u64>, reserve: u64) -> bool {
+    reserve > 0 && free.is_none_or(|free| free < reserve)
 }
 
 /// The last readings, and which nodes are voters.
@@ -262,27 +266,40 @@ impl Refusal {
             reserve: r.reserve,
         }
     }
+
+    /// `node`'s disk as it reported it (`free`: `None` when it cannot read it), when under its
+    /// reserve.
+    pub fn if_under(node: NodeId, free: Option<u64>, reserve: u64) -> Option<Self> {
+        under(free, reserve).then_some(Self {
+            node,
+            free,
+            reserve,
+        })
+    }
+
+    /// What is wrong with the node's disk, without what it means for writes.
+    pub fn condition(&self) -> String {
+        let (node, reserve) = (self.node, self.reserve);
+        match self.free {
+            Some(free) => format!(
+                "node {node} has {free} bytes free on its data directory, under its reserve \
+                 of {reserve} bytes (storage.reserve_bytes)"
+            ),
+            None => format!(
+                "node {node} cannot read the free space of its data directory (its reserve: \
+                 {reserve} bytes, storage.reserve_bytes)"
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (node, reserve) = (self.node, self.reserve);
-        match self.free {
-            Some(free) => write!(
-                f,
-                "node {node} has {free} bytes free on its data directory, under its reserve \
-                 of {reserve} bytes (storage.reserve_bytes)"
-            )?,
-            None => write!(
-                f,
-                "node {node} cannot read the free space of its data directory (its reserve: \
-                 {reserve} bytes, storage.reserve_bytes)"
-            )?,
-        }
         write!(
             f,
-            "; writes that add data are refused until it has room (reads, deletions of \
-             expired history and checkpoints go on)"
+            "{}; writes that add data are refused until it has room (reads, deletions of \
+             expired history and checkpoints go on)",
+            self.condition()
         )
     }
 }

@@ -305,9 +305,20 @@ impl TestCluster {
         id: u64,
         raft: &RaftSettings,
     ) -> (NodeHandle, escrow::pb::Member) {
+        self.start_extra_node_with(id, raft, |_| {}).await
+    }
+
+    /// [`Self::start_extra_node`] with its config changed by `edit` first.
+    pub async fn start_extra_node_with(
+        &self,
+        id: u64,
+        raft: &RaftSettings,
+        edit: impl FnOnce(&mut Config),
+    ) -> (NodeHandle, escrow::pb::Member) {
         let ports = node_ports(1)[0];
         let config_path =
             escrow::dev::write_node_files(&self.files.dir, id, ports, &[], raft).unwrap();
+        edit_config(&config_path, edit);
         let config = Config::load(&config_path).unwrap();
         let node = escrow::node::start(&config, self.faults.clone())
             .await
