@@ -261,9 +261,12 @@ pub async fn start(config: &Config, faults: Arc<Faults>) -> anyhow::Result<NodeH
     };
     let mut tasks = Vec::new();
 
-    let peer_service = pb::peer_server::PeerServer::new(PeerService { core: core.clone() })
-        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+    let peer_service = tonic::service::interceptor::InterceptedService::new(
+        pb::peer_server::PeerServer::new(PeerService { core: core.clone() })
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+        crate::service::peer::addressed_here(id),
+    );
     let peer_server = Server::builder()
         .tls_config(tls.peer_server())?
         .tcp_nodelay(true)

@@ -15,16 +15,18 @@ use std::time::Duration;
 
 use common::*;
 use escrow::pb;
+use escrow::raft::network::ForNode;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
-async fn vote_over(endpoint: Endpoint) -> Result<pb::RaftMessage, String> {
+/// A Vote request to `endpoint`, naming node `for_node` as the one it is for.
+async fn vote_over(endpoint: Endpoint, for_node: u64) -> Result<pb::RaftMessage, String> {
     let channel = match tokio::time::timeout(Duration::from_secs(10), endpoint.connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("connect: {e:?}")),
         Err(_) => return Err("connect timed out".into()),
     };
-    let mut client = pb::peer_client::PeerClient::new(channel);
+    let mut client = pb::peer_client::PeerClient::with_interceptor(channel, ForNode::new(for_node));
     // A vote request for a term far behind: harmless, answered with a rejection by a real peer.
     let rpc = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 99), None);
     let msg = pb::RaftMessage {
@@ -55,6 +57,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     let dir = &cluster.files.dir;
     let ca = std::fs::read(dir.join("pki/ca.pem")).unwrap();
     let raft_addr = cluster.node(0).raft_addr;
+    let node0 = cluster.node(0).id;
     let client_addr = cluster.node(0).client_addr;
     let tls = |identity: Option<Identity>| {
         let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
@@ -73,7 +76,7 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         std::fs::read(dir.join("pki/node2.pem")).unwrap(),
         std::fs::read(dir.join("pki/node2.key")).unwrap(),
     );
-    let reply = vote_over(tls(Some(own)))
+    let reply = vote_over(tls(Some(own.clone())), node0)
         .await
         .expect("a cluster peer is admitted");
     let decoded: Result<openraft::raft::VoteResponse<u64>, openraft::error::RaftError<u64>> =
@@ -83,22 +86,50 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         "a stale vote must not be granted"
     );
 
+    // A cluster peer's request for another node (an address swapped or reused between nodes)
+    // is refused with the reason, and one naming no node as malformed: node 0 never answers
+    // for another node, so its vote and log are never counted twice.
+    let other = node0 + 10;
+    let err = vote_over(tls(Some(own.clone())), other).await.unwrap_err();
+    assert!(
+        err.contains("FailedPrecondition")
+            && err.contains(&format!("this is node {node0}, not node {other}")),
+        "{err}"
+    );
+    let channel = tls(Some(own.clone())).connect().await.unwrap();
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 99), None);
+    let err = pb::peer_client::PeerClient::new(channel)
+        .vote(pb::RaftMessage {
+            payload: escrow::raft::codec::encode(&vote),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains(escrow::raft::network::PEER_TARGET_HEADER),
+        "{err:?}"
+    );
+
     // A certificate from another CA.
     let rogue_ca = escrow::pki::Ca::generate().unwrap();
     let (cert, key) = rogue_ca.issue("rogue", &["127.0.0.1".into()]).unwrap();
-    let err = vote_over(tls(Some(Identity::from_pem(cert, key))))
+    let err = vote_over(tls(Some(Identity::from_pem(cert, key))), node0)
         .await
         .unwrap_err();
+    // Refused by the TLS handshake (the exact alert depends on where verification fails).
+    assert!(err.contains("received fatal alert"), "{err}");
     eprintln!("foreign-CA peer refused: {err}");
 
     // No client certificate at all.
-    let err = vote_over(tls(None)).await.unwrap_err();
+    let err = vote_over(tls(None), node0).await.unwrap_err();
+    assert!(err.contains("CertificateRequired"), "{err}");
     eprintln!("certificate-less peer refused: {err}");
 
     // Plaintext to the TLS ports, each with a call its port answers over TLS (the peer port's
     // Vote above; the client port's Get with the right token, below): both fail.
     let plain = Endpoint::from_shared(format!("http://{raft_addr}")).unwrap();
-    let err = vote_over(plain).await.unwrap_err();
+    let err = vote_over(plain, node0).await.unwrap_err();
     eprintln!("plaintext to the peer port refused: {err}");
     let cfg = cluster.client_config();
     let token = escrow::auth::read_token(&cfg.token_file).unwrap();
@@ -145,7 +176,10 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
         std::fs::read(dir.join("pki/node2.pem")).unwrap(),
         std::fs::read(dir.join("pki/node2.key")).unwrap(),
     );
-    let mut peer = pb::peer_client::PeerClient::new(tls(Some(own)).connect().await.unwrap());
+    let mut peer = pb::peer_client::PeerClient::with_interceptor(
+        tls(Some(own)).connect().await.unwrap(),
+        ForNode::new(node0),
+    );
     let err = peer
         .append_entries(pb::RaftMessage {
             payload: vec![1, 255, 255, 255],

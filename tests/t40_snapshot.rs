@@ -462,7 +462,10 @@ async fn t41_corrupt_snapshot_streams_are_refused() {
         .connect()
         .await
         .unwrap();
-    let mut peer = pb::peer_client::PeerClient::new(channel);
+    let mut peer = pb::peer_client::PeerClient::with_interceptor(
+        channel,
+        escrow::raft::network::ForNode::new(target.id),
+    );
     let meta = escrow::raft::SnapshotMeta {
         last_log_id: Some(openraft::LogId::new(
             openraft::CommittedLeaderId::new(99, 2),

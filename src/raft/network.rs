@@ -57,6 +57,39 @@ pub const SNAPSHOT_INSTALL_WAIT: Duration = Duration::from_secs(600);
 /// says why (a refusal is answered as the stream closes).
 const SNAPSHOT_REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
+/// gRPC metadata naming the node a peer request is for ([`ForNode`]). A node refuses requests
+/// for another (`service::peer::addressed_here`): without it, a node whose address the
+/// membership lists for another node (addresses swapped or reused) would answer for that node,
+/// and its one vote and log would be counted twice.
+pub const PEER_TARGET_HEADER: &str = "x-escrow-peer-target";
+
+/// Adds [`PEER_TARGET_HEADER`] to every request of a peer client.
+#[derive(Clone)]
+pub struct ForNode(tonic::metadata::AsciiMetadataValue);
+
+impl ForNode {
+    pub fn new(target: NodeId) -> Self {
+        Self(tonic::metadata::AsciiMetadataValue::from(target))
+    }
+}
+
+impl tonic::service::Interceptor for ForNode {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(PEER_TARGET_HEADER, self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A peer client whose requests name the node they are for.
+pub type PeerClient = pb::peer_client::PeerClient<
+    tonic::service::interceptor::InterceptedService<GrpcChannel, ForNode>,
+>;
+
 /// Injected link failures between in-process nodes (tests only).
 #[derive(Debug)]
 pub struct Faults {
@@ -165,11 +198,7 @@ impl PeerClients {
         }
     }
 
-    fn client(
-        &self,
-        target: NodeId,
-        addr: &str,
-    ) -> Result<pb::peer_client::PeerClient<GrpcChannel>, Unreachable> {
+    fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient, Unreachable> {
         if self.faults.is_blocked(self.own_id, target) {
             return Err(Unreachable::new(&std::io::Error::other(format!(
                 "link {} -> {target} cut by fault injection",
@@ -180,9 +209,11 @@ impl PeerClients {
             .channels
             .get(addr)
             .map_err(|e| Unreachable::new(&std::io::Error::other(e)))?;
-        Ok(pb::peer_client::PeerClient::new(channel)
-            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+        Ok(
+            pb::peer_client::PeerClient::with_interceptor(channel, ForNode::new(target))
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+        )
     }
 
     /// Which of `hashes` the peer stores.

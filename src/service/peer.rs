@@ -13,8 +13,8 @@ use super::Core;
 use crate::ledger::Command;
 use crate::pb;
 use crate::raft::codec;
-use crate::raft::network::{ForwardReply, ForwardRequest};
-use crate::raft::{Snapshot, SnapshotMeta, Vote};
+use crate::raft::network::{ForwardReply, ForwardRequest, PEER_TARGET_HEADER};
+use crate::raft::{NodeId, Snapshot, SnapshotMeta, Vote};
 use crate::store::{SnapshotDir, SnapshotFileInfo};
 
 /// Most files a snapshot may declare: a checkpoint has a handful of SSTs plus metadata files.
@@ -48,6 +48,38 @@ fn check_snapshot_fits(dir: &Path, total: u64) -> Result<(), Status> {
 
 pub struct PeerService {
     pub core: Arc<Core>,
+}
+
+/// The peer listener's check that a request is for this node ([`PEER_TARGET_HEADER`]): one
+/// for another is refused with `FailedPrecondition` and why, so the sender's log shows the
+/// misrouting and its Raft never counts this node's answer for another.
+pub fn addressed_here(
+    own: NodeId,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let target = request
+            .metadata()
+            .get(PEER_TARGET_HEADER)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "peer request without {PEER_TARGET_HEADER} (the node it is for)"
+                ))
+            })?
+            .to_str()
+            .ok()
+            .and_then(|t| t.parse::<NodeId>().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{PEER_TARGET_HEADER} is not a node id"))
+            })?;
+        if target != own {
+            return Err(Status::failed_precondition(format!(
+                "this is node {own}, not node {target}: the sender's membership gives node \
+                 {target} an address that reaches node {own} (check the addresses in cluster \
+                 status and each node's node_id)"
+            )));
+        }
+        Ok(request)
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, Status> {
