@@ -81,7 +81,7 @@ fn describe(s: &Status) -> String {
         Code::FailedPrecondition => "refused",
         _ => "error",
     };
-    format!("{code}: {}", said(s))
+    format!("{code}: {}", crate::transport::said(s))
 }
 
 impl ClientError {
@@ -213,11 +213,6 @@ pub struct EscrowClient {
     deadline: Duration,
 }
 
-/// What an endpoint said: the status message and the errors behind it.
-fn said(s: &Status) -> String {
-    crate::transport::with_causes(s.message().to_string(), std::error::Error::source(s))
-}
-
 fn retryable(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable => true,
@@ -301,7 +296,7 @@ impl EscrowClient {
                     Some((addr, s)) => format!(
                         "no endpoint succeeded within {:?}; the last, {addr}, said: {}",
                         self.deadline,
-                        said(s)
+                        crate::transport::said(s)
                     ),
                     None => format!("no endpoint answered within {:?}", self.deadline),
                 };

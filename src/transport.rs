@@ -49,6 +49,11 @@ pub struct Timeouts {
     pub keep_alive_while_idle: bool,
 }
 
+/// What an endpoint said: the status message and the errors behind it.
+pub fn said(s: &Status) -> String {
+    with_causes(s.message().to_string(), std::error::Error::source(s))
+}
+
 /// `text` followed by each error in the chain from `cause` on, separated by ": ", each text
 /// once (tonic's own text is often only "transport error", and its causes repeat each other).
 pub fn with_causes(

@@ -301,10 +301,10 @@ async fn t21_bad_input_is_refused_and_changes_nothing() {
                 record_writes(&command, &mut written);
             }
         }
-        assert_eq!(
-            written,
-            ["acme/orders/t21-barrier"],
-            "node {i}: a refused request reached the log"
+        // The barrier itself may be there twice (a client retry after a lost answer).
+        assert!(
+            !written.is_empty() && written.iter().all(|w| w == "acme/orders/t21-barrier"),
+            "node {i}: a refused request reached the log: {written:?}"
         );
         assert!(
             local_record(node, "orders", "k").is_none(),

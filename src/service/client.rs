@@ -359,44 +359,56 @@ impl ClusterService {
         ))
     }
 
-    /// Asks a node about to be added, over the peer port, who it is and how much disk it has,
-    /// before the membership changes: a wrong address, a node whose certificate is not from
-    /// this cluster's CA (or that does not take this node's), a node configured with another
-    /// id, or one under its disk reserve is refused with the reason, and the id stays free.
-    /// Added unprobed, such a node stayed a learner nothing could reach (or, under its
-    /// reserve, held writes up once a voter), and its id was spent.
-    async fn probe_new_member(&self, id: NodeId, node: &EscrowNode) -> Result<(), Status> {
-        let reply = self
+    /// Asks node `id` at `node`'s peer port for its disk reading, which names it, before a
+    /// membership change; `unchanged` says what an error leaves as it was. An address where
+    /// nothing answers, a node whose certificate is not from this cluster's CA (or that does
+    /// not take this node's), or a node configured with another id (it refuses a request for
+    /// another, `peer::addressed_here`) is refused with the reason. Unchecked, such a node
+    /// became a learner nothing could reach, and its id was spent.
+    async fn ask_member(
+        &self,
+        id: NodeId,
+        node: &EscrowNode,
+        unchanged: &str,
+    ) -> Result<pb::DiskSpaceReply, Status> {
+        let addr = &node.raft_addr;
+        // The outer bound covers the connect too (`grpc-timeout` starts once connected).
+        let ask = self
             .core
             .peers
-            .disk_space(id, &node.raft_addr, NEW_MEMBER_PROBE_TIMEOUT)
-            .await
-            .map_err(|e| {
-                // tonic's message carries the cause ("invalid peer certificate: …",
-                // "Connection refused …"); its source adds only "transport error".
-                Status::failed_precondition(format!(
-                    "node {id} at {} did not answer over mutual TLS (is the address right, and \
-                     does the node run with a certificate from this cluster's CA?); the \
-                     membership is unchanged: {}",
-                    node.raft_addr,
+            .disk_space(id, addr, NEW_MEMBER_PROBE_TIMEOUT);
+        let reply = match tokio::time::timeout(NEW_MEMBER_PROBE_TIMEOUT, ask).await {
+            Ok(Ok(reply)) => reply,
+            Err(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} at {addr} did not answer within {}s (is it running, and is the \
+                     address right?); {unchanged}",
+                    NEW_MEMBER_PROBE_TIMEOUT.as_secs()
+                )))
+            }
+            // A transport failure carries its cause as the status's source.
+            Ok(Err(e)) if std::error::Error::source(&e).is_some() => {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} at {addr} cannot be reached over mutual TLS (is it running, is \
+                     the address right, and does it run with a certificate from this \
+                     cluster's CA?): {}; {unchanged}",
+                    crate::transport::said(&e)
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} at {addr} answered: {}; {unchanged}",
                     e.message()
-                ))
-            })?;
+                )))
+            }
+        };
         if reply.node != id {
             return Err(Status::failed_precondition(format!(
-                "the node at {} is node {} (its config's node_id), not {id}; the membership is unchanged",
-                node.raft_addr, reply.node
+                "the node at {addr} is node {} (its config's node_id), not {id}; {unchanged}",
+                reply.node
             )));
         }
-        // As a voter it would hold every write that adds data up at once (the disk guard).
-        let free = (!reply.unreadable).then_some(reply.free_bytes);
-        if let Some(low) = crate::workers::disk::Refusal::if_under(id, free, reply.reserve_bytes) {
-            return Err(Status::failed_precondition(format!(
-                "{}: it has no room for the cluster's data; give it room first, the membership is unchanged",
-                low.condition()
-            )));
-        }
-        Ok(())
+        Ok(reply)
     }
 
     /// Waits until the leader has replicated to `id` at least up to `index` (the entry that
@@ -566,7 +578,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         // learner added earlier (whose add ended before its promotion), everything the leader
         // holds now; none for a promotion cut short between the joint and the final config
         // (a leader change, a deadline), which only needs finishing.
-        let caught_up_at = match plan_add(current.membership(), id, &node, req.learner_only)? {
+        let plan = plan_add(current.membership(), id, &node, req.learner_only)?;
+        let finishing = matches!(plan, AddPlan::FinishPromotion);
+        let caught_up_at = match plan {
             AddPlan::FinishPromotion => {
                 tracing::info!(node = id, "finishing the promotion of node");
                 None
@@ -589,12 +603,13 @@ impl pb::cluster_server::Cluster for ClusterService {
                         "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
                     )));
                 }
-                self.probe_new_member(id, &node).await?;
+                self.ask_member(id, &node, "the membership is unchanged")
+                    .await?;
                 tracing::info!(node = id, "adding learner");
                 let added = self
                     .core
                     .raft
-                    .add_learner(id, node, false)
+                    .add_learner(id, node.clone(), false)
                     .await
                     .map_err(Self::change_error)?;
                 Some(added.log_id.index)
@@ -604,6 +619,20 @@ impl pb::cluster_server::Cluster for ClusterService {
             self.wait_caught_up(id, index).await?;
         }
         if !req.learner_only {
+            // A voter under its disk reserve holds up every write that adds data (the disk
+            // guard), so a learner is promoted only with room, read once it has caught up. A
+            // promotion already in its joint configuration is finished whatever the disk.
+            if !finishing {
+                let stays = "it stays a learner (the same add again promotes it)";
+                let reply = self.ask_member(id, &node, stays).await?;
+                if let Some(low) = crate::workers::disk::Refusal::from_answer(&reply) {
+                    return Err(Status::failed_precondition(format!(
+                        "{}: as a voter it would hold up every write that adds data; give it \
+                         room first; {stays}",
+                        low.condition()
+                    )));
+                }
+            }
             tracing::info!(node = id, "promoting learner to voter");
             self.core
                 .raft

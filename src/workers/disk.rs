@@ -6,8 +6,8 @@
 //! Every node keeps its own readings, and they agree within a second or two, so a write is
 //! refused wherever it arrives (a follower refuses it before forwarding; a leader checks again
 //! what is forwarded to it). One voter under its reserve stops the writes of the whole
-//! cluster, as the next ones would fill it. Learners do not count: one being added with a small
-//! disk falls behind instead. Writes that free space or carry no data (history expiry,
+//! cluster, as the next ones would fill it. Learners do not count: one with a small disk falls
+//! behind instead, and `cluster add` does not promote one under its reserve. Writes that free space or carry no data (history expiry,
 //! checkpoints, tenant states) still go through, and reads are never refused. A voter whose
 //! reading is older than [`READING_FRESH_FOR`] counts for nothing (it is down or cut off,
 //! which is Raft's concern); one that cannot read its own free space counts as under its
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
+use crate::pb;
 use crate::raft::NodeId;
 use crate::service::Core;
 
@@ -59,6 +60,11 @@ impl Reading {
     fn under(&self) -> bool {
         under(self.free, self.reserve)
     }
+}
+
+/// The free bytes a disk space answer reports; `None`: the node cannot read them.
+fn reported_free(answer: &pb::DiskSpaceReply) -> Option<u64> {
+    (!answer.unreadable).then_some(answer.free_bytes)
 }
 
 /// Under a reserve that is on, or unreadable (`free` is `None`) under one.
@@ -249,7 +255,8 @@ impl DiskGuard {
     }
 }
 
-/// A voter under its reserve: writes that add data are refused until it has room.
+/// A node under its reserve: while it is a voter, writes that add data are refused until it
+/// has room (and `cluster add` does not make it one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub node: NodeId,
@@ -267,13 +274,13 @@ impl Refusal {
         }
     }
 
-    /// `node`'s disk as it reported it (`free`: `None` when it cannot read it), when under its
-    /// reserve.
-    pub fn if_under(node: NodeId, free: Option<u64>, reserve: u64) -> Option<Self> {
-        under(free, reserve).then_some(Self {
-            node,
+    /// A node's disk as it answered a disk space request, when under its reserve.
+    pub fn from_answer(answer: &pb::DiskSpaceReply) -> Option<Self> {
+        let free = reported_free(answer);
+        under(free, answer.reserve_bytes).then_some(Self {
+            node: answer.node,
             free,
-            reserve,
+            reserve: answer.reserve_bytes,
         })
     }
 
@@ -349,8 +356,7 @@ async fn step(core: &Arc<Core>) {
     while let Some((id, answer)) = asks.next().await {
         match answer {
             Ok(Ok(a)) if a.node == id => {
-                let free = (!a.unreadable).then_some(a.free_bytes);
-                core.disk.record(id, free, a.reserve_bytes);
+                core.disk.record(id, reported_free(&a), a.reserve_bytes);
             }
             Ok(Ok(a)) => tracing::warn!(
                 asked = id,

@@ -318,7 +318,10 @@ impl TestCluster {
         let ports = node_ports(1)[0];
         let config_path =
             escrow::dev::write_node_files(&self.files.dir, id, ports, &[], raft).unwrap();
-        edit_config(&config_path, edit);
+        edit_config(&config_path, |c| {
+            c.storage.reserve_bytes = TEST_DISK_RESERVE_BYTES;
+            edit(c)
+        });
         let config = Config::load(&config_path).unwrap();
         let node = escrow::node::start(&config, self.faults.clone())
             .await
