@@ -398,6 +398,40 @@ async fn t22_write_without_quorum_fails_within_deadline() {
     cluster.shutdown().await;
 }
 
+// Goal: `cluster init` bootstraps only when every node it lists answers at its listed address
+// as itself: with one node down it is refused with the reason and nothing is initialized;
+// once that node is up, the same init succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t28_init_refuses_a_listed_node_that_does_not_answer() {
+    let mut cluster = TestCluster::start(3, test_raft()).await;
+    cluster.stop_node(2).await;
+    let err = cluster
+        .client_for(0)
+        .init()
+        .await
+        .expect_err("init with a listed node down");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("node 3 at") && text.contains("nothing was initialized"),
+        "{text}"
+    );
+    for i in 0..2 {
+        assert!(
+            !cluster.node(i).raft.is_initialized().await.unwrap(),
+            "node {i} was initialized by a refused init"
+        );
+    }
+    cluster.restart_node(2).await;
+    cluster
+        .client_for(0)
+        .init()
+        .await
+        .expect("init with every node up");
+    cluster.wait_leader().await;
+    cluster.shutdown().await;
+}
+
 // Goal: `cluster status` reports the leader and every node with role, applied index and
 // reachability; an unreachable node is reported as such.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

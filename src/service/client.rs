@@ -360,7 +360,8 @@ impl ClusterService {
     }
 
     /// Asks node `id` at `node`'s peer port for its disk reading, which names it, before a
-    /// membership change; `unchanged` says what an error leaves as it was. An address where
+    /// membership change (or the first one, at init); `unchanged` says what an error leaves
+    /// as it was. An address where
     /// nothing answers, a node whose certificate is not from this cluster's CA (or that does
     /// not take this node's), or a node configured with another id (it refuses a request for
     /// another, `peer::addressed_here`) is refused with the reason. Unchecked, such a node
@@ -492,6 +493,16 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "a cluster bootstraps with {BOOTSTRAP_VOTERS_ALLOWED:?} voters, the config lists {}",
                 members.len()
             )));
+        }
+        // Every listed node, this one included, must answer at its listed address as itself:
+        // a cluster is never born with a voter nobody can reach or one answering for another.
+        let unchanged = "nothing was initialized (start every node initial_members lists, \
+                         check the addresses and node ids, then init again)";
+        let asks = members
+            .iter()
+            .map(|(id, node)| self.ask_member(*id, node, unchanged));
+        for answer in futures::future::join_all(asks).await {
+            answer?;
         }
         let map: BTreeMap<NodeId, EscrowNode> = members.iter().cloned().collect();
         match self.core.raft.initialize(map).await {
