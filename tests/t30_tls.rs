@@ -87,8 +87,8 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     );
 
     // A cluster peer's request for another node (an address swapped or reused between nodes)
-    // is refused with the reason, and one naming no node as malformed: node 0 never answers
-    // for another node, so its vote and log are never counted twice.
+    // is refused with the reason: node 0 never answers for another node, so its vote and log
+    // are never counted twice.
     let other = node0 + 10;
     let err = vote_over(tls(Some(own.clone())), other).await.unwrap_err();
     assert!(
@@ -96,20 +96,28 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
             && err.contains(&format!("this is node {node0}, not node {other}")),
         "{err}"
     );
+    // One naming no node comes from a node of an older build and is answered, so a cluster
+    // can be upgraded one node at a time; one naming something else is malformed.
     let channel = tls(Some(own.clone())).connect().await.unwrap();
-    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 99), None);
-    let err = pb::peer_client::PeerClient::new(channel)
-        .vote(pb::RaftMessage {
-            payload: escrow::raft::codec::encode(&vote),
-        })
+    let vote = pb::RaftMessage {
+        payload: escrow::raft::codec::encode(&openraft::raft::VoteRequest::<u64>::new(
+            openraft::Vote::new(0, 99),
+            None,
+        )),
+    };
+    let mut unaddressed = pb::peer_client::PeerClient::new(channel);
+    unaddressed
+        .vote(vote.clone())
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message()
-            .contains(escrow::raft::network::PEER_TARGET_HEADER),
-        "{err:?}"
+        .expect("a request naming no node is answered");
+    let mut bad = tonic::Request::new(vote);
+    bad.metadata_mut().insert(
+        escrow::raft::network::PEER_TARGET_HEADER,
+        "node-one".parse().unwrap(),
     );
+    let err = unaddressed.vote(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("is not a node id"), "{err:?}");
 
     // A certificate from another CA.
     let rogue_ca = escrow::pki::Ca::generate().unwrap();
@@ -286,18 +294,10 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         "{err}"
     );
     eprintln!("adding a node outside the CA refused: {err}");
-    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
-    let is_member = |id: u64| {
-        leader
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .is_some()
-    };
-    assert!(!is_member(4), "a refused add changed the membership");
+    assert!(
+        !is_member(&cluster, 4).await,
+        "a refused add changed the membership"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         rogue.core.reader.applied_index(),
@@ -325,7 +325,10 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         err.to_string().contains("this is node 4, not node 5"),
         "{err}"
     );
-    assert!(!is_member(5), "a refused add changed the membership");
+    assert!(
+        !is_member(&cluster, 5).await,
+        "a refused add changed the membership"
+    );
     // Nothing listening at the address (a typo): refused as well.
     let nowhere = format!("127.0.0.1:{}", free_ports(1)[0]);
     let err = client
@@ -358,17 +361,10 @@ async fn t31_node_with_foreign_ca_cannot_join() {
             && err.to_string().contains("it stays a learner"),
         "{err}"
     );
-    let voter = |id: u64| {
-        leader
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id)
-    };
-    assert!(is_member(5) && !voter(5), "node 5 is a learner");
+    assert!(
+        is_member(&cluster, 5).await && !is_voter(&cluster, 5).await,
+        "node 5 is a learner"
+    );
     client.remove_node(5).await.unwrap();
     low.shutdown().await;
     client
@@ -376,7 +372,21 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         .add_node(member, true)
         .await
         .expect("id 4 is still free");
-    assert!(is_member(4));
+    assert!(is_member(&cluster, 4).await);
     node4.shutdown().await;
     cluster.shutdown().await;
+}
+
+/// Node `id` is in the membership of the current leader (looked up now: leadership may move).
+async fn is_member(cluster: &TestCluster, id: u64) -> bool {
+    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
+    let m = leader.raft.metrics().borrow().membership_config.clone();
+    m.membership().get_node(&id).is_some()
+}
+
+/// Node `id` is a voter in the membership of the current leader.
+async fn is_voter(cluster: &TestCluster, id: u64) -> bool {
+    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
+    let m = leader.raft.metrics().borrow().membership_config.clone();
+    m.membership().voter_ids().any(|v| v == id)
 }

@@ -92,7 +92,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Bootstrap the cluster with the nodes' configured initial members (3 or 5 voters).
+    /// Bootstrap the cluster with the nodes' configured initial members (3 or 5 voters); every
+    /// listed node must be up and answer at its listed address as itself.
     Init,
     /// Leader, members, roles, applied indexes, reachability.
     Status,

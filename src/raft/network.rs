@@ -355,7 +355,11 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, EscrowNode, Raft
 
 fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, EscrowNode, E> {
     match status.code() {
-        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+        // FailedPrecondition: the address reached another node (`peer::addressed_here`), so
+        // the target is unreachable there; openraft backs off instead of retrying at once.
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
         _ => RPCError::Network(NetworkError::new(&status)),
     }
 }

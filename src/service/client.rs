@@ -360,18 +360,17 @@ impl ClusterService {
     }
 
     /// Asks node `id` at `node`'s peer port for its disk reading, which names it, before a
-    /// membership change (or the first one, at init); `unchanged` says what an error leaves
-    /// as it was. An address where
-    /// nothing answers, a node whose certificate is not from this cluster's CA (or that does
-    /// not take this node's), or a node configured with another id (it refuses a request for
-    /// another, `peer::addressed_here`) is refused with the reason. Unchecked, such a node
-    /// became a learner nothing could reach, and its id was spent.
+    /// membership change (or the first one, at init); the error says why the node is not fit,
+    /// for the caller to add what it left unchanged. An address where nothing answers, a node
+    /// whose certificate is not from this cluster's CA (or that does not take this node's), or
+    /// a node configured with another id (it refuses a request for another,
+    /// `peer::addressed_here`) is refused with the reason. Unchecked, such a node became a
+    /// learner nothing could reach, and its id was spent.
     async fn ask_member(
         &self,
         id: NodeId,
         node: &EscrowNode,
-        unchanged: &str,
-    ) -> Result<pb::DiskSpaceReply, Status> {
+    ) -> Result<pb::DiskSpaceReply, String> {
         let addr = &node.raft_addr;
         // The outer bound covers the connect too (`grpc-timeout` starts once connected).
         let ask = self
@@ -381,33 +380,34 @@ impl ClusterService {
         let reply = match tokio::time::timeout(NEW_MEMBER_PROBE_TIMEOUT, ask).await {
             Ok(Ok(reply)) => reply,
             Err(_) => {
-                return Err(Status::failed_precondition(format!(
+                return Err(format!(
                     "node {id} at {addr} did not answer within {}s (is it running, and is the \
-                     address right?); {unchanged}",
+                     address right?)",
                     NEW_MEMBER_PROBE_TIMEOUT.as_secs()
-                )))
+                ))
             }
             // A transport failure carries its cause as the status's source.
             Ok(Err(e)) if std::error::Error::source(&e).is_some() => {
-                return Err(Status::failed_precondition(format!(
+                return Err(format!(
                     "node {id} at {addr} cannot be reached over mutual TLS (is it running, is \
                      the address right, and does it run with a certificate from this \
-                     cluster's CA?): {}; {unchanged}",
+                     cluster's CA?): {}",
                     crate::transport::said(&e)
-                )))
+                ))
             }
             Ok(Err(e)) => {
-                return Err(Status::failed_precondition(format!(
-                    "node {id} at {addr} answered: {}; {unchanged}",
+                return Err(format!(
+                    "node {id} at {addr} answered {:?}: {}",
+                    e.code(),
                     e.message()
-                )))
+                ))
             }
         };
         if reply.node != id {
-            return Err(Status::failed_precondition(format!(
-                "the node at {addr} is node {} (its config's node_id), not {id}; {unchanged}",
+            return Err(format!(
+                "the node at {addr} is node {} (its config's node_id), not {id}",
                 reply.node
-            )));
+            ));
         }
         Ok(reply)
     }
@@ -494,15 +494,25 @@ impl pb::cluster_server::Cluster for ClusterService {
                 members.len()
             )));
         }
-        // Every listed node, this one included, must answer at its listed address as itself:
-        // a cluster is never born with a voter nobody can reach or one answering for another.
-        let unchanged = "nothing was initialized (start every node initial_members lists, \
-                         check the addresses and node ids, then init again)";
+        // Every other listed node must answer at its listed address as itself: a cluster is
+        // never born with a voter nobody can reach or one answering for another. (This node
+        // is not asked: reaching its own advertised address may need a hairpin route the
+        // others do not.) Every failure is reported at once.
         let asks = members
             .iter()
-            .map(|(id, node)| self.ask_member(*id, node, unchanged));
-        for answer in futures::future::join_all(asks).await {
-            answer?;
+            .filter(|(id, _)| *id != self.core.id)
+            .map(|(id, node)| self.ask_member(*id, node));
+        let unfit: Vec<String> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if !unfit.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "nothing was initialized: {}; start every node initial_members lists, check \
+                 the addresses and node ids, then init again",
+                unfit.join("; ")
+            )));
         }
         let map: BTreeMap<NodeId, EscrowNode> = members.iter().cloned().collect();
         match self.core.raft.initialize(map).await {
@@ -614,8 +624,9 @@ impl pb::cluster_server::Cluster for ClusterService {
                         "node id {id} was used before in this cluster; node ids are never reused, pick a new one"
                     )));
                 }
-                self.ask_member(id, &node, "the membership is unchanged")
-                    .await?;
+                self.ask_member(id, &node).await.map_err(|why| {
+                    Status::failed_precondition(format!("{why}; the membership is unchanged"))
+                })?;
                 tracing::info!(node = id, "adding learner");
                 let added = self
                     .core
@@ -635,7 +646,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             // promotion already in its joint configuration is finished whatever the disk.
             if !finishing {
                 let stays = "it stays a learner (the same add again promotes it)";
-                let reply = self.ask_member(id, &node, stays).await?;
+                let reply = self
+                    .ask_member(id, &node)
+                    .await
+                    .map_err(|why| Status::failed_precondition(format!("{why}; {stays}")))?;
                 if let Some(low) = crate::workers::disk::Refusal::from_answer(&reply) {
                     return Err(Status::failed_precondition(format!(
                         "{}: as a voter it would hold up every write that adds data; give it \

@@ -52,19 +52,23 @@ pub struct PeerService {
 
 /// The peer listener's check that a request is for this node ([`PEER_TARGET_HEADER`]): one
 /// for another is refused with `FailedPrecondition` and why, so the sender's log shows the
-/// misrouting and its Raft never counts this node's answer for another.
+/// misrouting and its Raft never counts this node's answer for another. A request naming no
+/// node comes from a node of an older build (before 2026-11-25) and is answered, so a
+/// cluster can be upgraded one node at a time; a warning is logged once.
 pub fn addressed_here(
     own: NodeId,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     move |request: Request<()>| {
-        let target = request
-            .metadata()
-            .get(PEER_TARGET_HEADER)
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "peer request without {PEER_TARGET_HEADER} (the node it is for)"
-                ))
-            })?
+        let Some(value) = request.metadata().get(PEER_TARGET_HEADER) else {
+            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "a peer request names no target node (a node of an older build); answered"
+                );
+            }
+            return Ok(request);
+        };
+        let target = value
             .to_str()
             .ok()
             .and_then(|t| t.parse::<NodeId>().ok())
@@ -73,9 +77,10 @@ pub fn addressed_here(
             })?;
         if target != own {
             return Err(Status::failed_precondition(format!(
-                "this is node {own}, not node {target}: the sender's membership gives node \
-                 {target} an address that reaches node {own} (check the addresses in cluster \
-                 status and each node's node_id)"
+                "this is node {own}, not node {target}: the sender was given an address for \
+                 node {target} that reaches node {own} (in its membership, or in a cluster add \
+                 or initial_members; check the addresses in cluster status and each node's \
+                 node_id)"
             )));
         }
         Ok(request)
