@@ -27,15 +27,18 @@ async fn vote_over(endpoint: Endpoint, for_node: u64) -> Result<pb::RaftMessage,
         Err(_) => return Err("connect timed out".into()),
     };
     let mut client = pb::peer_client::PeerClient::with_interceptor(channel, ForNode::new(for_node));
-    // A vote request for a term far behind: harmless, answered with a rejection by a real peer.
-    let rpc = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 99), None);
-    let msg = pb::RaftMessage {
-        payload: escrow::raft::codec::encode(&rpc),
-    };
-    match tokio::time::timeout(Duration::from_secs(10), client.vote(msg)).await {
+    match tokio::time::timeout(Duration::from_secs(10), client.vote(stale_vote())).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(format!("rpc: {s:?}")),
         Err(_) => Err("rpc timed out".into()),
+    }
+}
+
+/// A vote request for a term far behind: harmless, answered with a rejection by a real peer.
+fn stale_vote() -> pb::RaftMessage {
+    let rpc = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 99), None);
+    pb::RaftMessage {
+        payload: escrow::raft::codec::encode(&rpc),
     }
 }
 
@@ -99,18 +102,12 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     // One naming no node comes from a node of an older build and is answered, so a cluster
     // can be upgraded one node at a time; one naming something else is malformed.
     let channel = tls(Some(own.clone())).connect().await.unwrap();
-    let vote = pb::RaftMessage {
-        payload: escrow::raft::codec::encode(&openraft::raft::VoteRequest::<u64>::new(
-            openraft::Vote::new(0, 99),
-            None,
-        )),
-    };
     let mut unaddressed = pb::peer_client::PeerClient::new(channel);
     unaddressed
-        .vote(vote.clone())
+        .vote(stale_vote())
         .await
         .expect("a request naming no node is answered");
-    let mut bad = tonic::Request::new(vote);
+    let mut bad = tonic::Request::new(stale_vote());
     bad.metadata_mut().insert(
         escrow::raft::network::PEER_TARGET_HEADER,
         "node-one".parse().unwrap(),
@@ -185,10 +182,6 @@ async fn t30_peer_port_requires_cluster_ca_and_tls_everywhere() {
     );
 
     // A malformed Raft payload from a real peer is refused as invalid, not a crash.
-    let own = Identity::from_pem(
-        std::fs::read(dir.join("pki/node2.pem")).unwrap(),
-        std::fs::read(dir.join("pki/node2.key")).unwrap(),
-    );
     let mut peer = pb::peer_client::PeerClient::with_interceptor(
         tls(Some(own)).connect().await.unwrap(),
         ForNode::new(node0),
@@ -284,9 +277,11 @@ async fn t31_node_with_foreign_ca_cannot_join() {
         client_addr: format!("127.0.0.1:{}", ports.client),
         voter: false,
     };
-    let result = client.add_node(member, true).await;
     // Refused before the membership changes, with the reason, not a deadline.
-    let err = result.expect_err("adding a node outside the CA must not succeed");
+    let err = client
+        .add_node(member, true)
+        .await
+        .expect_err("adding a node outside the CA must not succeed");
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(
         err.to_string()
@@ -377,16 +372,24 @@ async fn t31_node_with_foreign_ca_cannot_join() {
     cluster.shutdown().await;
 }
 
-/// Node `id` is in the membership of the current leader (looked up now: leadership may move).
-async fn is_member(cluster: &TestCluster, id: u64) -> bool {
+/// The membership the current leader holds (looked up now: leadership may move).
+async fn leader_membership(
+    cluster: &TestCluster,
+) -> openraft::Membership<u64, escrow::raft::EscrowNode> {
     let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
-    let m = leader.raft.metrics().borrow().membership_config.clone();
-    m.membership().get_node(&id).is_some()
+    let config = leader.raft.metrics().borrow().membership_config.clone();
+    config.membership().clone()
 }
 
-/// Node `id` is a voter in the membership of the current leader.
+/// Node `id` is a member (learner or voter) of the current leader's membership.
+async fn is_member(cluster: &TestCluster, id: u64) -> bool {
+    leader_membership(cluster).await.get_node(&id).is_some()
+}
+
+/// Node `id` is a voter in the current leader's membership.
 async fn is_voter(cluster: &TestCluster, id: u64) -> bool {
-    let leader = cluster.node(cluster.index_of(cluster.wait_leader().await));
-    let m = leader.raft.metrics().borrow().membership_config.clone();
-    m.membership().voter_ids().any(|v| v == id)
+    leader_membership(cluster)
+        .await
+        .voter_ids()
+        .any(|v| v == id)
 }

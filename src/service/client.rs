@@ -403,6 +403,8 @@ impl ClusterService {
                 ))
             }
         };
+        // A node of this build refuses a request for another id before answering
+        // (`addressed_here`); one of an older build answers, naming itself.
         if reply.node != id {
             return Err(format!(
                 "the node at {addr} is node {} (its config's node_id), not {id}",

@@ -1718,8 +1718,8 @@ pub const RECENT_HEADS_BYTES_PER_GENERATION: usize = 12 << 20;
 /// database; an install replaces the database and empties it. Two generations: when the
 /// newer is full (by count or bytes) it becomes the older and the older is dropped, so at
 /// most 131,072 heads or 24 MiB of keys and heads are kept, plus the two maps' tables
-/// (about 9 MB, computed from their slot size). Measured once: 28 MB of resident memory in all for 131,072 heads with
-/// their keys (106 bytes together).
+/// (about 9 MB, computed from their slot size). Measured once: 28 MB of resident memory in
+/// all for 131,072 heads with their keys (106 bytes together).
 #[derive(Default)]
 struct RecentHeads {
     newer: HashMap<Box<[u8]>, Option<Box<[u8]>>>,

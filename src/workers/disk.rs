@@ -7,8 +7,9 @@
 //! refused wherever it arrives (a follower refuses it before forwarding; a leader checks again
 //! what is forwarded to it). One voter under its reserve stops the writes of the whole
 //! cluster, as the next ones would fill it. Learners do not count: one with a small disk falls
-//! behind instead, and `cluster add` does not promote one under its reserve. Writes that free space or carry no data (history expiry,
-//! checkpoints, tenant states) still go through, and reads are never refused. A voter whose
+//! behind instead, and `cluster add` does not promote one under its reserve. Writes that free
+//! space or carry no data (history expiry, checkpoints, tenant states) still go through, and
+//! reads are never refused. A voter whose
 //! reading is older than [`READING_FRESH_FOR`] counts for nothing (it is down or cut off,
 //! which is Raft's concern); one that cannot read its own free space counts as under its
 //! reserve.
